@@ -1,0 +1,1 @@
+"""Gradio demo over the runtime (no model code, no torch)."""

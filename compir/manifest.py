@@ -1,0 +1,260 @@
+"""The export manifest: the only place the runtime learns graph names, shapes, preprocessing and
+tokenizer settings (``manifest.json`` in an export folder).
+
+Written by :mod:`compir.export`, read by :mod:`compir.runtime`. Pure Python: no torch, no onnx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compir.contracts import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_SCHEMA,
+    read_contract,
+    sha256_file,
+    verify_sha256,
+    write_contract,
+)
+from compir.errors import ContractError
+
+# Graph roles, in the fixed vocabulary shared by every stage.
+IMAGE_ENCODER = "image_encoder"  # pixel_values -> image_embeds, image_features[, patch_features]
+TEXT_ENCODER = "text_encoder"  # input_ids -> text_embeds, text_features[, token_features]
+COMPOSER = "composer"  # image_features, text_features -> query_embeds
+QUERY_ENCODER = "query_encoder"  # pixel_values, input_ids -> query_embeds (fused, single call)
+RERANKER = "reranker"  # token_features, attention_mask, candidate patch features -> scores
+GRAPH_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER, RERANKER)
+REQUIRED_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER)
+
+_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. A ``str`` entry in ``shape`` is a named dynamic axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str) -> TensorSpec:
+        try:
+            spec = cls(name=str(raw["name"]), dtype=str(raw["dtype"]), shape=tuple(raw["shape"]))
+        except (KeyError, TypeError) as exc:
+            raise ContractError(f"{source}: malformed tensor spec {raw!r}") from exc
+        if spec.dtype not in _DTYPES:
+            raise ContractError(f"{source}: tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
+        return spec
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph file of an export variant, with its I/O contract and checksum."""
+
+    role: str
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, what=f"{self.role} input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, what=f"{self.role} output")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str) -> GraphSpec:
+        try:
+            return cls(
+                role=str(raw["role"]),
+                file=str(raw["file"]),
+                sha256=str(raw["sha256"]),
+                inputs=tuple(TensorSpec.from_dict(t, source=source) for t in raw["inputs"]),
+                outputs=tuple(TensorSpec.from_dict(t, source=source) for t in raw["outputs"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ContractError(f"{source}: malformed graph entry ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A set of graphs at one precision (``fp32``, ``fp16``, ``int8-dynamic``, ``int8-static``).
+
+    ``parity`` holds the figures measured at export time per graph role (max abs diff against
+    torch for fp32; cosine to fp32 for the others); ``accuracy`` the recall cost on the
+    evaluation split (``recall_at_10_drop``, ``mean_cosine_to_fp32``, ...).
+    """
+
+    name: str
+    graphs: dict[str, GraphSpec]
+    parity: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] = field(default_factory=dict)
+
+    def graph(self, role: str) -> GraphSpec:
+        if role not in self.graphs:
+            raise ContractError(f"export variant {self.name!r} has no {role!r} graph (it has {sorted(self.graphs)})")
+        return self.graphs[role]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Image preprocessing, identical to the training transform (open_clip's eval transform)."""
+
+    image_size: int
+    resize_mode: str  # "shortest": resize the short side then center-crop; "squash": resize both sides
+    interpolation: str  # "bicubic" | "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """CLIP BPE tokenizer settings; ``vocab_file`` is copied into the export folder."""
+
+    kind: str  # "clip_bpe"
+    vocab_file: str
+    vocab_sha256: str
+    context_length: int
+    sot_id: int
+    eot_id: int
+    pad_id: int
+    clean: str = "lower"
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """A non-graph file of the export (e.g. MMRef's reference matrix ``references.npy``)."""
+
+    file: str
+    sha256: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    model_config: dict[str, Any]
+    head: str
+    embed_dim: int
+    metric: str
+    preprocess: PreprocessSpec
+    tokenizer: TokenizerSpec
+    variants: dict[str, VariantSpec]
+    default_variant: str = "fp32"
+    artifacts: dict[str, ArtifactSpec] = field(default_factory=dict)
+    source_checkpoint_sha256: str = ""
+    opset: int = 17
+    compir_version: str = ""
+
+    def variant(self, name: str | None = None) -> VariantSpec:
+        key = name or self.default_variant
+        if key not in self.variants:
+            raise ContractError(f"this export has no {key!r} variant; it has {sorted(self.variants)}")
+        return self.variants[key]
+
+    def graph(self, role: str, variant: str | None = None) -> GraphSpec:
+        return self.variant(variant).graph(role)
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = MANIFEST_FILE) -> ExportManifest:
+        try:
+            pre = raw["preprocess"]
+            tok = raw["tokenizer"]
+            variants = {
+                name: VariantSpec(
+                    name=name,
+                    graphs={
+                        role: GraphSpec.from_dict(g, source=f"{source} [{name}.{role}]")
+                        for role, g in v["graphs"].items()
+                    },
+                    parity={k: float(x) for k, x in v.get("parity", {}).items()},
+                    accuracy={k: float(x) for k, x in v.get("accuracy", {}).items()},
+                )
+                for name, v in raw["variants"].items()
+            }
+            manifest = cls(
+                model_config=dict(raw["model_config"]),
+                head=str(raw["head"]),
+                embed_dim=int(raw["embed_dim"]),
+                metric=str(raw["metric"]),
+                preprocess=PreprocessSpec(
+                    image_size=int(pre["image_size"]),
+                    resize_mode=str(pre["resize_mode"]),
+                    interpolation=str(pre["interpolation"]),
+                    mean=tuple(float(x) for x in pre["mean"]),  # type: ignore[arg-type]
+                    std=tuple(float(x) for x in pre["std"]),  # type: ignore[arg-type]
+                ),
+                tokenizer=TokenizerSpec(**tok),
+                variants=variants,
+                default_variant=str(raw.get("default_variant", "fp32")),
+                artifacts={k: ArtifactSpec(**a) for k, a in raw.get("artifacts", {}).items()},
+                source_checkpoint_sha256=str(raw.get("source_checkpoint_sha256", "")),
+                opset=int(raw.get("opset", 17)),
+                compir_version=str(raw.get("compir_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        manifest._validate(source)
+        return manifest
+
+    def _validate(self, source: str) -> None:
+        if self.default_variant not in self.variants:
+            raise ContractError(f"{source}: default variant {self.default_variant!r} is not among {sorted(self.variants)}")
+        for variant in self.variants.values():
+            missing = [role for role in REQUIRED_ROLES if role not in variant.graphs]
+            if missing:
+                raise ContractError(f"{source}: variant {variant.name!r} lacks graph(s) {missing}")
+        if self.metric != "cos":
+            raise ContractError(f"{source}: metric {self.metric!r} is not supported (only 'cos')")
+        if self.embed_dim <= 0:
+            raise ContractError(f"{source}: embed_dim must be positive")
+
+
+def save_manifest(export_dir: str | Path, manifest: ExportManifest) -> Path:
+    """Atomically write ``manifest.json`` into ``export_dir``; returns its path."""
+    path = Path(export_dir) / MANIFEST_FILE
+    body = manifest.to_dict()
+    write_contract(path, fmt=MANIFEST_FORMAT, schema_version=MANIFEST_SCHEMA, body=body)
+    return path
+
+
+def load_manifest(export_dir: str | Path, *, verify_files: bool = True) -> ExportManifest:
+    """Read ``manifest.json`` and (by default) check every graph and artifact checksum.
+
+    Raises ContractError naming the file and what is wrong: missing, damaged, mismatched.
+    """
+    folder = Path(export_dir)
+    if not folder.is_dir():
+        raise ContractError(f"export folder {folder} does not exist; run `compir export onnx` first")
+    path = folder / MANIFEST_FILE
+    raw = read_contract(path, fmt=MANIFEST_FORMAT, schema_version=MANIFEST_SCHEMA)
+    manifest = ExportManifest.from_dict(raw, source=str(path))
+    if verify_files:
+        for variant in manifest.variants.values():
+            for graph in variant.graphs.values():
+                verify_sha256(folder / graph.file, graph.sha256, what=f"{variant.name} {graph.role} graph")
+        for name, artifact in manifest.artifacts.items():
+            verify_sha256(folder / artifact.file, artifact.sha256, what=f"artifact {name!r}")
+        verify_sha256(folder / manifest.tokenizer.vocab_file, manifest.tokenizer.vocab_sha256, what="tokenizer vocab")
+    return manifest
+
+
+def manifest_sha256(export_dir: str | Path) -> str:
+    """Checksum of ``manifest.json``: what ``index.json`` records to bind an index to its encoder."""
+    return sha256_file(Path(export_dir) / MANIFEST_FILE)
+
+
+def _by_name(specs: tuple[TensorSpec, ...], name: str, *, what: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise ContractError(f"no {what} named {name!r} (have {[s.name for s in specs]})")

@@ -1,0 +1,1 @@
+"""Training stage (torch + open_clip): models, composition heads, the loop, checkpoints."""
