@@ -1,0 +1,184 @@
+"""Model configurations: architecture as data, like open_clip's ``model_configs``.
+
+A compir model config is a JSON file (the built-in ones live in ``compir/model_configs/``)::
+
+    {"description": "...",
+     "open_clip": {"embed_dim": 128, "vision_cfg": {...}, "text_cfg": {...}}   # or "ViT-B-32"
+     "head": {"name": "combiner", ...head options...},
+     "loss_weights": {"composed": 1.0, "caption": 0.5},
+     "preprocess": {"mean": [...], "std": [...]}}                            # optional overrides
+
+``open_clip`` is either an inline open_clip architecture or the name of one open_clip knows
+(then ``--pretrained TAG`` can download its weights). :func:`resolve_model_config` accepts a
+built-in config name, a path to such a JSON file, or any open_clip model name (which gets the
+default combiner head). The resolved config is stored whole in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from compir.errors import InputError
+from compir.manifest import PreprocessSpec
+
+DEFAULT_MODEL = "tiny"
+# open_clip's defaults (OPENAI_DATASET_MEAN / STD); pretrained tags may override them.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that rebuilds a CIRModel's architecture (weights come separately)."""
+
+    name: str
+    clip_cfg: dict[str, Any]  # open_clip architecture: embed_dim, vision_cfg, text_cfg[, quick_gelu]
+    clip_name: str = ""  # open_clip model name the architecture came from ("" = inline)
+    head: str = "combiner"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    # Weight of each named loss term (the head's terms plus the loop's "caption" term).
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"composed": 1.0})
+    preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's defaults
+    description: str = ""
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip_cfg["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip_cfg["vision_cfg"].get("image_size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip_cfg["text_cfg"].get("context_length", 77))
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The eval-time image preprocessing this model expects."""
+        pre = self.preprocess
+        return PreprocessSpec(
+            image_size=self.image_size,
+            resize_mode=str(pre.get("resize_mode", "shortest")),
+            interpolation=str(pre.get("interpolation", "bicubic")),
+            mean=tuple(float(x) for x in pre.get("mean", _CLIP_MEAN)),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in pre.get("std", _CLIP_STD)),  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "model config") -> ModelConfig:
+        """Inverse of :meth:`to_dict` (as stored in checkpoints)."""
+        try:
+            config = cls(
+                name=str(raw["name"]),
+                clip_cfg=copy.deepcopy(dict(raw["clip_cfg"])),
+                clip_name=str(raw.get("clip_name", "")),
+                head=str(raw.get("head", "combiner")),
+                head_options=dict(raw.get("head_options", {})),
+                loss_weights={str(k): float(v) for k, v in raw.get("loss_weights", {"composed": 1.0}).items()},
+                preprocess=dict(raw.get("preprocess", {})),
+                description=str(raw.get("description", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{source}: malformed model config ({type(exc).__name__}: {exc})") from exc
+        _validate(config, source)
+        return config
+
+
+def list_model_configs() -> list[str]:
+    """Names of the built-in compir model configs (``compir/model_configs/*.json``)."""
+    folder = resources.files("compir") / "model_configs"
+    return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def resolve_model_config(spec: str | Path = DEFAULT_MODEL) -> ModelConfig:
+    """A config from a built-in name (``tiny``), a JSON file path, or an open_clip model name.
+
+    Raises InputError listing the choices when ``spec`` is none of these.
+    """
+    text = str(spec)
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise InputError(f"model config file {path} does not exist")
+        return _from_file_record(_read_json(path), name=path.stem, source=str(path))
+    if text in list_model_configs():
+        builtin = resources.files("compir") / "model_configs" / f"{text}.json"
+        return _from_file_record(json.loads(builtin.read_text(encoding="utf-8")), name=text, source=f"built-in {text}")
+    clip_cfg = _open_clip_architecture(text)
+    if clip_cfg is None:
+        raise InputError(
+            f"unknown model {text!r}: use a compir config ({', '.join(list_model_configs())}), "
+            f"a config JSON file, or an open_clip model name (open_clip.list_models())"
+        )
+    return ModelConfig(
+        name=text,
+        clip_cfg=clip_cfg,
+        clip_name=text,
+        head_options=_default_head_options(int(clip_cfg["embed_dim"])),
+        loss_weights={"composed": 1.0},
+    )
+
+
+def _from_file_record(record: Any, *, name: str, source: str) -> ModelConfig:
+    if not isinstance(record, dict) or "open_clip" not in record:
+        raise InputError(f"{source}: a model config needs an 'open_clip' entry (architecture or open_clip name)")
+    arch = record["open_clip"]
+    clip_name = ""
+    if isinstance(arch, str):
+        clip_name = arch
+        arch = _open_clip_architecture(arch)
+        if arch is None:
+            raise InputError(f"{source}: open_clip does not know the model {record['open_clip']!r}")
+    head = dict(record.get("head", {"name": "combiner"}))
+    head_name = str(head.pop("name", "combiner"))
+    return ModelConfig.from_dict(
+        {
+            "name": str(record.get("name", name)),
+            "clip_cfg": arch,
+            "clip_name": clip_name,
+            "head": head_name,
+            "head_options": head,
+            "loss_weights": record.get("loss_weights", {"composed": 1.0}),
+            "preprocess": record.get("preprocess", {}),
+            "description": record.get("description", ""),
+        },
+        source=source,
+    )
+
+
+def _open_clip_architecture(name: str) -> dict[str, Any] | None:
+    import open_clip
+
+    found = open_clip.get_model_config(name)
+    return dict(found) if found else None
+
+
+def _default_head_options(embed_dim: int) -> dict[str, Any]:
+    # CLIP4Cir's proportions: projection 4x and hidden layer 8x the embedding width.
+    return {"projection_dim": 4 * embed_dim, "hidden_dim": 8 * embed_dim, "dropout": 0.5}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"model config {path} is not valid JSON ({exc})") from exc
+
+
+def _validate(config: ModelConfig, source: str) -> None:
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in config.clip_cfg:
+            raise InputError(f"{source}: open_clip architecture lacks {key!r}")
+    if config.embed_dim <= 0:
+        raise InputError(f"{source}: embed_dim must be positive")
+    if not config.loss_weights or all(w <= 0 for w in config.loss_weights.values()):
+        raise InputError(f"{source}: loss_weights must give at least one term a positive weight")

@@ -1,0 +1,73 @@
+"""The interface every composition head implements (see the registry in ``__init__``).
+
+A head turns the backbone's outputs into the three vectors retrieval needs: a gallery vector
+per image, a text vector for text->image search, and a composed query vector for
+(reference image, modification text). Every method is traceable (tensors in, tensors out), so
+the export stage can put ``image_features`` / ``text_features`` / ``compose`` in separate graphs.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class CompositionHead(nn.Module, abc.ABC):
+    """Base class of composition heads.
+
+    Constructed with the backbone's dimensions: ``embed_dim`` E (pooled, projected embedding),
+    ``image_width`` Wi (patch token width), ``text_width`` Wt (token width), plus the head's own
+    options from the model config.
+    """
+
+    name: ClassVar[str] = ""
+    # Names of the loss terms training_losses returns (the model config weighs them).
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, embed_dim: int, image_width: int, text_width: int, **options: Any) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_width = image_width
+        self.text_width = text_width
+
+    @property
+    def output_dim(self) -> int:
+        """D, the width of gallery, text and query vectors."""
+        return self.embed_dim
+
+    @abc.abstractmethod
+    def image_features(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """pooled (B, E), patch tokens (B, P, Wi) -> head-defined image features."""
+
+    @abc.abstractmethod
+    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """pooled (B, E), token states (B, L, Wt), input_ids (B, L) -> head-defined text features."""
+
+    @abc.abstractmethod
+    def gallery_embeds(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Image features -> (B, D) L2-normalised gallery vectors (what the index stores)."""
+
+    @abc.abstractmethod
+    def text_embeds(self, text_features: torch.Tensor) -> torch.Tensor:
+        """Text features -> (B, D) L2-normalised vectors for text-only (text->image) search."""
+
+    @abc.abstractmethod
+    def compose(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """(reference image features, modification text features) -> (B, D) L2-normalised query."""
+
+    @abc.abstractmethod
+    def training_losses(
+        self,
+        *,
+        reference: torch.Tensor,
+        text: torch.Tensor,
+        target: torch.Tensor,
+        logit_scale: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Named, unweighted loss terms for a batch of (reference, text, target) features.
+
+        Row i of each argument belongs to triplet i; the other rows' targets are negatives.
+        """
