@@ -1,0 +1,99 @@
+"""``compir serve EXPORT_DIR INDEX_DIR``: the HTTP API (FastAPI + uvicorn) over a Retriever."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig
+
+EPILOG = """examples:
+  compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
+  COMPIR_API_KEY=secret compir serve exports/tiny indexes/tiny --host 0.0.0.0
+  compir serve exports/tiny indexes/tiny --no-batching --max-k 50
+
+  curl -F reference=@shoe.png -F text='make it red' -F k=5 http://127.0.0.1:8000/search
+  curl -H 'content-type: application/json' -d '{"text": "a red circle", "k": 5}' \\
+       http://127.0.0.1:8000/search/text
+  curl -F files=@new.png http://127.0.0.1:8000/gallery/items
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compir serve",
+        description="Serve composed (and text-only) search and gallery edits over HTTP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("export_dir", help="export folder (compir export onnx ...)")
+    parser.add_argument("index_dir", help="index folder (compir index build ...); gallery edits are saved here")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require this key in X-API-Key (default: $COMPIR_API_KEY)")
+    parser.add_argument("--backend", default="onnxruntime", help="runtime backend (onnxruntime or tensorrt)")
+    parser.add_argument("--providers", default=None, help="comma-separated onnxruntime providers, in order")
+    parser.add_argument("--variant", default=None, help="export variant (default: the manifest's default)")
+    batching = parser.add_argument_group("dynamic batching of concurrent searches")
+    batching.add_argument("--no-batching", action="store_true", help="answer each search alone")
+    batching.add_argument("--max-batch", type=int, default=BatchingConfig.max_batch)
+    batching.add_argument("--batch-wait-ms", type=float, default=BatchingConfig.wait_ms,
+                          help="how long the first query of a batch waits for company")
+    limits = parser.add_argument_group("request limits")
+    for name, value in Limits().__dict__.items():
+        limits.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=f"default {value}")
+    parser.add_argument("--workers", type=int, default=ServiceConfig.worker_threads,
+                        help="threads that decode uploads and run unbatched searches")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    limits = Limits(**{name: getattr(args, name) for name in Limits().__dict__})
+    batching = BatchingConfig(enabled=not args.no_batching, max_batch=args.max_batch, wait_ms=args.batch_wait_ms)
+    api_key = args.api_key or os.environ.get("COMPIR_API_KEY") or None
+    return ServiceConfig(limits=limits, batching=batching, api_key=api_key, worker_threads=args.workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    import uvicorn
+
+    from compir.runtime.retriever import Retriever
+    from compir.runtime.service.app import create_app
+    from compir.runtime.service.engine import ServiceEngine
+
+    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    retriever = Retriever.from_dirs(
+        args.export_dir, args.index_dir, backend=args.backend, providers=providers, variant=args.variant
+    )
+    engine = ServiceEngine(retriever, config=config)
+    batching = config.batching
+    print(
+        f"compir serve: {len(retriever)} items, backend {retriever.backend_info}; "
+        + (f"dynamic batching on (max {batching.max_batch}, wait {batching.wait_ms:g} ms)" if batching.enabled
+           else "dynamic batching off")
+        + f"; auth {'X-API-Key' if config.api_key else 'none'}\n"
+        f"compir serve: http://{args.host}:{args.port}  (API docs at /docs, schema at /openapi.json)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not config.api_key and not _is_loopback(args.host):
+        print(f"compir serve: warning: {args.host} is reachable from other machines and no API key is set "
+              "(--api-key or COMPIR_API_KEY)", file=sys.stderr)
+    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

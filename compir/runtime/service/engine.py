@@ -1,0 +1,204 @@
+"""The service's view of one :class:`~compir.runtime.retriever.Retriever`: thread-safe searches
+(optionally dynamically batched) and serialised, persisted gallery writes. No HTTP here.
+
+Searches hold a shared lock and gallery writes an exclusive one, so a search never sees a
+half-updated index and no write is lost; each write is saved atomically before it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from compir.errors import InputError
+from compir.runtime.service.batcher import DynamicBatcher
+from compir.runtime.service.config import ServiceConfig
+from compir.runtime.types import Hit
+
+if TYPE_CHECKING:
+    from compir.runtime.retriever import Retriever
+
+
+class UnknownItemError(InputError):
+    """A request names a gallery id that the index does not hold (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One validated query: ``reference`` is a decoded image, a known gallery id or None (text only)."""
+
+    text: str
+    k: int
+    reference: Image.Image | str | None = None
+    rerank: bool = False
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    hits: tuple[Hit, ...]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # how many queries shared the model calls that answered this one
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so writes are not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class ServiceEngine:
+    """Owns the retriever for the lifetime of a server; ``close()`` stops the batcher."""
+
+    def __init__(self, retriever: Retriever, *, config: ServiceConfig) -> None:
+        self.retriever = retriever
+        self.config = config
+        self._lock = ReadWriteLock()
+        self._batcher: DynamicBatcher[SearchQuery, SearchAnswer] | None = None
+        if config.batching.enabled:
+            self._batcher = DynamicBatcher(
+                self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms
+            )
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._batcher is None or self._batcher.alive
+
+    # -- searching -------------------------------------------------------------------------
+    def submit(self, query: SearchQuery) -> Future[SearchAnswer]:
+        """Queue a query for the dynamic batcher. Only for queries where :meth:`batches` is true:
+        with batching off, or when re-ranking (which scores one query's candidates), use :meth:`search`."""
+        if self._batcher is None or query.rerank:
+            raise RuntimeError("submit() needs batching enabled and a query without re-ranking")
+        return self._batcher.submit(query)
+
+    def batches(self, query: SearchQuery) -> bool:
+        return self._batcher is not None and not query.rerank
+
+    def search(self, query: SearchQuery) -> SearchAnswer:
+        """Answer one query on the calling thread (per-stage timings included)."""
+        self.check_reference(query.reference)
+        with self._lock.read():
+            result = self.retriever.search_detailed(
+                reference=query.reference, text=query.text, k=query.k, rerank=query.rerank
+            )
+        return SearchAnswer(hits=tuple(result.hits), timings_ms=dict(result.timings_ms))
+
+    def search_many(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
+        """One batched model call for a list of queries (POST /search/batch)."""
+        for query in queries:
+            self.check_reference(query.reference)
+        k = max((q.k for q in queries), default=1)
+        payload: list[Mapping[str, Any]] = [{"reference": q.reference, "text": q.text} for q in queries]
+        with self._lock.read():
+            results = self.retriever.search_batch(payload, k=k)
+        return [list(hits[: q.k]) for q, hits in zip(queries, results)]
+
+    def _search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchAnswer]:
+        start = time.perf_counter()
+        hits = self.search_many(queries)
+        elapsed = {"batch": round((time.perf_counter() - start) * 1000.0, 3)}
+        return [SearchAnswer(hits=tuple(h), timings_ms=elapsed, batch_size=len(queries)) for h in hits]
+
+    def check_reference(self, reference: Image.Image | str | None) -> None:
+        """Raise UnknownItemError unless a string reference is a gallery id."""
+        # A string the retriever does not know as an id would be read as a server-side file
+        # path; a client must never reach the server's disk that way.
+        if isinstance(reference, str) and not self.contains(reference):
+            raise UnknownItemError(f"reference_id {reference!r}: no such item in the gallery (see GET /gallery/items)")
+
+    # -- gallery ---------------------------------------------------------------------------
+    def contains(self, item_id: str) -> bool:
+        with self._lock.read():
+            return item_id in set(self.retriever.item_ids())
+
+    def image_path(self, item_id: str) -> Path | None:
+        with self._lock.read():
+            if item_id not in set(self.retriever.item_ids()):
+                return None
+            return self.retriever.item_image_path(item_id)
+
+    def count(self) -> int:
+        with self._lock.read():
+            return len(self.retriever)
+
+    def list_items(self, *, offset: int, limit: int) -> tuple[int, list[str]]:
+        with self._lock.read():
+            ids = self.retriever.item_ids()
+        return len(ids), ids[offset : offset + limit]
+
+    def add_items(self, items: Mapping[str, Image.Image]) -> list[str]:
+        """Add and persist; the index on disk holds the new items when this returns."""
+        with self._lock.write():
+            added = self.retriever.add_items(items)
+            self.retriever.save()
+        return added
+
+    def remove_items(self, ids: Sequence[str]) -> int:
+        with self._lock.write():
+            removed = self.retriever.remove_items(ids)
+            if removed:
+                self.retriever.save()
+        return removed
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "count": self.count(),
+            "backend": dict(self.retriever.backend_info),
+            "has_reranker": bool(self.retriever.has_reranker),
+            "config": self.config.describe(),
+        }
+        if self._batcher is not None:
+            stats = self._batcher.stats()
+            info["batching_stats"] = {
+                "batches": stats.batches,
+                "queries": stats.items,
+                "mean_batch": round(stats.mean_batch, 3),
+                "max_batch_seen": stats.max_batch_seen,
+                "fallbacks": stats.fallbacks,
+            }
+        return info

@@ -1,0 +1,99 @@
+"""Gallery endpoints: list, count, fetch an image, add by upload, remove. Writes are persisted
+(atomically) before the response, so an answered write survives a restart."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+
+from compir.errors import InputError
+from compir.runtime.service.engine import ServiceEngine, UnknownItemError
+from compir.runtime.service.inputs import check_count, decode_image, in_executor, read_upload, require_form, require_json
+from compir.runtime.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
+
+router = APIRouter(prefix="/gallery", tags=["gallery"])
+MAX_PAGE = 1000
+MAX_ID_CHARS = 200
+
+
+@router.get("/items", response_model=ItemsPage)
+async def list_items(
+    request: Request,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+) -> ItemsPage:
+    """One page of gallery item ids, in index order."""
+    engine: ServiceEngine = request.app.state.engine
+    total, ids = await in_executor(request.app.state.executor, lambda: engine.list_items(offset=offset, limit=limit))
+    return ItemsPage(total=total, offset=offset, limit=limit, items=ids)
+
+
+@router.get("/count", response_model=CountOut)
+async def count(request: Request) -> CountOut:
+    engine: ServiceEngine = request.app.state.engine
+    return CountOut(count=await in_executor(request.app.state.executor, engine.count))
+
+
+@router.get("/items/{item_id}/image", response_class=FileResponse)
+async def item_image(request: Request, item_id: str) -> FileResponse:
+    """The stored image of a gallery item."""
+    engine: ServiceEngine = request.app.state.engine
+    path = await in_executor(request.app.state.executor, engine.image_path, item_id)
+    if path is None or not path.is_file():
+        raise UnknownItemError(f"item {item_id!r}: not in the gallery, or its image is not stored")
+    return FileResponse(path)
+
+
+@router.post("/items", response_model=AddOut, dependencies=[Depends(require_form)])
+async def add_items(
+    request: Request,
+    files: list[UploadFile] = File(..., description="one or more images"),
+    ids: list[str] | None = Form(None, description="an id per file (default: the file name without extension)"),
+) -> AddOut:
+    """Add images to the gallery; they are searchable and saved when this returns."""
+    engine: ServiceEngine = request.app.state.engine
+    limits = engine.config.limits
+    check_count(len(files), limits, what="files")
+    if ids is not None and len(ids) != len(files):
+        raise InputError(f"got {len(ids)} ids for {len(files)} files; give one id per file or none")
+    names = ids or [PurePath(f.filename or "").stem for f in files]
+    items: dict[str, bytes] = {}
+    for name, upload in zip(names, files):
+        field = f"files[{upload.filename or len(items)}]"
+        _check_id(name, field=field)
+        if name in items:
+            raise InputError(f"{field}: id {name!r} appears twice in this request")
+        data = await read_upload(upload, limits, field=field)
+        # Decode now so a bad file is refused with its name before anything is written.
+        await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
+        items[name] = data
+    added = await in_executor(request.app.state.executor, engine.add_items, items)
+    return AddOut(added=list(added), count=await in_executor(request.app.state.executor, engine.count))
+
+
+@router.post("/remove", response_model=RemoveOut, dependencies=[Depends(require_json)])
+async def remove_items(request: Request, body: RemoveIn) -> RemoveOut:
+    """Remove items by id; ids not in the gallery are ignored (``removed`` counts the rest)."""
+    engine: ServiceEngine = request.app.state.engine
+    check_count(len(body.ids), engine.config.limits, what="ids")
+    removed = await in_executor(request.app.state.executor, engine.remove_items, body.ids)
+    return RemoveOut(removed=removed, count=await in_executor(request.app.state.executor, engine.count))
+
+
+@router.delete("/items/{item_id}", response_model=RemoveOut)
+async def remove_item(request: Request, item_id: str) -> RemoveOut:
+    """Remove one item; 404 when it is not in the gallery."""
+    engine: ServiceEngine = request.app.state.engine
+    removed = await in_executor(request.app.state.executor, engine.remove_items, [item_id])
+    if not removed:
+        raise UnknownItemError(f"item {item_id!r}: not in the gallery")
+    return RemoveOut(removed=removed, count=await in_executor(request.app.state.executor, engine.count))
+
+
+def _check_id(item_id: str, *, field: str) -> None:
+    if not item_id or len(item_id) > MAX_ID_CHARS or any(c in item_id for c in "/\\\0"):
+        raise InputError(
+            f"{field}: item id {item_id!r} must be 1-{MAX_ID_CHARS} characters without '/', '\\' or NUL"
+        )
