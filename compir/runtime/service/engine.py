@@ -153,14 +153,15 @@ class ServiceEngine:
 
     # -- gallery ---------------------------------------------------------------------------
     def contains(self, item_id: str) -> bool:
-        with self._lock.read():
-            return item_id in set(self.retriever.item_ids())
+        try:
+            self.retriever.item_image_path(item_id)  # InputError for an unknown id, O(1)
+        except InputError:
+            return False
+        return True
 
     def image_path(self, item_id: str) -> Path | None:
         with self._lock.read():
-            if item_id not in set(self.retriever.item_ids()):
-                return None
-            return self.retriever.item_image_path(item_id)
+            return self.retriever.item_image_path(item_id) if self.contains(item_id) else None
 
     def count(self) -> int:
         with self._lock.read():
@@ -171,7 +172,7 @@ class ServiceEngine:
             ids = self.retriever.item_ids()
         return len(ids), ids[offset : offset + limit]
 
-    def add_items(self, items: Mapping[str, Image.Image]) -> list[str]:
+    def add_items(self, items: Mapping[str, bytes]) -> list[str]:
         """Add and persist; the index on disk holds the new items when this returns."""
         with self._lock.write():
             added = self.retriever.add_items(items)
@@ -179,7 +180,11 @@ class ServiceEngine:
         return added
 
     def remove_items(self, ids: Sequence[str]) -> int:
+        """Remove and persist; UnknownItemError (nothing removed) when an id is not in the gallery."""
         with self._lock.write():
+            unknown = [item_id for item_id in ids if not self.contains(item_id)]
+            if unknown:
+                raise UnknownItemError(f"not in the gallery: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
             removed = self.retriever.remove_items(ids)
             if removed:
                 self.retriever.save()

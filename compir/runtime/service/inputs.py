@@ -6,6 +6,8 @@ import asyncio
 import base64
 import binascii
 import functools
+import io
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -81,10 +83,29 @@ def decode_b64(payload: str, limits: Limits, *, field: str) -> bytes:
 
 
 def decode_image(data: bytes, limits: Limits, *, field: str) -> Image.Image:
+    """Decode an upload, refusing (before decoding) images over ``max_image_pixels``."""
+    width, height = _header_size(data)
+    if width * height > limits.max_image_pixels:
+        raise LimitError(
+            f"{field}: {width}x{height} = {width * height} pixels exceeds max_image_pixels="
+            f"{limits.max_image_pixels} (the server's {limits.option('max_image_pixels')})",
+            status=413,
+        )
     image = load_image(data, name=field, max_pixels=limits.max_image_pixels, max_bytes=limits.max_upload_bytes)
     # PIL decodes lazily in places; a fully loaded copy is safe to hand to another thread.
     image.load()
     return image
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    # Reads the header only; anything unreadable is left to load_image, which names the problem.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size
+    except Exception:
+        return 0, 0
 
 
 async def in_executor(executor: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

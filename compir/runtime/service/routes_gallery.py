@@ -75,7 +75,7 @@ async def add_items(
 
 @router.post("/remove", response_model=RemoveOut, dependencies=[Depends(require_json)])
 async def remove_items(request: Request, body: RemoveIn) -> RemoveOut:
-    """Remove items by id; ids not in the gallery are ignored (``removed`` counts the rest)."""
+    """Remove items by id; 404 and nothing removed when an id is not in the gallery."""
     engine: ServiceEngine = request.app.state.engine
     check_count(len(body.ids), engine.config.limits, what="ids")
     removed = await in_executor(request.app.state.executor, engine.remove_items, body.ids)
@@ -87,8 +87,6 @@ async def remove_item(request: Request, item_id: str) -> RemoveOut:
     """Remove one item; 404 when it is not in the gallery."""
     engine: ServiceEngine = request.app.state.engine
     removed = await in_executor(request.app.state.executor, engine.remove_items, [item_id])
-    if not removed:
-        raise UnknownItemError(f"item {item_id!r}: not in the gallery")
     return RemoveOut(removed=removed, count=await in_executor(request.app.state.executor, engine.count))
 
 
