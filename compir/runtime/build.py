@@ -1,0 +1,138 @@
+"""Build a gallery index from a folder of images: parallel decoding (thread pool), batched
+encoding, a tqdm bar; images that fail to decode are reported by name, skipped and counted."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from compir.contracts import atomic_output_dir, sha256_bytes
+from compir.errors import InputError
+from compir.images import load_image
+from compir.runtime.encoder import Encoder
+from compir.runtime.gallery import IMAGES_DIR, Gallery
+from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
+from compir.runtime.preprocess import preprocess_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    out_dir: Path
+    count: int
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (file, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted; hidden files are ignored."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"image folder {root} does not exist")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def item_id_for(path: Path, root: Path) -> str:
+    """``root/a/b.png`` -> ``a/b``: dataset image names are file names without suffix."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def build_index(
+    encoder: Encoder,
+    *,
+    images: str | Path,
+    out: str | Path,
+    dtype: str = DEFAULT_DTYPE,
+    batch_size: int = 64,
+    workers: int = 4,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    hnsw: HnswConfig = HnswConfig(),
+    progress: bool = True,
+) -> BuildReport:
+    """Encode every image under ``images`` into a new index folder ``out`` (written atomically).
+
+    Item ids are relative paths without suffix. Image paths are recorded absolute, or copied into
+    ``out/images`` with ``copy_images`` (a self-contained, movable index).
+    """
+    root = Path(images).resolve()
+    files = list_images(root)
+    ids = [item_id_for(path, root) for path in files]
+    start = time.perf_counter()
+    skipped: list[tuple[str, str]] = []
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        gallery = Gallery(export_sha256=encoder.manifest_sha256, ndim=encoder.embed_dim,
+                          feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw, folder=tmp)
+        bar = tqdm(total=len(files), desc="indexing", unit="img", disable=not progress)
+        for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers):
+            skipped.extend(errors)
+            if batch_ids:
+                encoded = encoder.encode_pixels(pixels)
+                stored = [_stored_path(path, tmp, copy_images) for path in batch_paths]
+                gallery.add(batch_ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=stored)
+            bar.update(len(batch_ids) + len(errors))
+        bar.close()
+        gallery.save(tmp)
+    report = BuildReport(out_dir=Path(out), count=len(gallery), skipped=tuple(skipped), seconds=time.perf_counter() - start)
+    return report
+
+
+def _decoded_batches(
+    encoder: Encoder, files: Sequence[Path], ids: Sequence[str], batch_size: int, workers: int
+) -> Iterator[tuple[list[str], list[Path], np.ndarray, list[tuple[str, str]]]]:
+    """Batches of (ids, paths, pixel_values (B, 3, S, S), decode failures), in file order.
+
+    Decoding and preprocessing run in a thread pool (PIL releases the GIL while it decodes and
+    resizes) while the previous batch is being encoded.
+    """
+    spec = encoder.manifest.preprocess
+
+    def prepare(path: Path) -> np.ndarray | str:
+        try:
+            return preprocess_image(load_image(path), spec)
+        except InputError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(prepare, files)  # lazy, ordered; the pool stays ahead of the encoder
+        batch_ids: list[str] = []
+        batch_paths: list[Path] = []
+        arrays: list[np.ndarray] = []
+        errors: list[tuple[str, str]] = []
+        for item_id, path, result in zip(ids, files, results):
+            if isinstance(result, str):
+                errors.append((str(path), result))
+            else:
+                batch_ids.append(item_id)
+                batch_paths.append(path)
+                arrays.append(result)
+            if len(arrays) == batch_size:
+                yield batch_ids, batch_paths, np.stack(arrays), errors
+                batch_ids, batch_paths, arrays, errors = [], [], [], []
+        if arrays or errors:
+            yield batch_ids, batch_paths, np.stack(arrays) if arrays else np.zeros((0,)), errors
+
+
+def _stored_path(path: Path, folder: Path, copy_images: bool) -> str:
+    if not copy_images:
+        return str(path)
+    relative = f"{IMAGES_DIR}/{path.name}"
+    target = folder / relative
+    if target.exists():  # same file name in two sub-folders: keep both
+        relative = f"{IMAGES_DIR}/{sha256_bytes(str(path).encode())[:12]}_{path.name}"
+        target = folder / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    return relative

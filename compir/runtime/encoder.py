@@ -1,0 +1,139 @@
+"""The export's graphs behind three calls: encode images, encode texts, compose.
+
+Everything about the graphs (names, dtypes, feature shapes, preprocessing, tokenizer) comes from
+the manifest; feeds are cast to the manifest's input dtypes and outputs come back as float32, so
+fp32, fp16 and int8 variants look the same to callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from compir.errors import ContractError
+from compir.manifest import COMPOSER, IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, load_manifest, manifest_sha256
+from compir.runtime.backends import Backend, GraphSession, open_backend
+from compir.runtime.backends.base import numpy_dtype
+from compir.runtime.preprocess import check_spec, preprocess_batch
+from compir.runtime.tokenizer import ClipTokenizer
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    image_embeds: np.ndarray  # (B, D) unit vectors: what the gallery index stores
+    image_features: np.ndarray  # (B, *F) head-defined: what the composer takes
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    text_embeds: np.ndarray  # (B, D) unit vectors: text-only queries
+    text_features: np.ndarray  # (B, *F) head-defined: what the composer takes
+
+
+class Encoder:
+    """Image encoder + text encoder + composer of one export variant on one backend."""
+
+    def __init__(self, export_dir: str | Path, manifest: ExportManifest, backend: Backend, *, variant: str | None = None) -> None:
+        self.export_dir = Path(export_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.variant = manifest.variant(variant).name
+        self.manifest_sha256 = manifest_sha256(export_dir)
+        check_spec(manifest.preprocess)
+        self.tokenizer = ClipTokenizer.from_export(export_dir, manifest.tokenizer)
+        self._image = backend.open(self._graph(IMAGE_ENCODER))
+        self._text = backend.open(self._graph(TEXT_ENCODER))
+        self._composer = backend.open(self._graph(COMPOSER))
+        self.feature_shape = _static_tail(self._graph(IMAGE_ENCODER).output("image_features"))
+        self._check_dims()
+
+    @classmethod
+    def from_export(
+        cls,
+        export_dir: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        variant: str | None = None,
+    ) -> Encoder:
+        """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs."""
+        manifest = load_manifest(export_dir)
+        opened = open_backend(backend, export_dir, providers=providers)
+        # Engines are parsed from one ONNX variant: its graph specs describe them.
+        engine_variant = getattr(opened, "variant", None)
+        if engine_variant is not None and variant not in (None, engine_variant):
+            raise ContractError(f"the TensorRT engines were built from variant {engine_variant!r}, not {variant!r}")
+        return cls(export_dir, manifest, opened, variant=engine_variant or variant)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest.embed_dim
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> ``pixel_values`` (B, 3, S, S) float32."""
+        return preprocess_batch(images, self.manifest.preprocess)
+
+    def encode_pixels(self, pixel_values: np.ndarray) -> ImageEncoding:
+        out = _run(self._image, {"pixel_values": pixel_values}, ("image_embeds", "image_features"))
+        return ImageEncoding(image_embeds=out["image_embeds"], image_features=out["image_features"])
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> ImageEncoding:
+        parts = [self.encode_pixels(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        if not parts:
+            return ImageEncoding(np.zeros((0, self.embed_dim), np.float32), np.zeros((0, *self.feature_shape), np.float32))
+        return ImageEncoding(
+            image_embeds=np.concatenate([p.image_embeds for p in parts]),
+            image_features=np.concatenate([p.image_features for p in parts]),
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> ``input_ids`` (B, L) int64."""
+        return self.tokenizer(texts)
+
+    def encode_input_ids(self, input_ids: np.ndarray) -> TextEncoding:
+        out = _run(self._text, {"input_ids": input_ids}, ("text_embeds", "text_features"))
+        return TextEncoding(text_embeds=out["text_embeds"], text_features=out["text_features"])
+
+    def encode_texts(self, texts: Sequence[str]) -> TextEncoding:
+        return self.encode_input_ids(self.tokenize(texts))
+
+    def compose(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """(B, *F) image features + (B, *F') text features -> ``query_embeds`` (B, D) unit vectors."""
+        feeds = {"image_features": image_features, "text_features": text_features}
+        return _run(self._composer, feeds, ("query_embeds",))["query_embeds"]
+
+    def warmup(self) -> None:
+        """One call per graph, so the first real query does not pay session initialisation."""
+        size = self.manifest.preprocess.image_size
+        image = self.encode_pixels(np.zeros((1, 3, size, size), np.float32))
+        text = self.encode_input_ids(self.tokenize(["warm up"]))
+        self.compose(image.image_features, text.text_features)
+
+    def backend_info(self) -> dict[str, object]:
+        return {**self.backend.info(), "variant": self.variant}
+
+    def _graph(self, role: str) -> GraphSpec:
+        return self.manifest.graph(role, self.variant)
+
+    def _check_dims(self) -> None:
+        for role, name in ((IMAGE_ENCODER, "image_embeds"), (TEXT_ENCODER, "text_embeds"), (COMPOSER, "query_embeds")):
+            tail = _static_tail(self._graph(role).output(name))
+            if tail != (self.embed_dim,):
+                raise ContractError(f"{role} output {name!r} has shape (batch, {tail}), the manifest's embed_dim is {self.embed_dim}")
+
+
+def _static_tail(spec: object) -> tuple[int, ...]:
+    shape = getattr(spec, "shape")
+    tail = tuple(shape[1:])
+    if not all(isinstance(dim, int) for dim in tail):
+        raise ContractError(f"tensor {getattr(spec, 'name')!r}: only the batch axis may be dynamic, got {list(shape)}")
+    return tail  # type: ignore[return-value]
+
+
+def _run(session: GraphSession, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    typed = {name: np.ascontiguousarray(value, dtype=numpy_dtype(session.spec.input(name).dtype)) for name, value in feeds.items()}
+    return {name: np.asarray(value, dtype=np.float32) for name, value in session.run(typed, outputs).items()}

@@ -1,0 +1,168 @@
+"""Vector search over gallery embeddings: a usearch HNSW index (cosine, f32/f16/i8 storage) for
+large galleries and an exact numpy path for small ones.
+
+Items are addressed by integer keys here; :mod:`compir.runtime.gallery` maps string item ids to
+keys and stores everything on disk. Keys are handed out in increasing order and rows are kept in
+key order, so ``row = searchsorted(keys, key)`` needs no dictionary for a million items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compir.errors import ContractError
+
+DTYPES = ("f32", "f16", "i8")
+DEFAULT_DTYPE = "f16"
+EXACT_MAX_ITEMS = 16_384  # below this a (N, D) @ (D,) product beats the HNSW walk and is exact
+SEARCH_MODES = ("auto", "exact", "ann")
+
+
+@dataclass(frozen=True)
+class HnswConfig:
+    """usearch graph settings; recall vs speed is traded by ``expansion_search``."""
+
+    connectivity: int = 16
+    expansion_add: int = 128
+    expansion_search: int = 96
+
+
+class VectorIndex:
+    """L2-normalised (N, D) vectors under sorted uint64 keys, searchable by cosine similarity.
+
+    ``embeds`` (N, D) float32 (possibly memory-mapped) back the exact path; the usearch index is
+    built lazily from them when an approximate search is first needed and no saved graph exists.
+    """
+
+    def __init__(
+        self,
+        *,
+        ndim: int,
+        dtype: str = DEFAULT_DTYPE,
+        hnsw: HnswConfig = HnswConfig(),
+        search_mode: str = "auto",
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ContractError(f"index dtype {dtype!r} is not one of {DTYPES}")
+        if search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode {search_mode!r} is not one of {SEARCH_MODES}")
+        self.ndim = ndim
+        self.dtype = dtype
+        self.hnsw = hnsw
+        self.search_mode = search_mode
+        self.keys = np.zeros((0,), dtype=np.uint64)
+        self.embeds = np.zeros((0, ndim), dtype=np.float32)
+        self._ann: Any = None  # usearch.index.Index, built or restored on demand
+        self._ann_is_view = False
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    # ---- mutation ------------------------------------------------------------------------
+    def add(self, keys: np.ndarray, embeds: np.ndarray) -> None:
+        """Append vectors (K, D) under new keys, all larger than every key present."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if embeds.ndim != 2 or embeds.shape[1] != self.ndim or embeds.shape[0] != keys.shape[0]:
+            raise ContractError(f"expected ({keys.shape[0]}, {self.ndim}) embeddings, got {embeds.shape}")
+        if len(self) and keys.size and keys.min() <= self.keys[-1]:
+            raise ValueError("new keys must be larger than the existing ones")
+        self.keys = np.concatenate([self.keys, keys])
+        self.embeds = np.concatenate([self.embeds, embeds])
+        if self._ann is not None:
+            self._writable_ann().add(keys, embeds)
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Drop the given row indices (and their keys)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        if self._ann is not None:
+            self._writable_ann().remove(self.keys[rows])
+        keep = np.ones(len(self), dtype=bool)
+        keep[rows] = False
+        self.keys = self.keys[keep]
+        self.embeds = self.embeds[keep]
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.keys, np.asarray(keys, dtype=np.uint64))
+
+    # ---- search --------------------------------------------------------------------------
+    def uses_exact(self) -> bool:
+        return self.search_mode == "exact" or (self.search_mode == "auto" and len(self) <= EXACT_MAX_ITEMS)
+
+    def search(self, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> (rows (Q, k') int64, scores (Q, k') float32), best first; k' = min(k, N).
+
+        Scores are cosine similarities (the ANN path reports them at the storage precision).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        count = min(int(k), len(self))
+        if count <= 0:
+            return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
+        if self.uses_exact():
+            return _exact_search(self.embeds, queries, count)
+        matches = self._ensure_ann().search(queries, count, exact=False)
+        keys = np.asarray(matches.keys, dtype=np.uint64).reshape(queries.shape[0], -1)[:, :count]
+        dist = np.asarray(matches.distances, dtype=np.float32).reshape(queries.shape[0], -1)[:, :count]
+        counts = np.asarray(matches.counts).reshape(-1)
+        if (counts < count).any():  # HNSW may return fewer; pad with the exact answer for those rows
+            short = np.nonzero(counts < count)[0]
+            rows_exact, scores_exact = _exact_search(self.embeds, queries[short], count)
+            rows = self.rows_of(keys)
+            rows[short], dist[short] = rows_exact, 1.0 - scores_exact
+            return rows.astype(np.int64), (1.0 - dist).astype(np.float32)
+        return self.rows_of(keys).astype(np.int64), (1.0 - dist).astype(np.float32)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save_ann(self, path: Path) -> None:
+        """Write the usearch graph (built now if needed) to ``path``."""
+        self._ensure_ann().save(str(path))
+
+    def attach_ann(self, path: Path, *, view: bool) -> None:
+        """Use a saved graph; ``view=True`` memory-maps it (read-only until the first change)."""
+        from usearch.index import Index
+
+        ann = Index.restore(str(path), view=view)
+        if ann is None or len(ann) != len(self) or ann.ndim != self.ndim:
+            raise ContractError(f"{path}: the usearch graph does not match the index record (rebuild the index)")
+        self._ann, self._ann_is_view = ann, view
+
+    def _ensure_ann(self):  # type: ignore[no-untyped-def]
+        if self._ann is None:
+            from usearch.index import Index
+
+            ann = Index(
+                ndim=self.ndim,
+                metric="cos",
+                dtype=self.dtype,
+                connectivity=self.hnsw.connectivity,
+                expansion_add=self.hnsw.expansion_add,
+                expansion_search=self.hnsw.expansion_search,
+            )
+            if len(self):
+                ann.add(self.keys, np.ascontiguousarray(self.embeds, dtype=np.float32))
+            self._ann, self._ann_is_view = ann, False
+        return self._ann
+
+    def _writable_ann(self):  # type: ignore[no-untyped-def]
+        # usearch crashes the process when a memory-mapped view is modified: copy it in first.
+        if self._ann_is_view:
+            self._ann = self._ann.copy()
+            self._ann_is_view = False
+        return self._ensure_ann()
+
+
+def _exact_search(embeds: np.ndarray, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ np.asarray(embeds, dtype=np.float32).T  # (Q, N) cosine: both sides unit length
+    if count < scores.shape[1]:
+        top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
+    else:
+        top = np.broadcast_to(np.arange(scores.shape[1]), (scores.shape[0], scores.shape[1])).copy()
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1).astype(np.int64), np.take_along_axis(top_scores, order, axis=1)

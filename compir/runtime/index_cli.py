@@ -1,0 +1,54 @@
+"""``compir index``: build a usearch gallery index from a folder of images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from compir.runtime.backends import BACKENDS
+from compir.runtime.build import build_index
+from compir.runtime.encoder import Encoder
+from compir.runtime.index import DEFAULT_DTYPE, DTYPES
+
+EPILOG = """examples:
+  compir index build exports/tiny --images data/synth/images --out indexes/tiny
+  compir index build exports/tiny --images photos/ --out indexes/photos --dtype i8 --batch-size 128 --workers 8
+  compir index build exports/tiny --images photos/ --out indexes/photos --copy-images --overwrite
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compir index", description="Build a gallery index (usearch, cosine).",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="encode a folder of images into an index folder",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("export_dir", help="export folder (compir export onnx)")
+    build.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")
+    build.add_argument("--out", required=True, help="index folder to create")
+    build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
+    build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
+    build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
+    build.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    build.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order (tensorrt cuda cpu)")
+    build.add_argument("--variant", default=None, help="export variant (default: the manifest's)")
+    build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1 or args.workers < 1:
+        print("compir index: --batch-size and --workers must be >= 1", file=sys.stderr)
+        return 2
+    encoder = Encoder.from_export(args.export_dir, backend=args.backend, providers=args.providers, variant=args.variant)
+    report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
+                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, progress=not args.quiet)
+    for _, reason in report.skipped:  # the reason names the file
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "
+          f"skipped {len(report.skipped)} unreadable")
+    return 0 if report.count or not report.skipped else 1

@@ -1,0 +1,250 @@
+"""The Retriever: composed (reference image + text) and text-only search over a gallery index.
+
+Query rules (each violation is an :class:`~compir.errors.InputError` with a clear message):
+
+- ``reference`` is a gallery item id (its cached image features are used: no decode, no image
+  encode, and the item itself is left out of the hits, as in CIRR's protocol), an image path,
+  raw bytes or a PIL image; ``None`` makes a text-only (text -> image) query.
+- ``text`` must say something: empty or whitespace-only text is refused (a composed query without
+  a modification is not a composed query); text longer than the model's context is truncated like
+  open_clip; text over :data:`~compir.runtime.tokenizer.MAX_TEXT_CHARS` characters is refused.
+- ``k`` must be an integer >= 1; a ``k`` larger than the gallery returns the whole gallery
+  (clamped, never an error); an empty gallery returns no hits.
+- ``rerank=True`` needs a configured re-ranker (:attr:`Retriever.has_reranker`).
+
+Thread-safe: encoders run concurrently, gallery reads and writes take a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from compir.errors import InputError
+from compir.images import load_image
+from compir.runtime.encoder import Encoder, TextEncoding
+from compir.runtime.gallery import Gallery
+from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery, load_reranker
+from compir.runtime.tokenizer import MAX_TEXT_CHARS
+from compir.runtime.types import Hit, SearchResult
+from compir.runtime.uploads import image_bytes, validate_item_id
+
+Reference = str | bytes | Image.Image | os.PathLike[str] | None
+_QUERY_KEYS = {"reference", "text"}
+
+
+@dataclass(frozen=True)
+class _Text:
+    input_ids: np.ndarray  # (L,)
+    encoding: TextEncoding  # batch of one
+
+
+class Retriever:
+    """Search a gallery index with an export's encoders; see the module docstring for the rules."""
+
+    def __init__(self, encoder: Encoder, gallery: Gallery, *, reranker: Reranker | None = None,
+                 rerank_top_n: int = DEFAULT_TOP_N, text_cache_size: int = 1024) -> None:
+        self.encoder = encoder
+        self.gallery = gallery
+        self.reranker = reranker
+        self.rerank_top_n = rerank_top_n
+        self._lock = threading.RLock()
+        self._texts: OrderedDict[str, _Text] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    @classmethod
+    def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
+                  providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False) -> Retriever:
+        """Open an export folder and an index built with it (ContractError if it was built with
+        another export). ``view=True`` memory-maps a large index instead of reading it."""
+        encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
+        gallery = Gallery.load(Path(index_dir), export_sha256=encoder.manifest_sha256, view=view)
+        encoder.warmup()
+        return cls(encoder, gallery, reranker=load_reranker(encoder))
+
+    # ---- introspection ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def item_ids(self) -> list[str]:
+        with self._lock:
+            return list(self.gallery.ids)
+
+    def item_image_path(self, item_id: str) -> Path | None:
+        """Where the item's image lies (None if none was recorded); InputError for unknown ids."""
+        with self._lock:
+            return self.gallery.image_path(item_id)
+
+    @property
+    def backend_info(self) -> dict[str, Any]:
+        return {**self.encoder.backend_info(), "index_dtype": self.gallery.vectors.dtype,
+                "exact_search": self.gallery.vectors.uses_exact()}
+
+    @property
+    def has_reranker(self) -> bool:
+        return self.reranker is not None
+
+    # ---- search ----------------------------------------------------------------------------------
+    def search(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
+        return list(self.search_detailed(reference=reference, text=text, k=k, rerank=rerank).hits)
+
+    def search_detailed(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> SearchResult:
+        """Hits, best first, and milliseconds per stage (only stages that ran)."""
+        k = _check_k(k)
+        _check_text(text)
+        if rerank and self.reranker is None:
+            raise InputError("this export has no re-ranker; search with rerank=False")
+        timings: dict[str, float] = {}
+        item_id, features = self._reference_features(reference, timings)
+        cached = self._encode_text(text, timings)
+        if features is None:
+            query = cached.encoding.text_embeds
+        else:
+            with _timed(timings, "compose"):
+                query = self.encoder.compose(features[None], cached.encoding.text_features)
+        depth = max(k, self.rerank_top_n) if rerank else k
+        with _timed(timings, "search"), self._lock:
+            found = self.gallery.search(query, k=depth, exclude=[item_id])[0]
+        if rerank:
+            with _timed(timings, "rerank"):
+                found = self._rerank(text, cached, features, query[0], found)
+        return SearchResult(hits=tuple(Hit(i, s) for i, s in found[:k]), timings_ms=timings)
+
+    def search_batch(self, queries: Sequence[Mapping[str, Any]], *, k: int = 10) -> list[list[Hit]]:
+        """Many queries ({"reference": ..., "text": ...}) with batched encoders and one index search."""
+        k = _check_k(k)
+        for number, query in enumerate(queries):
+            unknown = set(query) - _QUERY_KEYS
+            if unknown or "text" not in query:
+                raise InputError(f"query {number}: expected keys {sorted(_QUERY_KEYS)} (text required), got {sorted(query)}")
+            _check_text(query["text"])
+        if not queries:
+            return []
+        resolved = [self._reference_features(q.get("reference"), {}) for q in queries]
+        texts = self.encoder.encode_texts([q["text"] for q in queries])
+        vectors = np.array(texts.text_embeds)  # (Q, D); composed rows replaced below
+        composed = [row for row, (_, feats) in enumerate(resolved) if feats is not None]
+        if composed:
+            image_features = np.stack([resolved[row][1] for row in composed])  # type: ignore[misc]
+            vectors[composed] = self.encoder.compose(image_features, texts.text_features[composed])
+        with self._lock:
+            found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
+        return [[Hit(i, s) for i, s in hits] for hits in found]
+
+    # ---- gallery changes ---------------------------------------------------------------------------
+    def add_items(self, items: Mapping[str, str | bytes | os.PathLike[str] | Image.Image]) -> list[str]:
+        """Encode and add (or replace) items; their images are copied into the index folder."""
+        ids = [validate_item_id(item_id) for item_id in items]
+        images = [load_image(source, name=item_id) for item_id, source in items.items()]  # type: ignore[arg-type]
+        encoded = self.encoder.encode_images(images)
+        with self._lock:
+            paths = []
+            for source, image in zip(items.values(), images):
+                data, suffix = image_bytes(source, image)
+                paths.append(self.gallery.store_image(data, suffix=suffix))
+            self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
+        return ids
+
+    def remove_items(self, ids: Sequence[str]) -> int:
+        """Remove items by id; unknown ids are an InputError and nothing is removed."""
+        with self._lock:
+            unknown = [item for item in ids if item not in self.gallery]
+            if unknown:
+                raise InputError(f"unknown item id(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+            return self.gallery.remove(list(ids))
+
+    def save(self) -> None:
+        """Atomically write the index folder (a crash leaves the previous save intact)."""
+        with self._lock:
+            self.gallery.save()
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _reference_features(self, reference: Reference, timings: dict[str, float]) -> tuple[str | None, np.ndarray | None]:
+        """(gallery item id or None, image_features (*F,) or None for text-only)."""
+        if reference is None:
+            return None, None
+        if isinstance(reference, str) and reference in self.gallery:
+            with self._lock:
+                return reference, np.asarray(self.gallery.features[self.gallery.row(reference)], dtype=np.float32)
+        if isinstance(reference, (str, os.PathLike)) and not Path(reference).is_file():
+            raise InputError(f"reference {str(reference)!r} is neither a gallery item id nor an image file")
+        if not isinstance(reference, (str, bytes, os.PathLike, Image.Image)):
+            raise InputError(f"reference must be an item id, a path, bytes or a PIL image, not {type(reference).__name__}")
+        with _timed(timings, "decode"):
+            image = load_image(reference)
+        with _timed(timings, "preprocess"):
+            pixels = self.encoder.preprocess([image])
+        with _timed(timings, "image_encode"):
+            features = self.encoder.encode_pixels(pixels).image_features[0]
+        return None, features
+
+    def _encode_text(self, text: str, timings: dict[str, float]) -> _Text:
+        with self._lock:
+            cached = self._texts.get(text)
+            if cached is not None:
+                self._texts.move_to_end(text)
+                return cached
+        with _timed(timings, "tokenize"):
+            input_ids = self.encoder.tokenize([text])
+        with _timed(timings, "text_encode"):
+            encoding = self.encoder.encode_input_ids(input_ids)
+        entry = _Text(input_ids=input_ids[0], encoding=encoding)
+        with self._lock:
+            self._texts[text] = entry
+            while len(self._texts) > self._text_cache_size:
+                self._texts.popitem(last=False)
+        return entry
+
+    def _rerank(self, text: str, cached: _Text, features: np.ndarray | None, query: np.ndarray,
+                found: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        assert self.reranker is not None
+        top = found[: self.rerank_top_n]
+        if not top:
+            return found
+        with self._lock:
+            rows = [self.gallery.row(item) for item, _ in top]
+            candidates = RerankCandidates(
+                item_ids=tuple(item for item, _ in top),
+                image_features=np.asarray(self.gallery.features[rows], dtype=np.float32),
+                image_paths=tuple(self.gallery.image_path(item) for item, _ in top),
+                scores=np.asarray([s for _, s in top], dtype=np.float32),
+            )
+        context = RerankQuery(text=text, input_ids=cached.input_ids, text_features=cached.encoding.text_features[0],
+                              reference_features=features, query_embeds=query)
+        scores = np.asarray(self.reranker.rerank(context, candidates), dtype=np.float32).reshape(-1)
+        if scores.shape[0] != len(top):
+            raise RuntimeError(f"re-ranker {self.reranker.name!r} returned {scores.shape[0]} scores for {len(top)} candidates")
+        order = np.argsort(-scores, kind="stable")
+        return [(top[i][0], float(scores[i])) for i in order] + found[len(top):]
+
+
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_text(text: object) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+    if not " ".join(text.split()):
+        raise InputError("text is empty; describe the modification (or the image, for a text-only query)")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0

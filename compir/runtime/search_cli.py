@@ -1,0 +1,51 @@
+"""``compir search``: one composed (or text-only) query against an index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from compir.runtime.backends import BACKENDS
+from compir.runtime.retriever import Retriever
+
+EPILOG = """examples:
+  compir search exports/tiny indexes/tiny --reference data/synth/images/abc.png --text "make the circle red"
+  compir search exports/tiny indexes/tiny --reference abc --text "remove the square" -k 5 --timings
+  compir search exports/tiny indexes/tiny --text "a red circle" --json     (text-only query)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compir search", description="Composed (reference + text) or text-only search.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export_dir", help="export folder")
+    parser.add_argument("index_dir", help="index folder built with this export")
+    parser.add_argument("--reference", default=None, help="gallery item id or image file (omit for text-only)")
+    parser.add_argument("--text", required=True, help="modification text (or a description for text-only)")
+    parser.add_argument("-k", type=int, default=10, help="hits to return (default: %(default)s; clamped to the gallery size)")
+    parser.add_argument("--rerank", action="store_true", help="re-rank the top candidates (needs a re-ranker)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--timings", action="store_true", help="print the latency of each stage")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    parser.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order (tensorrt cuda cpu)")
+    parser.add_argument("--variant", default=None, help="export variant (default: the manifest's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    retriever = Retriever.from_dirs(args.export_dir, args.index_dir, backend=args.backend,
+                                    providers=args.providers, variant=args.variant)
+    result = retriever.search_detailed(reference=args.reference, text=args.text, k=args.k, rerank=args.rerank)
+    if args.json:
+        record: dict[str, object] = {"hits": [{"item_id": h.item_id, "score": h.score} for h in result.hits]}
+        if args.timings:
+            record["timings_ms"] = result.timings_ms
+        print(json.dumps(record, indent=2))
+        return 0
+    for rank, hit in enumerate(result.hits, start=1):
+        print(f"{rank:>3}  {hit.score:+.4f}  {hit.item_id}")
+    if args.timings:
+        print("  ".join(f"{stage} {ms:.2f} ms" for stage, ms in result.timings_ms.items()))
+    return 0

@@ -1,0 +1,24 @@
+"""Values the runtime hands to its callers (service, demo, CLI): frozen, typed, torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Stage names of SearchResult.timings_ms, in query order.
+STAGES = ("decode", "preprocess", "image_encode", "tokenize", "text_encode", "compose", "search", "rerank")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved gallery item; ``score`` is the cosine similarity (or the re-ranker's score)."""
+
+    item_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits, best first, and the milliseconds spent in each stage that ran (keys from STAGES)."""
+
+    hits: tuple[Hit, ...]
+    timings_ms: dict[str, float] = field(default_factory=dict)
