@@ -101,7 +101,7 @@ def _queries(path: Path, category: str, image_paths: dict[str, Path]) -> list[Qu
         reference = qualified_name(category, require_str(record, "candidate", source=path, index=index))
         if reference not in image_paths:
             raise DatasetError(f"{path}: record {index} candidate {reference!r} is not in the {category} image split")
-        targets = ()
+        targets: tuple[str, ...] = ()
         if "target" in record:
             targets = (qualified_name(category, require_str(record, "target", source=path, index=index)),)
         queries.append(
