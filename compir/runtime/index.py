@@ -109,7 +109,8 @@ class VectorIndex:
         matches = self._ensure_ann().search(queries, count, exact=False)
         keys = np.asarray(matches.keys, dtype=np.uint64).reshape(queries.shape[0], -1)[:, :count]
         dist = np.asarray(matches.distances, dtype=np.float32).reshape(queries.shape[0], -1)[:, :count]
-        counts = np.asarray(matches.counts).reshape(-1)
+        # One query comes back as Matches (no .counts), several as BatchMatches.
+        counts = np.asarray(getattr(matches, "counts", [len(matches.keys)])).reshape(-1)
         if (counts < count).any():  # HNSW may return fewer; pad with the exact answer for those rows
             short = np.nonzero(counts < count)[0]
             rows_exact, scores_exact = _exact_search(self.embeds, queries[short], count)
