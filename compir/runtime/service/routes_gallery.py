@@ -12,10 +12,10 @@ from compir.errors import InputError
 from compir.runtime.service.engine import ServiceEngine, UnknownItemError
 from compir.runtime.service.inputs import check_count, decode_image, in_executor, read_upload, require_form, require_json
 from compir.runtime.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
+from compir.runtime.uploads import validate_item_id
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 MAX_PAGE = 1000
-MAX_ID_CHARS = 200
 
 
 @router.get("/items", response_model=ItemsPage)
@@ -36,7 +36,7 @@ async def count(request: Request) -> CountOut:
     return CountOut(count=await in_executor(request.app.state.executor, engine.count))
 
 
-@router.get("/items/{item_id}/image", response_class=FileResponse)
+@router.get("/items/{item_id:path}/image", response_class=FileResponse)
 async def item_image(request: Request, item_id: str) -> FileResponse:
     """The stored image of a gallery item."""
     engine: ServiceEngine = request.app.state.engine
@@ -62,7 +62,7 @@ async def add_items(
     items: dict[str, bytes] = {}
     for name, upload in zip(names, files):
         field = f"files[{upload.filename or len(items)}]"
-        _check_id(name, field=field)
+        validate_item_id(name)
         if name in items:
             raise InputError(f"{field}: id {name!r} appears twice in this request")
         data = await read_upload(upload, limits, field=field)
@@ -82,16 +82,10 @@ async def remove_items(request: Request, body: RemoveIn) -> RemoveOut:
     return RemoveOut(removed=removed, count=await in_executor(request.app.state.executor, engine.count))
 
 
-@router.delete("/items/{item_id}", response_model=RemoveOut)
+@router.delete("/items/{item_id:path}", response_model=RemoveOut)
 async def remove_item(request: Request, item_id: str) -> RemoveOut:
     """Remove one item; 404 when it is not in the gallery."""
     engine: ServiceEngine = request.app.state.engine
     removed = await in_executor(request.app.state.executor, engine.remove_items, [item_id])
     return RemoveOut(removed=removed, count=await in_executor(request.app.state.executor, engine.count))
 
-
-def _check_id(item_id: str, *, field: str) -> None:
-    if not item_id or len(item_id) > MAX_ID_CHARS or any(c in item_id for c in "/\\\0"):
-        raise InputError(
-            f"{field}: item id {item_id!r} must be 1-{MAX_ID_CHARS} characters without '/', '\\' or NUL"
-        )

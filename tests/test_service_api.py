@@ -1,0 +1,324 @@
+"""The HTTP API: the real app under uvicorn on 127.0.0.1, the real tiny export and index, httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from compir.data.load import load_split
+from compir.runtime.retriever import Retriever
+from compir.runtime.service.app import create_app
+from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig
+from compir.runtime.service.engine import ServiceEngine
+from compir.runtime.service.server import BackgroundServer
+
+KEY = "test-key"
+LIMITS = Limits(max_upload_bytes=64 * 1024, max_image_pixels=256 * 256, max_text_chars=200, max_k=20, max_batch_queries=8)
+
+
+@dataclass
+class Served:
+    url: str
+    client: httpx.Client
+    retriever: Retriever
+    engine: ServiceEngine
+    index_dir: Path
+    images: Path
+
+
+def png_bytes(size: tuple[int, int] = (64, 64), *, noise: bool = False, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8) if noise else np.full((size[1], size[0], 3), 120, np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export: Path, tiny_index: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    index_dir = tmp_path_factory.mktemp("service") / "index"
+    shutil.copytree(tiny_index, index_dir)  # the API edits its gallery; the session fixture stays intact
+    retriever = Retriever.from_dirs(tiny_export, index_dir, providers=["cpu"])
+    engine = ServiceEngine(retriever, config=ServiceConfig(limits=LIMITS, batching=BatchingConfig(wait_ms=5), api_key=KEY))
+    with BackgroundServer(create_app(engine)) as server:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30) as client:
+            yield Served(server.url, client, retriever, engine, index_dir, synth_data / "images")
+
+
+@pytest.fixture(scope="module")
+def query(synth_data: Path):
+    return load_split(synth_data, split="test").queries[0]
+
+
+def hits_of(response: httpx.Response) -> list[tuple[str, float]]:
+    assert response.status_code == 200, response.text
+    return [(h["item_id"], h["score"]) for h in response.json()["hits"]]
+
+
+def assert_refused(response: httpx.Response, status: int, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    for fragment in fragments:
+        assert fragment in detail, detail
+
+
+# ---- ops ------------------------------------------------------------------------------------------
+def test_health_ready_and_openapi(served):
+    assert httpx.get(served.url + "/health").json() == {"status": "ok"}  # no key needed
+    ready = httpx.get(served.url + "/ready").json()
+    assert ready == {"ready": True, "count": len(served.retriever)}
+    paths = served.client.get("/openapi.json").json()["paths"]
+    for path in ("/search", "/search/text", "/search/batch", "/gallery/items", "/gallery/count", "/gallery/remove", "/stats"):
+        assert path in paths
+
+
+def test_api_key_is_required_and_checked(served):
+    assert_refused(httpx.get(served.url + "/gallery/count"), 401, "missing API key", "X-API-Key")
+    assert_refused(httpx.get(served.url + "/gallery/count", headers={"X-API-Key": "nope"}), 401, "wrong API key")
+    assert served.client.get("/gallery/count").status_code == 200
+
+
+def test_stats_report_backend_limits_batching_and_latency(served, query):
+    served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "k": 3})
+    stats = served.client.get("/stats").json()
+    assert stats["count"] == len(served.retriever)
+    assert stats["backend"]["backend"] == "onnxruntime"
+    assert "CPUExecutionProvider" in str(stats["backend"]["providers"])
+    assert stats["config"]["limits"]["max_k"] == LIMITS.max_k
+    assert stats["config"]["batching"] == {"enabled": True, "max_batch": 16, "wait_ms": 5.0}
+    assert stats["config"]["auth"] == "api-key" and KEY not in str(stats)
+    rows = {row["endpoint"]: row for row in stats["latency"]}
+    search = rows["POST /search"]
+    assert search["requests"] >= 1 and 0 < search["p50_ms"] <= search["p90_ms"] <= search["p99_ms"]
+
+
+# ---- search -------------------------------------------------------------------------------------
+def test_search_by_upload_returns_what_the_runtime_returns(served, query, synth_data):
+    reference = (served.images / f"{query.reference}.png").read_bytes()
+    response = served.client.post("/search", files={"reference": ("ref.png", reference, "image/png")},
+                                  data={"text": query.text, "k": "5"})
+    got = hits_of(response)
+    expected = served.retriever.search(reference=reference, text=query.text, k=5)
+    assert [i for i, _ in got] == [h.item_id for h in expected]
+    assert np.allclose([s for _, s in got], [h.score for h in expected], atol=1e-5)
+    assert response.json()["timings_ms"]
+
+
+def test_search_by_id_text_only_and_batch_agree_with_the_runtime(served, query):
+    by_id = hits_of(served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "k": 4}))
+    assert [i for i, _ in by_id] == [h.item_id for h in served.retriever.search(reference=query.reference, text=query.text, k=4)]
+    text_only = hits_of(served.client.post("/search/text", json={"text": "a red circle", "k": 3}))
+    assert [i for i, _ in text_only] == [h.item_id for h in served.retriever.search(reference=None, text="a red circle", k=3)]
+    assert hits_of(served.client.post("/search", data={"text": "a red circle", "k": 3})) == text_only
+    image_b64 = base64.b64encode((served.images / f"{query.reference}.png").read_bytes()).decode()
+    batch = served.client.post("/search/batch", json={"k": 4, "queries": [
+        {"text": query.text, "reference_id": query.reference},
+        {"text": "a red circle"},
+        {"text": query.text, "reference_image_b64": image_b64},
+    ]})
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert [h["item_id"] for h in results[0]] == [i for i, _ in by_id]
+    assert [h["item_id"] for h in results[1]][:3] == [i for i, _ in text_only]
+    assert len(results[2]) == 4
+
+
+def test_rerank_without_a_reranker_is_refused(served, query):
+    if served.retriever.has_reranker:
+        pytest.skip("the tiny export has a re-ranker; the refusal does not apply")
+    response = served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "rerank": "true"})
+    assert_refused(response, 422, "re-ranker")
+
+
+def _corrupt() -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
+
+
+BAD_SEARCHES = [
+    ("corrupt image", {"files": {"reference": ("a.png", _corrupt(), "image/png")}, "data": {"text": "x"}}, 422, "reference"),
+    ("truncated image", {"files": {"reference": ("a.png", png_bytes(noise=True)[:300], "image/png")}, "data": {"text": "x"}}, 422, "reference"),
+    ("zero-byte image", {"files": {"reference": ("a.png", b"", "image/png")}, "data": {"text": "x"}}, 422, "empty"),
+    ("not an image", {"files": {"reference": ("a.txt", b"hello world", "text/plain")}, "data": {"text": "x"}}, 422, "not a readable image"),
+    ("too many pixels", {"files": {"reference": ("a.png", png_bytes((300, 300)), "image/png")}, "data": {"text": "x"}}, 413, "max_image_pixels"),
+    ("too many bytes", {"files": {"reference": ("a.png", png_bytes((200, 200), noise=True), "image/png")}, "data": {"text": "x"}}, 413, "max_upload_bytes"),
+    ("empty text", {"data": {"text": "", "reference_id": "@first"}}, 422, "text is empty"),
+    ("blank text", {"data": {"text": "   ", "k": 3}}, 422, "text is empty"),
+    ("overlong text", {"data": {"text": "y" * 201}}, 422, "max_text_chars=200"),
+    ("unknown id", {"data": {"text": "x", "reference_id": "no-such-item"}}, 404, "no-such-item"),
+    ("a path as id", {"data": {"text": "x", "reference_id": "/etc/passwd"}}, 404, "no such item"),
+    ("k zero", {"data": {"text": "x", "k": 0}}, 422, "max_k=20"),
+    ("k negative", {"data": {"text": "x", "k": -3}}, 422, "k=-3"),
+    ("k too large", {"data": {"text": "x", "k": 21}}, 422, "max_k=20"),
+    ("k not a number", {"data": {"text": "x", "k": "many"}}, 422, "k:"),
+    ("upload and id", {"files": {"reference": ("a.png", png_bytes(), "image/png")}, "data": {"text": "x", "reference_id": "@first"}}, 422, "either"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SEARCHES, ids=[c[0] for c in BAD_SEARCHES])
+def test_bad_search_inputs_are_4xx_with_a_message(served, case):
+    _, request, status, fragment = case
+    data = {key: (served.retriever.item_ids()[0] if value == "@first" else value) for key, value in request["data"].items()}
+    response = served.client.post("/search", data=data, files=request.get("files"))
+    assert_refused(response, status, fragment)
+
+
+def test_bad_bodies_and_content_types_are_4xx(served):
+    malformed = served.client.post("/search", content=b"--b\r\nContent-Disposition: form-data\r\n\r\nx",
+                                   headers={"content-type": "multipart/form-data; boundary=b"})
+    assert 400 <= malformed.status_code < 500 and malformed.json()["detail"]
+    no_boundary = served.client.post("/search", content=b"abc", headers={"content-type": "multipart/form-data"})
+    assert 400 <= no_boundary.status_code < 500 and no_boundary.json()["detail"]
+    assert_refused(served.client.post("/search", json={"text": "x"}), 415, "multipart/form-data")
+    assert_refused(served.client.post("/search/text", data={"text": "x"}), 415, "application/json")
+    assert_refused(served.client.post("/search/text", content=b"{not json", headers={"content-type": "application/json"}), 422, "JSON")
+    assert_refused(served.client.post("/search/text", json={"k": 3}), 422, "text")
+    too_many = {"k": 2, "queries": [{"text": "x"}] * 9}
+    assert_refused(served.client.post("/search/batch", json=too_many), 413, "max_batch_queries=8")
+    bad_b64 = {"queries": [{"text": "x", "reference_image_b64": "%%%"}]}
+    assert_refused(served.client.post("/search/batch", json=bad_b64), 422, "base64")
+    huge = served.client.post("/gallery/items", content=b"x" * (LIMITS.max_request_bytes + 1),
+                              headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_refused(huge, 413, "max_request_bytes")
+
+
+# ---- gallery ------------------------------------------------------------------------------------
+def test_gallery_add_list_fetch_and_remove(served):
+    before = served.client.get("/gallery/count").json()["count"]
+    files = [("files", ("added-a.png", png_bytes((32, 32)), "image/png")),
+             ("files", ("added-b.png", png_bytes((48, 48)), "image/png"))]
+    added = served.client.post("/gallery/items", files=files)
+    assert added.status_code == 200, added.text
+    assert added.json() == {"added": ["added-a", "added-b"], "count": before + 2}
+    page = served.client.get("/gallery/items", params={"offset": before, "limit": 10}).json()
+    assert page["total"] == before + 2 and page["items"] == ["added-a", "added-b"]
+    image = served.client.get("/gallery/items/added-b/image")
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (48, 48)
+    assert served.client.request("DELETE", "/gallery/items/added-a").json() == {"removed": 1, "count": before + 1}
+    assert served.client.post("/gallery/remove", json={"ids": ["added-b"]}).json() == {"removed": 1, "count": before}
+    assert_refused(served.client.request("DELETE", "/gallery/items/added-a"), 404, "added-a")
+    assert_refused(served.client.post("/gallery/remove", json={"ids": ["never-there"]}), 404, "never-there")
+    assert_refused(served.client.get("/gallery/items/never-there/image"), 404, "never-there")
+    assert served.client.get("/gallery/count").json()["count"] == before
+
+
+def test_bad_gallery_uploads_add_nothing(served):
+    before = served.client.get("/gallery/count").json()["count"]
+    mixed = [("files", ("good.png", png_bytes(), "image/png")), ("files", ("bad.png", _corrupt(), "image/png"))]
+    assert_refused(served.client.post("/gallery/items", files=mixed), 422, "bad.png")
+    twice = [("files", ("same.png", png_bytes(), "image/png"))] * 2
+    assert_refused(served.client.post("/gallery/items", files=twice), 422, "twice")
+    assert_refused(served.client.post("/gallery/items", files=[("files", ("x.png", png_bytes(), "image/png"))],
+                                      data={"ids": ["a", "b"]}), 422, "one id per file")
+    nine = [("files", (f"n{i}.png", png_bytes(), "image/png")) for i in range(9)]
+    assert_refused(served.client.post("/gallery/items", files=nine), 413, "max_batch_queries=8")
+    assert_refused(served.client.get("/gallery/items", params={"limit": 0}), 422, "limit")
+    assert served.client.get("/gallery/count").json()["count"] == before
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+def test_concurrent_searches_and_writes_lose_nothing(served, query):
+    clients, per_client = 8, 25
+    before = served.client.get("/gallery/count").json()["count"]
+    batches_before = served.client.get("/stats").json()["batching_stats"]["batches"]
+    upload = png_bytes((40, 40))
+
+    def work(client_no: int) -> list[int]:
+        codes = []
+        with httpx.Client(base_url=served.url, headers={"X-API-Key": KEY}, timeout=60) as client:
+            for n in range(per_client):
+                if n % 12 == 5:  # two writes per client, interleaved with the searches
+                    r = client.post("/gallery/items", files=[("files", (f"c{client_no}-{n}.png", upload, "image/png"))])
+                elif n % 2:
+                    r = client.post("/search", data={"text": query.text, "reference_id": query.reference, "k": 5})
+                else:
+                    r = client.post("/search/text", json={"text": f"a shape number {n}", "k": 5})
+                codes.append(r.status_code)
+        return codes
+
+    with ThreadPoolExecutor(clients) as pool:
+        codes = [code for result in pool.map(work, range(clients)) for code in result]
+    assert codes.count(200) == clients * per_client, sorted(set(codes))
+    assert served.client.get("/gallery/count").json()["count"] == before + 2 * clients
+    stats = served.client.get("/stats").json()["batching_stats"]
+    assert stats["max_batch_seen"] > 1  # concurrent searches shared model calls
+    assert stats["batches"] > batches_before
+    reopened = Retriever.from_dirs(served.retriever.encoder.export_dir, served.index_dir, providers=["cpu"])
+    assert len(reopened) == before + 2 * clients  # every write is on disk
+
+
+# ---- the CLI: a restart keeps what was added -----------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(export: Path, index: Path, port: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(port), "--no-batching",
+         "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"compir serve exited: {process.stdout.read() if process.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("compir serve did not become ready in 60 s")
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.terminate()
+    output, _ = process.communicate(timeout=30)
+    return output
+
+
+def test_cli_serves_and_a_restart_keeps_added_items(tiny_export, tiny_index, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(tiny_index, index)
+    port = _free_port()
+    first = _start(tiny_export, index, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        before = httpx.get(url + "/gallery/count").json()["count"]
+        files = [("files", (f"kept-{i}.png", png_bytes((30 + i, 30)), "image/png")) for i in range(3)]
+        assert httpx.post(url + "/gallery/items", files=files).status_code == 200
+        assert httpx.get(url + "/stats").json()["config"]["batching"]["enabled"] is False
+    finally:
+        log = _stop(first)
+    assert "dynamic batching off" in log and "127.0.0.1" in log
+    second = _start(tiny_export, index, port)
+    try:
+        page = httpx.get(f"http://127.0.0.1:{port}/gallery/items", params={"offset": before, "limit": 10}).json()
+        assert page["total"] == before + 3 and page["items"] == ["kept-0", "kept-1", "kept-2"]
+    finally:
+        _stop(second)
+
+
+def test_service_imports_no_model_code():
+    code = (
+        "import sys, compir.runtime.service.app, compir.runtime.service.cli\n"
+        "bad = [m for m in ('torch', 'open_clip', 'gradio', 'onnx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
