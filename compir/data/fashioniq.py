@@ -28,7 +28,7 @@ CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def is_fashioniq(root: Path) -> bool:
-    return any((root / "captions").glob(f"cap.{category}.*.json") for category in CATEGORIES)
+    return any(any((root / "captions").glob(f"cap.{category}.*.json")) for category in CATEGORIES)
 
 
 def qualified_name(category: str, name: str) -> str:

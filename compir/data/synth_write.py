@@ -30,7 +30,7 @@ from compir.data.synth_scene import parse_scene_key, render_scene, scene_caption
 SYNTH_FORMAT = "compir.synthetic"
 SYNTH_SCHEMA = 1
 DATASET_FILE = "dataset.json"
-_CHUNK = 512
+_MAX_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ def _render_chunk(job: tuple[Sequence[str], int, str]) -> int:
 def render_images(names: Sequence[str], *, folder: Path, size: int, workers: int) -> None:
     """Render and PNG-encode every named scene into ``folder`` on ``workers`` processes."""
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(list(names[i : i + _CHUNK]), size, str(folder)) for i in range(0, len(names), _CHUNK)]
+    # a few chunks per worker keep them all busy; chunks amortise the inter-process traffic
+    chunk = max(16, min(_MAX_CHUNK, -(-len(names) // (4 * max(workers, 1)))))
+    jobs = [(list(names[i : i + chunk]), size, str(folder)) for i in range(0, len(names), chunk)]
     with tqdm(total=len(names), desc="render", unit="img", disable=None) as progress:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:

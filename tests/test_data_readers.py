@@ -1,0 +1,134 @@
+"""Readers of the published layouts (written here in miniature), auto-detection and file errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from compir.data.files import check_images, raise_image_problems
+from compir.data.load import detect_format, load_split
+from compir.data.submission import write_cirr_submission
+from compir.errors import DatasetError
+from compir.metrics import evaluate_split
+from tests.fixtures.data import write_cirr, write_fashioniq, write_json, write_shoes
+
+NAMES = ["dev-0-0-img0", "dev-0-0-img1", "dev-1-0-img0", "dev-1-0-img1", "dev-2-0-img0"]
+
+
+def cirr_record(pairid: int, reference: str, target: str | None, caption: str, members: list[str]) -> dict:
+    record = {"pairid": pairid, "reference": reference, "caption": caption,
+              "img_set": {"id": pairid, "members": members, "reference_rank": 0}}
+    if target is not None:
+        record |= {"target_hard": target, "target_soft": {target: 1.0}}
+        record["img_set"]["target_rank"] = members.index(target)
+    return record
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_cirr_layouts_are_read_and_auto_detected(tmp_path, official):
+    records = [cirr_record(7, NAMES[0], NAMES[2], "make it red", NAMES[:4]), cirr_record(8, NAMES[1], NAMES[4], "two dogs", NAMES)]
+    write_cirr(tmp_path, split="val", records=records, names=NAMES, official=official)
+    assert detect_format(tmp_path) == "cirr"
+    split = load_split(tmp_path, split="val")
+    assert split.protocol == "cirr" and split.gallery == tuple(NAMES)
+    first = split.queries[0]
+    assert (first.query_id, first.reference, first.text, first.targets) == ("7", NAMES[0], "make it red", (NAMES[2],))
+    assert first.subset == tuple(NAMES[:4])
+    assert split.image_path(NAMES[3]).is_file()
+    assert check_images(split) == []
+
+
+def test_cirr_test1_has_no_targets_and_gets_a_submission(tmp_path):
+    records = [cirr_record(3, NAMES[0], None, "on grass", NAMES[:4]), cirr_record(4, NAMES[4], None, "x", NAMES[2:])]
+    write_cirr(tmp_path, split="test1", records=records, names=NAMES)
+    split = load_split(tmp_path, split="test")  # alias of test1
+    assert split.name == "test1" and all(not q.targets for q in split.queries)
+    # gallery item i = e_i; query 3 scores img1 > img3 > img2 > ... and its reference img0 highest
+    queries = np.array([[0.9, 0.8, 0.3, 0.5, 0.1], [0.1, 0.2, 0.3, 0.4, 0.9]], dtype=np.float32)
+    with pytest.raises(DatasetError, match="hidden labels"):
+        evaluate_split(split, query_embeds=queries, gallery_embeds=np.eye(5), gallery_names=NAMES)
+    paths = write_cirr_submission(split, query_embeds=queries, gallery_embeds=np.eye(5), gallery_names=NAMES, out_dir=tmp_path / "sub")
+    recall = json.loads(paths.recall.read_text())
+    subset = json.loads(paths.recall_subset.read_text())
+    assert recall["version"] == "rc2" and recall["metric"] == "recall"
+    assert recall["3"] == [NAMES[1], NAMES[3], NAMES[2], NAMES[4]]  # reference removed
+    assert subset["metric"] == "recall_subset" and subset["3"] == [NAMES[1], NAMES[3], NAMES[2]]
+    assert subset["4"] == [NAMES[3], NAMES[2]]  # members img2, img3, img4 minus the reference img4
+
+
+def test_cirr_metrics_through_the_files(tmp_path):
+    records = [cirr_record(0, NAMES[0], NAMES[2], "a", NAMES[:4]), cirr_record(1, NAMES[1], NAMES[4], "b", NAMES)]
+    write_cirr(tmp_path, split="val", records=records, names=NAMES)
+    split = load_split(tmp_path, split="val", fmt="cirr")
+    # query 0: reference highest (removed), target 2nd -> rank 1; query 1: target 3rd after img3, img2
+    queries = np.array([[0.9, 0.1, 0.8, 0.2, 0.3], [0.1, 0.95, 0.6, 0.7, 0.5]], dtype=np.float32)
+    report = evaluate_split(split, query_embeds=queries / np.linalg.norm(queries, axis=1, keepdims=True),
+                            gallery_embeds=np.eye(5), gallery_names=NAMES)
+    assert report.metrics["R@1"] == 50.0 and report.metrics["R@5"] == 100.0
+    assert report.metrics["Rs@1"] == 50.0 and report.metrics["Rs@3"] == 100.0
+
+
+def test_fashioniq_joins_captions_and_qualifies_names(tmp_path):
+    records = [{"candidate": "B1", "target": "B2", "captions": ["is red.", "has long sleeves?"]}]
+    write_fashioniq(tmp_path, category="dress", split="val", records=records, names=["B1", "B2", "B3"])
+    write_fashioniq(tmp_path, category="shirt", split="val", records=[{"candidate": "S1", "target": "S2", "captions": ["a", "b"]}], names=["S1", "S2"])
+    write_fashioniq(tmp_path, category="shirt", split="test", records=[{"candidate": "S1", "captions": ["a", "b"]}], names=["S1", "S2"])
+    assert detect_format(tmp_path) == "fashioniq"
+    both = load_split(tmp_path, split="val")
+    assert both.gallery == ("dress/B1", "dress/B2", "dress/B3", "shirt/S1", "shirt/S2")
+    dress = both.queries[0]
+    assert (dress.text, dress.reference, dress.targets, dress.group) == ("Is red and has long sleeves", "dress/B1", ("dress/B2",), "dress")
+    one = load_split(tmp_path, split="dress.val")
+    assert len(one.queries) == 1 and one.gallery == ("dress/B1", "dress/B2", "dress/B3")
+    assert load_split(tmp_path, split="test").queries[0].targets == ()
+    assert check_images(both) == []
+
+
+def test_shoes_splits_by_name_lists_and_finds_nested_images(tmp_path):
+    train, test = ["img_a_1.jpg", "img_a_2.jpg"], ["img_b_1.jpg", "img_b_2.jpg", "img_b_3.jpg"]
+    records = [
+        {"ImageName": "img_a_2.jpg", "ReferenceImageName": "img_a_1.jpg", "RelativeCaption": "taller"},
+        {"ImageName": "img_b_3.jpg", "ReferenceImageName": "img_b_1.jpg", "RelativeCaption": "is black"},
+        {"ImageName": "img_b_3.jpg", "ReferenceImageName": "img_a_1.jpg", "RelativeCaption": "crosses splits"},
+    ]
+    write_shoes(tmp_path, records=records, train=train, test=test)
+    assert detect_format(tmp_path) == "shoes"
+    split = load_split(tmp_path, split="test")
+    assert split.protocol == "shoes" and split.gallery == tuple(test)
+    assert [(q.reference, q.text, q.targets) for q in split.queries] == [("img_b_1.jpg", "is black", ("img_b_3.jpg",))]
+    assert split.image_path("img_b_2.jpg").parent.parent.name == "womens_boots"
+    assert len(load_split(tmp_path, split="train").queries) == 1
+
+
+def test_malformed_json_and_missing_fields_name_the_file(tmp_path):
+    write_cirr(tmp_path, split="val", records=[cirr_record(0, NAMES[0], NAMES[1], "a", NAMES)], names=NAMES)
+    captions = tmp_path / "captions" / "cap.rc2.val.json"
+    captions.write_text("[{\"pairid\": 0,", encoding="utf-8")
+    with pytest.raises(DatasetError, match="cap.rc2.val.json.*not valid JSON"):
+        load_split(tmp_path, split="val")
+    write_json(captions, [{"pairid": 0, "caption": "no reference"}])
+    with pytest.raises(DatasetError, match=r"cap.rc2.val.json: record 0 lacks field\(s\) reference"):
+        load_split(tmp_path, split="val")
+    with pytest.raises(DatasetError, match="cap.rc2.train.json is missing; splits found: val"):
+        load_split(tmp_path, split="train")
+    with pytest.raises(DatasetError, match="no known dataset layout"):
+        load_split(tmp_path / "captions", split="val")
+
+
+def test_missing_and_corrupt_images_are_all_reported(tmp_path):
+    write_cirr(tmp_path, split="val", records=[cirr_record(0, NAMES[0], NAMES[1], "a", NAMES)], names=NAMES)
+    split = load_split(tmp_path, split="val")
+    split.image_path(NAMES[3]).unlink()
+    split.image_path(NAMES[4]).write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    problems = check_images(split)
+    assert [p.name for p in problems] == [NAMES[3], NAMES[4]]
+    assert "missing" in problems[0].problem
+    assert "corrupt" in problems[1].problem or "not a readable image" in problems[1].problem
+    with pytest.raises(DatasetError, match=f"2 bad image.*{NAMES[3]}.png.*{NAMES[4]}.png"):
+        raise_image_problems(problems, split=split)
+    # the first image itself missing: the loader says where it looked
+    split.image_path(NAMES[0]).unlink()
+    with pytest.raises(DatasetError, match="images of .* not found; looked for the first one"):
+        load_split(tmp_path, split="val")
