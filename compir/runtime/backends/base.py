@@ -44,8 +44,8 @@ def check_io(
     """Compare the manifest's tensors with the session's (name, dtype, shape) triples.
 
     A session dim that is not an int is dynamic. Every manifest tensor must exist with the same
-    dtype and rank; a fixed manifest dim must match a fixed session dim; a dynamic manifest dim
-    (e.g. "batch") must be dynamic in the session. Raises ContractError naming graph and tensor.
+    dtype and rank, and every axis must agree: the same fixed size, or dynamic on both sides
+    (e.g. "batch"). Raises ContractError naming graph and tensor.
     """
     for kind, declared, actual in (("input", graph.inputs, inputs), ("output", graph.outputs, outputs)):
         found = {name: (dtype, tuple(shape)) for name, dtype, shape in actual}
@@ -74,6 +74,8 @@ def _check_tensor(graph: GraphSpec, kind: str, spec: TensorSpec, dtype: str, sha
             raise ContractError(f"{where}: axis {axis} is {want} in the manifest but {have} in the graph")
         if isinstance(want, str) and fixed:
             raise ContractError(f"{where}: axis {axis} ({want!r}) is dynamic in the manifest but fixed to {have} in the graph")
+        if isinstance(want, int) and not fixed:
+            raise ContractError(f"{where}: axis {axis} is fixed to {want} in the manifest but dynamic in the graph")
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -1,0 +1,77 @@
+"""``compir index build``, ``compir search`` and export-folder evaluation, through their main()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compir.cli import main as compir_main
+from compir.runtime.evaluation import encode_split_for_export
+from compir.runtime.gallery import Gallery
+from compir.runtime.index_cli import main as index_main
+from compir.runtime.search_cli import main as search_main
+
+
+def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "images"
+    sources = sorted((synth_data / "images").glob("*.png"))[:20]
+    (images / "nested").mkdir(parents=True)
+    for path in sources[:15]:
+        shutil.copy(path, images / path.name)
+    for path in sources[15:]:
+        shutil.copy(path, images / "nested" / path.name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "index"
+    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3", "--copy-images", "--quiet"]
+    assert index_main(["build", *argv]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
+    assert "broken.png" in captured.err and "empty.jpg" in captured.err
+    gallery = Gallery.load(out, export_sha256=None)
+    assert len(gallery) == 20 and gallery.vectors.dtype == "i8"
+    assert f"nested/{sources[16].stem}" in gallery and sources[0].stem in gallery
+    copied = gallery.image_path(sources[0].stem)
+    assert copied is not None and out in copied.parents and copied.read_bytes() == sources[0].read_bytes()
+    # An existing index is never silently replaced.
+    assert compir_main(["index", "build", *argv]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    item = Gallery.load(tiny_index, export_sha256=None).ids[0]
+    assert search_main([str(tiny_export), str(tiny_index), "--reference", item, "--text", "make it red", "-k", "4", "--json", "--timings"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["hits"]) == 4 and item not in [h["item_id"] for h in record["hits"]]
+    assert set(record["timings_ms"]) == {"tokenize", "text_encode", "compose", "search"}
+    assert search_main([str(tiny_export), str(tiny_index), "--text", "a red circle", "-k", "2", "--timings"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("  1") and "search" in lines[2]
+    assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference", "nope", "--text", "x"]) == 2
+    assert "neither a gallery item id nor an image file" in capsys.readouterr().err
+    assert compir_main(["search", str(tiny_export), str(tiny_index), "--text", "x", "-k", "0"]) == 2
+
+
+def test_encode_split_for_export_agrees_with_the_retriever(tiny_export: Path, tiny_index: Path, synth_data: Path) -> None:
+    from compir.data.load import load_split
+    from compir.metrics import evaluate_split
+    from compir.runtime.retriever import Retriever
+
+    split = load_split(synth_data, split="val")
+    queries, gallery, names = encode_split_for_export(tiny_export, split, batch_size=32)
+    assert queries.shape == (len(split.queries), gallery.shape[1]) and gallery.shape[0] == len(names) == len(split.gallery)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-4)
+    retriever = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
+    query = split.queries[0]
+    single = retriever.encoder.compose(
+        retriever.gallery.features[retriever.gallery.row(query.reference)][None],
+        retriever.encoder.encode_texts([query.text]).text_features,
+    )
+    np.testing.assert_allclose(queries[0], single[0], atol=1e-5)
+    report = evaluate_split(split, query_embeds=queries, gallery_embeds=gallery, gallery_names=names)
+    assert report.n_queries == len(split.queries) and "R@1" in report.metrics

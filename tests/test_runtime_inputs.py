@@ -1,0 +1,189 @@
+"""Bad input to the runtime: each is a clear InputError / ContractError, never a crash, hang or
+wrong answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from compir.contracts import MANIFEST_FILE, sha256_file
+from compir.errors import ContractError, InputError
+from compir.manifest import load_manifest
+from compir.runtime.encoder import Encoder
+from compir.runtime.retriever import Retriever
+from compir.runtime.tokenizer import MAX_TEXT_CHARS
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_export: Path, tiny_index: Path) -> Retriever:
+    return Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb() -> bytes:
+    """A 40-byte-ish PNG whose header claims 100000 x 100000 pixels."""
+    data = bytearray(_png(Image.new("RGB", (8, 8))))
+    body = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])
+    data[16:29] = body
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + body) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+BAD_IMAGES = {
+    "corrupt": b"\x89PNG\r\n\x1a\nthis is not a png",
+    "truncated": _png(Image.effect_noise((64, 64), 50).convert("RGB"))[:200],
+    "zero-byte": b"",
+    "bomb": _bomb(),
+    "text-file": b"hello, I am not an image\n" * 10,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_images_are_input_errors(retriever: Retriever, name: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError):
+        retriever.search(reference=BAD_IMAGES[name], text="make it red")
+    path = tmp_path / f"{name}.png"
+    path.write_bytes(BAD_IMAGES[name])
+    with pytest.raises(InputError, match=name):
+        retriever.search(reference=path, text="make it red")
+    with pytest.raises(InputError):
+        retriever.add_items({"bad": BAD_IMAGES[name]})
+    assert "bad" not in retriever.item_ids()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "I;16", "CMYK", "P", "RGBA", "1"])
+def test_odd_image_modes_are_searchable(retriever: Retriever, mode: str) -> None:
+    image = Image.effect_noise((40, 30), 60).convert(mode if mode != "I;16" else "I").convert(mode) if mode != "CMYK" else Image.new("CMYK", (40, 30), (10, 200, 30, 0))
+    hits = retriever.search(reference=image, text="make it red", k=3)
+    assert len(hits) == 3 and all(np.isfinite(h.score) for h in hits)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t", "\u3000\u00a0"])
+def test_blank_text_is_refused(retriever: Retriever, text: str) -> None:
+    item = retriever.item_ids()[0]
+    for reference in (item, None):
+        with pytest.raises(InputError, match="empty"):
+            retriever.search(reference=reference, text=text)
+
+
+def test_long_text_is_truncated_and_huge_text_refused(retriever: Retriever) -> None:
+    context = retriever.encoder.tokenizer.context_length
+    long_text = "make it red " * context  # far more tokens than the context
+    assert retriever.search(reference=None, text=long_text, k=2) == retriever.search(
+        reference=None, text="make it red " * (context + 5), k=2
+    )
+    with pytest.raises(InputError, match="limit"):
+        retriever.search(reference=None, text="a" * (MAX_TEXT_CHARS + 1))
+    with pytest.raises(InputError, match="string"):
+        retriever.search(reference=None, text=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3", None])
+def test_bad_k_is_refused(retriever: Retriever, k: object) -> None:
+    with pytest.raises(InputError, match="k must be"):
+        retriever.search(reference=None, text="red", k=k)  # type: ignore[arg-type]
+
+
+def test_k_larger_than_the_gallery_is_clamped(retriever: Retriever) -> None:
+    count = len(retriever)
+    assert len(retriever.search(reference=None, text="red", k=count + 100)) == count
+    item = retriever.item_ids()[0]
+    assert len(retriever.search(reference=item, text="red", k=10**6)) == count - 1
+    assert len(retriever.search(reference=None, text="red", k=np.int64(3))) == 3
+
+
+def test_unknown_item_ids(retriever: Retriever) -> None:
+    with pytest.raises(InputError, match="neither a gallery item id nor an image file"):
+        retriever.search(reference="no-such-item", text="red")
+    with pytest.raises(InputError, match="unknown item id"):
+        retriever.item_image_path("no-such-item")
+    with pytest.raises(InputError, match="unknown item id"):
+        retriever.remove_items(["no-such-item"])
+    with pytest.raises(InputError, match="item id"):
+        retriever.add_items({"": Image.new("RGB", (8, 8))})
+    with pytest.raises(InputError, match="reference must be"):
+        retriever.search(reference=42, text="red")  # type: ignore[arg-type]
+
+
+def _copy_export(tiny_export: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "export"
+    shutil.copytree(tiny_export, target)
+    return target
+
+
+def _edit_manifest(export_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = export_dir / MANIFEST_FILE
+    record = json.loads(path.read_text())
+    edit(record["variants"][record.get("default_variant", "fp32")]["graphs"])
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("lie", "message"),
+    [
+        ("rename-output", "image_encoder graph .* declares output 'image_embedz'"),
+        ("wrong-dim", "text_encoder graph .* input 'input_ids': axis 1"),
+        ("wrong-dtype", "composer graph .* input 'text_features': the manifest says int64"),
+        ("fixed-batch", "pixel_values': axis 0 is fixed to 4 in the manifest but dynamic in the graph"),
+    ],
+)
+def test_manifest_that_lies_about_its_graphs_is_refused(tiny_export: Path, tmp_path: Path, lie: str, message: str) -> None:
+    export_dir = _copy_export(tiny_export, tmp_path)
+
+    def edit(graphs: dict) -> None:  # type: ignore[type-arg]
+        if lie == "rename-output":
+            graphs["image_encoder"]["outputs"][0]["name"] = "image_embedz"
+        elif lie == "wrong-dim":
+            graphs["text_encoder"]["inputs"][0]["shape"][1] += 1
+        elif lie == "wrong-dtype":
+            graphs["composer"]["inputs"][1]["dtype"] = "int64"
+        else:
+            graphs["image_encoder"]["inputs"][0]["shape"][0] = 4
+
+    _edit_manifest(export_dir, edit)
+    with pytest.raises(ContractError, match=message):
+        Encoder.from_export(export_dir, providers=["cpu"])
+
+
+def test_index_of_another_export_and_damaged_graph(tiny_export: Path, tiny_index: Path, tmp_path: Path) -> None:
+    export_dir = _copy_export(tiny_export, tmp_path)
+    _edit_manifest(export_dir, lambda graphs: None)  # same content, new bytes: a different export
+    with pytest.raises(ContractError, match="built with another encoder"):
+        Retriever.from_dirs(export_dir, tiny_index, providers=["cpu"])
+    graph = export_dir / load_manifest(export_dir, verify_files=False).graph("composer").file
+    graph.write_bytes(graph.read_bytes()[:-10])
+    with pytest.raises(ContractError, match="damaged"):
+        Encoder.from_export(export_dir)
+
+
+def test_damaged_index_is_refused_by_the_retriever(tiny_export: Path, tiny_index: Path, tmp_path: Path) -> None:
+    index_dir = tmp_path / "index"
+    shutil.copytree(tiny_index, index_dir)
+    record = json.loads((index_dir / "index.json").read_text())
+    vectors = index_dir / record["files"]["vectors"]["file"]
+    vectors.write_bytes(vectors.read_bytes()[: vectors.stat().st_size // 2])
+    assert sha256_file(vectors) != record["files"]["vectors"]["sha256"]
+    with pytest.raises(ContractError, match="index vectors file"):
+        Retriever.from_dirs(tiny_export, index_dir, providers=["cpu"])
+    with pytest.raises(ContractError, match="does not exist"):
+        Retriever.from_dirs(tiny_export, tmp_path / "missing", providers=["cpu"])
+
+
+def test_unknown_backend_and_provider(tiny_export: Path) -> None:
+    with pytest.raises(InputError, match="unknown backend"):
+        Encoder.from_export(tiny_export, backend="tpu")
+    with pytest.raises(ContractError, match="none of the providers"):
+        Encoder.from_export(tiny_export, providers=["NoSuchExecutionProvider"])
