@@ -1,0 +1,81 @@
+"""Export-time checks that each ONNX graph computes what the torch model computes.
+
+fp32 graphs must match torch within an absolute tolerance on real inputs, at batch size 1 and at
+a larger batch (a graph traced with a baked-in batch size passes one and fails the other).
+Reduced-precision variants are compared to the fp32 graph by the cosine of their embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from compir.errors import ContractError
+from compir.export.graphs import GraphDef, run_torch, select_batch
+
+FP32_TOLERANCE = 1e-4
+
+
+def open_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session (``threads=0``: onnxruntime's default)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ContractError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [out.name for out in session.get_outputs()]
+    wanted = {inp.name for inp in session.get_inputs()}
+    values = session.run(names, {name: array for name, array in feeds.items() if name in wanted})
+    return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values)}
+
+
+def check_fp32_parity(
+    defn: GraphDef,
+    *,
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    tolerance: float = FP32_TOLERANCE,
+) -> float:
+    """Max abs difference between onnxruntime and torch over every output, at batch 1 and batch N.
+
+    Raises ContractError naming the graph, the output and the figure when it exceeds ``tolerance``.
+    """
+    batch = len(next(iter(feeds.values())))
+    if batch < 2:
+        raise ContractError(f"parity check of {defn.role} needs at least 2 samples, got {batch}")
+    session = open_session(path)
+    worst = 0.0
+    for subset in ([0], list(range(batch))):
+        sample = select_batch(feeds, subset)
+        expected = run_torch(defn, sample)
+        actual = run_session(session, sample)
+        for name in defn.output_names:
+            if actual[name].shape != expected[name].shape:
+                raise ContractError(
+                    f"parity: {defn.role} output {name!r} has shape {actual[name].shape} in onnxruntime and "
+                    f"{expected[name].shape} in torch (batch {len(subset)}); the export is wrong"
+                )
+            diff = float(np.max(np.abs(actual[name] - expected[name]))) if actual[name].size else 0.0
+            if not np.isfinite(diff) or diff > tolerance:
+                raise ContractError(
+                    f"parity: {defn.role} output {name!r} differs from torch by max abs {diff:.3g} at batch "
+                    f"{len(subset)} (tolerance {tolerance:g}); the ONNX graph does not compute what the model does"
+                )
+            worst = max(worst, diff)
+    return worst
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine of two (N, D) arrays (1.0 means the same directions)."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))

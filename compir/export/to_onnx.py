@@ -1,0 +1,208 @@
+"""``export_onnx``: a checkpoint -> a self-contained export folder.
+
+Layout (see :mod:`compir.manifest`)::
+
+    manifest.json            graphs, I/O contracts, preprocessing, tokenizer, parity, accuracy
+    vocab.bpe.txt.gz         the tokenizer's BPE vocabulary (copied, checksummed)
+    <variant>/<role>.onnx    fp32 / fp16 / int8-dynamic / int8-static graphs
+
+The folder is written to a temporary sibling and renamed at the end, so a failing parity check
+(or any other error) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from compir import __version__
+from compir.contracts import atomic_output_dir, sha256_file
+from compir.data.types import CirSplit
+from compir.errors import ContractError
+from compir.export.graphs import GRAPH_ORDER, GraphDef, export_graph, graph_defs, graph_inputs, read_io, run_torch, select_batch
+from compir.export.parity import FP32_TOLERANCE, check_fp32_parity, mean_cosine, open_session, run_session
+from compir.export.samples import Samples, load_samples
+from compir.export.variants import VARIANTS, convert_fp16, quantize_int8_dynamic, quantize_int8_static
+from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, TokenizerSpec, VariantSpec, load_manifest, save_manifest
+
+VOCAB_FILE = "vocab.bpe.txt.gz"
+PARITY_SAMPLES = 4  # parity runs at batch 1 and batch 4
+MIN_VARIANT_COSINE = 0.95  # below this a reduced-precision graph is broken, not merely lossy
+# The embedding each graph is judged by when comparing variants.
+_KEY_OUTPUT = {"image_encoder": "image_embeds", "text_encoder": "text_embeds", "composer": "query_embeds", "query_encoder": "query_embeds"}
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    *,
+    out_dir: str | Path,
+    variants: Sequence[str] = ("fp32",),
+    calibration_data: str | Path | None = None,
+    calibration_count: int = 32,
+    eval_data: str | Path | None = None,
+    eval_split: str = "test",
+    opset: int = 17,
+    tolerance: float = FP32_TOLERANCE,
+    overwrite: bool = False,
+) -> ExportManifest:
+    """Export a checkpoint's graphs to ONNX, check them against torch, write the manifest.
+
+    ``calibration_data``: a dataset root or an image folder whose images (and query texts) feed the
+    parity checks and static int8 calibration; rendered synthetic scenes when None.
+    ``eval_data``: a dataset root; each variant's recall on ``eval_split`` is recorded.
+    Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
+    broken variant; InputError-free: every input here is a file the user named.
+    """
+    from compir.train.checkpoint import load_checkpoint
+    from compir.train.text import vocab_path
+
+    chosen = _check_variants(variants)
+    if opset < 17:
+        raise ContractError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model.eval()
+    context_length = int(loaded.tokenizer["context_length"])
+    samples = load_samples(
+        preprocess=loaded.preprocess,
+        context_length=context_length,
+        data_dir=calibration_data,
+        count=max(calibration_count, PARITY_SAMPLES),
+    )
+    defs = graph_defs(model)
+    all_feeds = _feeds_per_graph(defs, samples)
+    parity_feeds = {role: select_batch(feeds, range(PARITY_SAMPLES)) for role, feeds in all_feeds.items()}
+    split = _eval_split(eval_data, eval_split) if eval_data is not None else None
+
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        vocab = vocab_path()
+        shutil.copyfile(vocab, tmp / VOCAB_FILE)
+        vocab_sha = sha256_file(tmp / VOCAB_FILE)
+        if loaded.tokenizer.get("vocab_sha256") not in (None, vocab_sha):
+            raise ContractError(
+                f"{checkpoint} was trained with another BPE vocabulary (sha256 {str(loaded.tokenizer['vocab_sha256'])[:12]}...) "
+                f"than this open_clip ships ({vocab_sha[:12]}...); export with the open_clip version it was trained with"
+            )
+        specs: dict[str, VariantSpec] = {}
+        paths: dict[str, dict[str, Path]] = {}
+        fp32_outputs: dict[str, dict[str, np.ndarray]] = {}
+        for name in tqdm(chosen, desc="export variants", unit="variant"):
+            paths[name] = {role: tmp / name / f"{role}.onnx" for role in GRAPH_ORDER}
+            if name == "fp32":
+                parity = _export_fp32(defs, paths[name], feeds=parity_feeds, opset=opset, tolerance=tolerance)
+                fp32_outputs = {role: run_session(open_session(path), parity_feeds[role]) for role, path in paths[name].items()}
+            else:
+                _convert(name, source=paths["fp32"], target=paths[name], calibration=all_feeds)
+                parity = _variant_parity(name, paths[name], feeds=parity_feeds, reference=fp32_outputs)
+            specs[name] = _variant_spec(name, paths[name], root=tmp, parity=parity)
+        if split is not None:
+            from compir.export.accuracy import measure_accuracy
+
+            figures = measure_accuracy(paths, split=split, preprocess=loaded.preprocess, context_length=context_length)
+            specs = {name: VariantSpec(name=name, graphs=s.graphs, parity=s.parity, accuracy=figures[name]) for name, s in specs.items()}
+        embed_dim = specs["fp32"].graph(IMAGE_ENCODER).output("image_embeds").shape[-1]
+        manifest = ExportManifest(
+            model_config=loaded.config.to_dict(),
+            head=loaded.config.head,
+            embed_dim=int(embed_dim),
+            metric="cos",
+            preprocess=loaded.preprocess,
+            tokenizer=TokenizerSpec(
+                kind=str(loaded.tokenizer["kind"]),
+                vocab_file=VOCAB_FILE,
+                vocab_sha256=vocab_sha,
+                context_length=context_length,
+                sot_id=int(loaded.tokenizer["sot_id"]),
+                eot_id=int(loaded.tokenizer["eot_id"]),
+                pad_id=int(loaded.tokenizer["pad_id"]),
+                clean=str(loaded.tokenizer.get("clean", "lower")),
+            ),
+            variants=specs,
+            default_variant="fp32",
+            source_checkpoint_sha256=loaded.sha256,
+            opset=opset,
+            compir_version=__version__,
+        )
+        save_manifest(tmp, manifest)
+        load_manifest(tmp)  # the folder must read back (checksums, required graphs) before it is published
+    return manifest
+
+
+def _check_variants(variants: Sequence[str]) -> list[str]:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ContractError(f"unknown export variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    # fp32 is the reference every other variant is derived from and compared to.
+    return ["fp32", *[v for v in VARIANTS if v in variants and v != "fp32"]]
+
+
+def _feeds_per_graph(defs: list[GraphDef], samples: Samples) -> dict[str, dict[str, np.ndarray]]:
+    """Real feeds for every graph: composer inputs are the encoders' features of the samples."""
+    by_role = {d.role: d for d in defs}
+    features = {
+        "image_features": run_torch(by_role[IMAGE_ENCODER], {"pixel_values": samples.pixel_values})["image_features"],
+        "text_features": run_torch(by_role[TEXT_ENCODER], {"input_ids": samples.input_ids})["text_features"],
+    }
+    return {
+        d.role: graph_inputs(d.role, pixel_values=samples.pixel_values, input_ids=samples.input_ids, features=features)
+        for d in defs
+    }
+
+
+def _export_fp32(
+    defs: list[GraphDef], paths: dict[str, Path], *, feeds: dict[str, dict[str, np.ndarray]], opset: int, tolerance: float
+) -> dict[str, float]:
+    parity: dict[str, float] = {}
+    for defn in defs:
+        export_graph(defn, feeds=feeds[defn.role], path=paths[defn.role], opset=opset)
+        parity[defn.role] = check_fp32_parity(defn, path=paths[defn.role], feeds=feeds[defn.role], tolerance=tolerance)
+    return parity
+
+
+def _convert(name: str, *, source: dict[str, Path], target: dict[str, Path], calibration: dict[str, dict[str, np.ndarray]]) -> None:
+    for role in GRAPH_ORDER:
+        if name == "fp16":
+            convert_fp16(source[role], target[role])
+        elif name == "int8-dynamic":
+            quantize_int8_dynamic(source[role], target[role])
+        else:
+            quantize_int8_static(source[role], target[role], calibration=_batches(calibration[role], size=8))
+
+
+def _batches(feeds: dict[str, np.ndarray], *, size: int) -> list[dict[str, np.ndarray]]:
+    count = len(next(iter(feeds.values())))
+    return [select_batch(feeds, range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
+def _variant_parity(
+    name: str, paths: dict[str, Path], *, feeds: dict[str, dict[str, np.ndarray]], reference: dict[str, dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Cosine of each graph's key embedding to fp32 on the parity samples; broken graphs fail."""
+    parity: dict[str, float] = {}
+    for role, path in paths.items():
+        key = _KEY_OUTPUT[role]
+        cosine = mean_cosine(run_session(open_session(path), feeds[role])[key], reference[role][key])
+        if not np.isfinite(cosine) or cosine < MIN_VARIANT_COSINE:
+            raise ContractError(
+                f"variant {name}: {role} {key} has mean cosine {cosine:.4f} to fp32 (minimum {MIN_VARIANT_COSINE}); "
+                f"this variant is broken for this model, leave it out of --variants"
+            )
+        parity[role] = cosine
+    return parity
+
+
+def _variant_spec(name: str, paths: dict[str, Path], *, root: Path, parity: dict[str, float]) -> VariantSpec:
+    graphs = {}
+    for role, path in paths.items():
+        inputs, outputs = read_io(path)
+        graphs[role] = GraphSpec(role=role, file=path.relative_to(root).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs)
+    return VariantSpec(name=name, graphs=graphs, parity=parity)
+
+
+def _eval_split(root: str | Path, split: str) -> CirSplit:
+    from compir.data.load import load_split
+
+    return load_split(root, split=split)
