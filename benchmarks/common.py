@@ -1,0 +1,183 @@
+"""Shared pieces of compir's benchmarks: the result type, timing, tables, plots, machine info.
+
+A benchmark module ``benchmarks/bench_<name>.py`` exposes ``NAME: str``, ``DESCRIPTION: str`` and
+``run(*, out_dir: Path, quick: bool) -> BenchResult``; :mod:`benchmarks.runner` finds it, runs
+it and writes ``<name>.json``, its PNGs and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+KEY_PACKAGES = ("numpy", "pillow", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "usearch", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one benchmark measured: JSON-able ``figures``, a markdown ``table``, PNG ``plots``."""
+
+    name: str
+    figures: dict[str, Any]
+    table: str
+    plots: Sequence[Path] = field(default_factory=tuple)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of repeated runs; ``median_s`` is what benchmarks report."""
+
+    runs_s: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+    def rate(self, items: int) -> float:
+        """Items per second at the median run."""
+        return items / self.median_s if self.median_s > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median_s, "runs_s": list(self.runs_s)}
+
+
+def time_runs(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls (caches, lazy imports)."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return Timing(tuple(runs))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats get 2 decimals (3 significant digits below 1)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1 else f"{value:,.2f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One grouped bar chart: ``series`` maps a series label to {category: value}."""
+
+    title: str
+    series: Mapping[str, Mapping[str, float]]
+    ylabel: str
+    log_scale: bool = False
+    reference_line: float | None = None  # e.g. chance level, drawn dashed
+    reference_label: str = ""
+
+
+def bar_chart(path: Path, *, panels: Sequence[Panel]) -> Path:
+    """One PNG with a grouped bar chart per panel (bars of one category side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines and servers
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        categories = list(dict.fromkeys(c for values in panel.series.values() for c in values))
+        width = 0.8 / max(len(panel.series), 1)
+        for offset, (label, values) in enumerate(panel.series.items()):
+            xs = [i + (offset - (len(panel.series) - 1) / 2) * width for i in range(len(categories))]
+            axis.bar(xs, [values.get(c, 0.0) for c in categories], width=width, label=label)
+        if panel.reference_line is not None:
+            axis.axhline(panel.reference_line, color="black", linestyle="--", linewidth=1, label=panel.reference_label or None)
+        axis.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+        axis.set_title(panel.title)
+        axis.set_ylabel(panel.ylabel)
+        if panel.log_scale:
+            axis.set_yscale("log")
+        if len(panel.series) > 1 or panel.reference_label:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _run_checked(command: Sequence[str]) -> str | None:
+    """stdout of ``command``, or None if it is absent or fails (its return code is checked)."""
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        result = subprocess.run(list(command), capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, OS, Python, key package versions and GPUs (via nvidia-smi)."""
+    packages = {}
+    for package in KEY_PACKAGES:
+        try:
+            packages[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    gpus = _run_checked(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = _ram_gib()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "ram_gib": round(ram, 1) if ram is not None else None,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "packages": packages,
+        "gpus": gpus.splitlines() if gpus else [],
+    }
+
+
+def format_machine(info: Mapping[str, Any]) -> str:
+    """Markdown bullet list of :func:`machine_info`."""
+    packages = ", ".join(f"{name} {version}" for name, version in info.get("packages", {}).items())
+    lines = [
+        f"- CPU: {info.get('cpu')} ({info.get('cores')} cores, {info.get('cores_usable')} usable)",
+        f"- RAM: {info.get('ram_gib')} GiB",
+        f"- OS: {info.get('os')}; Python {info.get('python')}",
+        f"- packages: {packages or 'n/a'}",
+        f"- GPU: {'; '.join(info.get('gpus') or []) or 'none detected (nvidia-smi absent or failed)'}",
+    ]
+    return "\n".join(lines)
