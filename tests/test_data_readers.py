@@ -128,7 +128,23 @@ def test_missing_and_corrupt_images_are_all_reported(tmp_path):
     assert "corrupt" in problems[1].problem or "not a readable image" in problems[1].problem
     with pytest.raises(DatasetError, match=f"2 bad image.*{NAMES[3]}.png.*{NAMES[4]}.png"):
         raise_image_problems(problems, split=split)
+    with pytest.raises(DatasetError, match=f"2 bad image.*{NAMES[3]}.png.*{NAMES[4]}.png"):
+        load_split(tmp_path, split="val", check=True)
     # the first image itself missing: the loader says where it looked
     split.image_path(NAMES[0]).unlink()
     with pytest.raises(DatasetError, match="images of .* not found; looked for the first one"):
         load_split(tmp_path, split="val")
+
+
+def test_data_and_metrics_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import compir.data.load, compir.data.cli, compir.data.submission, compir.data.baselines, compir.metrics\n"
+        "bad = [m for m in ('torch', 'open_clip', 'gradio', 'onnx', 'matplotlib') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr

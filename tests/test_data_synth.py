@@ -132,6 +132,9 @@ def test_a_tampered_dataset_fails_loudly(tmp_path, capsys):
     with pytest.raises(ContractError, match="not empty"):
         data_main(["synth", "--out", str(root), "--n-train", "20"])
     assert data_main(["check", str(root), "--split", "test"]) == 0
+    assert data_main(["info", str(root), "--split", "val"]) == 0
+    info = capsys.readouterr().out
+    assert "val: protocol synthetic, 8 queries" in info and "kind:" in info and "unseen:" in info
     captions = root / "captions" / "cap.rc2.test.json"
     captions.write_text(captions.read_text(encoding="utf-8") + " ", encoding="utf-8")
     with pytest.raises(DatasetError, match="cap.rc2.test.json does not match its sha256"):

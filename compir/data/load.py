@@ -15,6 +15,7 @@ from pathlib import Path
 
 from compir.data.cirr import cirr_annotation_root, read_cirr
 from compir.data.fashioniq import is_fashioniq, read_fashioniq
+from compir.data.files import check_images, raise_image_problems
 from compir.data.shoes import is_shoes, read_shoes
 from compir.data.synthetic import is_synthetic, read_synthetic
 from compir.data.types import CirSplit
@@ -42,21 +43,20 @@ def detect_format(root: str | Path) -> str:
     )
 
 
-def load_split(root: str | Path, *, split: str, fmt: str = "auto") -> CirSplit:
+def load_split(root: str | Path, *, split: str, fmt: str = "auto", check: bool = False) -> CirSplit:
     """Read one split of a dataset into a :class:`~compir.data.types.CirSplit`.
 
     ``split`` uses the dataset's own names (CIRR: train / val / test1, FashionIQ: train / val /
     test, optionally one category as ``dress.val``; Shoes: train / test; synthetic: train / val /
-    test). Images are not opened; call :func:`compir.data.files.check_images` to validate them.
+    test). Images are not opened unless ``check`` is True: then every image is decoded and one
+    DatasetError lists every missing or corrupt file (see :func:`compir.data.files.check_images`).
     """
     if fmt not in FORMATS:
         raise DatasetError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
     root = Path(root)
     chosen = detect_format(root) if fmt == "auto" else fmt
-    if chosen == "synthetic":
-        return read_synthetic(root, split=split)
-    if chosen == "cirr":
-        return read_cirr(root, split=split)
-    if chosen == "fashioniq":
-        return read_fashioniq(root, split=split)
-    return read_shoes(root, split=split)
+    readers = {"synthetic": read_synthetic, "cirr": read_cirr, "fashioniq": read_fashioniq, "shoes": read_shoes}
+    loaded = readers[chosen](root, split=split)
+    if check:
+        raise_image_problems(check_images(loaded), split=loaded)
+    return loaded

@@ -84,7 +84,7 @@ class Scene:
         if len(self.cells) != N_CELLS:
             raise ValueError(f"a scene has {N_CELLS} cells, got {len(self.cells)}")
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Canonical name, e.g. ``x-c0S-x-x-t3L-x-x-x-x`` (shape letter, colour index, size letter)."""
         return "-".join(_EMPTY if obj is None else _object_code(obj) for obj in self.cells)
@@ -156,7 +156,7 @@ def sample_scene(
     """A scene of 1..max_objects objects in distinct cells, none with an excluded (shape, colour)."""
     pool = _objects_without(frozenset(excluded_pairs))
     count = int(rng.integers(1, max_objects + 1))
-    cells = rng.choice(N_CELLS, size=count, replace=False)
+    cells = rng.permutation(N_CELLS)[:count]
     chosen: list[SceneObject | None] = [None] * N_CELLS
     for cell in cells:
         chosen[int(cell)] = pool[int(rng.integers(len(pool)))]

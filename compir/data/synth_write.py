@@ -3,7 +3,8 @@
 Layout under the output folder::
 
     dataset.json                         format "compir.synthetic": seed, config, counts, sha256s
-    captions/cap.rc2.<split>.json        CIRR records + "kind" and "unseen"
+    captions/cap.rc2.<split>.json        CIRR records + "kind" (add / remove / change / move),
+                                         "attribute" (colour / size / shape for change) and "unseen"
     captions/scene.<split>.json          image name -> [scene description] (text -> image retrieval)
     image_splits/split.rc2.<split>.json  image name -> "./images/<name>.png"
     images/<name>.png                    one image per distinct scene (the name is the scene key)
