@@ -9,7 +9,7 @@ I/O contract the manifest records is then read back from the ONNX file: one sour
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,44 +36,17 @@ _ONNX_DTYPES: dict[int, str] = {
 }
 
 
-class _ImageEncoder(nn.Module):
-    def __init__(self, model: Any) -> None:
+class _Method(nn.Module):
+    """One traceable method of the model as a module (what torch.onnx.export traces)."""
+
+    def __init__(self, model: Any, method: str) -> None:
         super().__init__()
         self.model = model
+        self.method = method
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model.encode_image(pixel_values))
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model.encode_text(input_ids))
-
-
-class _Composer(nn.Module):
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        return self.model.compose(image_features, text_features)
-
-
-class _QueryEncoder(nn.Module):
-    """Image encoder, text encoder and composer in one graph: one session call per composed query."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        image_features = self.model.encode_image(pixel_values)[1]
-        text_features = self.model.encode_text(input_ids)[1]
-        return self.model.compose(image_features, text_features)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        result = getattr(self.model, self.method)(*inputs)
+        return tuple(result) if isinstance(result, (tuple, list)) else result
 
 
 @dataclass(frozen=True)
@@ -86,11 +59,13 @@ class GraphDef:
     output_names: tuple[str, ...]
 
 
-_WRAPPERS: tuple[tuple[str, Callable[[Any], nn.Module], tuple[str, ...], tuple[str, ...]], ...] = (
-    (IMAGE_ENCODER, _ImageEncoder, ("pixel_values",), ("image_embeds", "image_features", "patch_features")),
-    (TEXT_ENCODER, _TextEncoder, ("input_ids",), ("text_embeds", "text_features", "token_features")),
-    (COMPOSER, _Composer, ("image_features", "text_features"), ("query_embeds",)),
-    (QUERY_ENCODER, _QueryEncoder, ("pixel_values", "input_ids"), ("query_embeds",)),
+# role, CIRModel method, input names, output names (the fixed vocabulary of the manifest).
+# query_encoder fuses image encoder, text encoder and composer: one session call per query.
+_WRAPPERS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (IMAGE_ENCODER, "encode_image", ("pixel_values",), ("image_embeds", "image_features", "patch_features")),
+    (TEXT_ENCODER, "encode_text", ("input_ids",), ("text_embeds", "text_features", "token_features")),
+    (COMPOSER, "compose", ("image_features", "text_features"), ("query_embeds",)),
+    (QUERY_ENCODER, "encode_query", ("pixel_values", "input_ids"), ("query_embeds",)),
 )
 GRAPH_ORDER = tuple(role for role, *_ in _WRAPPERS)
 
@@ -99,8 +74,8 @@ def graph_defs(model: Any) -> list[GraphDef]:
     """The four graphs of a CIR model (in :data:`GRAPH_ORDER`), each wrapping the model in eval mode."""
     model.eval()
     return [
-        GraphDef(role=role, module=wrapper(model).eval(), input_names=inputs, output_names=outputs)
-        for role, wrapper, inputs, outputs in _WRAPPERS
+        GraphDef(role=role, module=_Method(model, method).eval(), input_names=inputs, output_names=outputs)
+        for role, method, inputs, outputs in _WRAPPERS
     ]
 
 

@@ -1,0 +1,107 @@
+"""``compir export``: ONNX graphs + manifest from a checkpoint; TensorRT engines from an export."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+EPILOG = """examples:
+  compir export onnx runs/tiny/best.pt --out exports/tiny
+  compir export onnx runs/tiny/best.pt --out exports/tiny --variants fp32,int8-static \\
+      --calibration-data data/synth --eval-data data/synth --overwrite
+  compir export engine exports/tiny --precision fp16 --opt-batch 8 --max-batch 64 --timing-cache trt.cache
+  compir export engine exports/tiny --precision int8 --calibration-data data/synth   (on the Jetson itself)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compir export",
+        description="Export a checkpoint to ONNX (checked against torch), or build TensorRT engines from an export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    onnx = commands.add_parser("onnx", help="ONNX graphs, variants and manifest.json", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    onnx.add_argument("checkpoint", type=Path, help="a compir checkpoint (compir train's best.pt)")
+    onnx.add_argument("--out", type=Path, required=True, help="export folder to create")
+    onnx.add_argument("--variants", default="fp32,fp16,int8-dynamic,int8-static", help="comma-separated: fp32,fp16,int8-dynamic,int8-static (default: all)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
+    onnx.add_argument("--calibration-data", type=Path, default=None, help="dataset root or image folder for parity and int8 calibration (default: rendered scenes)")
+    onnx.add_argument("--calibration-count", type=int, default=64, help="calibration images / texts (default 64)")
+    onnx.add_argument("--eval-data", type=Path, default=None, help="dataset root: record each variant's recall and its drop vs fp32")
+    onnx.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
+    onnx.add_argument("--tolerance", type=float, default=1e-4, help="fp32 parity: max abs difference to torch (default 1e-4)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+
+    engine = commands.add_parser("engine", help="TensorRT engines + engines.json (run on the serving GPU)", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine.add_argument("export_dir", type=Path, help="an export folder (compir export onnx)")
+    engine.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    engine.add_argument("--variant", default=None, help="ONNX variant to parse (default fp32; int8-static for explicit int8)")
+    engine.add_argument("--min-batch", type=int, default=1)
+    engine.add_argument("--opt-batch", type=int, default=8)
+    engine.add_argument("--max-batch", type=int, default=64)
+    engine.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace memory pool (GiB)")
+    engine.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, loaded if present and saved after the build")
+    engine.add_argument("--calibration-data", type=Path, default=None, help="int8 from fp32: dataset root or image folder (default: rendered scenes)")
+    engine.add_argument("--out", type=Path, default=None, help="engine folder (default EXPORT_DIR/engines, where the runtime looks)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "onnx":
+        return _onnx(args)
+    return _engine(args)
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from compir.export.to_onnx import export_onnx
+
+    manifest = export_onnx(
+        args.checkpoint,
+        out_dir=args.out,
+        variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+        calibration_data=args.calibration_data,
+        calibration_count=args.calibration_count,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        opset=args.opset,
+        tolerance=args.tolerance,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out} (embed dim {manifest.embed_dim}, opset {manifest.opset})")
+    print("| variant | worst parity | R@10 | R@10 drop | query cos to fp32 |")
+    print("|---|---:|---:|---:|---:|")
+    for variant in manifest.variants.values():
+        worst = max(variant.parity.values()) if variant.name == "fp32" else min(variant.parity.values())
+        acc = variant.accuracy
+        cells = [_cell(acc, "R@10", "{:.2f}"), _cell(acc, "recall_at_10_drop", "{:+.2f}"), _cell(acc, "mean_cosine_to_fp32", "{:.5f}")]
+        print(f"| {variant.name} | {worst:.3g} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def _cell(figures: dict[str, float], key: str, fmt: str) -> str:
+    return fmt.format(figures[key]) if key in figures else "-"
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from compir.export.trt.engine_build import BuildOptions, build_engines, device_summary
+
+    variant = args.variant or "fp32"
+    options = BuildOptions(
+        precision=args.precision,
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        workspace_gb=args.workspace_gb,
+        timing_cache=args.timing_cache,
+    )
+    engines = build_engines(args.export_dir, options=options, variant=variant, calibration_data=args.calibration_data, out_dir=args.out)
+    first = next(iter(engines.engines.values()))
+    print(f"built {len(engines.engines)} {engines.precision} engine(s) from {variant} for {device_summary(first.device)}")
+    for record in engines.engines.values():
+        print(f"  {record.role}: {record.file} ({record.build_seconds:.1f} s)")
+    return 0

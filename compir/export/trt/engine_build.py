@@ -1,0 +1,201 @@
+"""Build TensorRT engines from an export folder with the ``tensorrt`` Python API (never trtexec).
+
+One engine per graph role, written with ``engines.json`` (:mod:`compir.engines`) into
+``<export>/engines/`` (the runtime's default), atomically. Engines only run where they were built:
+build them on the device that serves (a Jetson builds its own).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from compir.contracts import atomic_output_dir, atomic_write_bytes, sha256_bytes
+from compir.engines import PRECISIONS, DeviceInfo, EngineRecord, EngineSet, ShapeRange, detect_device, save_engines
+from compir.errors import ContractError
+from compir.export.trt.profiles import calibration_shapes, compute_profile
+from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
+
+DEFAULT_ENGINE_DIR = "engines"
+DEFAULT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER)
+CALIBRATION_BATCH = 8
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: precision, the batch range of the optimization profile, memory, caches."""
+
+    precision: str = "fp16"
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None  # loaded if present, saved after each build (speeds rebuilds)
+    calibration_batches: dict[str, list[dict[str, Any]]] | None = None  # role -> feeds, for int8 from fp32
+
+
+def build_engines(
+    export_dir: str | Path,
+    *,
+    options: BuildOptions,
+    variant: str = "fp32",
+    roles: Sequence[str] = DEFAULT_ROLES,
+    calibration_data: str | Path | None = None,
+    calibration_count: int = 64,
+    out_dir: str | Path | None = None,
+) -> EngineSet:
+    """Build one engine per role from ``variant``'s ONNX graphs; write them and ``engines.json``.
+
+    ``--precision int8`` from the fp32 graphs calibrates on ``calibration_data`` (gallery images
+    and query texts; rendered scenes when None); from the ``int8-static`` variant the graph's own
+    Q/DQ scales are used (TensorRT's explicit quantization, no calibrator).
+    """
+    if options.precision not in PRECISIONS:
+        raise ContractError(f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
+    _check_variant(variant, options.precision)
+    folder = Path(export_dir)
+    manifest = load_manifest(folder)
+    spec = manifest.variant(variant)
+    device = detect_device()
+    graphs = {role: folder / spec.graph(role).file for role in roles}
+    if options.precision == "int8" and variant != "int8-static" and options.calibration_batches is None:
+        options = _with_calibration(options, folder, manifest, roles, calibration_data, calibration_count)
+    target = Path(out_dir) if out_dir is not None else folder / DEFAULT_ENGINE_DIR
+    records: dict[str, EngineRecord] = {}
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        for role in tqdm(list(roles), desc=f"TensorRT {options.precision} engines", unit="engine"):
+            graph = spec.graph(role)
+            profile = compute_profile(graph, min_batch=options.min_batch, opt_batch=options.opt_batch, max_batch=options.max_batch)
+            started = time.perf_counter()
+            plan = build_engine(graphs[role], profile=profile, options=options, role=role)
+            atomic_write_bytes(tmp / f"{role}.plan", plan)
+            records[role] = EngineRecord(
+                role=role,
+                file=f"{role}.plan",
+                sha256=sha256_bytes(plan),
+                onnx_file=graph.file,
+                onnx_sha256=graph.sha256,
+                precision=options.precision,
+                profile=profile,
+                device=device,
+                build_seconds=round(time.perf_counter() - started, 2),
+            )
+        engines = EngineSet(manifest_sha256=manifest_sha256(folder), variant=variant, precision=options.precision, engines=records)
+        save_engines(tmp, engines)
+    return engines
+
+
+def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: BuildOptions, role: str = "") -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine; ContractError with every parser error."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it.
+    flags = 0 if _major(trt.__version__) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    parsed = parser.parse_from_file(str(onnx_path))
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if not parsed or errors:
+        listed = "; ".join(f"[{i}] {e}" for i, e in enumerate(errors)) or "no details reported"
+        raise ContractError(f"TensorRT cannot parse {onnx_path} ({len(errors)} error(s)): {listed}")
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(inputs) != sorted(profile):
+        raise ContractError(f"{onnx_path}: network inputs {inputs} differ from the manifest's {sorted(profile)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+    optimization = builder.create_optimization_profile()
+    for name, shape_range in profile.items():
+        optimization.set_shape(name, shape_range.min, shape_range.opt, shape_range.max)
+    config.add_optimization_profile(optimization)
+    _set_precision(trt, builder, config, profile, options, role)
+    cache = _load_timing_cache(config, options.timing_cache)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ContractError(f"TensorRT failed to build an engine from {onnx_path} at {options.precision} (see its log above)")
+    if options.timing_cache is not None:
+        atomic_write_bytes(options.timing_cache, bytes(cache.serialize()))
+    return bytes(serialized)
+
+
+def _set_precision(trt: Any, builder: Any, config: Any, profile: dict[str, ShapeRange], options: BuildOptions, role: str) -> None:
+    if options.precision == "fp32":
+        return
+    if not hasattr(trt.BuilderFlag, "FP16"):
+        raise ContractError(
+            f"this TensorRT ({trt.__version__}) has no precision builder flags (strongly typed networks only); "
+            f"build --precision fp32 from the fp16 or int8-static ONNX variant instead"
+        )
+    config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16, not fp32, where int8 has no kernel
+    if options.precision != "int8":
+        return
+    config.set_flag(trt.BuilderFlag.INT8)
+    if options.calibration_batches is None:
+        return  # explicit quantization: the graph's Q/DQ nodes carry the scales
+    from compir.export.trt.calibrator import make_calibrator
+
+    batches = options.calibration_batches[role]
+    shapes = calibration_shapes(profile, batch=len(next(iter(batches[0].values()))))
+    calibration_profile = builder.create_optimization_profile()
+    for name, shape in shapes.items():
+        calibration_profile.set_shape(name, shape, shape, shape)
+    config.set_calibration_profile(calibration_profile)
+    cache_file = options.timing_cache.with_name(f"{role}.int8-calibration.cache") if options.timing_cache else None
+    config.int8_calibrator = make_calibrator(batches, cache_file=cache_file)
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    # ignore_mismatch=False: a cache from another GPU or TensorRT is refused instead of misused.
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise ContractError(f"timing cache {path} does not match this GPU / TensorRT; delete it and rebuild")
+    return cache
+
+
+def _check_variant(variant: str, precision: str) -> None:
+    if variant == "int8-dynamic":
+        raise ContractError(
+            "TensorRT cannot build the int8-dynamic variant (onnxruntime's MatMulInteger / DynamicQuantizeLinear ops); "
+            "use --variant fp32 with --precision int8 (calibrated) or --variant int8-static"
+        )
+    if (variant == "int8-static") != (precision == "int8"):
+        raise ContractError(f"--variant int8-static and --precision int8 go together (got {variant} at {precision})")
+
+
+def _with_calibration(
+    options: BuildOptions, folder: Path, manifest: Any, roles: Sequence[str], calibration_data: str | Path | None, count: int
+) -> BuildOptions:
+    from dataclasses import replace
+
+    from compir.export.samples import load_samples
+    from compir.export.trt.calibrator import calibration_feeds, split_batches
+
+    samples = load_samples(
+        preprocess=manifest.preprocess,
+        context_length=manifest.tokenizer.context_length,
+        data_dir=calibration_data,
+        count=count,
+    )
+    fp32 = {role: folder / graph.file for role, graph in manifest.variant("fp32").graphs.items()}
+    feeds = calibration_feeds(fp32, samples, roles=roles)
+    return replace(options, calibration_batches={role: split_batches(feeds[role], batch=CALIBRATION_BATCH) for role in roles})
+
+
+def device_summary(device: DeviceInfo) -> str:
+    return f"{device.gpu_name} (SM {device.compute_capability}), TensorRT {device.tensorrt_version}"
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
