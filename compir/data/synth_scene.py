@@ -48,13 +48,13 @@ _SUPERSAMPLE = 4  # sprites are drawn 4x larger and reduced, so edges are anti-a
 # Names of the cells (row-major); several phrasings each so a model must read, not match strings.
 CELL_NAMES: tuple[tuple[str, ...], ...] = (
     ("top left", "upper left"),
-    ("top middle", "top center", "top"),
+    ("top middle", "top center"),
     ("top right", "upper right"),
-    ("middle left", "left"),
+    ("middle left", "center left"),
     ("center", "middle"),
-    ("middle right", "right"),
+    ("middle right", "center right"),
     ("bottom left", "lower left"),
-    ("bottom middle", "bottom center", "bottom"),
+    ("bottom middle", "bottom center"),
     ("bottom right", "lower right"),
 )
 
