@@ -1,0 +1,177 @@
+"""The Gradio demo: the real app on 127.0.0.1, driven through gradio_client and headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from compir.data.load import load_split
+from compir.data.types import Query
+from compir.runtime.retriever import Retriever
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
+
+from compir.demo.launch import RunningDemo, launch_demo  # noqa: E402  (after the env var)
+
+K = 5
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_export: Path, tiny_index: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
+    index = tmp_path_factory.mktemp("demo") / "index"
+    shutil.copytree(tiny_index, index)  # the page adds images; the session fixture stays intact
+    running = launch_demo(tiny_export, index, port=_free_port(), examples_dir=synth_data, max_upload_bytes=256 * 1024)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def solved(demo: RunningDemo, synth_data: Path) -> tuple[Query, Path]:
+    """A test query whose target the runtime ranks in its top K when the reference is uploaded."""
+    split = load_split(synth_data, split="test")
+    for query in split.queries[:200]:
+        reference = split.image_path(query.reference)
+        hits = demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)
+        if set(query.targets) & {h.item_id for h in hits}:
+            return query, reference
+    pytest.fail(f"the tiny model ranks no target of the first 200 test queries in its top {K}")
+
+
+@pytest.fixture(scope="module")
+def client(demo: RunningDemo):
+    return gr_client.Client(demo.url, verbose=False)
+
+
+def test_search_through_the_api_shows_what_the_runtime_returns(demo, client, solved):
+    query, reference = solved
+    tiles, table, latency, status = client.predict(
+        gr_client.handle_file(str(reference)), "", query.text, K, False, False, api_name="/search")
+    expected = demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)
+    assert [row[1] for row in table["data"]] == [h.item_id for h in expected]
+    assert set(query.targets) & {row[1] for row in table["data"]}
+    assert len(tiles) == K and expected[0].item_id in tiles[0]["caption"]
+    assert "encode" in latency and "compose" in latency and "search" in latency and "total" in latency
+    assert f"{K} results (composed" in status
+
+
+def test_text_only_and_gallery_reference_through_the_api(demo, client, solved):
+    query, _ = solved
+    _, table, latency, status = client.predict(None, "", "a red circle", 3, False, True, api_name="/search")
+    assert [row[1] for row in table["data"]] == [h.item_id for h in demo.session.retriever.search(reference=None, text="a red circle", k=3)]
+    assert "text-only" in status and "compose —" in latency
+    _, table, _, _ = client.predict(None, query.reference, query.text, K, False, False, api_name="/search")
+    by_id = demo.session.retriever.search(reference=query.reference, text=query.text, k=K)
+    assert [row[1] for row in table["data"]] == [h.item_id for h in by_id]
+
+
+def test_bad_uploads_and_inputs_give_messages(client, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not an image")
+    *_, status = client.predict(gr_client.handle_file(str(not_image)), "", "make it red", K, False, False, api_name="/search")
+    assert "⚠️" in status and "not a readable image" in status
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + os.urandom(300 * 1024))
+    with pytest.raises(Exception, match="(?i)size|large"):
+        client.predict(gr_client.handle_file(str(big)), "", "make it red", K, False, False, api_name="/search")
+    *_, status = client.predict(None, "", "make it red", K, False, False, api_name="/search")
+    assert "choose a reference image" in status
+    *_, status = client.predict(None, "no-such-item", "make it red", K, False, False, api_name="/search")
+    assert "no-such-item" in status and "does not exist" in status
+    *_, status = client.predict(None, "", "   ", K, False, True, api_name="/search")
+    assert "text is empty" in status
+
+
+def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, tmp_path):
+    assert "Backend: onnxruntime · CPU" in client.predict(demo.session.backends[-1].label, api_name="/switch_backend")
+    before = len(demo.session.retriever)
+    sources = sorted((synth_data / "images").glob("*.png"))[:2]
+    files = []
+    for number, source in enumerate(sources):
+        files.append(tmp_path / f"page-added-{number}.png")
+        shutil.copy(source, files[-1])
+    outputs = client.predict([gr_client.handle_file(str(f)) for f in files], 0, api_name="/add_images")
+    assert "Added 2 image(s)" in outputs[0] and "page-added-0" in outputs[0]
+    reopened = Retriever.from_dirs(demo.session.export_dir, demo.session.index_dir, providers=["cpu"])
+    assert len(reopened) == before + 2 and {"page-added-0", "page-added-1"} <= set(reopened.item_ids())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    outputs = client.predict([gr_client.handle_file(str(bad))], 0, api_name="/add_images")
+    assert "⚠️" in outputs[-1] and len(demo.session.retriever) == before + 2
+
+
+def test_examples_come_from_the_synthetic_benchmark(demo, synth_data):
+    assert demo.examples, "the gallery is synthetic: examples expected"
+    texts = {q.text for split in ("train", "val", "test") for q in load_split(synth_data, split=split).queries}
+    assert all(example.text in texts for example in demo.examples)
+
+
+@pytest.mark.browser
+def test_the_page_in_chromium(demo, solved):
+    if not CHROMIUM.is_file():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is part of the dev extra")
+    query, reference = solved
+    expected = [h.item_id for h in demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(demo.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#search", timeout=60_000)
+            assert demo.examples[0].text in page.content()  # one-click examples are on the page
+
+            upload = page.locator("#reference-upload input[type=file]")
+            upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+            page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')",
+                                   timeout=30_000)
+            upload.set_input_files(str(reference))  # the refused file was cleared, so the input is back
+            page.locator("#modification textarea").fill(query.text)
+            k_box = page.locator("#k input[type=number]")
+            k_box.fill(str(K))
+            k_box.press("Tab")
+            page.locator("#search").click()
+            page.wait_for_function("document.querySelector('#latency').innerText.includes('total')", timeout=30_000)
+            table = page.locator("#results-table").inner_text()
+            positions = [table.find(item_id) for item_id in expected]
+            assert -1 not in positions and positions == sorted(positions), (expected, table)
+            assert set(query.targets) & {i for i in expected if i in table}
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+
+            page.locator("#gallery button.thumbnail-item").first.click()
+            page.wait_for_function("document.querySelector('#reference-id textarea').value.length > 0", timeout=30_000)
+            assert demo.session.contains(page.locator("#reference-id textarea").input_value())
+        finally:
+            browser.close()
+
+
+def test_demo_imports_no_model_code_and_its_cli_has_help():
+    code = (
+        "import sys, compir.demo.app, compir.demo.launch\n"
+        "bad = [m for m in ('torch', 'open_clip', 'onnx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "from compir.cli import main\n"
+        "main(['demo', '--help'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "compir demo exports/tiny indexes/tiny" in result.stdout and "--share" in result.stdout
