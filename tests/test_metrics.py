@@ -7,7 +7,7 @@ import pytest
 
 from compir.data.types import CirSplit, Query
 from compir.errors import DatasetError, InputError
-from compir.metrics import evaluate_split, top_k
+from compir.metrics import evaluate_split, target_ranks, top_k
 
 GALLERY = ["a", "b", "c", "d", "e"]
 
@@ -137,3 +137,38 @@ def test_bad_inputs_are_refused_with_a_clear_error():
     hidden = split_of([Query("0", "a", "t")])
     with pytest.raises(DatasetError, match="submission"):
         evaluate(hidden, [[1, 0, 0, 0, 0]])
+
+
+def brute_force_rank(scores: list[float], target: int, reference: int | None) -> int:
+    # sort candidates by score descending, the target after every item it ties with
+    candidates = [i for i in range(len(scores)) if i != reference or i == target]
+    order = sorted(candidates, key=lambda i: (-scores[i], i == target))
+    return order.index(target) + 1
+
+
+def test_ranks_match_a_brute_force_sort_with_ties_against_the_target():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(st.integers(min_value=0, max_value=3), min_size=3, max_size=9),
+        st.data(),
+    )
+    def check(levels, data):
+        n = len(levels)
+        target = data.draw(st.integers(0, n - 1))
+        reference = data.draw(st.integers(0, n - 1).filter(lambda r: r != target))
+        names = [f"g{i}" for i in range(n)]
+        # scores 0.1 .. 0.4 against a one-hot gallery: many exact ties by construction
+        row = [0.1 + 0.1 * level for level in levels]
+        query = [Query("0", names[reference], "t", targets=(names[target],))]
+        index = {name: i for i, name in enumerate(names)}
+        for remove, ref in ((True, reference), (False, None)):
+            ranks = target_ranks(query, queries_scoring([row]), one_hot_gallery(n), index, remove_reference=remove)
+            assert ranks.tolist() == [brute_force_rank(row, target, ref)]
+        # and through the public entry point
+        report = evaluate(split_of(query, gallery=names), [row], names)
+        assert report.metrics["R@1"] == (100.0 if brute_force_rank(row, target, reference) == 1 else 0.0)
+
+    check()
