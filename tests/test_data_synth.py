@@ -11,7 +11,7 @@ import pytest
 from compir.data.baselines import image_only_pixel_report
 from compir.data.cli import main as data_main
 from compir.data.load import detect_format, load_split
-from compir.data.synth import SynthConfig, sample_train_query
+from compir.data.synth import SynthConfig, sample_train_batch, sample_train_query
 from compir.data.synth_edits import TEMPLATES
 from compir.data.synth_scene import Scene, SceneObject, parse_scene_key, render_scene, render_scene_array, scene_caption
 from compir.data.synth_write import write_synthetic
@@ -139,3 +139,14 @@ def test_a_tampered_dataset_fails_loudly(tmp_path, capsys):
     captions.write_text(captions.read_text(encoding="utf-8") + " ", encoding="utf-8")
     with pytest.raises(DatasetError, match="cap.rc2.test.json does not match its sha256"):
         load_split(root, split="test")
+
+
+def test_train_batches_are_rendered_in_memory_and_reproducible():
+    config = SynthConfig(image_size=48)
+    batch = sample_train_batch(np.random.default_rng(5), batch_size=32, config=config)
+    assert batch.reference_pixels.shape == batch.target_pixels.shape == (32, 48, 48, 3)
+    assert batch.reference_pixels.dtype == np.uint8 and len(batch.texts) == len(batch.target_names) == 32
+    for pixels, name in zip(batch.target_pixels, batch.target_names):
+        assert np.array_equal(pixels, render_scene_array(parse_scene_key(name), size=48))
+    again = sample_train_batch(np.random.default_rng(5), batch_size=32, config=config)
+    assert again.texts == batch.texts and np.array_equal(again.target_pixels, batch.target_pixels)

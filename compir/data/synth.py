@@ -6,6 +6,9 @@ Public API (torch-free):
 - :class:`SynthQuery`: (reference scene, modification text, target scene, kind, unseen)
 - :func:`sample_train_query` ``(rng, *, config=SynthConfig()) -> SynthQuery``: a fresh TRAIN query
   for on-the-fly training; it never yields a held-out combination (in the reference or the target)
+- :func:`sample_train_batch` ``(rng, *, batch_size, config=SynthConfig()) -> TrainBatch``: rendered
+  pixels (B, S, S, 3) uint8 of references and targets, the texts, and the target names (equal
+  names = identical scenes, to mask in-batch false negatives)
 - :func:`plan_split` ``(rng, *, n_queries, split, config, taken) -> SplitPlan``: the queries of one
   split, grouped by reference so every reference has siblings (its other edits' targets)
 - the scene model, :func:`~compir.data.synth_scene.render_scene` and
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from compir.data.synth_edits import KINDS, Modification, sample_modification
-from compir.data.synth_scene import Scene, sample_scene
+from compir.data.synth_scene import Scene, render_scene_array, sample_scene
 
 DEFAULT_HELD_OUT: tuple[tuple[str, str], ...] = (
     ("circle", "purple"),
@@ -158,6 +161,30 @@ def sample_train_query(rng: np.random.Generator, *, config: SynthConfig = SynthC
         edits = sample_edits(reference, rng, count=1, config=config, allow_unseen=False)
         if edits:
             return edits[0]
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """A batch of fresh training queries, rendered in memory."""
+
+    reference_pixels: np.ndarray  # (B, S, S, 3) uint8
+    texts: tuple[str, ...]
+    target_pixels: np.ndarray  # (B, S, S, 3) uint8
+    target_names: tuple[str, ...]  # scene keys: equal keys are the same image
+    kinds: tuple[str, ...]
+
+
+def sample_train_batch(rng: np.random.Generator, *, batch_size: int, config: SynthConfig = SynthConfig()) -> TrainBatch:
+    """``batch_size`` fresh training queries (never a held-out pair), rendered at ``config.image_size``."""
+    queries = [sample_train_query(rng, config=config) for _ in range(batch_size)]
+    size = config.image_size
+    return TrainBatch(
+        reference_pixels=np.stack([render_scene_array(q.reference, size=size) for q in queries]),
+        texts=tuple(q.text for q in queries),
+        target_pixels=np.stack([render_scene_array(q.target, size=size) for q in queries]),
+        target_names=tuple(q.target.key for q in queries),
+        kinds=tuple(q.kind for q in queries),
+    )
 
 
 def plan_split(
