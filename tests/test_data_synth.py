@@ -129,6 +129,9 @@ def test_a_tampered_dataset_fails_loudly(tmp_path, capsys):
     root = tmp_path / "synth"
     assert data_main(["synth", "--out", str(root), "--n-train", "20", "--n-val", "8", "--n-test", "8", "--workers", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        data_main(["synth", "--out", str(tmp_path / "bad"), "--image-size", "4"])
+    assert "image_size must be >= 12" in capsys.readouterr().err
     with pytest.raises(ContractError, match="not empty"):
         data_main(["synth", "--out", str(root), "--n-train", "20"])
     assert data_main(["check", str(root), "--split", "test"]) == 0

@@ -150,7 +150,7 @@ def test_ranks_match_a_brute_force_sort_with_ties_against_the_target():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=80, deadline=None)
     @given(
         st.lists(st.integers(min_value=0, max_value=3), min_size=3, max_size=9),
         st.data(),

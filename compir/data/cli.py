@@ -49,15 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "synth":
-        config = SynthConfig(
-            n_train=args.n_train,
-            n_val=args.n_val,
-            n_test=args.n_test,
-            image_size=args.image_size,
-            edits_per_reference=args.siblings + 1,
-        )
+        try:
+            config = SynthConfig(
+                n_train=args.n_train,
+                n_val=args.n_val,
+                n_test=args.n_test,
+                image_size=args.image_size,
+                edits_per_reference=args.siblings + 1,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
         start = time.perf_counter()
         summary = write_synthetic(args.out, seed=args.seed, config=config, workers=args.workers, overwrite=args.overwrite)
         elapsed = time.perf_counter() - start

@@ -59,6 +59,8 @@ class SynthConfig:
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.image_size < 12:
+            raise ValueError(f"image_size must be >= 12 pixels (4 per grid cell), got {self.image_size}")
         if not 1 <= self.max_objects <= 9:
             raise ValueError(f"max_objects must be in 1..9, got {self.max_objects}")
         if self.edits_per_reference < 2 or self.train_edits_per_reference < 1:
