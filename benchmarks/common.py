@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from compir.contracts import atomic_output_path
+
 KEY_PACKAGES = ("numpy", "pillow", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "usearch", "tensorrt")
 
 
@@ -113,8 +115,8 @@ def bar_chart(path: Path, *, panels: Sequence[Panel]) -> Path:
         if len(panel.series) > 1 or panel.reference_label:
             axis.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with atomic_output_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
     return path
 
