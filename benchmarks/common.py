@@ -91,15 +91,22 @@ class Panel:
     reference_label: str = ""
 
 
-def bar_chart(path: Path, *, panels: Sequence[Panel]) -> Path:
-    """One PNG with a grouped bar chart per panel (bars of one category side by side)."""
+PanelSpec = Panel | tuple[str, Mapping[str, Mapping[str, float]], str]
+
+
+def bar_chart(path: Path, *, panels: Sequence[PanelSpec]) -> Path:
+    """One PNG with a grouped bar chart per panel (bars of one category side by side).
+
+    A panel is a :class:`Panel` or a ``(title, {series: {category: value}}, y label)`` tuple.
+    """
+    resolved = [panel if isinstance(panel, Panel) else Panel(*panel) for panel in panels]
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI machines and servers
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
+    figure, axes = plt.subplots(1, len(resolved), figsize=(5.2 * len(resolved), 4.0), squeeze=False)
+    for axis, panel in zip(axes[0], resolved):
         categories = list(dict.fromkeys(c for values in panel.series.values() for c in values))
         width = 0.8 / max(len(panel.series), 1)
         for offset, (label, values) in enumerate(panel.series.items()):
