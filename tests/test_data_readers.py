@@ -148,3 +148,28 @@ def test_data_and_metrics_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_fashioniq_and_shoes_metrics_through_the_files(tmp_path):
+    dress = [f"D{i}" for i in range(12)]
+    write_fashioniq(tmp_path / "fiq", category="dress", split="val",
+                    records=[{"candidate": "D0", "target": "D1", "captions": ["a", "b"]}], names=dress)
+    write_fashioniq(tmp_path / "fiq", category="shirt", split="val",
+                    records=[{"candidate": "S0", "target": "S1", "captions": ["c", "d"]}], names=["S0", "S1"])
+    split = load_split(tmp_path / "fiq", split="val")
+    names = list(split.gallery)
+    # dress query: reference D0 (kept) + 8 dresses ahead of D1 -> rank 10, a hit at R@10; the two
+    # shirts score higher still and would push it to 12 were categories mixed
+    dress_row = [0.99, 0.4] + [0.5] * 8 + [0.1, 0.1] + [1.0, 1.0]
+    shirt_row = [0.0] * 12 + [0.3, 0.2]  # S0 (the reference, kept) ahead of S1: rank 2
+    report = evaluate_split(split, query_embeds=np.array([dress_row, shirt_row], dtype=np.float32),
+                            gallery_embeds=np.eye(len(names), dtype=np.float32), gallery_names=names)
+    assert report.breakdown == {"dress": {"R@10": 100.0, "R@50": 100.0}, "shirt": {"R@10": 100.0, "R@50": 100.0}}
+
+    records = [{"ImageName": "t.jpg", "ReferenceImageName": "r.jpg", "RelativeCaption": "darker"}]
+    write_shoes(tmp_path / "shoes", records=records, train=["x.jpg"], test=["r.jpg", "o.jpg", "t.jpg"])
+    shoes = load_split(tmp_path / "shoes", split="test")
+    # the reference r is kept in the Shoes gallery and scores highest: target t is 2nd
+    report = evaluate_split(shoes, query_embeds=np.array([[0.9, 0.1, 0.5]], dtype=np.float32),
+                            gallery_embeds=np.eye(3, dtype=np.float32), gallery_names=list(shoes.gallery))
+    assert report.metrics == {"R@1": 0.0, "R@10": 100.0, "R@50": 100.0}
