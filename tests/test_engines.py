@@ -1,0 +1,122 @@
+"""engines.json: records round-trip, checksums, binding to the export, device compatibility."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from compir.contracts import ENGINES_FILE, sha256_bytes
+from compir.engines import DeviceInfo, EngineRecord, EngineSet, ShapeRange, check_compatible, detect_device, load_engines, save_engines
+from compir.errors import ContractError
+
+ORIN = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
+H100 = DeviceInfo(tensorrt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+MANIFEST = "m" * 64
+
+
+def write_engines(folder: Path, *, device: DeviceInfo = ORIN, plans: dict[str, bytes] | None = None) -> EngineSet:
+    plans = plans or {"image_encoder": b"image plan bytes", "text_encoder": b"text plan bytes"}
+    records = {}
+    for role, plan in plans.items():
+        (folder / f"{role}.plan").write_bytes(plan)
+        records[role] = EngineRecord(
+            role=role,
+            file=f"{role}.plan",
+            sha256=sha256_bytes(plan),
+            onnx_file=f"fp32/{role}.onnx",
+            onnx_sha256="o" * 64,
+            precision="fp16",
+            profile={"pixel_values": ShapeRange(min=(1, 3, 64, 64), opt=(8, 3, 64, 64), max=(64, 3, 64, 64))},
+            device=device,
+            build_seconds=12.5,
+        )
+    engines = EngineSet(manifest_sha256=MANIFEST, variant="fp32", precision="fp16", engines=records)
+    save_engines(folder, engines)
+    return engines
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    written = write_engines(tmp_path)
+    loaded = load_engines(tmp_path, manifest_sha256=MANIFEST, device=ORIN)
+    assert loaded == written
+    raw = json.loads((tmp_path / ENGINES_FILE).read_text())
+    assert raw["format"] == "compir.engines" and raw["schema_version"] == 1
+    assert raw["engines"]["image_encoder"]["profile"]["pixel_values"]["opt"] == [8, 3, 64, 64]
+    assert loaded.engine("text_encoder").device.compute_capability == "8.7"
+
+
+def test_damaged_plan_is_refused(tmp_path: Path) -> None:
+    write_engines(tmp_path)
+    (tmp_path / "text_encoder.plan").write_bytes(b"text plan bytez")
+    with pytest.raises(ContractError, match="text_encoder.*damaged"):
+        load_engines(tmp_path)
+
+
+def test_engines_of_another_export_are_refused(tmp_path: Path) -> None:
+    write_engines(tmp_path)
+    with pytest.raises(ContractError, match="different export.*compir export engine"):
+        load_engines(tmp_path, manifest_sha256="x" * 64)
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        (replace(ORIN, tensorrt_version="10.7.0"), r"TensorRT 10\.3\.0 \(this device has 10\.7\.0\)"),
+        (H100, r"compute capability 8\.7 on 'Orin' \(this device: 9\.0"),
+    ],
+)
+def test_engine_from_another_device_says_rebuild_here(tmp_path: Path, current: DeviceInfo, expected: str) -> None:
+    write_engines(tmp_path, device=ORIN)
+    with pytest.raises(ContractError, match=expected) as caught:
+        load_engines(tmp_path, device=current)
+    message = str(caught.value)
+    assert "rebuild it on this device" in message and "--precision fp16" in message and "Jetson" in message
+
+
+def test_same_architecture_under_another_name_is_compatible(tmp_path: Path) -> None:
+    engines = write_engines(tmp_path, device=ORIN)
+    check_compatible(engines.engine("image_encoder"), device=replace(ORIN, gpu_name="Jetson AGX Orin 64GB"))
+
+
+def test_missing_role_and_malformed_records(tmp_path: Path) -> None:
+    engines = write_engines(tmp_path)
+    with pytest.raises(ContractError, match="no TensorRT engine for graph 'composer'"):
+        engines.engine("composer")
+    raw = json.loads((tmp_path / ENGINES_FILE).read_text())
+    raw["engines"]["image_encoder"]["precision"] = "int4"
+    (tmp_path / ENGINES_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ContractError, match="unknown precision 'int4'"):
+        load_engines(tmp_path)
+    del raw["engines"]["image_encoder"]["device"]
+    (tmp_path / ENGINES_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ContractError, match="missing field.*device"):
+        load_engines(tmp_path)
+    raw["format"] = "compir.index"
+    (tmp_path / ENGINES_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ContractError, match="expected 'compir.engines'"):
+        load_engines(tmp_path)
+
+
+def test_missing_engines_file(tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match="engines.json is missing"):
+        load_engines(tmp_path)
+
+
+def test_shape_range_validation() -> None:
+    with pytest.raises(ContractError, match="min <= opt <= max"):
+        ShapeRange(min=(8, 3), opt=(4, 3), max=(16, 3))
+    with pytest.raises(ContractError, match="rank"):
+        ShapeRange(min=(1, 3), opt=(4, 3), max=(16,))
+
+
+def test_detect_device_without_tensorrt_is_a_clear_error() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ContractError, match="TensorRT is not installed"):
+            detect_device()
+    else:
+        pytest.skip("TensorRT is installed here: covered by the GPU build test")

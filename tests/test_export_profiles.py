@@ -1,0 +1,70 @@
+"""TensorRT-independent engine logic: profiles from manifest shapes, calibration inputs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compir.engines import ShapeRange
+from compir.errors import ContractError
+from compir.export.samples import load_samples
+from compir.export.trt.calibrator import calibration_feeds, split_batches
+from compir.export.trt.profiles import calibration_shapes, compute_profile
+from compir.manifest import TensorSpec, load_manifest
+
+
+def test_profile_covers_every_input_of_every_graph(micro_export_all: Path) -> None:
+    manifest = load_manifest(micro_export_all)
+    query = compute_profile(manifest.graph("query_encoder"), min_batch=1, opt_batch=8, max_batch=32)
+    assert query == {
+        "pixel_values": ShapeRange(min=(1, 3, 32, 32), opt=(8, 3, 32, 32), max=(32, 3, 32, 32)),
+        "input_ids": ShapeRange(min=(1, 16), opt=(8, 16), max=(32, 16)),
+    }
+    composer = compute_profile(manifest.graph("composer"), min_batch=2, opt_batch=2, max_batch=4)
+    features = manifest.graph("image_encoder").output("image_features").shape
+    assert composer["image_features"] == ShapeRange(min=(2, *features[1:]), opt=(2, *features[1:]), max=(4, *features[1:]))
+    assert calibration_shapes(query, batch=8) == {"pixel_values": (8, 3, 32, 32), "input_ids": (8, 16)}
+    assert calibration_shapes(query, batch=100)["input_ids"] == (32, 16)
+
+
+def test_profile_refuses_what_it_cannot_size(micro_export_all: Path) -> None:
+    graph = load_manifest(micro_export_all).graph("text_encoder")
+    with pytest.raises(ContractError, match=r"1 <= min \(4\) <= opt \(2\)"):
+        compute_profile(graph, min_batch=4, opt_batch=2, max_batch=8)
+    other_axis = replace(graph, inputs=(TensorSpec(name="input_ids", dtype="int64", shape=("batch", "sequence")),))
+    with pytest.raises(ContractError, match="input 'input_ids' axis 1 is dynamic \\('sequence'\\)"):
+        compute_profile(other_axis, min_batch=1, opt_batch=1, max_batch=1)
+
+
+def test_calibration_feeds_are_real_and_batched(micro_export_all: Path, synth_data: Path) -> None:
+    manifest = load_manifest(micro_export_all)
+    samples = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=synth_data, count=20)
+    assert len(set(samples.image_names)) == 20 and all(t.strip() for t in samples.texts)
+    graphs = {role: micro_export_all / g.file for role, g in manifest.variant("fp32").graphs.items()}
+    feeds = calibration_feeds(graphs, samples, roles=["composer", "query_encoder"])
+    assert sorted(feeds["composer"]) == ["image_features", "text_features"]
+    assert feeds["composer"]["image_features"].shape[0] == 20 and np.isfinite(feeds["composer"]["image_features"]).all()
+    batches = split_batches(feeds["query_encoder"], batch=8)
+    assert [b["input_ids"].shape for b in batches] == [(8, 16), (8, 16)]  # the tail of 4 is dropped
+    with pytest.raises(ContractError, match="at least 32 samples"):
+        split_batches(feeds["query_encoder"], batch=32)
+
+
+def test_samples_from_an_image_folder_and_rendered(tmp_path: Path, micro_export_all: Path) -> None:
+    from PIL import Image
+
+    manifest = load_manifest(micro_export_all)
+    for index in range(3):
+        Image.new("RGB", (40 + index, 30), (index * 80, 20, 200)).save(tmp_path / f"photo{index}.jpg")
+    folder = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=tmp_path, count=8)
+    assert folder.pixel_values.shape == (3, 3, 32, 32) and folder.input_ids.shape == (3, 16)
+    rendered = load_samples(preprocess=manifest.preprocess, context_length=16, count=4)
+    assert rendered.source == "rendered synthetic scenes" and rendered.pixel_values.shape == (4, 3, 32, 32)
+    assert (rendered.input_ids[:, 0] == manifest.tokenizer.sot_id).all()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ContractError, match="holds no dataset and no images"):
+        load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=empty)
