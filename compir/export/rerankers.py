@@ -1,0 +1,139 @@
+"""Put a checkpoint's stage-2 re-rankers into its export folder (NEUCORE graph, MMRef matrices).
+
+``add_rerankers(export_dir, checkpoint=...)`` reads the sidecars beside the checkpoint
+(``<stem>.neucore.pt``, ``<stem>.mmref.pt``; see :mod:`compir.train.neucore.stage2`) and adds:
+
+- ``fp32/reranker.onnx`` (role ``reranker``): ``token_features`` (N, L, Wt), ``input_ids`` (N, L),
+  ``reference_features`` (N, *F), ``candidate_features`` (N, *F) -> ``scores`` (N,); the batch axis
+  is the candidate axis (the runtime repeats the query's rows). Checked against torch (fp32
+  parity, max abs <= tolerance, batch 1 and N); every variant lists the same fp32 file;
+- ``mmref_references.npy`` (M, D) and ``mmref_projection.npy`` (D, D): artifacts with sha256;
+- ``rerankers.json`` (format ``compir.rerankers``): the settings chosen on validation (mix
+  weights, MMRef temperature, top-N), also an artifact.
+
+The manifest is rewritten (atomically) and read back. Call it before building an index: the
+index records the manifest's checksum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compir.contracts import atomic_write_bytes, sha256_file, write_contract
+from compir.errors import ContractError
+from compir.export.graphs import GraphDef, export_graph, read_io
+from compir.export.parity import FP32_TOLERANCE, check_fp32_parity
+from compir.export.samples import load_samples
+from compir.manifest import RERANKER, ArtifactSpec, ExportManifest, GraphSpec, load_manifest, save_manifest
+
+RERANKERS_FORMAT = "compir.rerankers"
+RERANKERS_SCHEMA = 1
+RERANKERS_FILE = "rerankers.json"
+REFERENCES_FILE = "mmref_references.npy"
+PROJECTION_FILE = "mmref_projection.npy"
+RERANKER_INPUTS = ("token_features", "input_ids", "reference_features", "candidate_features")
+_PARITY_ROWS = 6
+
+
+def add_rerankers(
+    export_dir: str | Path,
+    *,
+    checkpoint: str | Path,
+    neucore: str | Path | None = None,
+    mmref: str | Path | None = None,
+    calibration_data: str | Path | None = None,
+    opset: int = 17,
+    tolerance: float = FP32_TOLERANCE,
+) -> ExportManifest:
+    """Add the re-rankers trained for ``checkpoint`` to its export; a sidecar not given is looked
+    up beside the checkpoint and skipped when absent. Returns the (re-read) manifest.
+
+    ContractError when the export is of another checkpoint, a sidecar was trained on another
+    checkpoint, or the reranker graph fails its parity check.
+    """
+    from compir.train.checkpoint import load_checkpoint
+    from compir.train.neucore.stage2 import load_sidecar, sidecar_path
+
+    folder = Path(export_dir)
+    manifest = load_manifest(folder)
+    loaded = load_checkpoint(checkpoint)
+    if manifest.source_checkpoint_sha256 and manifest.source_checkpoint_sha256 != loaded.sha256:
+        raise ContractError(f"export {folder} was made from another checkpoint than {checkpoint}; export this checkpoint first")
+    paths = {"neucore": neucore, "mmref": mmref}
+    settings: dict[str, Any] = {}
+    graphs: dict[str, GraphSpec] = {}
+    artifacts = dict(manifest.artifacts)
+    parity: dict[str, float] = {}
+    for kind, given in paths.items():
+        path = Path(given) if given is not None else sidecar_path(checkpoint, kind)
+        if given is None and not path.is_file():
+            continue
+        sidecar = load_sidecar(path, kind=kind, checkpoint_sha256=loaded.sha256)
+        settings[kind] = dict(sidecar.settings)
+        if kind == "neucore":
+            spec, parity[RERANKER] = _export_neucore(folder, sidecar.config, sidecar.state_dict, loaded=loaded,
+                                                     calibration_data=calibration_data, opset=opset, tolerance=tolerance)
+            graphs[RERANKER] = spec
+            settings[kind]["graph"] = RERANKER
+        else:
+            for name, file, key in (("mmref_references", REFERENCES_FILE, "references"), ("mmref_projection", PROJECTION_FILE, "projection")):
+                artifacts[name] = _write_array(folder / file, sidecar.state_dict[key].numpy(), description=f"MMRef {key}")
+            settings[kind] |= {"references": "mmref_references", "projection": "mmref_projection"}
+    if not settings:
+        return manifest
+    write_contract(folder / RERANKERS_FILE, fmt=RERANKERS_FORMAT, schema_version=RERANKERS_SCHEMA, body={"rerankers": settings})
+    artifacts["rerankers"] = ArtifactSpec(file=RERANKERS_FILE, sha256=sha256_file(folder / RERANKERS_FILE), description="stage-2 settings")
+    variants = {
+        name: dataclasses.replace(
+            variant, graphs={**variant.graphs, **graphs}, parity={**variant.parity, **(parity if name == "fp32" else {})}
+        )
+        for name, variant in manifest.variants.items()
+    }
+    save_manifest(folder, dataclasses.replace(manifest, variants=variants, artifacts=artifacts))
+    return load_manifest(folder)
+
+
+def _write_array(path: Path, array: np.ndarray, *, description: str) -> ArtifactSpec:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+    return ArtifactSpec(file=path.name, sha256=sha256_file(path), description=description)
+
+
+def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], *, loaded: Any,
+                    calibration_data: str | Path | None, opset: int, tolerance: float) -> tuple[GraphSpec, float]:
+    from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
+
+    scorer = NeucoreScorer(NeucoreConfig(**config))
+    scorer.load_state_dict(state, strict=True)
+    scorer.eval()
+    feeds = _reranker_feeds(loaded, calibration_data=calibration_data)
+    defn = GraphDef(role=RERANKER, module=scorer, input_names=RERANKER_INPUTS, output_names=("scores",))
+    path = folder / "fp32" / f"{RERANKER}.onnx"
+    export_graph(defn, feeds=feeds, path=path, opset=opset)
+    worst = check_fp32_parity(defn, path=path, feeds=feeds, tolerance=tolerance)
+    inputs, outputs = read_io(path)
+    return GraphSpec(role=RERANKER, file=path.relative_to(folder).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs), worst
+
+
+def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:
+    """Real rows: sample texts' token states, sample images as references, other samples as candidates."""
+    model = loaded.model.eval()
+    samples = load_samples(preprocess=loaded.preprocess, context_length=model.context_length, data_dir=calibration_data,
+                           count=_PARITY_ROWS)
+    with torch.no_grad():
+        _, features, _ = model.encode_image(torch.from_numpy(samples.pixel_values))
+        _, _, tokens = model.encode_text(torch.from_numpy(samples.input_ids))
+    features = features.float().numpy()
+    return {
+        "token_features": tokens.float().numpy(),
+        "input_ids": samples.input_ids.astype(np.int64),
+        "reference_features": features,
+        "candidate_features": np.roll(features, 1, axis=0),
+    }

@@ -1,0 +1,65 @@
+"""NEUCORE's joint (reference, text, candidate) score at query time, from the export's
+``reranker`` graph; the text's token states come from the export's text encoder graph."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compir.errors import ContractError
+from compir.manifest import RERANKER, TEXT_ENCODER, ExportManifest
+from compir.runtime.backends import GraphSession, open_backend
+from compir.runtime.backends.base import numpy_dtype
+
+_TOKEN_CACHE = 256
+
+
+class NeucoreStage:
+    name = "neucore"
+
+    def __init__(self, *, scorer: GraphSession, text: GraphSession, weight: float) -> None:
+        self.scorer = scorer
+        self.text = text
+        self.weight = float(weight)
+        self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_export(cls, encoder: Any, export_dir: Path, manifest: ExportManifest, variant: str, settings: dict[str, Any]) -> NeucoreStage:
+        graphs = manifest.variant(variant).graphs
+        if RERANKER not in graphs:
+            raise ContractError(f"rerankers.json names NEUCORE but variant {variant!r} has no {RERANKER!r} graph; re-export")
+        try:
+            backend = encoder.backend
+            scorer, text = backend.open(graphs[RERANKER]), backend.open(graphs[TEXT_ENCODER])
+        except ContractError:
+            # An engine backend built without the reranker graph: score on onnxruntime instead.
+            backend = open_backend("onnxruntime", export_dir)
+            scorer, text = backend.open(graphs[RERANKER]), backend.open(graphs[TEXT_ENCODER])
+        return cls(scorer=scorer, text=text, weight=float(settings["weight"]))
+
+    def token_features(self, input_ids: np.ndarray) -> np.ndarray:
+        """(L,) ids -> (L, Wt) token states (cached per text)."""
+        key = input_ids.tobytes()
+        if key not in self._tokens:
+            feeds = {"input_ids": np.ascontiguousarray(input_ids[None], dtype=numpy_dtype(self.text.spec.input("input_ids").dtype))}
+            self._tokens[key] = np.asarray(self.text.run(feeds, ("token_features",))["token_features"][0], dtype=np.float32)
+            while len(self._tokens) > _TOKEN_CACHE:
+                self._tokens.popitem(last=False)
+        self._tokens.move_to_end(key)
+        return self._tokens[key]
+
+    def scores(self, input_ids: np.ndarray, reference_features: np.ndarray, candidate_features: np.ndarray) -> np.ndarray:
+        """One query against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
+        count = len(candidate_features)
+        tokens = self.token_features(input_ids)
+        feeds = {
+            "token_features": np.broadcast_to(tokens, (count, *tokens.shape)),
+            "input_ids": np.broadcast_to(input_ids, (count, *input_ids.shape)),
+            "reference_features": np.broadcast_to(reference_features, (count, *reference_features.shape)),
+            "candidate_features": candidate_features,
+        }
+        typed = {k: np.ascontiguousarray(v, dtype=numpy_dtype(self.scorer.spec.input(k).dtype)) for k, v in feeds.items()}
+        return np.asarray(self.scorer.run(typed, ("scores",))["scores"], dtype=np.float32).reshape(count)

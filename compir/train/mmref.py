@@ -1,0 +1,270 @@
+"""MMRef (Ma et al.): multi-modal references per object identity, and reference-based refinement.
+
+An *identity* is what the dataset says is one object (``CirSplit.identities``; an image absent
+from it is its own identity). On the synthetic benchmark an identity is a scene: its rendering,
+its description (``split.captions``) and every composed query (r, m) that leads to it.
+
+Built on a frozen CIR checkpoint, from the training split's features (all (D,) vectors):
+
+- members of identity i: gallery vectors of its images, text vectors of its captions and
+  composed query vectors of the queries targeting it; all go through a learned projection P
+  (D -> D, identity at start) into the reference space;
+- global fusion: attention pooling over the projected members plus a learnable per-identity
+  residual gives reference_i (unit length);
+- local reconstruction: a decoder must rebuild every projected member from reference_i and a
+  modality embedding (the reference has to keep each member's details, not only their mean);
+- reference-guided representation loss: each projected member must pick its own reference among
+  the batch's references (InfoNCE both ways), plus the cross-modal alignment of queries /
+  captions with their images in the projected space.
+
+Inference (``refine``): a vector x goes to reference coordinates ``softmax(P(x) . R^T / tau)``; the
+reference-based similarity of a query and a candidate is the cosine of their coordinates, mixed
+with the first-stage cosine as ``(1 - weight) * cos + weight * ref_sim`` on the top-k. R, P, tau
+and weight (chosen on the validation split) are what the export writes; the runtime needs numpy
+only. It applies to text -> image queries too: a text vector is refined the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from compir.data.load import load_split
+from compir.data.types import CirSplit
+from compir.errors import DatasetError
+from compir.train.neucore.stage2 import (
+    EncodedSplit,
+    candidate_columns,
+    encode_for_stage2,
+    evaluate_scores,
+    first_stage_scores,
+    rerank_matrix,
+    save_sidecar,
+    sidecar_path,
+)
+from compir.train.text import tokenize
+
+KIND = "mmref"
+MODALITIES = ("image", "caption", "query")
+WEIGHT_GRID = (0.0, 0.1, 0.2, 0.35, 0.5)
+TEMPERATURE_GRID = (0.02, 0.05, 0.1)
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Member vectors of each identity: ``vectors[j]`` belongs to identity ``owner[j]``."""
+
+    names: list[str]  # identity names (M,)
+    vectors: np.ndarray  # (J, D) unit vectors
+    owner: np.ndarray  # (J,) int64 identity index
+    modality: np.ndarray  # (J,) int64 index into MODALITIES
+
+
+@dataclass(frozen=True)
+class MMRefResult:
+    path: Path
+    references: int
+    weight: float
+    temperature: float
+    val_before: dict[str, float]
+    val_after: dict[str, float]
+
+
+class ReferenceBank(nn.Module):
+    def __init__(self, *, dim: int, count: int) -> None:
+        super().__init__()
+        self.projection = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.projection.weight)
+        self.attention = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
+        self.residual = nn.Parameter(torch.zeros(count, dim))  # the learnable part of each reference
+        self.modality = nn.Parameter(torch.zeros(len(MODALITIES), dim))
+        self.decoder = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(vectors), dim=-1)
+
+    def fuse(self, projected: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
+        """Global fusion: per identity, attention pooling of its members (J, D) -> (count, D)."""
+        logits = self.attention(projected).squeeze(-1)  # (J,)
+        logits = logits - logits.max()
+        weights = logits.exp()
+        total = torch.zeros(count, device=projected.device).index_add(0, owner, weights)
+        pooled = torch.zeros(count, projected.shape[1], device=projected.device).index_add(0, owner, weights[:, None] * projected)
+        return pooled / total.clamp(min=1e-12)[:, None]
+
+
+def collect_identities(encoded: EncodedSplit, *, caption_vectors: dict[str, np.ndarray], max_identities: int | None = None) -> Identities:
+    """Group an encoded split's images, captions and composed queries by identity."""
+    split = encoded.split
+    identity_of = {name: split.identities.get(name, name) for name in encoded.image_row}
+    names = sorted(set(identity_of.values()))
+    if max_identities is not None and len(names) > max_identities:
+        keep = np.random.default_rng(0).choice(len(names), size=max_identities, replace=False)
+        names = [names[i] for i in sorted(keep)]
+    index = {name: i for i, name in enumerate(names)}
+    vectors, owner, modality = [], [], []
+
+    def add(vector: np.ndarray, image: str, kind: str) -> None:
+        if identity_of.get(image) in index:
+            vectors.append(vector)
+            owner.append(index[identity_of[image]])
+            modality.append(MODALITIES.index(kind))
+
+    for image, row in encoded.image_row.items():
+        add(encoded.image_embeds[row], image, "image")
+    for image, vector_set in caption_vectors.items():
+        for vector in vector_set:
+            add(vector, image, "caption")
+    for q, query in enumerate(split.queries):
+        for target in query.targets:
+            add(encoded.query_embeds[q], target, "query")
+    if not vectors:
+        raise DatasetError(f"split {split.name!r} has no identities to build references from")
+    return Identities(names=names, vectors=np.stack(vectors).astype(np.float32), owner=np.asarray(owner), modality=np.asarray(modality))
+
+
+def caption_vectors(model: Any, split: CirSplit, *, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Text vectors of every image's captions (name -> (C, D)), for the caption members."""
+    items = [(name, text) for name, texts in split.captions.items() for text in texts]
+    out: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            ids = tokenize([text for _, text in chunk], context_length=model.context_length)
+            embeds = model.encode_text(ids)[0].float().numpy()
+            for (name, _), vector in zip(chunk, embeds):
+                out.setdefault(name, []).append(vector)
+    return {name: np.stack(vs) for name, vs in out.items()}
+
+
+def fit_references(
+    identities: Identities, *, steps: int = 300, batch_identities: int = 256, lr: float = 2e-3, temperature: float = 0.05,
+    reconstruction_weight: float = 0.5, seed: int = 0, progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train the reference bank; returns (references (M, D), projection (D, D): ref space = x @ P.T)."""
+    torch.manual_seed(seed)
+    count, dim = len(identities.names), identities.vectors.shape[1]
+    bank = ReferenceBank(dim=dim, count=count)
+    optimizer = torch.optim.AdamW(bank.parameters(), lr=lr, weight_decay=0.0)
+    vectors = torch.from_numpy(identities.vectors)
+    owner = torch.from_numpy(identities.owner)
+    modality = torch.from_numpy(identities.modality)
+    rng = np.random.default_rng(seed)
+    for _ in tqdm(range(steps), desc="mmref", unit="step", disable=not progress):
+        chosen = torch.from_numpy(rng.choice(count, size=min(batch_identities, count), replace=False))
+        local = torch.full((count,), -1, dtype=torch.long)
+        local[chosen] = torch.arange(len(chosen))
+        rows = (local[owner] >= 0).nonzero().squeeze(-1)
+        member_owner = local[owner[rows]]
+        projected = bank.project(vectors[rows])  # (J, D)
+        references = F.normalize(bank.fuse(projected, member_owner, len(chosen)) + bank.residual[chosen], dim=-1)
+        logits = projected @ references.T / temperature  # (J, n)
+        guided = F.cross_entropy(logits, member_owner)
+        rebuilt = F.normalize(bank.decoder(references[member_owner] + bank.modality[modality[rows]]), dim=-1)
+        reconstruction = (1.0 - (rebuilt * projected.detach()).sum(-1)).mean()
+        loss = guided + reconstruction_weight * reconstruction + _alignment(projected, member_owner, modality[rows], temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        projected = bank.project(vectors)
+        references = F.normalize(bank.fuse(projected, owner, count) + bank.residual, dim=-1)
+    return references.numpy().astype(np.float32), bank.projection.weight.detach().numpy().astype(np.float32)
+
+
+def _alignment(projected: torch.Tensor, owner: torch.Tensor, modality: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Non-image members must find an image of their own identity among the batch's images."""
+    images = (modality == 0).nonzero().squeeze(-1)
+    texts = (modality != 0).nonzero().squeeze(-1)
+    if len(images) == 0 or len(texts) == 0:
+        return projected.new_zeros(())
+    logits = projected[texts] @ projected[images].T / temperature  # (T, I)
+    positive = owner[texts][:, None] == owner[images][None, :]
+    has = positive.any(dim=1)
+    log_prob = logits.log_softmax(dim=1)
+    return -(torch.logsumexp(log_prob.masked_fill(~positive, -1e4), dim=1)[has]).mean()
+
+
+def reference_coordinates(vectors: np.ndarray, *, references: np.ndarray, projection: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, D) vectors -> unit-length soft assignments to the references (N, M); torch here, the
+    runtime's numpy twin (compir.runtime.rerankers.mmref) is checked against it."""
+    projected = F.normalize(torch.from_numpy(vectors).float() @ torch.from_numpy(projection).T, dim=-1)
+    weights = (projected @ torch.from_numpy(references).T / temperature).softmax(dim=-1)
+    return F.normalize(weights, dim=-1).numpy()
+
+
+def train_mmref(
+    checkpoint: str | Path, *, data: str | Path, out: str | Path | None = None,
+    steps: int = 300, max_identities: int = 2048, top_n: int = 50, val_queries: int | None = None, train_queries: int | None = 3000,
+    weight: float | None = None, temperature: float | None = None, seed: int = 0, progress: bool = True,
+) -> MMRefResult:
+    """Build MMRef references for ``checkpoint`` from ``data``'s train split, choose the mix
+    weight and temperature on its val split (or take the given ones), write the sidecar
+    (default ``<checkpoint>.mmref.pt``)."""
+    from compir.train.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model.eval()
+    train_split = load_split(data, split="train")
+    if train_queries:
+        queries = train_split.queries[:train_queries]
+        keep = {q.reference for q in queries} | {t for q in queries for t in q.targets}
+        train_split = dataclasses.replace(train_split, queries=queries, gallery=tuple(n for n in train_split.gallery if n in keep))
+    encoded = encode_for_stage2(model, train_split, progress=progress)
+    captions = caption_vectors(model, dataclasses.replace(train_split, captions={n: c for n, c in train_split.captions.items() if n in encoded.image_row}))
+    identities = collect_identities(encoded, caption_vectors=captions, max_identities=max_identities)
+    references, projection = fit_references(identities, steps=steps, seed=seed, progress=progress)
+    val = load_split(data, split="val")
+    if val_queries:
+        val = dataclasses.replace(val, queries=val.queries[:val_queries])
+    val_encoded = encode_for_stage2(model, val, progress=progress)
+    weight, temperature, before, after = choose_settings(
+        val_encoded, references=references, projection=projection, top_n=top_n,
+        fixed=None if weight is None else (weight, temperature or TEMPERATURE_GRID[1]),
+    )
+    path = Path(out) if out is not None else sidecar_path(checkpoint, KIND)
+    save_sidecar(
+        path, kind=KIND, base_checkpoint_sha256=loaded.sha256,
+        config={"dim": int(references.shape[1]), "references": int(references.shape[0])},
+        state_dict={"references": torch.from_numpy(references), "projection": torch.from_numpy(projection)},
+        settings={"weight": weight, "temperature": temperature, "top_n": top_n},
+        metrics={"val_before": before, "val_after": after, "identities": len(identities.names)},
+    )
+    return MMRefResult(path=path, references=len(references), weight=weight, temperature=temperature, val_before=before, val_after=after)
+
+
+def refine_scores(encoded: EncodedSplit, first: np.ndarray, columns: list[np.ndarray], queries: np.ndarray, *,
+                  references: np.ndarray, projection: np.ndarray, weight: float, temperature: float) -> np.ndarray:
+    """Re-ranked (Q, G) scores: ``(1 - weight) * cos + weight * ref_sim`` on each query's top-N."""
+    query_coords = reference_coordinates(queries, references=references, projection=projection, temperature=temperature)
+    gallery = encoded.image_embeds[encoded.gallery_rows]
+    gallery_coords = reference_coordinates(gallery, references=references, projection=projection, temperature=temperature)
+    return rerank_matrix(first, columns, lambda q, c, s: (1 - weight) * s + weight * (gallery_coords[c] @ query_coords[q]))
+
+
+def choose_settings(encoded: EncodedSplit, *, references: np.ndarray, projection: np.ndarray, top_n: int,
+                    fixed: tuple[float, float] | None = None) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """(weight, temperature, val metrics before, after): the grid point with the best validation
+    score, or ``fixed`` = (weight, temperature) whatever its score."""
+    from compir.train.evaluation import selection_score
+
+    first = first_stage_scores(encoded)
+    columns = candidate_columns(encoded, first, top_n=top_n)
+    before = evaluate_scores(encoded.split, first)
+    best = (selection_score(before), 0.0, TEMPERATURE_GRID[0], before)
+    grid = [(w, t) for t in TEMPERATURE_GRID for w in WEIGHT_GRID[1:]] if fixed is None else [fixed]
+    for weight, temperature in grid:
+        scores = refine_scores(encoded, first, columns, encoded.query_embeds, references=references, projection=projection,
+                               weight=weight, temperature=temperature)
+        report = evaluate_scores(encoded.split, scores)
+        if fixed is not None or selection_score(report) > best[0]:
+            best = (selection_score(report), weight, temperature, report)
+    return best[1], best[2], dict(before.metrics), dict(best[3].metrics)
