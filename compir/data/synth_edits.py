@@ -11,6 +11,7 @@ position, or both), so a model has to read the words to find the target. Public 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -222,9 +223,9 @@ def _change(
     values = {"colour": COLOURS, "size": SIZES, "shape": SHAPES}[attribute]
     candidates = []
     for value in values:
-        new = SceneObject(**{**obj.__dict__, attribute: value})
         if value == getattr(obj, attribute):
             continue
+        new = dataclasses.replace(obj, **{attribute: value})
         if (unseen is None and new.pair() not in excluded) or (unseen is not None and new.pair() in unseen):
             candidates.append(new)
     if not candidates:
