@@ -29,13 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = SynthConfig()
-    synth = commands.add_parser("synth", help="render the synthetic benchmark (CIRR layout)")
+    synth = commands.add_parser(
+        "synth",
+        help="render the synthetic benchmark (CIRR layout)",
+        description="Render compir's CSS-like benchmark: 3x3 scenes of shapes, add / remove / change / move "
+        "queries, val / test references with their siblings in the gallery, held-out (shape, colour) pairs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     synth.add_argument("--out", required=True, help="output folder (created atomically)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--n-train", type=int, default=defaults.n_train, help="training queries")
-    synth.add_argument("--n-val", type=int, default=defaults.n_val, help="validation queries")
-    synth.add_argument("--n-test", type=int, default=defaults.n_test, help="test queries")
-    synth.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0, help="same seed and sizes -> same bytes (default 0)")
+    synth.add_argument("--n-train", type=int, default=defaults.n_train, help=f"training queries (default {defaults.n_train})")
+    synth.add_argument("--n-val", type=int, default=defaults.n_val, help=f"validation queries (default {defaults.n_val})")
+    synth.add_argument("--n-test", type=int, default=defaults.n_test, help=f"test queries (default {defaults.n_test})")
+    synth.add_argument("--image-size", type=int, default=defaults.image_size, help=f"image side in pixels (default {defaults.image_size})")
     synth.add_argument("--siblings", type=int, default=defaults.edits_per_reference - 1,
                        help="val / test: other edits of each reference whose targets are in the gallery")
     synth.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
