@@ -99,7 +99,7 @@ def test_stats_report_backend_limits_batching_and_latency(served, query):
     assert stats["backend"]["backend"] == "onnxruntime"
     assert "CPUExecutionProvider" in str(stats["backend"]["providers"])
     assert stats["config"]["limits"]["max_k"] == LIMITS.max_k
-    assert stats["config"]["batching"] == {"enabled": True, "max_batch": 16, "wait_ms": 5.0}
+    assert stats["config"]["batching"] == {"enabled": True, "max_batch": 16, "wait_ms": 5.0, "reason": "configured"}
     assert stats["config"]["auth"] == "api-key" and KEY not in str(stats)
     rows = {row["endpoint"]: row for row in stats["latency"]}
     search = rows["POST /search"]
@@ -269,7 +269,7 @@ def _free_port() -> int:
 
 def _start(export: Path, index: Path, port: int) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(port), "--no-batching",
+        [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(port), "--batching", "off",
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

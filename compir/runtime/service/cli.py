@@ -8,13 +8,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
 
-from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig
+from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
 
 EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
   COMPIR_API_KEY=secret compir serve exports/tiny indexes/tiny --host 0.0.0.0
-  compir serve exports/tiny indexes/tiny --no-batching --max-k 50
+  compir serve exports/tiny indexes/tiny --batching on --batch-wait-ms 5 --max-k 50
 
   curl -F reference=@shoe.png -F text='make it red' -F k=5 http://127.0.0.1:8000/search
   curl -H 'content-type: application/json' -d '{"text": "a red circle", "k": 5}' \\
@@ -39,29 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", default=None, help="comma-separated onnxruntime providers, in order")
     parser.add_argument("--variant", default=None, help="export variant (default: the manifest's default)")
     batching = parser.add_argument_group("dynamic batching of concurrent searches")
-    batching.add_argument("--no-batching", action="store_true", help="answer each search alone")
+    batching.add_argument("--batching", choices=["auto", "on", "off"], default="auto",
+                          help="auto (default): on when the encoders run on a GPU, off on a CPU")
     batching.add_argument("--max-batch", type=int, default=BatchingConfig.max_batch)
     batching.add_argument("--batch-wait-ms", type=float, default=BatchingConfig.wait_ms,
                           help="how long the first query of a batch waits for company")
     limits = parser.add_argument_group("request limits")
-    for name, value in Limits().__dict__.items():
-        limits.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=f"default {value}")
+    for limit in fields(Limits):
+        limits.add_argument("--" + limit.name.replace("_", "-"), type=int, default=limit.default, help=f"default {limit.default}")
     parser.add_argument("--workers", type=int, default=ServiceConfig.worker_threads,
                         help="threads that decode uploads and run unbatched searches")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServiceConfig:
-    limits = Limits(**{name: getattr(args, name) for name in Limits().__dict__})
-    batching = BatchingConfig(enabled=not args.no_batching, max_batch=args.max_batch, wait_ms=args.batch_wait_ms)
+def config_from_args(args: argparse.Namespace, *, backend_info: dict[str, Any]) -> ServiceConfig:
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    batching = resolve_batching(args.batching, backend_info=backend_info, max_batch=args.max_batch, wait_ms=args.batch_wait_ms)
     api_key = args.api_key or os.environ.get("COMPIR_API_KEY") or None
     return ServiceConfig(limits=limits, batching=batching, api_key=api_key, worker_threads=args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     import uvicorn
@@ -74,13 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     retriever = Retriever.from_dirs(
         args.export_dir, args.index_dir, backend=args.backend, providers=providers, variant=args.variant
     )
+    config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)
     batching = config.batching
     print(
         f"compir serve: {len(retriever)} items, backend {retriever.backend_info}; "
-        + (f"dynamic batching on (max {batching.max_batch}, wait {batching.wait_ms:g} ms)" if batching.enabled
-           else "dynamic batching off")
-        + f"; auth {'X-API-Key' if config.api_key else 'none'}\n"
+        + (f"dynamic batching on (max {batching.max_batch}, wait {batching.wait_ms:g} ms" if batching.enabled
+           else "dynamic batching off (")
+        + f"{'; ' if batching.enabled else ''}{batching.reason}); auth {'X-API-Key' if config.api_key else 'none'}\n"
         f"compir serve: http://{args.host}:{args.port}  (API docs at /docs, schema at /openapi.json)",
         file=sys.stderr,
         flush=True,
