@@ -115,7 +115,7 @@ def train_neucore(
         torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
         optimizer.step()
         if step % 10 == 0:
-            bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()})
+            bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()})
     scorer.eval()
     val = load_split(data, split="val")
     if val_queries:
