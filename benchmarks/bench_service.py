@@ -6,8 +6,8 @@ weights) exported to ONNX fp32, an index of the dataset's images. Each request i
 query with an uploaded 64x64 PNG reference (decode + image encode + compose + search; query
 texts repeat, so the runtime's text cache answers most text encodes, as it would in service).
 The server is ``compir serve`` in its own process on 127.0.0.1; clients are threads with one
-keep-alive httpx connection each. Every configuration runs ``repeats`` times; the median run's
-figures are reported. Full: 16 clients x 100 requests per run; --quick: 96 requests per run.
+keep-alive httpx connection each. Every configuration runs ``repeats`` times, the modes taking
+turns; the median run's figures are reported. Full: 16 clients x 100 requests per run; --quick: 96 requests per run.
 """
 
 from __future__ import annotations
@@ -150,58 +150,81 @@ class _Server:
         return output or ""
 
 
-def _http_runs(export: Path, index: Path, queries: list[tuple[bytes, str]], *, batching: bool,
-               total: int, repeats: int) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, total: int,
+             repeats: int) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any]]:
+    """{mode: {clients: figures}} and the batching server's batch counts.
+
+    Both servers stay up and the modes take turns within each repeat, so a change in the
+    machine's load (other processes) hits every mode alike instead of biasing one."""
     import httpx
 
-    server = _Server(export, index, batching=batching)
-    try:
-        server.wait_ready()
-        results = {}
-        for clients in CONCURRENCY:
-            sessions = [httpx.Client(base_url=server.url, timeout=60) for _ in range(clients)]
-
-            def call(client: int, n: int) -> None:
-                image, text = queries[(client * 7919 + n) % len(queries)]
-                response = sessions[client].post("/search", files={"reference": ("ref.png", image, "image/png")},
-                                                 data={"text": text, "k": str(K)})
-                if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-
-            _drive(clients, min(total, 4 * clients), call)  # warm-up: sessions, connections, caches
-            results[clients] = _summary([_drive(clients, total, call) for _ in range(repeats)], total)
-            for session in sessions:
-                session.close()
-        stats = httpx.get(server.url + "/stats").json()
-    finally:
-        server.stop()
-    return results, stats.get("batching_stats", {})
-
-
-def _python_runs(export: Path, index: Path, queries: list[tuple[bytes, str]], *, total: int,
-                 repeats: int) -> dict[int, dict[str, Any]]:
     from compir.runtime.retriever import Retriever
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
+    servers = {MODES[1]: _Server(export, index, batching=False), MODES[2]: _Server(export, index, batching=True)}
+    results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in MODES}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for clients in CONCURRENCY:
+            sessions = {mode: [httpx.Client(base_url=s.url, timeout=60) for _ in range(clients)] for mode, s in servers.items()}
+            calls = {MODES[0]: _python_call(retriever, queries)}
+            calls.update({mode: _http_call(sessions[mode], queries) for mode in servers})
+            runs: dict[str, list[tuple[float, np.ndarray]]] = {mode: [] for mode in MODES}
+            for mode in MODES:
+                _drive(clients, min(total, 4 * clients), calls[mode])  # warm-up: connections, caches
+            for _ in range(repeats):
+                for mode in MODES:
+                    runs[mode].append(_drive(clients, total, calls[mode]))
+            for mode in MODES:
+                results[mode][clients] = _summary(runs[mode], total)
+            for client in (c for group in sessions.values() for c in group):
+                client.close()
+        batch_stats = httpx.get(servers[MODES[2]].url + "/stats").json().get("batching_stats", {})
+    finally:
+        for server in servers.values():
+            server.stop()
+    return results, batch_stats
 
+
+def _python_call(retriever: Any, queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
     def call(client: int, n: int) -> None:
         image, text = queries[(client * 7919 + n) % len(queries)]
         retriever.search(reference=image, text=text, k=K)
 
-    results = {}
-    for clients in CONCURRENCY:
-        _drive(clients, min(total, 4 * clients), call)
-        results[clients] = _summary([_drive(clients, total, call) for _ in range(repeats)], total)
-    return results
+    return call
+
+
+def _http_call(sessions: list[Any], queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
+    def call(client: int, n: int) -> None:
+        image, text = queries[(client * 7919 + n) % len(queries)]
+        response = sessions[client].post("/search", files={"reference": ("ref.png", image, "image/png")},
+                                         data={"text": text, "k": str(K)})
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    return call
+
+
+def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, repeats: int) -> dict[str, float]:
+    """What dynamic batching can gain at most: 16 queries in one search_batch vs 16 searches."""
+    from benchmarks.common import time_runs
+    from compir.runtime.retriever import Retriever
+
+    retriever = Retriever.from_dirs(export, index, providers=["cpu"])
+    chosen = queries[:16]
+    batch = time_runs(lambda: retriever.search_batch([{"reference": i, "text": t} for i, t in chosen], k=K), repeats=repeats)
+    singles = time_runs(lambda: [retriever.search(reference=i, text=t, k=K) for i, t in chosen], repeats=repeats)
+    return {"batch_of_16_ms": batch.median_s * 1000, "16_singles_ms": singles.median_s * 1000,
+            "speedup": singles.median_s / batch.median_s}
 
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
     total, repeats = (96, 3) if quick else (1600, 3)
     with tempfile.TemporaryDirectory(prefix="compir-bench-service-") as tmp:
         export, index, queries = _prepare(Path(tmp), quick=quick)
-        by_mode = {MODES[0]: _python_runs(export, index, queries, total=total, repeats=repeats)}
-        by_mode[MODES[1]], _ = _http_runs(export, index, queries, batching=False, total=total, repeats=repeats)
-        by_mode[MODES[2]], batch_stats = _http_runs(export, index, queries, batching=True, total=total, repeats=repeats)
+        batch_cost = _batch_cost(export, index, queries, repeats=5)
+        by_mode, batch_stats = _measure(export, index, queries, total=total, repeats=repeats)
     rows = []
     for mode, results in by_mode.items():
         for clients, figures in results.items():
@@ -214,12 +237,15 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         Panel("p99 latency", {m: {label[c]: f["p99_ms"] for c, f in r.items()} for m, r in by_mode.items()}, "ms"),
     ])
     notes = (
-        f"{total} composed queries (uploaded 64x64 PNG + text, k={K}) per run, median of {repeats} runs; "
+        f"{total} composed queries (uploaded 64x64 PNG + text, k={K}) per run, median of {repeats} runs (modes interleaved); "
         "server: `compir serve` in its own process (batching on: max 16, wait 2 ms), clients: threads in the "
         f"benchmark process on the same cores. Batches formed with batching on: {batch_stats}. "
+        f"Upper bound of the gain: 16 queries in one Retriever.search_batch take {batch_cost['batch_of_16_ms']:.1f} ms, "
+        f"16 single searches {batch_cost['16_singles_ms']:.1f} ms (x{batch_cost['speedup']:.2f}); "
+        "`compir serve --batching auto` turns batching on only for GPU encoders. "
         "The model is an untrained `tiny` config: speed does not depend on the weights."
     )
     figures = {"requests_per_run": total, "repeats": repeats, "k": K,
                "results": {m: {str(c): f for c, f in r.items()} for m, r in by_mode.items()},
-               "batching_stats": batch_stats}
+               "batching_stats": batch_stats, "batch_cost": batch_cost}
     return BenchResult(name=NAME, figures=figures, table=table, plots=(plot,), notes=notes)

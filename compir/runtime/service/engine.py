@@ -121,8 +121,8 @@ class ServiceEngine:
 
     def search(self, query: SearchQuery) -> SearchAnswer:
         """Answer one query on the calling thread (per-stage timings included)."""
-        self.check_reference(query.reference)
-        with self._lock.read():
+        with self._lock.read():  # checked under the lock: a removal cannot slip in between
+            self.check_reference(query.reference)
             result = self.retriever.search_detailed(
                 reference=query.reference, text=query.text, k=query.k, rerank=query.rerank
             )
@@ -130,11 +130,11 @@ class ServiceEngine:
 
     def search_many(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
         """One batched model call for a list of queries (POST /search/batch)."""
-        for query in queries:
-            self.check_reference(query.reference)
         k = max((q.k for q in queries), default=1)
         payload: list[Mapping[str, Any]] = [{"reference": q.reference, "text": q.text} for q in queries]
         with self._lock.read():
+            for query in queries:
+                self.check_reference(query.reference)
             results = self.retriever.search_batch(payload, k=k)
         return [list(hits[: q.k]) for q, hits in zip(queries, results)]
 
