@@ -26,6 +26,7 @@ from compir.manifest import PreprocessSpec
 from compir.train.config import ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
+from compir.train.losses import symmetric_contrastive_loss
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -90,6 +91,40 @@ class CIRModel(nn.Module):
         _, image_features, _ = self.encode_image(pixel_values)
         _, text_features, _ = self.encode_text(input_ids)
         return self.compose(image_features, text_features)
+
+    def forward(
+        self,
+        reference_pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        target_pixels: torch.Tensor,
+        caption_ids: torch.Tensor | None = None,
+        reference_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training losses of a batch of B triplets (named, unweighted; see ``config.loss_weights``).
+
+        reference_pixels (R, 3, S, S), input_ids (B, L), target_pixels (B, 3, S, S); triplet i's
+        reference is row ``reference_index[i]`` (default: row i, R = B), so sibling queries of
+        one reference encode it once. Terms: the head's, plus ``caption`` (CLIP's contrastive
+        loss between the targets' gallery vectors and their descriptions, so text-only search
+        works) where captions are given and weighted. The loop calls this through DDP.
+        """
+        refs = reference_pixels.shape[0]
+        _, image_features, _ = self.encode_image(torch.cat([reference_pixels, target_pixels]))  # (R + B, ...)
+        reference_features, target_features = image_features[:refs], image_features[refs:]
+        if reference_index is not None:
+            reference_features = reference_features[reference_index]
+        batch = input_ids.shape[0]
+        use_captions = caption_ids is not None and self.config.loss_weights.get("caption", 0.0) > 0
+        texts = torch.cat([input_ids, caption_ids]) if use_captions and caption_ids is not None else input_ids
+        text_embeds, text_features, _ = self.encode_text(texts)  # (B or 2B, ...)
+        scale = self.logit_scale()
+        losses = self.head.training_losses(
+            reference=reference_features, text=text_features[:batch], target=target_features, logit_scale=scale
+        )
+        if use_captions:
+            gallery = self.head.gallery_embeds(target_features)
+            losses["caption"] = symmetric_contrastive_loss(text_embeds[batch:], gallery, scale)
+        return losses
 
     def freeze_towers(self, *, image: bool = False, text: bool = False) -> None:
         """Stop training the image and/or text tower (open_clip's lock: weights and norms)."""

@@ -1,0 +1,272 @@
+"""The training loop behind ``compir train``: AdamW, warmup + cosine, gradient clipping, mixed
+precision, validation recall every epoch, best / last checkpoints, resume, DDP, a time budget.
+
+A run folder holds ``best.pt`` (best validation score, weights only), ``last.pt`` (latest epoch,
+with optimizer state for ``--resume``) and ``train_log.json`` (options and per-epoch metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from compir.contracts import atomic_write_bytes
+from compir.data.load import detect_format, load_split
+from compir.data.synthetic import synth_config_of
+from compir.errors import InputError
+from compir.train.checkpoint import load_checkpoint, save_checkpoint
+from compir.train.config import DEFAULT_MODEL, resolve_model_config
+from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
+from compir.train.evaluation import evaluate_model, selection_score
+from compir.train.model import CIRModel, count_parameters
+from compir.train.optim import build_optimizer, lr_factor, set_lr
+from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything a run depends on (recorded in ``train_log.json``)."""
+
+    data: Path
+    out_dir: Path
+    model: str = DEFAULT_MODEL  # built-in config name, config JSON path or open_clip model name
+    pretrained: str | None = None  # open_clip tag or local open_clip weights file
+    epochs: int | None = None  # None with no minutes: 10
+    minutes: float | None = None  # wall-clock budget for the whole run (training + validation)
+    batch_size: int = 128  # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+    grad_clip: float = 1.0
+    backbone_lr_scale: float = 1.0
+    seed: int = 0
+    resume: Path | None = None
+    freeze_image: bool = False
+    freeze_text: bool = False
+    amp: str = "auto"  # auto: bf16 on CPU and on CUDA that has it, else fp16
+    steps_per_epoch: int | None = None  # synthetic data: default = train split size / batch
+    siblings: int | None = None  # synthetic data: edits per reference in a batch
+    val_split: str = "val"
+    val_queries: int | None = None  # evaluate on the first N validation queries only
+    workers: int = 2  # DataLoader workers for real datasets
+    device: str = "auto"
+    data_format: str = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metrics: dict[str, float]
+    last_metrics: dict[str, float]
+    steps: int
+    epochs: int
+    seconds: float
+    steps_per_second: float
+    cpu_seconds: float  # process CPU time of this run (all threads): load-independent cost
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Train a model on ``options.data`` and write the run folder (rank 0)."""
+    if options.amp not in AMP_MODES:
+        raise InputError(f"--amp must be one of {', '.join(AMP_MODES)}, got {options.amp!r}")
+    ctx = setup_distributed(options.device)
+    try:
+        return _Run(options, ctx).run()
+    finally:
+        cleanup_distributed(ctx)
+
+
+class _Run:
+    def __init__(self, options: TrainOptions, ctx: DistContext) -> None:
+        self.options, self.ctx = options, ctx
+        torch.manual_seed(options.seed + ctx.rank)
+        resumed = load_checkpoint(options.resume) if options.resume else None
+        if resumed is not None:
+            self.model = resumed.model.train()
+            state = resumed.optimizer_state or {}
+            self.step, self.epoch = resumed.step, resumed.epoch
+            self.elapsed, self.best_score = float(state.get("elapsed_s", 0.0)), float(state.get("best_score", -1.0))
+            self.history: list[dict[str, Any]] = list(state.get("history", []))
+        else:
+            self.model = CIRModel(resolve_model_config(options.model), pretrained=options.pretrained)
+            state, self.step, self.epoch, self.elapsed, self.best_score, self.history = {}, 0, 0, 0.0, -1.0, []
+        self.model.freeze_towers(image=options.freeze_image, text=options.freeze_text)
+        self.model.to(ctx.device)
+        self.optimizer = build_optimizer(
+            self.model, lr=options.lr, weight_decay=options.weight_decay, backbone_lr_scale=options.backbone_lr_scale
+        )
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.amp_dtype = _amp_dtype(options.amp, ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.wrapped: torch.nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            if ctx.distributed
+            else self.model
+        )
+        self.source = self._source()
+        self.epochs = options.epochs if options.epochs is not None else (None if options.minutes else 10)
+        self.val = load_split(options.data, split=options.val_split, fmt=options.data_format) if ctx.is_main else None
+        if self.val is not None and options.val_queries:
+            self.val = dataclasses.replace(self.val, queries=self.val.queries[: options.val_queries])
+        self.out_dir = Path(options.out_dir)
+        self.last_metrics: dict[str, float] = {}
+
+    def _source(self) -> SyntheticSource | SplitSource:
+        o, ctx, model = self.options, self.ctx, self.model
+        fmt = detect_format(o.data) if o.data_format == "auto" else o.data_format
+        if fmt == "synthetic":
+            synth = synth_config_of(o.data)
+            steps = o.steps_per_epoch or synthetic_steps_per_epoch(synth, batch_size=o.batch_size, world_size=ctx.world_size)
+            return SyntheticSource(
+                synth, preprocess=model.preprocess, context_length=model.context_length, batch_size=o.batch_size,
+                steps_per_epoch=steps, seed=o.seed, rank=ctx.rank, siblings=o.siblings,
+            )
+        split = load_split(o.data, split="train", fmt=fmt)
+        return SplitSource(
+            split, preprocess=model.preprocess, context_length=model.context_length, batch_size=o.batch_size,
+            seed=o.seed, rank=ctx.rank, world_size=ctx.world_size, workers=o.workers,
+        )
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        o = self.options
+        if self.ctx.is_main:
+            trainable = count_parameters(self.model, trainable_only=True)
+            print(
+                f"compir train: {self.model.config.name} ({count_parameters(self.model) / 1e6:.1f}M parameters, "
+                f"{trainable / 1e6:.1f}M trainable) on {self.ctx.device} x{self.ctx.world_size}, "
+                f"amp={self.amp_dtype or 'off'}, {len(self.source)} steps/epoch, batch {o.batch_size}"
+            )
+        start_step, run_started, cpu_started = self.step, time.monotonic(), time.process_time()
+        started = run_started - self.elapsed  # a resumed run continues its schedule and budget
+        while not self._done(started):
+            self._train_epoch(started)
+            self.epoch += 1
+            self._validate_and_save(started)
+        seconds = time.monotonic() - started
+        run_seconds = max(1e-9, time.monotonic() - run_started)
+        best = self.out_dir / "best.pt"
+        return TrainResult(
+            out_dir=self.out_dir,
+            best_checkpoint=best,
+            last_checkpoint=self.out_dir / "last.pt",
+            best_metrics=dict(max(self.history, key=lambda h: h["score"])["metrics"]) if self.history else {},
+            last_metrics=self.last_metrics,
+            steps=self.step,
+            epochs=self.epoch,
+            seconds=seconds,
+            steps_per_second=(self.step - start_step) / run_seconds,
+            cpu_seconds=time.process_time() - cpu_started,
+            history=list(self.history),
+        )
+
+    def _progress(self, started: float) -> float:
+        """Share of the run done (0 -> 1): by steps, by time budget, whichever is further."""
+        parts = []
+        if self.epochs is not None:
+            parts.append(self.step / max(1, self.epochs * len(self.source)))
+        if self.options.minutes:
+            parts.append(broadcast_value(time.monotonic() - started, self.ctx) / (60.0 * self.options.minutes))
+        return max(parts)
+
+    def _done(self, started: float) -> bool:
+        return self._progress(started) >= 1.0
+
+    def _train_epoch(self, started: float) -> None:
+        self.wrapped.train()
+        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not (self.options.progress and self.ctx.is_main))
+        tick = time.monotonic()
+        for index, batch in enumerate(self.source.epoch(self.epoch)):
+            progress = self._progress(started)
+            if progress >= 1.0:
+                break
+            lr = set_lr(self.optimizer, lr_factor(step=self.step, progress=progress, warmup_steps=self.options.warmup_steps))
+            terms = self._step(batch.to(self.ctx.device))
+            self.step += 1
+            bar.update(1)
+            if index % 5 == 0:
+                rate = (index + 1) / max(1e-9, time.monotonic() - tick)
+                bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.1e}", "it/s": f"{rate:.2f}"})
+        bar.close()
+
+    def _step(self, batch: TrainBatch) -> dict[str, float]:
+        weights = self.model.config.loss_weights
+        with _autocast(self.ctx.device, self.amp_dtype):
+            terms = self.wrapped(
+                batch.reference_pixels, batch.input_ids, batch.target_pixels, batch.caption_ids, batch.reference_index
+            )
+        loss = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.options.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    def _validate_and_save(self, started: float) -> None:
+        if self.ctx.is_main and self.val is not None:
+            reports = evaluate_model(self.model, self.val, device=self.ctx.device, progress=self.options.progress)
+            self.model.train()
+            composed = reports["composed"]
+            score = selection_score(composed)
+            self.last_metrics = dict(composed.metrics)
+            self.history.append(
+                {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.monotonic() - started, 1), "score": score,
+                 "metrics": dict(composed.metrics), "baselines": {m: dict(r.metrics) for m, r in reports.items() if m != "composed"}}
+            )
+            improved = score > self.best_score
+            self.best_score = max(score, self.best_score)
+            state = {
+                "optimizer": self.optimizer.state_dict(), "elapsed_s": time.monotonic() - started,
+                "best_score": self.best_score, "history": self.history, "options": _jsonable(asdict(self.options)),
+            }
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch, optimizer_state=state)
+            if improved:
+                save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
+            log = {"options": state["options"], "history": self.history}
+            atomic_write_bytes(self.out_dir / "train_log.json", (json.dumps(log, indent=1) + "\n").encode("utf-8"))
+            best_mark = " (best)" if improved else ""
+            summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())
+            tqdm.write(f"epoch {self.epoch} step {self.step}: val {summary}{best_mark}")
+        barrier(self.ctx)
+
+
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or device.type == "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+

@@ -1,0 +1,75 @@
+"""The training loop: run folder, recall above the baselines, resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compir.train.checkpoint import load_checkpoint
+from compir.train.cli import main
+from compir.train.loop import TrainOptions, train
+
+
+def test_fixture_run_writes_best_last_and_log(tiny_run, tiny_checkpoint):
+    folder = tiny_run.out_dir
+    assert tiny_checkpoint == folder / "best.pt" and (folder / "last.pt").is_file()
+    log = json.loads((folder / "train_log.json").read_text())
+    assert log["options"]["model"] == "micro" and len(log["history"]) == tiny_run.epochs == 1
+    last = load_checkpoint(folder / "last.pt")
+    assert last.step == tiny_run.steps == 150 and last.optimizer_state and "optimizer" in last.optimizer_state
+    assert load_checkpoint(tiny_checkpoint).optimizer_state is None  # best.pt: weights only
+
+
+def test_fixture_model_beats_chance_and_both_baselines(tiny_run):
+    entry = tiny_run.history[-1]
+    composed, baselines = entry["metrics"], entry["baselines"]
+    assert composed["R@10"] >= 60.0, composed
+    assert composed["R@1"] > baselines["image_only"]["R@1"] + 5, entry
+    assert composed["R@1"] > baselines["text_only"]["R@1"] + 5, entry
+
+
+def test_resume_continues_step_schedule_and_history(tiny_run, synth_data, tmp_path):
+    # 2 epochs x 76 steps = 152: the run picks up after epoch 1 at step 150 and trains 2 more steps.
+    result = train(TrainOptions(
+        data=synth_data, out_dir=tmp_path / "resumed", resume=tiny_run.last_checkpoint, epochs=2,
+        steps_per_epoch=76, batch_size=32, lr=2e-3, warmup_steps=15, val_queries=40, progress=False,
+    ))
+    assert (result.epochs, result.steps) == (2, 152)
+    resumed = load_checkpoint(result.last_checkpoint)
+    assert [h["epoch"] for h in resumed.optimizer_state["history"]] == [1, 2]
+    assert resumed.optimizer_state["optimizer"]["state"], "optimizer moments were not carried over"
+
+
+def test_cli_trains_and_reports(synth_data, tmp_path, capsys):
+    code = main([
+        "--data", str(synth_data), "--model", "micro", "--out", str(tmp_path / "cli"), "--epochs", "1",
+        "--steps-per-epoch", "2", "--batch-size", "16", "--val-queries", "16", "--no-progress", "--amp", "off",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "best checkpoint:" in out and (tmp_path / "cli" / "best.pt").is_file()
+
+
+def test_frozen_tower_does_not_change(synth_data, tmp_path):
+    result = train(TrainOptions(
+        data=synth_data, out_dir=tmp_path / "frozen", model="micro", epochs=1, steps_per_epoch=2, batch_size=16,
+        val_queries=16, freeze_image=True, progress=False,
+    ))
+    trained = load_checkpoint(result.last_checkpoint).model
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    from compir.train.config import resolve_model_config
+    from compir.train.model import CIRModel
+
+    initial = CIRModel(resolve_model_config("micro"))
+    for (name, before), after in zip(initial.backbone.visual.state_dict().items(), trained.backbone.visual.state_dict().values()):
+        assert torch.equal(before, after), name
+    assert not torch.equal(initial.head.gate[0].weight, trained.head.gate[0].weight)
+
+
+def test_bad_amp_mode_is_an_input_error(synth_data, tmp_path):
+    from compir.errors import InputError
+
+    with pytest.raises(InputError, match="amp"):
+        train(TrainOptions(data=synth_data, out_dir=tmp_path / "x", amp="fp8"))
