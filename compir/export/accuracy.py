@@ -30,31 +30,39 @@ class SplitEncoding:
 
 
 def encode_split(
-    graphs: Mapping[str, Path],
+    variants: Mapping[str, Mapping[str, Path]],
     *,
     split: CirSplit,
     preprocess: PreprocessSpec,
     context_length: int,
     batch_size: int = 64,
     threads: int = 0,
-) -> SplitEncoding:
-    """Gallery and composed-query embeddings of ``split`` through one variant's ONNX graphs."""
-    image_session = open_session(graphs[IMAGE_ENCODER], threads=threads)
-    query_session = open_session(graphs[QUERY_ENCODER], threads=threads)
+) -> dict[str, SplitEncoding]:
+    """Gallery and composed-query embeddings of ``split`` through each variant's ONNX graphs.
+
+    Each chunk of images is decoded and preprocessed once and fed to every variant.
+    """
+    image = {name: open_session(graphs[IMAGE_ENCODER], threads=threads) for name, graphs in variants.items()}
+    query = {name: open_session(graphs[QUERY_ENCODER], threads=threads) for name, graphs in variants.items()}
     names = list(split.gallery)
-    gallery = []
-    for start in range(0, len(names), batch_size):
+    gallery: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+    queries: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+    steps = range(0, max(len(names), len(split.queries)), batch_size)
+    for start in tqdm(steps, desc=f"encode {split.name} ({len(variants)} variants)", unit="batch"):
         chunk = [split.image_path(n) for n in names[start : start + batch_size]]
-        gallery.append(run_session(image_session, {"pixel_values": pixels(chunk, preprocess=preprocess)})["image_embeds"])
-    queries = []
-    for start in range(0, len(split.queries), batch_size):
+        if chunk:
+            feeds = {"pixel_values": pixels(chunk, preprocess=preprocess)}
+            for name, session in image.items():
+                gallery[name].append(run_session(session, feeds)["image_embeds"])
         chunk_q = split.queries[start : start + batch_size]
-        feeds = {
-            "pixel_values": pixels([split.image_path(q.reference) for q in chunk_q], preprocess=preprocess),
-            "input_ids": token_ids([q.text for q in chunk_q], context_length=context_length),
-        }
-        queries.append(run_session(query_session, feeds)["query_embeds"])
-    return SplitEncoding(np.concatenate(queries), np.concatenate(gallery), names)
+        if chunk_q:
+            feeds = {
+                "pixel_values": pixels([split.image_path(q.reference) for q in chunk_q], preprocess=preprocess),
+                "input_ids": token_ids([q.text for q in chunk_q], context_length=context_length),
+            }
+            for name, session in query.items():
+                queries[name].append(run_session(session, feeds)["query_embeds"])
+    return {name: SplitEncoding(np.concatenate(queries[name]), np.concatenate(gallery[name]), names) for name in variants}
 
 
 def measure_accuracy(
@@ -66,12 +74,11 @@ def measure_accuracy(
     reference: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Per variant: its recall metrics, their drop against ``reference`` and cosines to it."""
-    encodings: dict[str, SplitEncoding] = {}
-    reports: dict[str, EvalReport] = {}
-    for name in tqdm(list(variants), desc="accuracy per variant", unit="variant"):
-        encodings[name] = encode_split(variants[name], split=split, preprocess=preprocess, context_length=context_length)
-        enc = encodings[name]
-        reports[name] = evaluate_split(split, query_embeds=enc.query_embeds, gallery_embeds=enc.gallery_embeds, gallery_names=enc.gallery_names)
+    encodings = encode_split(variants, split=split, preprocess=preprocess, context_length=context_length)
+    reports: dict[str, EvalReport] = {
+        name: evaluate_split(split, query_embeds=enc.query_embeds, gallery_embeds=enc.gallery_embeds, gallery_names=enc.gallery_names)
+        for name, enc in encodings.items()
+    }
     base = encodings.get(reference)
     results: dict[str, dict[str, float]] = {}
     for name, report in reports.items():
