@@ -59,7 +59,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     work = out_dir / "ablation-work"
     data = work / "data"
     if not (data / "dataset.json").is_file():
-        write_synthetic(data, seed=11, config=budget.data, overwrite=True)
+        write_synthetic(data, seed=11, config=budget.data, overwrite=True, workers=1)
     checkpoints, train_figures = {}, {}
     for label, model in (("combiner", "tiny"), ("tgcir", "tiny-tgcir")):
         started = time.perf_counter()
@@ -123,14 +123,15 @@ def _evaluate(checkpoints: dict[str, Path], test: CirSplit, *, work: Path) -> tu
     first = first_stage_scores(tg)
     text_figures = _text_to_image(tg, test, stages, checkpoint=checkpoints["tgcir"])
     for label, mmref_on, neucore_on in (("tgcir + neucore", False, True), ("tgcir + mmref", True, False), ("tgcir + both", True, True)):
-        chain = _chain(stages, mmref=mmref_on, neucore=neucore_on)
-        if chain is None:  # the method's val-chosen weight is 0: it is not served
+        chain, off = _chain(stages, mmref=mmref_on, neucore=neucore_on)
+        shown = label + "".join(f" ({name} off: weight 0)" for name in off)
+        if chain is None:  # every requested method got weight 0 on val: nothing is served
             reports[label] = reports["tgcir"]
-            rows.append(_row(label + " (weight 0: off)", reports["tgcir"], 0.0))
+            rows.append(_row(shown, reports["tgcir"], 0.0))
             continue
         scores, latency = _rerank_split(tg, first, chain)
         reports[label] = evaluate_scores(test, scores)
-        rows.append(_row(label, reports[label], latency))
+        rows.append(_row(shown, reports[label], latency))
     figures = {"test": {label: report.to_dict() for label, report in reports.items()}, "text_to_image": text_figures}
     return rows, figures
 
@@ -141,13 +142,16 @@ def _row(label: str, report: Any, latency_ms: float) -> list[Any]:
     return [label, m["R@1"], m["R@5"], m["R@10"], seen.get("R@1", 0.0), unseen.get("R@1", 0.0), unseen.get("R@10", 0.0), latency_ms]
 
 
-def _chain(stages: Any, *, mmref: bool, neucore: bool) -> Any:
+def _chain(stages: Any, *, mmref: bool, neucore: bool) -> tuple[Any, list[str]]:
+    """The served reranker restricted to the requested methods, and the requested ones that are off."""
     from compir.runtime.rerankers import MethodsReranker
 
-    if stages is None:
-        return None
-    chosen = MethodsReranker(mmref=stages.mmref if mmref else None, neucore=stages.neucore if neucore else None)
-    return None if (mmref and chosen.mmref is None) or (neucore and chosen.neucore is None) else chosen
+    have_mmref = stages is not None and stages.mmref is not None
+    have_neucore = stages is not None and stages.neucore is not None
+    off = [name for name, wanted, have in (("mmref", mmref, have_mmref), ("neucore", neucore, have_neucore)) if wanted and not have]
+    if not ((mmref and have_mmref) or (neucore and have_neucore)):
+        return None, off
+    return MethodsReranker(mmref=stages.mmref if mmref else None, neucore=stages.neucore if neucore else None), off
 
 
 def _rerank_split(encoded: Any, first: np.ndarray, chain: Any) -> tuple[np.ndarray, float]:

@@ -62,18 +62,19 @@ def add_rerankers(
 
     folder = Path(export_dir)
     manifest = load_manifest(folder)
+    given = {"neucore": neucore, "mmref": mmref}
+    paths = {kind: Path(p) if p is not None else sidecar_path(checkpoint, kind) for kind, p in given.items()}
+    paths = {kind: path for kind, path in paths.items() if given[kind] is not None or path.is_file()}
+    if not paths:
+        return manifest  # no re-ranker trained for this checkpoint: the export stays as it is
     loaded = load_checkpoint(checkpoint)
     if manifest.source_checkpoint_sha256 and manifest.source_checkpoint_sha256 != loaded.sha256:
         raise ContractError(f"export {folder} was made from another checkpoint than {checkpoint}; export this checkpoint first")
-    paths = {"neucore": neucore, "mmref": mmref}
     settings: dict[str, Any] = {}
     graphs: dict[str, GraphSpec] = {}
     artifacts = dict(manifest.artifacts)
     parity: dict[str, float] = {}
-    for kind, given in paths.items():
-        path = Path(given) if given is not None else sidecar_path(checkpoint, kind)
-        if given is None and not path.is_file():
-            continue
+    for kind, path in paths.items():
         sidecar = load_sidecar(path, kind=kind, checkpoint_sha256=loaded.sha256)
         settings[kind] = dict(sidecar.settings)
         if kind == "neucore":
@@ -85,8 +86,6 @@ def add_rerankers(
             for name, file, key in (("mmref_references", REFERENCES_FILE, "references"), ("mmref_projection", PROJECTION_FILE, "projection")):
                 artifacts[name] = _write_array(folder / file, sidecar.state_dict[key].numpy(), description=f"MMRef {key}")
             settings[kind] |= {"references": "mmref_references", "projection": "mmref_projection"}
-    if not settings:
-        return manifest
     write_contract(folder / RERANKERS_FILE, fmt=RERANKERS_FORMAT, schema_version=RERANKERS_SCHEMA, body={"rerankers": settings})
     artifacts["rerankers"] = ArtifactSpec(file=RERANKERS_FILE, sha256=sha256_file(folder / RERANKERS_FILE), description="stage-2 settings")
     variants = {
