@@ -50,7 +50,8 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
                 search_button = gr.Button("Search", variant="primary", elem_id="search")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
-                results = gr.Gallery(label="Top-k results", columns=5, height=300, elem_id="results")
+                results = gr.Gallery(label="Top-k results", columns=5, height=220, object_fit="contain",
+                                     elem_id="results")
                 table = gr.Dataframe(headers=["rank", "item_id", "score"], label="Results", elem_id="results-table")
                 latency = gr.Markdown(elem_id="latency")
         search_inputs = [reference_file, reference_id, text, k, rerank, text_only]
@@ -72,7 +73,7 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
                 prev_button = gr.Button("◀ previous", size="sm")
                 next_button = gr.Button("next ▶", size="sm")
             gallery = gr.Gallery(label="Gallery (click to use as the reference)", columns=8, height=260,
-                                 allow_preview=False, elem_id="gallery")
+                                 object_fit="contain", allow_preview=False, elem_id="gallery")
             with gr.Row():
                 new_files = gr.File(label="Add images to the gallery", file_count="multiple", type="filepath")
                 add_button = gr.Button("Add to gallery", elem_id="add")

@@ -37,17 +37,18 @@ def find_examples(session: DemoSession, *, data_dir: str | os.PathLike[str] | No
     if split is None:
         return []
     chosen: list[DemoExample] = []
-    kinds_seen: set[str] = set()
-    for repeat_kinds in (False, True):
+    seen: set[str] = set()  # kinds and references already shown
+    for strict in (True, False):  # first: a new kind on a new reference each; then fill up
         for query in split.queries:
             if len(chosen) >= n:
                 return chosen
-            if (query.kind in kinds_seen) != repeat_kinds or any(query.text == c.text for c in chosen):
+            fresh = query.kind not in seen and query.reference not in seen
+            if (strict and not fresh) or any(query.text == c.text for c in chosen):
                 continue
             example = _example(session, split, query.reference, query.text, query.targets, query.kind)
             if example is not None:
                 chosen.append(example)
-                kinds_seen.add(query.kind)
+                seen |= {query.kind, query.reference}
     return chosen
 
 
