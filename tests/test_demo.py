@@ -123,6 +123,29 @@ def test_examples_come_from_the_synthetic_benchmark(demo, synth_data):
     assert all(example.text in texts for example in demo.examples)
 
 
+class _ReverseReranker:
+    """A real second stage registered through the runtime's hook: prefers what stage 1 ranked last."""
+
+    name = "reverse"
+
+    def rerank(self, query, candidates):
+        return -candidates.scores
+
+
+def test_rerank_is_offered_when_the_export_has_one(tiny_export, tiny_index, monkeypatch):
+    from compir.demo.session import DemoSession
+    from compir.runtime import rerank
+
+    monkeypatch.setitem(rerank._FACTORIES, "reverse", lambda encoder, manifest, variant: _ReverseReranker())
+    session = DemoSession(tiny_export, tiny_index)
+    assert session.has_reranker
+    item = session.retriever.item_ids()[2]
+    plain = session.search(reference_file=None, reference_id=item, text="make it red", k=5)
+    reranked = session.search(reference_file=None, reference_id=item, text="make it red", k=5, rerank=True)
+    assert reranked.latency_split()["re-rank"] is not None and plain.latency_split()["re-rank"] is None
+    assert [h.item_id for h in reranked.hits] != [h.item_id for h in plain.hits]
+
+
 @pytest.mark.browser
 def test_the_page_in_chromium(demo, solved):
     if not CHROMIUM.is_file():

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from compir.data.load import load_split
+from compir.runtime import rerank
 from compir.runtime.retriever import Retriever
 from compir.runtime.service.app import create_app
 from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig
@@ -142,6 +143,31 @@ def test_rerank_without_a_reranker_is_refused(served, query):
         pytest.skip("the tiny export has a re-ranker; the refusal does not apply")
     response = served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "rerank": "true"})
     assert_refused(response, 422, "re-ranker")
+
+
+class _ReverseReranker:
+    """A real second stage registered through the runtime's hook: prefers what stage 1 ranked last."""
+
+    name = "reverse"
+
+    def rerank(self, query, candidates) -> np.ndarray:
+        return -candidates.scores
+
+
+def test_rerank_runs_alone_and_reorders(tiny_export, tiny_index, monkeypatch):
+    monkeypatch.setitem(rerank._FACTORIES, "reverse", lambda encoder, manifest, variant: _ReverseReranker())
+    retriever = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
+    retriever.rerank_top_n = 6
+    item = retriever.item_ids()[3]
+    engine = ServiceEngine(retriever, config=ServiceConfig(batching=BatchingConfig(enabled=True)))
+    with BackgroundServer(create_app(engine)) as server:
+        form = {"text": "make it red", "reference_id": item, "k": "6"}
+        plain = httpx.post(server.url + "/search", data=form)
+        reranked = httpx.post(server.url + "/search", data={**form, "rerank": "true"})
+        assert httpx.get(server.url + "/stats").json()["has_reranker"] is True
+    assert [i for i, _ in hits_of(reranked)] == [i for i, _ in reversed(hits_of(plain))]
+    assert "rerank" in reranked.json()["timings_ms"] and reranked.json()["batch_size"] == 1
+    assert plain.json()["timings_ms"].keys() == {"batch"}  # the plain query went through the batcher
 
 
 def _corrupt() -> bytes:
