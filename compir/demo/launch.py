@@ -51,10 +51,11 @@ def launch_demo(
         allowed_paths=image_folders(session, examples),
         max_file_size=max_upload_bytes,
         ssr_mode=False,
-        quiet=not block,
+        quiet=True,  # Gradio's banner suggests share=True, which this demo deliberately does not offer
         footer_links=["api"],
     )
     running = RunningDemo(blocks=blocks, session=session, examples=examples, url=url.rstrip("/"))
+    print(f"compir demo: {running.url}  (Ctrl+C stops it)" if block else f"compir demo: {running.url}", flush=True)
     if block:
         blocks.block_thread()
     return running

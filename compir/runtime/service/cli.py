@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)
+    engine.warm_up()
     batching = config.batching
     print(
         f"compir serve: {len(retriever)} items, backend {retriever.backend_info}; "

@@ -100,6 +100,10 @@ class ServiceEngine:
                 self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms
             )
 
+    def warm_up(self) -> None:
+        """One composed query through every graph, so the first client does not pay for session start-up."""
+        self.retriever.search(reference=Image.new("RGB", (64, 64), "white"), text="warm up", k=1)
+
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close()
