@@ -8,7 +8,8 @@ similarity) cannot live in the ANN index, so it re-orders the top-N instead. To 
 2. register a factory: ``register_reranker("neucore", factory)``, where
    ``factory(encoder, manifest, variant) -> Reranker | None`` builds it from the export's
    ``reranker`` graph or its artifacts (``None`` = not applicable to this export);
-3. :func:`load_reranker` tries every registered factory; the Retriever's ``has_reranker`` is True
+3. :func:`load_reranker` imports compir's own re-rankers (:mod:`compir.runtime.rerankers`) and
+   tries every registered factory; the Retriever's ``has_reranker`` is True
    once one returns a reranker, and ``search(..., rerank=True)`` then re-orders the top
    ``top_n`` (default :data:`DEFAULT_TOP_N`) candidates.
 """
@@ -73,7 +74,12 @@ def registered_rerankers() -> Sequence[str]:
 
 
 def load_reranker(encoder: Encoder) -> Reranker | None:
-    """The first registered reranker that applies to the encoder's export, or None."""
+    """The first registered reranker that applies to the encoder's export, or None.
+
+    compir's own re-rankers (:mod:`compir.runtime.rerankers`: NEUCORE, MMRef) register on import.
+    """
+    import compir.runtime.rerankers  # noqa: F401
+
     for factory in _FACTORIES.values():
         reranker = factory(encoder, encoder.manifest, encoder.variant)
         if reranker is not None:
