@@ -1,0 +1,52 @@
+"""``compir eval`` on a checkpoint (with baselines) and on an export folder (through the runtime)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compir.errors import ContractError
+from compir.evaluate import evaluate_path, main
+
+
+@pytest.fixture(scope="module")
+def checkpoint_result(tiny_checkpoint, synth_data):
+    return evaluate_path(tiny_checkpoint, data=synth_data, split="val", progress=False)
+
+
+def test_checkpoint_report_has_protocol_breakdown_and_baselines(checkpoint_result):
+    assert list(checkpoint_result.reports) == ["composed", "image_only", "text_only"]
+    composed = checkpoint_result.reports["composed"]
+    assert composed.protocol == "synthetic" and {"seen", "unseen"} <= set(composed.breakdown)
+    assert any(group.startswith("kind=") for group in composed.breakdown)
+    # Same queries and gallery for all three; the trained composition beats both baselines.
+    assert {r.n_queries for r in checkpoint_result.reports.values()} == {composed.n_queries}
+    for baseline in ("image_only", "text_only"):
+        assert composed.metrics["R@1"] > checkpoint_result.reports[baseline].metrics["R@1"]
+
+
+def test_cli_prints_tables_and_writes_json(tiny_checkpoint, synth_data, tmp_path, capsys, checkpoint_result):
+    out_json = tmp_path / "eval.json"
+    assert main([str(tiny_checkpoint), "--data", str(synth_data), "--split", "val", "--json", str(out_json), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("| composed |", "| image only |", "| text only |", "| unseen |"):
+        assert label in printed
+    saved = json.loads(out_json.read_text())
+    assert saved["reports"]["composed"]["metrics"] == pytest.approx(checkpoint_result.reports["composed"].metrics)
+
+
+def test_export_folder_matches_its_checkpoint(tiny_export, synth_data, checkpoint_result):
+    exported = evaluate_path(tiny_export, data=synth_data, split="val", variant="fp32", progress=False)
+    assert exported.source_kind == "export" and list(exported.reports) == ["composed"]
+    torch_metrics = checkpoint_result.reports["composed"].metrics
+    for name, value in exported.reports["composed"].metrics.items():
+        # fp32 ONNX vs torch: the same ranking up to a rare near-tie
+        assert value == pytest.approx(torch_metrics[name], abs=2.0), name
+
+
+def test_bad_sources_are_contract_errors(tmp_path, synth_data):
+    with pytest.raises(ContractError, match="does not exist"):
+        evaluate_path(tmp_path / "missing.pt", data=synth_data, split="val")
+    with pytest.raises(ContractError, match="manifest.json"):
+        evaluate_path(tmp_path, data=synth_data, split="val")
