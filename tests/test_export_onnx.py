@@ -28,17 +28,17 @@ IO_NAMES = {
 }
 
 
-def test_manifest_describes_every_graph(micro_export_all: Path, micro_checkpoint: Path) -> None:
+def test_manifest_describes_every_graph(tiny_export_all: Path, tiny_checkpoint: Path) -> None:
     from compir.train.checkpoint import load_checkpoint
 
-    manifest = load_manifest(micro_export_all)
-    loaded = load_checkpoint(micro_checkpoint)
+    manifest = load_manifest(tiny_export_all)
+    loaded = load_checkpoint(tiny_checkpoint)
     assert manifest.embed_dim == 64 and manifest.metric == "cos" and manifest.head == "combiner"
     assert manifest.preprocess == loaded.preprocess and manifest.opset == 17
-    assert manifest.source_checkpoint_sha256 == sha256_file(micro_checkpoint)
+    assert manifest.source_checkpoint_sha256 == sha256_file(tiny_checkpoint)
     tok = manifest.tokenizer
     assert (tok.context_length, tok.sot_id, tok.eot_id, tok.pad_id) == (16, 49406, 49407, 0)
-    assert sha256_file(micro_export_all / tok.vocab_file) == tok.vocab_sha256 == loaded.tokenizer["vocab_sha256"]
+    assert sha256_file(tiny_export_all / tok.vocab_file) == tok.vocab_sha256 == loaded.tokenizer["vocab_sha256"]
     fp32 = manifest.variant("fp32")
     assert set(fp32.graphs) == set(IO_NAMES) and set(GRAPH_ROLES) - set(fp32.graphs) == {"reranker"}
     for role, (inputs, outputs) in IO_NAMES.items():
@@ -58,23 +58,23 @@ def test_manifest_describes_every_graph(micro_export_all: Path, micro_checkpoint
     assert fp32.graph("composer").input("text_features") == fp32.graph("text_encoder").output("text_features")
 
 
-def test_manifest_shapes_are_what_onnxruntime_sees(micro_export_all: Path) -> None:
-    manifest = load_manifest(micro_export_all)
+def test_manifest_shapes_are_what_onnxruntime_sees(tiny_export_all: Path) -> None:
+    manifest = load_manifest(tiny_export_all)
     for variant in manifest.variants.values():
         for graph in variant.graphs.values():
-            session = ort.InferenceSession(str(micro_export_all / graph.file), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(tiny_export_all / graph.file), providers=["CPUExecutionProvider"])
             seen = [(i.name, tuple(i.shape)) for i in session.get_inputs()] + [(o.name, tuple(o.shape)) for o in session.get_outputs()]
             assert seen == [(t.name, t.shape) for t in (*graph.inputs, *graph.outputs)], (variant.name, graph.role)
 
 
-def test_copied_export_is_self_contained_and_matches_torch(micro_export_all: Path, micro_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+def test_copied_export_is_self_contained_and_matches_torch(tiny_export_all: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
     from compir.train.checkpoint import load_checkpoint
 
     copy = tmp_path / "elsewhere" / "export"
-    shutil.copytree(micro_export_all, copy)
-    assert str(micro_export_all) not in (copy / "manifest.json").read_text()
+    shutil.copytree(tiny_export_all, copy)
+    assert str(tiny_export_all) not in (copy / "manifest.json").read_text()
     manifest = load_manifest(copy)
-    loaded = load_checkpoint(micro_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     samples = load_samples(preprocess=manifest.preprocess, context_length=manifest.tokenizer.context_length, data_dir=synth_data, count=5, seed=3)
     session = ort.InferenceSession(str(copy / manifest.graph("query_encoder").file), providers=["CPUExecutionProvider"])
     (onnx_query,) = session.run(["query_embeds"], {"pixel_values": samples.pixel_values, "input_ids": samples.input_ids})
@@ -84,9 +84,9 @@ def test_copied_export_is_self_contained_and_matches_torch(micro_export_all: Pat
     assert float(np.max(np.abs(onnx_query - torch_query))) <= 1e-4
 
 
-def test_damaged_graph_is_caught_by_the_manifest_checksum(micro_export_all: Path, tmp_path: Path) -> None:
+def test_damaged_graph_is_caught_by_the_manifest_checksum(tiny_export_all: Path, tmp_path: Path) -> None:
     copy = tmp_path / "export"
-    shutil.copytree(micro_export_all, copy)
+    shutil.copytree(tiny_export_all, copy)
     graph = copy / "fp32" / "text_encoder.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF

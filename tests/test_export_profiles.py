@@ -16,8 +16,8 @@ from compir.export.trt.profiles import calibration_shapes, compute_profile
 from compir.manifest import TensorSpec, load_manifest
 
 
-def test_profile_covers_every_input_of_every_graph(micro_export_all: Path) -> None:
-    manifest = load_manifest(micro_export_all)
+def test_profile_covers_every_input_of_every_graph(tiny_export_all: Path) -> None:
+    manifest = load_manifest(tiny_export_all)
     query = compute_profile(manifest.graph("query_encoder"), min_batch=1, opt_batch=8, max_batch=32)
     assert query == {
         "pixel_values": ShapeRange(min=(1, 3, 32, 32), opt=(8, 3, 32, 32), max=(32, 3, 32, 32)),
@@ -30,8 +30,8 @@ def test_profile_covers_every_input_of_every_graph(micro_export_all: Path) -> No
     assert calibration_shapes(query, batch=100)["input_ids"] == (32, 16)
 
 
-def test_profile_refuses_what_it_cannot_size(micro_export_all: Path) -> None:
-    graph = load_manifest(micro_export_all).graph("text_encoder")
+def test_profile_refuses_what_it_cannot_size(tiny_export_all: Path) -> None:
+    graph = load_manifest(tiny_export_all).graph("text_encoder")
     with pytest.raises(ContractError, match=r"1 <= min \(4\) <= opt \(2\)"):
         compute_profile(graph, min_batch=4, opt_batch=2, max_batch=8)
     other_axis = replace(graph, inputs=(TensorSpec(name="input_ids", dtype="int64", shape=("batch", "sequence")),))
@@ -39,11 +39,11 @@ def test_profile_refuses_what_it_cannot_size(micro_export_all: Path) -> None:
         compute_profile(other_axis, min_batch=1, opt_batch=1, max_batch=1)
 
 
-def test_calibration_feeds_are_real_and_batched(micro_export_all: Path, synth_data: Path) -> None:
-    manifest = load_manifest(micro_export_all)
+def test_calibration_feeds_are_real_and_batched(tiny_export_all: Path, synth_data: Path) -> None:
+    manifest = load_manifest(tiny_export_all)
     samples = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=synth_data, count=20)
     assert len(set(samples.image_names)) == 20 and all(t.strip() for t in samples.texts)
-    graphs = {role: micro_export_all / g.file for role, g in manifest.variant("fp32").graphs.items()}
+    graphs = {role: tiny_export_all / g.file for role, g in manifest.variant("fp32").graphs.items()}
     feeds = calibration_feeds(graphs, samples, roles=["composer", "query_encoder"])
     assert sorted(feeds["composer"]) == ["image_features", "text_features"]
     assert feeds["composer"]["image_features"].shape[0] == 20 and np.isfinite(feeds["composer"]["image_features"]).all()
@@ -53,10 +53,10 @@ def test_calibration_feeds_are_real_and_batched(micro_export_all: Path, synth_da
         split_batches(feeds["query_encoder"], batch=32)
 
 
-def test_samples_from_an_image_folder_and_rendered(tmp_path: Path, micro_export_all: Path) -> None:
+def test_samples_from_an_image_folder_and_rendered(tmp_path: Path, tiny_export_all: Path) -> None:
     from PIL import Image
 
-    manifest = load_manifest(micro_export_all)
+    manifest = load_manifest(tiny_export_all)
     for index in range(3):
         Image.new("RGB", (40 + index, 30), (index * 80, 20, 200)).save(tmp_path / f"photo{index}.jpg")
     folder = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=tmp_path, count=8)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 def export_copy(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (engines are built on the GPU device)")
     copy = tmp_path / "export"
-    shutil.copytree(request.getfixturevalue("micro_export_all"), copy)
+    shutil.copytree(request.getfixturevalue("tiny_export_all"), copy)
     return copy
 
 
