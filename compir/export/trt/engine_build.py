@@ -116,13 +116,13 @@ def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: Bu
         optimization.set_shape(name, shape_range.min, shape_range.opt, shape_range.max)
     config.add_optimization_profile(optimization)
     _set_precision(trt, builder, config, profile, options, role)
-    cache = _load_timing_cache(config, options.timing_cache)
+    _load_timing_cache(config, options.timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ContractError(f"TensorRT failed to build an engine from {onnx_path} at {options.precision} (see its log above)")
-    if options.timing_cache is not None:
-        atomic_write_bytes(options.timing_cache, bytes(cache.serialize()))
+    if options.timing_cache is not None:  # the config's cache now holds this build's timings too
+        atomic_write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -140,6 +140,11 @@ def _set_precision(trt: Any, builder: Any, config: Any, profile: dict[str, Shape
     config.set_flag(trt.BuilderFlag.INT8)
     if options.calibration_batches is None:
         return  # explicit quantization: the graph's Q/DQ nodes carry the scales
+    if not hasattr(config, "int8_calibrator"):
+        raise ContractError(
+            f"this TensorRT ({trt.__version__}) has no int8 calibrators (removed after their 10.1 deprecation); "
+            f"build --precision int8 --variant int8-static (explicit Q/DQ quantization) instead"
+        )
     from compir.export.trt.calibrator import make_calibrator
 
     batches = options.calibration_batches[role]
@@ -152,13 +157,12 @@ def _set_precision(trt: Any, builder: Any, config: Any, profile: dict[str, Shape
     config.int8_calibrator = make_calibrator(batches, cache_file=cache_file)
 
 
-def _load_timing_cache(config: Any, path: Path | None) -> Any:
+def _load_timing_cache(config: Any, path: Path | None) -> None:
     data = path.read_bytes() if path is not None and path.is_file() else b""
     cache = config.create_timing_cache(data)
     # ignore_mismatch=False: a cache from another GPU or TensorRT is refused instead of misused.
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise ContractError(f"timing cache {path} does not match this GPU / TensorRT; delete it and rebuild")
-    return cache
 
 
 def _check_variant(variant: str, precision: str) -> None:
