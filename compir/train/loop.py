@@ -55,7 +55,7 @@ class TrainOptions:
     freeze_image: bool = False
     freeze_text: bool = False
     amp: str = "auto"  # auto: bf16 on CPU and on CUDA that has it, else fp16
-    steps_per_epoch: int | None = None  # synthetic data: default = train split size / batch
+    steps_per_epoch: int | None = None  # default: synthetic = train split size / batch; real = one pass
     siblings: int | None = None  # synthetic data: edits per reference in a batch
     val_split: str = "val"
     val_queries: int | None = None  # evaluate on the first N validation queries only
@@ -140,7 +140,7 @@ class _Run:
         split = load_split(o.data, split="train", fmt=fmt)
         return SplitSource(
             split, preprocess=model.preprocess, context_length=model.context_length, batch_size=o.batch_size,
-            seed=o.seed, rank=ctx.rank, world_size=ctx.world_size, workers=o.workers,
+            seed=o.seed, rank=ctx.rank, world_size=ctx.world_size, workers=o.workers, steps_per_epoch=o.steps_per_epoch,
         )
 
     # ---- the loop ----------------------------------------------------------------------
@@ -232,7 +232,8 @@ class _Run:
                 {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.monotonic() - started, 1), "score": score,
                  "metrics": dict(composed.metrics), "baselines": {m: dict(r.metrics) for m, r in reports.items() if m != "composed"}}
             )
-            improved = score > self.best_score
+            # A resumed run writing to a new folder starts its own best.pt.
+            improved = score > self.best_score or not (self.out_dir / "best.pt").is_file()
             self.best_score = max(score, self.best_score)
             state = {
                 "optimizer": self.optimizer.state_dict(), "elapsed_s": time.monotonic() - started,

@@ -9,6 +9,7 @@ sampled (``compir.data.synth.sample_edits`` with ``allow_unseen=False``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class SplitSource:
         rank: int = 0,
         world_size: int = 1,
         workers: int = 2,
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.dataset = SplitDataset(split, preprocess=preprocess, context_length=context_length)
         if len(self.dataset) < batch_size * world_size:
@@ -181,12 +183,14 @@ class SplitSource:
             persistent_workers=workers > 0,
         )
 
+        self.steps_per_epoch = min(len(self.loader), steps_per_epoch or len(self.loader))
+
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.steps_per_epoch
 
     def epoch(self, epoch: int) -> Iterator[TrainBatch]:
         self.sampler.set_epoch(epoch)
-        for reference, ids, target, caption_ids, has_caption in self.loader:
+        for reference, ids, target, caption_ids, has_caption in itertools.islice(self.loader, self.steps_per_epoch):
             # Captions only count where every target of the batch has one.
             yield TrainBatch(reference, ids, target, caption_ids if bool(has_caption.all()) else None)
 
