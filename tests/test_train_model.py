@@ -114,3 +114,13 @@ def test_fast_pixel_path_equals_open_clip_eval_transform(micro_model):
     spec = micro_model.preprocess
     reference = torch.stack([eval_transform(spec)(image) for image in images])
     assert torch.allclose(pixels_to_tensor(images, spec), reference, atol=1e-5)
+
+
+def test_pretrained_weights_load_from_a_local_open_clip_file(tmp_path, micro_model):
+    weights = tmp_path / "open_clip_weights.pt"
+    torch.save(micro_model.backbone.state_dict(), weights)  # what open_clip checkpoints hold
+    loaded = CIRModel(resolve_model_config("micro"), pretrained=str(weights))
+    for (name, expected), actual in zip(micro_model.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+        assert torch.equal(expected, actual), name
+    with pytest.raises(InputError, match="pretrained"):
+        CIRModel(resolve_model_config("micro"), pretrained=str(tmp_path / "missing.pt"))
