@@ -9,11 +9,12 @@ held-out queries from the same mixture. Ground truth is the exact top-10 by cosi
 - faiss: IndexHNSWFlat (f32, inner product), M 16, efConstruction 128, a sweep over efSearch.
 Goal: usearch recall@10 >= 0.98 at >= 20x the exact queries/s. faiss and usearch are compared
 at equal recall (the fastest sweep point of each that reaches 0.95 / 0.98 / 0.99).
-Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k.
+Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k; COMPIR_BENCH_INDEX_VECTORS=N sets N.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ DIM = 512
 K = 10
 SWEEP = (16, 24, 32, 48, 64, 128)
 RECALL_LEVELS = (0.95, 0.98, 0.99)
+SIZE_VARIABLE = "COMPIR_BENCH_INDEX_VECTORS"  # overrides the gallery size (e.g. on a shared machine)
 
 
 def clustered_vectors(count: int, *, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -117,6 +119,7 @@ def at_recall(sweep: list[dict[str, Any]], level: float) -> dict[str, Any] | Non
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
     count, n_queries, repeats = (20_000, 500, 3) if quick else (1_000_000, 1_000, 3)
+    count = int(os.environ.get(SIZE_VARIABLE, count))
     rng = np.random.default_rng(0)
     # ~500 vectors per cluster at every size (2,000 clusters at 1M), so --quick keeps the structure.
     centres = rng.normal(size=(max(40, count // 500), DIM)).astype(np.float32) / np.sqrt(DIM)
