@@ -127,6 +127,10 @@ def export_onnx(
             compir_version=__version__,
         )
         save_manifest(tmp, manifest)
+        # Stage-2 re-rankers trained for this checkpoint (sidecars beside it); a no-op without them.
+        from compir.export.rerankers import add_rerankers
+
+        manifest = add_rerankers(tmp, checkpoint=checkpoint, calibration_data=calibration_data, opset=opset, tolerance=tolerance)
         load_manifest(tmp)  # the folder must read back (checksums, required graphs) before it is published
     return manifest
 
