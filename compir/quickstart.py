@@ -1,8 +1,9 @@
 """``compir quickstart``: the whole pipeline on the synthetic benchmark, in one command.
 
-A list of steps, each a library call on a shared state (so later stages, e.g. export and
-index, are appended as further steps): render the data, train the default model within a time
-budget, evaluate it on the held-out test split against the image-only / text-only baselines.
+A list of steps, each a library call on a shared state: render the data, train the default
+model within a time budget, evaluate it on the held-out test split against the image-only /
+text-only baselines, export it to ONNX (parity-checked), index the test gallery with the
+torch-free runtime and answer one composed query through it (``--demo`` then opens the demo).
 Stages are imported lazily: this module is part of compir's core.
 """
 
@@ -19,15 +20,19 @@ from typing import Any
 from compir.contracts import atomic_write_bytes
 
 DEFAULT_OUT = Path("compir-quickstart")
-DEFAULT_MINUTES = 12.0  # training budget; data + evaluation add about a minute on 2 CPU cores
+DEFAULT_MINUTES = 11.5  # training budget; data, eval, export, index and the query add ~3 min on 2 CPU cores
 
 EPILOG = """examples:
   compir quickstart                          # ~13 minutes on 2 CPU cores
   compir quickstart --out /tmp/qs --minutes 5
   compir quickstart --model micro --minutes 1 --n-test 400   # a smoke test
 
+  compir quickstart --demo                   # then open the Gradio demo on the result
+
 Everything goes under --out: data/ (the synthetic benchmark), run/ (best.pt, last.pt,
-train_log.json), eval.json (test metrics) and quickstart.json (a summary of every step).
+train_log.json), eval.json (test metrics), export/ (ONNX graphs + manifest.json), gallery/
+(links to the test gallery's images), index/ (the usearch index) and quickstart.json (a
+summary of every step).
 """
 
 
@@ -44,6 +49,8 @@ class QuickstartState:
     progress: bool = True
     data_dir: Path | None = None
     checkpoint: Path | None = None
+    export_dir: Path | None = None
+    index_dir: Path | None = None
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,10 +113,63 @@ def evaluate_model(state: QuickstartState) -> None:
     state.results["eval"] = {"path": str(path), "test": result.reports["composed"].metrics}
 
 
+def export_model(state: QuickstartState) -> None:
+    from compir.export.to_onnx import export_onnx
+
+    assert state.checkpoint is not None
+    folder = state.out_dir / "export"
+    manifest = export_onnx(state.checkpoint, out_dir=folder, calibration_data=state.data_dir, overwrite=True)
+    state.export_dir = folder
+    state.results["export"] = {"path": str(folder), "parity_max_abs_diff": manifest.variant().parity}
+
+
+def index_gallery(state: QuickstartState) -> None:
+    from compir.data.load import load_split
+    from compir.runtime.build import build_index
+    from compir.runtime.encoder import Encoder
+
+    assert state.export_dir is not None and state.data_dir is not None
+    split = load_split(state.data_dir, split="test")
+    # The test split's gallery (targets and their siblings), linked rather than copied.
+    gallery = state.out_dir / "gallery"
+    gallery.mkdir(parents=True, exist_ok=True)
+    for name in split.gallery:
+        source = split.image_path(name).resolve()
+        link = gallery / f"{name}{source.suffix}"
+        if not link.exists():
+            link.symlink_to(source)
+    report = build_index(Encoder.from_export(state.export_dir), images=gallery, out=state.out_dir / "index",
+                         overwrite=True, progress=state.progress)
+    state.index_dir = report.out_dir
+    state.results["index"] = {"path": str(report.out_dir), "items": report.count, "images_per_s": round(report.images_per_s, 1)}
+
+
+def example_query(state: QuickstartState) -> None:
+    from compir.data.load import load_split
+    from compir.runtime.retriever import Retriever
+
+    assert state.export_dir is not None and state.index_dir is not None and state.data_dir is not None
+    query = load_split(state.data_dir, split="test").queries[0]
+    retriever = Retriever.from_dirs(state.export_dir, state.index_dir)
+    result = retriever.search_detailed(reference=query.reference, text=query.text, k=5)
+    print(f"reference {query.reference!r} + {query.text!r} (target {', '.join(query.targets)}):")
+    for rank, hit in enumerate(result.hits, start=1):
+        mark = "  <- target" if hit.item_id in query.targets else ""
+        print(f"  {rank}. {hit.item_id}  {hit.score:.3f}{mark}")
+    print("latency: " + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in result.timings_ms.items()))
+    state.results["query"] = {
+        "reference": query.reference, "text": query.text, "targets": list(query.targets),
+        "hits": [{"item_id": h.item_id, "score": h.score} for h in result.hits], "timings_ms": result.timings_ms,
+    }
+
+
 STEPS: list[Step] = [
     Step("data", "render the synthetic benchmark (CIRR layout, held-out combinations in val / test)", make_data),
     Step("train", "train the model on fresh scenes every epoch, keep the best on val", train_model),
     Step("eval", "test-split metrics beside the image-only and text-only baselines", evaluate_model),
+    Step("export", "ONNX graphs + manifest.json, each graph checked against torch", export_model),
+    Step("index", "index the test gallery with the torch-free runtime (usearch, f16)", index_gallery),
+    Step("query", "one composed query through the runtime's Retriever", example_query),
 ]
 
 
@@ -131,7 +191,7 @@ def run_quickstart(state: QuickstartState, *, steps: Sequence[Step] = tuple(STEP
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compir quickstart",
-        description="Synthetic data -> train -> evaluate, with progress bars, in about 13 minutes on 2 CPU cores.",
+        description="Synthetic data -> train -> evaluate -> export -> index -> one query, in about 15 minutes on 2 CPU cores.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -142,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-val", type=int, default=1000, help="validation queries (default: %(default)s)")
     parser.add_argument("--n-test", type=int, default=4000, help="test queries (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--demo", action="store_true", help="afterwards, serve the Gradio demo on 127.0.0.1 (Ctrl-C stops it)")
+    parser.add_argument("--port", type=int, default=7860, help="demo port (default: %(default)s)")
     return parser
 
 
@@ -160,6 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  data        {summary['data']['path']}")
     print(f"  checkpoint  {summary['train']['best_checkpoint']}  (last.pt and train_log.json beside it)")
     print(f"  test report {summary['eval']['path']}")
+    print(f"  export      {summary['export']['path']}")
+    print(f"  index       {summary['index']['path']}")
     print(f"  summary     {state.out_dir / 'quickstart.json'}")
-    print(f"next: compir export onnx {summary['train']['best_checkpoint']} --out {state.out_dir / 'export'}")
+    export, index = summary["export"]["path"], summary["index"]["path"]
+    print(f"next: compir search {export} {index} --reference ID_OR_IMAGE --text '...'")
+    print(f"      compir serve {export} {index}     |     compir demo {export} {index} --examples {summary['data']['path']}")
+    if args.demo:
+        from compir.demo.launch import launch_demo
+
+        launch_demo(export, index, port=args.port, examples_dir=summary["data"]["path"], block=True)
     return 0
