@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("compir.quickstart", "data -> train -> eval -> export -> index -> one query", "compir quickstart --minutes 3"),
     "data": ("compir.data.cli", "render the synthetic benchmark, inspect datasets", "compir data synth --out data/synth"),
     "train": ("compir.train.cli", "train a composed retrieval model", "compir train --data data/synth --out runs/tiny"),
+    "rerankers": ("compir.train.rerankers_cli", "train stage-2 re-rankers (NEUCORE, MMRef) for a checkpoint", "compir rerankers runs/tiny/best.pt --data data/synth"),
     "eval": ("compir.evaluate", "evaluate a checkpoint or an export folder", "compir eval runs/tiny/best.pt --data data/synth"),
     "export": ("compir.export.cli", "ONNX graphs + manifest; TensorRT engines", "compir export onnx runs/tiny/best.pt --out exports/tiny"),
     "index": ("compir.runtime.index_cli", "build a usearch gallery index", "compir index build exports/tiny --images data/synth/images --out indexes/tiny"),

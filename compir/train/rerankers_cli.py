@@ -1,0 +1,56 @@
+"""``compir rerankers``: train the stage-2 re-rankers (NEUCORE, MMRef) of a trained checkpoint.
+
+Each is written as a sidecar beside the checkpoint (``<stem>.neucore.pt``, ``<stem>.mmref.pt``),
+bound to it by sha256; ``compir export onnx`` then puts them into the export folder and the
+runtime's ``rerank=True`` uses them. Their mix weights are chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+EPILOG = """examples:
+  compir rerankers runs/tiny/best.pt --data data/synth                 # both, default steps
+  compir rerankers runs/tiny/best.pt --data data/synth --only mmref --steps 500
+  compir export onnx runs/tiny/best.pt --out exports/tiny              # picks up the sidecars
+"""
+
+KINDS = ("neucore", "mmref")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compir rerankers",
+        description="Train NEUCORE (concept re-ranker) and MMRef (reference refinement) for a checkpoint.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", type=Path, help="a trained compir checkpoint (best.pt)")
+    parser.add_argument("--data", type=Path, required=True, help="the synthetic dataset it was trained on")
+    parser.add_argument("--only", choices=KINDS, help="train just one of them")
+    parser.add_argument("--steps", type=int, default=300, help="optimisation steps each (default: %(default)s)")
+    parser.add_argument("--val-queries", type=int, default=None, help="validation queries for choosing the mix weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    if args.only in (None, "neucore"):
+        from compir.train.neucore.train import train_neucore
+
+        neucore = train_neucore(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries,
+                                seed=args.seed, progress=progress)
+        print(f"neucore: {neucore.path} (mix weight {neucore.weight} chosen on val; val {neucore.val_before} -> {neucore.val_after})")
+    if args.only in (None, "mmref"):
+        from compir.train.mmref import train_mmref
+
+        mmref = train_mmref(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries,
+                            seed=args.seed, progress=progress)
+        print(f"mmref: {mmref.path} ({mmref.references} references, weight {mmref.weight}, "
+              f"temperature {mmref.temperature}; val {mmref.val_before} -> {mmref.val_after})")
+    return 0
