@@ -29,6 +29,7 @@ EPILOG = """examples:
   compir eval runs/tiny/best.pt --data data/synth
   compir eval runs/tiny/best.pt --data data/synth --split val --json val.json
   compir eval exports/tiny --data data/synth --variant int8-dynamic
+  compir eval exports/tiny --data /datasets/cirr --split test1 --submission submit/   # CIRR test server files
 """
 
 
@@ -92,7 +93,10 @@ def evaluate_path(
     source = Path(path)
     dataset = load_split(data, split=split, fmt=fmt)
     if not any(query.targets for query in dataset.queries):
-        raise InputError(f"split {split!r} of {data} has no target labels (e.g. CIRR test1); evaluate on a labelled split")
+        raise InputError(
+            f"split {split!r} of {data} has no target labels (e.g. CIRR test1); evaluate on a labelled split, "
+            "or write the CIRR test-server files with --submission DIR"
+        )
     if source.is_dir():
         if not (source / MANIFEST_FILE).is_file():
             raise ContractError(f"{source} is a folder without {MANIFEST_FILE}: neither a checkpoint file nor an export folder")
@@ -107,6 +111,38 @@ def evaluate_path(
     modes = QUERY_MODES if baselines else ("composed",)
     reports = evaluate_model(loaded.model, dataset, modes=modes, batch_size=batch_size, device=chosen, progress=progress)
     return EvalResult(source, "checkpoint", split, reports)
+
+
+def write_submission(
+    path: str | Path,
+    *,
+    data: str | Path,
+    split: str,
+    out_dir: str | Path,
+    batch_size: int = 128,
+    device: str = "auto",
+    backend: str = "onnxruntime",
+    variant: str | None = None,
+    progress: bool = True,
+) -> Any:
+    """Rank a CIRR split (``test1``: labels hidden) and write the test server's two JSON files."""
+    from compir.data.submission import write_cirr_submission
+
+    source = Path(path)
+    dataset = load_split(data, split=split, fmt="cirr")
+    if source.is_dir():
+        from compir.runtime.evaluation import encode_split_for_export
+
+        queries, gallery, names = encode_split_for_export(source, dataset, backend=backend, variant=variant, batch_size=batch_size)
+    else:
+        from compir.train.checkpoint import load_checkpoint
+        from compir.train.evaluation import encode_split, resolve_device
+
+        chosen = resolve_device(device)
+        embeds = encode_split(load_checkpoint(source, map_location=chosen).model, dataset, batch_size=batch_size,
+                              device=chosen, progress=progress)
+        queries, gallery, names = embeds.queries["composed"], embeds.gallery_embeds, list(embeds.gallery_names)
+    return write_cirr_submission(dataset, query_embeds=queries, gallery_embeds=gallery, gallery_names=names, out_dir=out_dir)
 
 
 def _evaluate_export(source: Path, dataset: Any, backend: str, variant: str | None, batch_size: int) -> EvalReport:
@@ -137,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="onnxruntime", help="exports: runtime backend (default: %(default)s)")
     parser.add_argument("--variant", help="exports: variant to evaluate (default: the manifest's default)")
     parser.add_argument("--json", type=Path, help="also write the reports to this JSON file")
+    parser.add_argument("--submission", type=Path, metavar="DIR",
+                        help="CIRR only: write the test server's recall / recall_subset JSON files into DIR instead of scoring")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -145,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.submission:
+        written = write_submission(
+            args.source, data=args.data, split=args.split, out_dir=args.submission, batch_size=args.batch_size,
+            device=args.device, backend=args.backend, variant=args.variant, progress=not args.no_progress,
+        )
+        print(f"wrote {written.recall} and {written.recall_subset}")
+        return 0
     result = evaluate_path(
         args.source, data=args.data, split=args.split, fmt=args.fmt, batch_size=args.batch_size,
         baselines=not args.no_baselines, device=args.device, backend=args.backend, variant=args.variant,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compir.errors import ContractError
+from compir.errors import ContractError, InputError
 from compir.evaluate import evaluate_path, main
 
 
@@ -50,3 +50,30 @@ def test_bad_sources_are_contract_errors(tmp_path, synth_data):
         evaluate_path(tmp_path / "missing.pt", data=synth_data, split="val")
     with pytest.raises(ContractError, match="manifest.json"):
         evaluate_path(tmp_path, data=synth_data, split="val")
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "export"])
+def test_submission_for_an_unlabelled_cirr_split(source, tiny_checkpoint, tiny_export, tmp_path, capsys):
+    from tests.fixtures.data import write_cirr
+
+    names = [f"test1-{i}-0-img{j}" for i in range(3) for j in range(2)]
+    records = [
+        {"pairid": 11 + i, "reference": names[2 * i], "caption": text,
+         "img_set": {"id": i, "members": names[:4], "reference_rank": 0}}
+        for i, text in enumerate(["make it red", "add a square", "remove the circle"])
+    ]
+    write_cirr(tmp_path / "cirr", split="test1", records=records, names=names)
+    path = tiny_checkpoint if source == "checkpoint" else tiny_export
+    # Scoring an unlabelled split is refused with a pointer to --submission.
+    with pytest.raises(InputError, match="--submission"):
+        main([str(path), "--data", str(tmp_path / "cirr"), "--split", "test1", "--no-progress"])
+    code = main([str(path), "--data", str(tmp_path / "cirr"), "--split", "test1", "--submission", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    recall = json.loads((tmp_path / "out" / "recall_submission_compir.json").read_text())
+    subset = json.loads((tmp_path / "out" / "recall_subset_submission_compir.json").read_text())
+    assert recall["version"] == subset["version"] == "rc2" and recall["metric"] == "recall"
+    for record in records:
+        ranked = recall[str(record["pairid"])]
+        assert record["reference"] not in ranked and set(ranked) <= set(names)
+        assert len(subset[str(record["pairid"])]) == 3 and record["reference"] not in subset[str(record["pairid"])]
+    assert "wrote" in capsys.readouterr().out
