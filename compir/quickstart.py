@@ -20,10 +20,10 @@ from typing import Any
 from compir.contracts import atomic_write_bytes
 
 DEFAULT_OUT = Path("compir-quickstart")
-DEFAULT_MINUTES = 11.5  # training budget; data, eval, export, index and the query add ~3 min on 2 CPU cores
+DEFAULT_MINUTES = 13.5  # training budget; data, eval, export, index and the query add under a minute on 2 CPU cores
 
 EPILOG = """examples:
-  compir quickstart                          # ~13 minutes on 2 CPU cores
+  compir quickstart                          # ~14 minutes on 2 CPU cores
   compir quickstart --out /tmp/qs --minutes 5
   compir quickstart --model micro --minutes 1 --n-test 400   # a smoke test
 
