@@ -102,6 +102,26 @@ def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
         retriever.search_batch([{"reference": ids[0], "txt": "typo"}])
 
 
+def test_search_batch_shares_the_text_cache_and_batches_uploads(retriever: Retriever) -> None:
+    ids = retriever.item_ids()
+    image = retriever.item_image_path(ids[2])
+    assert image is not None
+    retriever.search(reference=ids[0], text="make the circle blue", k=3)  # now cached
+    queries = [
+        {"reference": image, "text": "make the circle blue"},  # cached text, uploaded path
+        {"reference": image.read_bytes(), "text": "remove the square"},  # raw bytes
+        {"reference": image, "text": "remove the square"},  # repeated text and image
+        {"reference": ids[3], "text": "a brand new text"},
+    ]
+    batch = retriever.search_batch(queries, k=5)
+    for query, hits in zip(queries, batch):
+        single = retriever.search(reference=query["reference"], text=query["text"], k=5)
+        assert [h.item_id for h in hits] == [h.item_id for h in single]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
+    assert [h.item_id for h in batch[1]] == [h.item_id for h in batch[2]]
+    with pytest.raises(InputError, match="neither a gallery item id nor an image file"):
+        retriever.search_batch([{"reference": "no/such/item", "text": "x"}])
+
 def test_timings_show_which_stages_ran(retriever: Retriever) -> None:
     item = retriever.item_ids()[0]
     full = retriever.search_detailed(reference=retriever.item_image_path(item), text="make it yellow", k=3)

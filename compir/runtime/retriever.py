@@ -130,13 +130,14 @@ class Retriever:
             _check_text(query["text"])
         if not queries:
             return []
-        resolved = [self._reference_features(q.get("reference"), {}) for q in queries]
-        texts = self.encoder.encode_texts([q["text"] for q in queries])
-        vectors = np.array(texts.text_embeds)  # (Q, D); composed rows replaced below
+        resolved = self._batch_reference_features([q.get("reference") for q in queries])
+        entries = self._batch_texts([q["text"] for q in queries])
+        text_features = np.concatenate([entry.encoding.text_features for entry in entries])  # (Q, *F')
+        vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
         composed = [row for row, (_, feats) in enumerate(resolved) if feats is not None]
         if composed:
             image_features = np.stack([resolved[row][1] for row in composed])  # type: ignore[misc]
-            vectors[composed] = self.encoder.compose(image_features, texts.text_features[composed])
+            vectors[composed] = self.encoder.compose(image_features, text_features[composed])
         with self._lock:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
         return [[Hit(i, s) for i, s in hits] for hits in found]
@@ -176,17 +177,44 @@ class Retriever:
         if isinstance(reference, str) and reference in self.gallery:
             with self._lock:
                 return reference, np.asarray(self.gallery.features[self.gallery.row(reference)], dtype=np.float32)
-        if isinstance(reference, (str, os.PathLike)) and not Path(reference).is_file():
-            raise InputError(f"reference {str(reference)!r} is neither a gallery item id nor an image file")
-        if not isinstance(reference, (str, bytes, os.PathLike, Image.Image)):
-            raise InputError(f"reference must be an item id, a path, bytes or a PIL image, not {type(reference).__name__}")
         with _timed(timings, "decode"):
-            image = load_image(reference)
+            image = _decode_reference(reference)
         with _timed(timings, "preprocess"):
             pixels = self.encoder.preprocess([image])
         with _timed(timings, "image_encode"):
             features = self.encoder.encode_pixels(pixels).image_features[0]
         return None, features
+
+    def _batch_reference_features(self, references: Sequence[Reference]) -> list[tuple[str | None, np.ndarray | None]]:
+        """Like _reference_features for many; uploaded images are encoded in one batched call."""
+        resolved: list[tuple[str | None, np.ndarray | None]] = []
+        uploads: list[tuple[int, Image.Image]] = []
+        for row, reference in enumerate(references):
+            if reference is None or (isinstance(reference, str) and reference in self.gallery):
+                resolved.append(self._reference_features(reference, {}))
+            else:
+                resolved.append((None, None))
+                uploads.append((row, _decode_reference(reference)))
+        if uploads:
+            features = self.encoder.encode_images([image for _, image in uploads]).image_features
+            for (row, _), row_features in zip(uploads, features):
+                resolved[row] = (None, row_features)
+        return resolved
+
+    def _batch_texts(self, texts: Sequence[str]) -> list[_Text]:
+        """Cached encodings of ``texts``; the ones not cached yet are encoded in one call."""
+        with self._lock:
+            missing = list(dict.fromkeys(text for text in texts if text not in self._texts))
+        if missing:
+            input_ids = self.encoder.tokenize(missing)
+            encoding = self.encoder.encode_input_ids(input_ids)
+            for row, text in enumerate(missing):
+                self._remember(text, _Text(input_ids=input_ids[row], encoding=TextEncoding(
+                    text_embeds=encoding.text_embeds[row : row + 1], text_features=encoding.text_features[row : row + 1])))
+        with self._lock:
+            # A text evicted meanwhile (a cache smaller than the batch) is encoded again, alone.
+            entries = [self._texts.get(text) for text in texts]
+        return [entry if entry is not None else self._encode_text(text, {}) for text, entry in zip(texts, entries)]
 
     def _encode_text(self, text: str, timings: dict[str, float]) -> _Text:
         with self._lock:
@@ -199,11 +227,14 @@ class Retriever:
         with _timed(timings, "text_encode"):
             encoding = self.encoder.encode_input_ids(input_ids)
         entry = _Text(input_ids=input_ids[0], encoding=encoding)
+        self._remember(text, entry)
+        return entry
+
+    def _remember(self, text: str, entry: _Text) -> None:
         with self._lock:
             self._texts[text] = entry
             while len(self._texts) > self._text_cache_size:
                 self._texts.popitem(last=False)
-        return entry
 
     def _rerank(self, text: str, cached: _Text, features: np.ndarray | None, query: np.ndarray,
                 found: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -226,6 +257,15 @@ class Retriever:
             raise RuntimeError(f"re-ranker {self.reranker.name!r} returned {scores.shape[0]} scores for {len(top)} candidates")
         order = np.argsort(-scores, kind="stable")
         return [(top[i][0], float(scores[i])) for i in order] + found[len(top):]
+
+
+def _decode_reference(reference: Reference) -> Image.Image:
+    """An uploaded reference (path, bytes or PIL image) decoded, or an InputError naming it."""
+    if isinstance(reference, (str, os.PathLike)) and not Path(reference).is_file():
+        raise InputError(f"reference {str(reference)!r} is neither a gallery item id nor an image file")
+    if not isinstance(reference, (str, bytes, os.PathLike, Image.Image)):
+        raise InputError(f"reference must be an item id, a path, bytes or a PIL image, not {type(reference).__name__}")
+    return load_image(reference)
 
 
 def _check_k(k: object) -> int:
