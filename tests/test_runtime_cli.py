@@ -75,3 +75,17 @@ def test_encode_split_for_export_agrees_with_the_retriever(tiny_export: Path, ti
     np.testing.assert_allclose(queries[0], single[0], atol=1e-5)
     report = evaluate_split(split, query_embeds=queries, gallery_embeds=gallery, gallery_names=names)
     assert report.n_queries == len(split.queries) and "R@1" in report.metrics
+
+
+def test_runtime_options_are_shared_and_accept_both_provider_spellings():
+    import argparse
+
+    from compir.runtime.cli_args import add_runtime_args, providers_from
+
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    assert providers_from(parser.parse_args(["--providers", "cuda,cpu"])) == ["cuda", "cpu"]
+    assert providers_from(parser.parse_args(["--providers", "cuda", "cpu"])) == ["cuda", "cpu"]
+    assert providers_from(parser.parse_args([])) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backend", "tflite"])

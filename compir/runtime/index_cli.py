@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from compir.runtime.backends import BACKENDS
+from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.build import build_index
 from compir.runtime.encoder import Encoder
 from compir.runtime.index import DEFAULT_DTYPE, DTYPES
@@ -30,9 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
     build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
-    build.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    build.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order (tensorrt cuda cpu)")
-    build.add_argument("--variant", default=None, help="export variant (default: the manifest's)")
+    add_runtime_args(build)
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or args.workers < 1:
         print("compir index: --batch-size and --workers must be >= 1", file=sys.stderr)
         return 2
-    encoder = Encoder.from_export(args.export_dir, backend=args.backend, providers=args.providers, variant=args.variant)
+    encoder = Encoder.from_export(args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant)
     report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
                          workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file

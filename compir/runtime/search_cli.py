@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from compir.runtime.backends import BACKENDS
+from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.retriever import Retriever
 
 EPILOG = """examples:
@@ -27,16 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerank", action="store_true", help="re-rank the top candidates (needs a re-ranker)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timings", action="store_true", help="print the latency of each stage")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    parser.add_argument("--providers", nargs="+", default=None, help="onnxruntime providers in order (tensorrt cuda cpu)")
-    parser.add_argument("--variant", default=None, help="export variant (default: the manifest's)")
+    add_runtime_args(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     retriever = Retriever.from_dirs(args.export_dir, args.index_dir, backend=args.backend,
-                                    providers=args.providers, variant=args.variant)
+                                    providers=providers_from(args), variant=args.variant)
     result = retriever.search_detailed(reference=args.reference, text=args.text, k=args.k, rerank=args.rerank)
     if args.json:
         record: dict[str, object] = {"hits": [{"item_id": h.item_id, "score": h.score} for h in result.hits]}

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
 
 EPILOG = """examples:
@@ -37,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require this key in X-API-Key (default: $COMPIR_API_KEY)")
-    parser.add_argument("--backend", default="onnxruntime", help="runtime backend (onnxruntime or tensorrt)")
-    parser.add_argument("--providers", default=None, help="comma-separated onnxruntime providers, in order")
-    parser.add_argument("--variant", default=None, help="export variant (default: the manifest's default)")
+    add_runtime_args(parser)
     batching = parser.add_argument_group("dynamic batching of concurrent searches")
     batching.add_argument("--batching", choices=["auto", "on", "off"], default="auto",
                           help="auto (default): on when the encoders run on a GPU, off on a CPU")
@@ -72,9 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from compir.runtime.service.app import create_app
     from compir.runtime.service.engine import ServiceEngine
 
-    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     retriever = Retriever.from_dirs(
-        args.export_dir, args.index_dir, backend=args.backend, providers=providers, variant=args.variant
+        args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)
