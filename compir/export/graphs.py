@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compir.contracts import atomic_output_path
+from compir.export.attention import export_ready
 from compir.errors import ContractError
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, TensorSpec
 
@@ -103,7 +104,7 @@ def export_graph(defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, op
         # dynamo exporter trips over data-dependent argmax pooling on some torch releases).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            defn.module,
+            export_ready(defn.module),  # parity is then checked against the unmodified module
             args,
             str(tmp),
             input_names=list(defn.input_names),
