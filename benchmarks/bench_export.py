@@ -146,7 +146,12 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     timings: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
     for threads in sorted({1, usable}):
         torch.set_num_threads(threads)
-        sessions = {name: open_session(export_dir / manifest.graph("query_encoder", name).file, threads=threads) for name in BACKENDS[1:]}
+        # Idle onnxruntime pool threads spin; interleaved with torch's OpenMP team on the same
+        # cores that would stall torch, so spinning is off for the multi-thread rounds.
+        sessions = {
+            name: open_session(export_dir / manifest.graph("query_encoder", name).file, threads=threads, spinning=threads == 1)
+            for name in BACKENDS[1:]
+        }
         timings[threads] = (
             _interleaved(calls(1, sessions), rounds=rounds),
             _interleaved(calls(THROUGHPUT_BATCH, sessions), rounds=max(rounds // 3, 5)),

@@ -18,12 +18,15 @@ from compir.export.graphs import GraphDef, run_torch, select_batch
 FP32_TOLERANCE = 1e-4
 
 
-def open_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
-    """A CPU onnxruntime session (``threads=0``: onnxruntime's default)."""
+def open_session(path: Path, *, threads: int = 0, spinning: bool = True) -> ort.InferenceSession:
+    """A CPU onnxruntime session (``threads=0``: onnxruntime's default). ``spinning=False`` stops
+    idle pool threads from busy-waiting (they would starve other compute sharing the cores)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
