@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def _decoded_batches(
     """Batches of (ids, paths, pixel_values (B, 3, S, S), decode failures), in file order.
 
     Decoding and preprocessing run in a thread pool (PIL releases the GIL while it decodes and
-    resizes) while the previous batch is being encoded.
+    resizes) while the previous batch is being encoded. At most two batches are decoded ahead, so
+    memory stays flat however large the gallery is.
     """
     spec = encoder.manifest.preprocess
 
@@ -106,7 +108,7 @@ def _decoded_batches(
             return str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(prepare, files)  # lazy, ordered; the pool stays ahead of the encoder
+        results = _ahead(pool, prepare, files, window=2 * batch_size)
         batch_ids: list[str] = []
         batch_paths: list[Path] = []
         arrays: list[np.ndarray] = []
@@ -123,6 +125,18 @@ def _decoded_batches(
                 batch_ids, batch_paths, arrays, errors = [], [], [], []
         if arrays or errors:
             yield batch_ids, batch_paths, np.stack(arrays) if arrays else np.zeros((0,)), errors
+
+
+def _ahead(pool: ThreadPoolExecutor, fn: Callable[[Path], np.ndarray | str], items: Iterable[Path], *, window: int) -> Iterator[np.ndarray | str]:
+    """``map(fn, items)`` in order on ``pool``, with at most ``window`` calls submitted and unread
+    (``Executor.map`` would submit every item at once and hold every result)."""
+    pending: deque[Future[np.ndarray | str]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _stored_path(path: Path, folder: Path, copy_images: bool) -> str:
