@@ -9,7 +9,8 @@ held-out queries from the same mixture. Ground truth is the exact top-10 by cosi
 - faiss: IndexHNSWFlat (f32, inner product), M 16, efConstruction 128, a sweep over efSearch.
 Goal: usearch recall@10 >= 0.98 at >= 20x the exact queries/s. faiss and usearch are compared
 at equal recall (the fastest sweep point of each that reaches 0.95 / 0.98 / 0.99).
-Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k; COMPIR_BENCH_INDEX_VECTORS=N sets N.
+Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k; COMPIR_BENCH_INDEX_VECTORS=N sets N;
+COMPIR_BENCH_INDEX_FAISS=0 leaves faiss out (its 1M build takes as long as usearch's on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ K = 10
 SWEEP = (16, 24, 32, 48, 64, 128)
 RECALL_LEVELS = (0.95, 0.98, 0.99)
 SIZE_VARIABLE = "COMPIR_BENCH_INDEX_VECTORS"  # overrides the gallery size (e.g. on a shared machine)
+FAISS_VARIABLE = "COMPIR_BENCH_INDEX_FAISS"  # "0": usearch against exact only
 
 
 def clustered_vectors(count: int, *, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -128,7 +130,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     truth, exact_s = _timed(lambda: exact_top_k(base, queries), 1 if not quick else repeats)
     exact_qps = n_queries / exact_s
     usearch = _usearch(base, queries, truth, repeats)
-    faiss = _faiss(base, queries, truth, repeats)
+    no_faiss = {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
+    faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else no_faiss
 
     rows = []
     comparison: dict[str, dict[str, Any]] = {}
@@ -140,7 +143,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         rows.append([f">= {level}",
                      f"{ours['qps']:,.0f} q/s (ef {ours['setting']}, R {ours['recall']:.3f})" if ours else "not reached",
                      f"{ours['qps'] / exact_qps:.1f}x" if ours else "-",
-                     f"{theirs['qps']:,.0f} q/s (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs else "not reached",
+                     f"{theirs['qps']:,.0f} q/s (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs
+                     else ("skipped" if faiss.get("skipped") else "not reached"),
                      f"{ours['qps'] / theirs['qps']:.2f}x" if ours and theirs else "-"])
     goal = comparison["recall>=0.98"]["usearch_speedup_vs_exact"]
     figures = {
