@@ -10,8 +10,6 @@ refuses a mismatch with a message that says to rebuild the engine on the device 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,6 @@ from compir.contracts import ENGINES_FILE, ENGINES_FORMAT, ENGINES_SCHEMA, read_
 from compir.errors import ContractError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-# CUdevice_attribute values of the CUDA driver API (stable since CUDA 2.x).
-_CU_COMPUTE_MAJOR = 75
-_CU_COMPUTE_MINOR = 76
 
 
 @dataclass(frozen=True)
@@ -192,22 +186,8 @@ def detect_device(*, device_index: int = 0) -> DeviceInfo:
 
 
 def _cuda_device(index: int) -> tuple[str, str]:
-    library = ctypes.util.find_library("cuda") or "libcuda.so.1"
-    try:
-        cuda = ctypes.CDLL(library)
-    except OSError as exc:
-        raise ContractError(f"no CUDA driver found ({library}: {exc}); TensorRT engines need an NVIDIA GPU") from exc
+    from compir.cuda_driver import load_driver
 
-    def call(result: int, what: str) -> None:
-        if result != 0:
-            raise ContractError(f"CUDA driver call {what} failed with error {result}; is a GPU visible?")
-
-    call(cuda.cuInit(0), "cuInit")
-    handle = ctypes.c_int()
-    call(cuda.cuDeviceGet(ctypes.byref(handle), index), f"cuDeviceGet({index})")
-    name = ctypes.create_string_buffer(256)
-    call(cuda.cuDeviceGetName(name, 256, handle), "cuDeviceGetName")
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    call(cuda.cuDeviceGetAttribute(ctypes.byref(major), _CU_COMPUTE_MAJOR, handle), "cuDeviceGetAttribute")
-    call(cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CU_COMPUTE_MINOR, handle), "cuDeviceGetAttribute")
-    return name.value.decode("utf-8", "replace"), f"{major.value}.{minor.value}"
+    driver = load_driver()
+    device = driver.device(index)
+    return driver.device_name(device), driver.compute_capability(device)

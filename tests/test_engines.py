@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from compir.contracts import ENGINES_FILE, sha256_bytes
+from compir.cuda_driver import SIGNATURES, CudaDriver
 from compir.engines import DeviceInfo, EngineRecord, EngineSet, ShapeRange, check_compatible, detect_device, load_engines, save_engines
 from compir.errors import ContractError
 
@@ -120,3 +123,72 @@ def test_detect_device_without_tensorrt_is_a_clear_error() -> None:
             detect_device()
     else:
         pytest.skip("TensorRT is installed here: covered by the GPU build test")
+
+
+class _Symbol:
+    """One fake C function: callable, with the ``argtypes``/``restype`` ctypes functions carry."""
+
+    def __init__(self, body: Callable[..., int]) -> None:
+        self.body = body
+        self.argtypes: list[object] | None = None
+        self.restype: object = None
+
+    def __call__(self, *args: object) -> int:
+        return self.body(*args)
+
+
+class _FakeDriverLib:
+    """Stands in for libcuda: records calls, hands out device pointers above 4 GiB."""
+
+    NAMES = {0: b"CUDA_SUCCESS", 2: b"CUDA_ERROR_OUT_OF_MEMORY"}
+
+    def __init__(self, *, alloc_result: int = 0) -> None:
+        self.freed: list[int] = []
+        for name in SIGNATURES:
+            setattr(self, name, _Symbol(lambda *args: 0))
+        self.cuGetErrorName = _Symbol(self._error_name)
+        self.cuMemAlloc_v2 = _Symbol(lambda out, size: self._alloc(out, alloc_result))
+        self.cuMemFree_v2 = _Symbol(lambda pointer: self.freed.append(pointer) or 0)
+
+    def _error_name(self, code: int, out: Any) -> int:
+        if code not in self.NAMES:
+            return 1  # CUDA_ERROR_INVALID_VALUE
+        out.contents.value = self.NAMES[code]
+        return 0
+
+    @staticmethod
+    def _alloc(out: Any, result: int) -> int:
+        out.contents.value = 0x7F12_3456_7000  # needs all 64 bits
+        return result
+
+
+def test_cuda_driver_declares_every_prototype_with_64_bit_device_pointers() -> None:
+    import ctypes
+
+    lib = _FakeDriverLib()
+    driver = CudaDriver(lib)
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(lib, name)
+        assert function.restype is ctypes.c_int and function.argtypes == list(argtypes), name
+    assert lib.cuMemAlloc_v2.argtypes[0] == ctypes.POINTER(ctypes.c_uint64)
+    assert lib.cuMemFree_v2.argtypes == [ctypes.c_uint64]
+    assert lib.cuMemcpyHtoDAsync_v2.argtypes[0] is ctypes.c_uint64 and lib.cuMemcpyDtoHAsync_v2.argtypes[1] is ctypes.c_uint64
+    pointer = driver.alloc(1024)
+    assert pointer == 0x7F12_3456_7000
+    driver.free(pointer)
+    assert lib.freed == [pointer]
+
+
+def test_cuda_driver_errors_are_reported_by_name() -> None:
+    driver = CudaDriver(_FakeDriverLib(alloc_result=2))
+    with pytest.raises(ContractError, match=r"cuMemAlloc\(64 bytes\) failed with CUDA_ERROR_OUT_OF_MEMORY \(2\)"):
+        driver.alloc(64)
+    with pytest.raises(ContractError, match=r"cuStreamSynchronize failed with an unknown CUresult \(999\)"):
+        driver.check(999, "cuStreamSynchronize")
+
+
+def test_cuda_driver_without_a_symbol_is_a_clear_error() -> None:
+    lib = _FakeDriverLib()
+    del lib.cuStreamCreate
+    with pytest.raises(ContractError, match="has no cuStreamCreate"):
+        CudaDriver(lib)

@@ -11,8 +11,8 @@ import pytest
 from compir.engines import ShapeRange
 from compir.errors import ContractError
 from compir.export.samples import load_samples
-from compir.export.trt.calibrator import calibration_feeds, split_batches
-from compir.export.trt.profiles import calibration_shapes, compute_profile
+from compir.export.trt.calibrator import calibration_digest, calibration_feeds, check_batches, split_batches
+from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
 from compir.manifest import TensorSpec, load_manifest
 
 
@@ -68,3 +68,57 @@ def test_samples_from_an_image_folder_and_rendered(tmp_path: Path, tiny_export_a
     empty.mkdir()
     with pytest.raises(ContractError, match="holds no dataset and no images"):
         load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=empty)
+
+
+def test_calibration_batch_matches_the_calibration_profile() -> None:
+    assert calibration_batch(8, min_batch=1, max_batch=64) == 8
+    assert calibration_batch(8, min_batch=1, max_batch=4) == 4  # TensorRT would read 4 rows of 8
+    assert calibration_batch(8, min_batch=16, max_batch=64) == 16  # and 16 rows of 8: out of bounds
+    profile = {"input_ids": ShapeRange(min=(16, 16), opt=(32, 16), max=(64, 16))}
+    assert calibration_shapes(profile, batch=calibration_batch(8, min_batch=16, max_batch=64)) == {"input_ids": (16, 16)}
+
+
+def test_calibration_batches_are_checked_and_the_cache_is_keyed_by_graph_and_data(tmp_path: Path) -> None:
+    ids = np.arange(32, dtype=np.int64).reshape(2, 16)
+    check_batches([{"input_ids": ids}], inputs=["input_ids"], batch=2)
+    with pytest.raises(ContractError, match="calibration profile runs batch 4"):
+        check_batches([{"input_ids": ids}], inputs=["input_ids"], batch=4)
+    with pytest.raises(ContractError, match=r"has inputs \['input_ids'\], the network has \['input_ids', 'pixel_values'\]"):
+        check_batches([{"input_ids": ids}], inputs=["pixel_values", "input_ids"], batch=2)
+    graph = tmp_path / "text_encoder.onnx"
+    graph.write_bytes(b"graph one")
+    first = calibration_digest(graph, [{"input_ids": ids}])
+    assert first == calibration_digest(graph, [{"input_ids": ids.copy()}])
+    assert first != calibration_digest(graph, [{"input_ids": ids + 1}])
+    graph.write_bytes(b"graph two (retrained)")
+    assert first != calibration_digest(graph, [{"input_ids": ids}])
+
+
+@pytest.mark.parametrize(
+    ("variant", "precision", "refused"),
+    [
+        ("fp32", "fp32", None),
+        ("fp32", "fp16", None),
+        ("fp32", "int8", None),  # calibrated from the fp32 graphs
+        ("fp16", "fp16", None),
+        ("int8-static", "int8", None),  # explicit quantization
+        ("int8-static", "fp16", "builds only at --precision int8"),
+        ("int8-dynamic", "int8", "cannot build the int8-dynamic variant"),
+    ],
+)
+def test_variant_and_precision_combinations(variant: str, precision: str, refused: str | None) -> None:
+    from compir.export.trt.engine_build import _check_variant
+
+    if refused is None:
+        _check_variant(variant, precision)
+    else:
+        with pytest.raises(ContractError, match=refused):
+            _check_variant(variant, precision)
+
+
+def test_tensorrt_before_10_is_refused_with_the_reason() -> None:
+    from compir.export.trt.engine_build import _require_tensorrt_10
+
+    _require_tensorrt_10("10.3.0")
+    with pytest.raises(ContractError, match=r"TensorRT 8\.5\.2\.2 is too old.*>= 10"):
+        _require_tensorrt_10("8.5.2.2")

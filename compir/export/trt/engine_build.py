@@ -18,7 +18,7 @@ from tqdm import tqdm
 from compir.contracts import atomic_output_dir, atomic_write_bytes, sha256_bytes
 from compir.engines import PRECISIONS, DeviceInfo, EngineRecord, EngineSet, ShapeRange, detect_device, save_engines
 from compir.errors import ContractError
-from compir.export.trt.profiles import calibration_shapes, compute_profile
+from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
 
 DEFAULT_ENGINE_DIR = "engines"
@@ -64,6 +64,7 @@ def build_engines(
     device = detect_device()
     graphs = {role: folder / spec.graph(role).file for role in roles}
     if options.precision == "int8" and variant != "int8-static" and options.calibration_batches is None:
+        _require_calibrators()  # before the (slow) calibration feeds are computed
         options = _with_calibration(options, folder, manifest, roles, calibration_data, calibration_count)
     target = Path(out_dir) if out_dir is not None else folder / DEFAULT_ENGINE_DIR
     records: dict[str, EngineRecord] = {}
@@ -94,11 +95,10 @@ def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: Bu
     """Parse ``onnx_path`` and build a serialized engine; ContractError with every parser error."""
     import tensorrt as trt
 
+    _require_tensorrt_10(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it.
-    flags = 0 if _major(trt.__version__) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(0)  # always explicit batch from TensorRT 10 (EXPLICIT_BATCH is ignored)
     parser = trt.OnnxParser(network, logger)
     parsed = parser.parse_from_file(str(onnx_path))
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -115,10 +115,14 @@ def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: Bu
     for name, shape_range in profile.items():
         optimization.set_shape(name, shape_range.min, shape_range.opt, shape_range.max)
     config.add_optimization_profile(optimization)
-    _set_precision(trt, builder, config, profile, options, role)
+    # Held here for the whole build: TensorRT calls back into it from build_serialized_network.
+    calibrator = _set_precision(trt, builder, config, profile, options, role, onnx_path)
     _load_timing_cache(config, options.timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
+    failure = getattr(calibrator, "failure", None)
+    if failure is not None:
+        raise ContractError(f"int8 calibration of {onnx_path} failed: {failure}") from failure
     if serialized is None:
         raise ContractError(f"TensorRT failed to build an engine from {onnx_path} at {options.precision} (see its log above)")
     if options.timing_cache is not None:  # the config's cache now holds this build's timings too
@@ -126,35 +130,58 @@ def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: Bu
     return bytes(serialized)
 
 
-def _set_precision(trt: Any, builder: Any, config: Any, profile: dict[str, ShapeRange], options: BuildOptions, role: str) -> None:
+def _set_precision(
+    trt: Any, builder: Any, config: Any, profile: dict[str, ShapeRange], options: BuildOptions, role: str, onnx_path: Path
+) -> Any:
+    """Set the precision flags; returns the int8 calibrator where one is used (else None)."""
     if options.precision == "fp32":
-        return
+        return None
     if not hasattr(trt.BuilderFlag, "FP16"):
+        # TensorRT 11 removed the precision flags: networks are strongly typed and the graph's own
+        # types decide. The int8-static graph's Q/DQ nodes still quantize without any flag.
+        if options.precision == "int8" and options.calibration_batches is None:
+            return None
         raise ContractError(
             f"this TensorRT ({trt.__version__}) has no precision builder flags (strongly typed networks only); "
-            f"build --precision fp32 from the fp16 or int8-static ONNX variant instead"
+            f"build --precision fp32 from the fp16 ONNX variant, or --precision int8 from the int8-static variant"
         )
     config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16, not fp32, where int8 has no kernel
     if options.precision != "int8":
-        return
+        return None
     config.set_flag(trt.BuilderFlag.INT8)
     if options.calibration_batches is None:
-        return  # explicit quantization: the graph's Q/DQ nodes carry the scales
+        return None  # explicit quantization: the graph's Q/DQ nodes carry the scales
     if not hasattr(config, "int8_calibrator"):
-        raise ContractError(
-            f"this TensorRT ({trt.__version__}) has no int8 calibrators (removed after their 10.1 deprecation); "
-            f"build --precision int8 --variant int8-static (explicit Q/DQ quantization) instead"
-        )
-    from compir.export.trt.calibrator import make_calibrator
+        raise ContractError(_NO_CALIBRATORS.format(version=trt.__version__))
+    from compir.export.trt.calibrator import calibration_digest, check_batches, make_calibrator
 
     batches = options.calibration_batches[role]
     shapes = calibration_shapes(profile, batch=len(next(iter(batches[0].values()))))
+    # TensorRT reads the calibration profile's batch of rows from every buffer get_batch returns.
+    check_batches(batches, inputs=list(profile), batch=next(iter(shapes.values()))[0])
     calibration_profile = builder.create_optimization_profile()
     for name, shape in shapes.items():
         calibration_profile.set_shape(name, shape, shape, shape)
     config.set_calibration_profile(calibration_profile)
-    cache_file = options.timing_cache.with_name(f"{role}.int8-calibration.cache") if options.timing_cache else None
-    config.int8_calibrator = make_calibrator(batches, cache_file=cache_file)
+    cache_file = None
+    if options.timing_cache is not None:
+        cache_file = options.timing_cache.with_name(f"{role}.{calibration_digest(onnx_path, batches)}.int8-calibration.cache")
+    calibrator = make_calibrator(batches, cache_file=cache_file)
+    config.int8_calibrator = calibrator
+    return calibrator
+
+
+_NO_CALIBRATORS = (
+    "this TensorRT ({version}) has no int8 calibrators (removed after their 10.1 deprecation); "
+    "build --precision int8 --variant int8-static (explicit Q/DQ quantization) instead"
+)
+
+
+def _require_calibrators() -> None:
+    import tensorrt as trt
+
+    if not hasattr(trt, "IInt8EntropyCalibrator2") or not hasattr(trt.BuilderFlag, "INT8"):
+        raise ContractError(_NO_CALIBRATORS.format(version=trt.__version__))
 
 
 def _load_timing_cache(config: Any, path: Path | None) -> None:
@@ -171,8 +198,10 @@ def _check_variant(variant: str, precision: str) -> None:
             "TensorRT cannot build the int8-dynamic variant (onnxruntime's MatMulInteger / DynamicQuantizeLinear ops); "
             "use --variant fp32 with --precision int8 (calibrated) or --variant int8-static"
         )
-    if (variant == "int8-static") != (precision == "int8"):
-        raise ContractError(f"--variant int8-static and --precision int8 go together (got {variant} at {precision})")
+    # The int8-static graph's Q/DQ nodes need the int8 build; the float graphs build at any precision
+    # (--precision int8 from them calibrates).
+    if variant == "int8-static" and precision != "int8":
+        raise ContractError(f"--variant int8-static builds only at --precision int8 (got {precision})")
 
 
 def _with_calibration(
@@ -191,11 +220,21 @@ def _with_calibration(
     )
     fp32 = {role: folder / graph.file for role, graph in manifest.variant("fp32").graphs.items()}
     feeds = calibration_feeds(fp32, samples, roles=roles)
-    return replace(options, calibration_batches={role: split_batches(feeds[role], batch=CALIBRATION_BATCH) for role in roles})
+    # Split at the size the calibration profile will have (CALIBRATION_BATCH clamped into the profile).
+    batch = calibration_batch(CALIBRATION_BATCH, min_batch=options.min_batch, max_batch=options.max_batch)
+    return replace(options, calibration_batches={role: split_batches(feeds[role], batch=batch) for role in roles})
 
 
 def device_summary(device: DeviceInfo) -> str:
     return f"{device.gpu_name} (SM {device.compute_capability}), TensorRT {device.tensorrt_version}"
+
+
+def _require_tensorrt_10(version: str) -> None:
+    # The graphs take int64 token ids and pool with ArgMax over them: TensorRT 8.x casts int64
+    # inputs down to int32 and its ONNX parser has ArgMax for FP32/FP16 only, so text graphs fail
+    # to parse there (and the runtime would refuse an int32 input_ids engine anyway).
+    if _major(version) < 10:
+        raise ContractError(f"TensorRT {version} is too old: compir's engines need TensorRT >= 10 (int64 inputs); upgrade it")
 
 
 def _major(version: str) -> int:

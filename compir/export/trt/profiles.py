@@ -42,3 +42,12 @@ def calibration_shapes(profile: dict[str, ShapeRange], *, batch: int) -> dict[st
         size = min(max(batch, shape_range.min[0]), shape_range.max[0])
         shapes[name] = (size, *shape_range.opt[1:])
     return shapes
+
+
+def calibration_batch(requested: int, *, min_batch: int, max_batch: int) -> int:
+    """The batch size int8 calibration feeds: ``requested`` clamped into the profile's batch range.
+
+    The calibration profile (:func:`calibration_shapes`) and the batches handed to the calibrator
+    must have the same size: TensorRT reads that many rows from each buffer.
+    """
+    return min(max(requested, min_batch), max_batch)

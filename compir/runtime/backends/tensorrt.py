@@ -7,15 +7,15 @@ run with device buffers from the CUDA driver API through ctypes (no torch, no py
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from compir.engines import detect_device, load_engines
+from compir.cuda_driver import CudaDriver, load_driver
+from compir.engines import EngineRecord, detect_device, load_engines
 from compir.errors import ContractError
 from compir.manifest import GraphSpec, manifest_sha256
 from compir.runtime.backends.base import check_io
@@ -24,98 +24,159 @@ DEFAULT_ENGINE_DIR = "engines"  # relative to the export folder
 
 
 class _Cuda:
-    """The few CUDA driver calls the backend needs, on the device's primary context."""
+    """The device's primary context (the one TensorRT's CUDA runtime uses) and one stream on it."""
 
     def __init__(self, device_index: int = 0) -> None:
-        self.lib = ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
-        self._call(self.lib.cuInit(0), "cuInit")
-        device = ctypes.c_int()
-        self._call(self.lib.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
-        self.context = ctypes.c_void_p()
-        self._call(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.context), device), "cuDevicePrimaryCtxRetain")
+        self.driver: CudaDriver = load_driver()
+        self.context = self.driver.retain_primary_context(self.driver.device(device_index))
         self.make_current()
-        self.stream = ctypes.c_void_p()
-        self._call(self.lib.cuStreamCreate(ctypes.byref(self.stream), 0), "cuStreamCreate")
+        # Flags 0: a blocking stream, ordered with the legacy default stream as well.
+        self.stream = self.driver.create_stream()
 
     def make_current(self) -> None:
         # Each calling thread (e.g. a server worker) needs the context bound before any call.
-        self._call(self.lib.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        self.driver.set_current(self.context)
 
-    def alloc(self, nbytes: int) -> int:
-        pointer = ctypes.c_uint64()
-        self._call(self.lib.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(max(nbytes, 1))), "cuMemAlloc")
-        return int(pointer.value)
 
-    def free(self, pointer: int) -> None:
-        self.lib.cuMemFree_v2(ctypes.c_uint64(pointer))
+def batch_plan(total: int, *, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """(start, stop, run size) of each engine call for ``total`` rows: at most ``max_batch`` rows
+    per call, and a last call below ``min_batch`` padded up to it (rows are independent)."""
+    plan = []
+    for start in range(0, total, max_batch):
+        stop = min(start + max_batch, total)
+        plan.append((start, stop, max(stop - start, min_batch)))
+    return plan
 
-    def to_device(self, pointer: int, array: np.ndarray) -> None:
-        self._call(self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(pointer), array.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(array.nbytes)), "cuMemcpyHtoD")
 
-    def to_host(self, array: np.ndarray, pointer: int) -> None:
-        self._call(self.lib.cuMemcpyDtoH_v2(array.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(pointer), ctypes.c_size_t(array.nbytes)), "cuMemcpyDtoH")
+def _pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+    if len(array) >= size:
+        return array
+    return np.ascontiguousarray(np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)]))
 
-    def synchronize(self) -> None:
-        self._call(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
 
-    @staticmethod
-    def _call(result: int, what: str) -> None:
-        if result != 0:
-            raise ContractError(f"CUDA driver call {what} failed with error {result}")
+def profile_batch_range(record: EngineRecord) -> tuple[int, int]:
+    """The batch sizes every input of the engine's optimization profile accepts."""
+    ranges = list(record.profile.values())
+    low, high = max(r.min[0] for r in ranges), min(r.max[0] for r in ranges)
+    if low > high:
+        raise ContractError(f"engine {record.role!r}: its inputs' batch ranges do not overlap; rebuild it")
+    return low, high
 
 
 class TensorRTSession:
-    """One deserialized engine; buffers are allocated per call (shapes vary with the batch)."""
+    """One deserialized engine; buffers are allocated per call (shapes vary with the batch).
 
-    def __init__(self, plan: bytes, spec: GraphSpec, *, runtime: Any, cuda: _Cuda) -> None:
+    Batches larger than the engine's optimization profile are run in chunks, smaller ones padded.
+    Calls are serialized (an execution context must not be used by two threads at once).
+    """
+
+    def __init__(self, plan: bytes, spec: GraphSpec, *, runtime: Any, cuda: _Cuda, batch_range: tuple[int, int] = (1, 1 << 30)) -> None:
         import tensorrt as trt
 
         self.spec = spec
         self._cuda = cuda
+        self._runtime = runtime  # the runtime must outlive the engines it deserialized
+        self._batch_range = batch_range
+        self._lock = threading.Lock()
+        cuda.make_current()
         self._engine = runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise ContractError(f"TensorRT could not deserialize the {spec.role} engine; rebuild it on this device")
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise ContractError(f"TensorRT could not create an execution context for the {spec.role} engine (GPU memory?)")
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
-        described = {n: (self._dtypes[n].name, [d if d >= 0 else "dynamic" for d in self._engine.get_tensor_shape(n)]) for n in names}
+        self._outputs = [n for n in names if n not in self._inputs]
+        self._dtypes = {n: _numpy_dtype(trt, self._engine.get_tensor_dtype(n), n, spec.role) for n in names}
+        self._shapes = {n: tuple(self._engine.get_tensor_shape(n)) for n in names}
+        described = {n: (self._dtypes[n].name, [d if d >= 0 else "dynamic" for d in self._shapes[n]]) for n in names}
         check_io(
             spec,
             inputs=[(n, *described[n]) for n in self._inputs],
-            outputs=[(n, *described[n]) for n in names if n not in self._inputs],
+            outputs=[(n, *described[n]) for n in self._outputs],
         )
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        cuda = self._cuda
-        cuda.make_current()
         wanted = list(outputs) if outputs is not None else [o.name for o in self.spec.outputs]
+        unknown = [name for name in wanted if name not in self._outputs]
+        if unknown:
+            raise ContractError(f"the {self.spec.role} engine has no output(s) {unknown} (it has {self._outputs})")
+        arrays = {name: np.ascontiguousarray(feeds[name], dtype=self._dtypes[name]) for name in self._inputs}
+        total = _batch_size(arrays, self.spec.role)
+        if total == 0:
+            return {name: np.empty((0, *self._shapes[name][1:]), dtype=self._dtypes[name]) for name in wanted}
+        low, high = self._batch_range
+        parts = []
+        with self._lock:
+            self._cuda.make_current()
+            for start, stop, size in batch_plan(total, min_batch=low, max_batch=high):
+                chunk = {name: _pad_rows(array[start:stop], size) for name, array in arrays.items()}
+                results = self._run_once(chunk)
+                parts.append({name: results[name][: stop - start] for name in wanted})
+        return {name: parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts]) for name in wanted}
+
+    def _run_once(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, driver = self._cuda, self._cuda.driver
         allocated: list[int] = []
+        staged = {name: np.ascontiguousarray(rows) for name, rows in arrays.items()}  # alive until the sync below
         try:
-            for name in self._inputs:
-                array = np.ascontiguousarray(feeds[name], dtype=self._dtypes[name])
-                self._context.set_input_shape(name, array.shape)
-                pointer = cuda.alloc(array.nbytes)
+            for name, array in staged.items():
+                if not self._context.set_input_shape(name, array.shape):
+                    raise ContractError(f"the {self.spec.role} engine refuses input {name!r} of shape {array.shape} (outside its profile?)")
+                pointer = driver.alloc(array.nbytes)
                 allocated.append(pointer)
-                cuda.to_device(pointer, array)
+                driver.copy_to_device(pointer, array, cuda.stream)
                 self._context.set_tensor_address(name, pointer)
             results: dict[str, np.ndarray] = {}
-            for output in self.spec.outputs:  # TensorRT needs an address for every output
-                shape = tuple(self._context.get_tensor_shape(output.name))
-                results[output.name] = np.empty(shape, dtype=self._dtypes[output.name])
-                pointer = cuda.alloc(results[output.name].nbytes)
-                allocated.append(pointer)
-                self._context.set_tensor_address(output.name, pointer)
-            if not self._context.execute_async_v3(cuda.stream.value or 0):
+            pointers: dict[str, int] = {}
+            for name in self._outputs:  # TensorRT needs an address for every output
+                shape = tuple(self._context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise ContractError(f"the {self.spec.role} engine cannot size output {name!r} ({shape}) for these inputs")
+                results[name] = np.empty(shape, dtype=self._dtypes[name])
+                pointers[name] = driver.alloc(results[name].nbytes)
+                allocated.append(pointers[name])
+                self._context.set_tensor_address(name, pointers[name])
+            if not self._context.execute_async_v3(cuda.stream):
                 raise ContractError(f"TensorRT failed to run the {self.spec.role} engine")
-            cuda.synchronize()
-            for output, pointer in zip(self.spec.outputs, allocated[len(self._inputs):]):
-                if output.name in wanted:
-                    cuda.to_host(results[output.name], pointer)
-            return {name: results[name] for name in wanted}
+            for name, array in results.items():  # ordered after the engine on the same stream
+                driver.copy_to_host(array, pointers[name], cuda.stream)
+            driver.synchronize(cuda.stream)
+            return results
         finally:
-            for pointer in allocated:
-                cuda.free(pointer)
+            _release(driver, cuda.stream, allocated)
+
+
+def _release(driver: CudaDriver, stream: int, pointers: list[int]) -> None:
+    """Free device buffers once the stream is done with them (also on the error path)."""
+    if not pointers:
+        return
+    try:
+        driver.synchronize(stream)
+    finally:
+        failures = []
+        for pointer in pointers:
+            try:
+                driver.free(pointer)
+            except ContractError as exc:  # free the rest before reporting
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+
+def _batch_size(arrays: dict[str, np.ndarray], role: str) -> int:
+    sizes = {name: (len(array) if array.ndim else -1) for name, array in arrays.items()}
+    if len(set(sizes.values())) != 1 or -1 in sizes.values():
+        raise ContractError(f"{role} inputs must share their first (batch) axis, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _numpy_dtype(trt: Any, dtype: Any, name: str, role: str) -> np.dtype:
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError as exc:
+        raise ContractError(f"the {role} engine's tensor {name!r} has type {dtype}, which has no numpy equivalent; re-export") from exc
 
 
 class TensorRTBackend:
@@ -142,7 +203,13 @@ class TensorRTBackend:
 
     def open(self, graph: GraphSpec) -> TensorRTSession:
         record = self.engines.engine(graph.role)
-        session = TensorRTSession((self.engine_dir / record.file).read_bytes(), graph, runtime=self._runtime, cuda=self._cuda)
+        session = TensorRTSession(
+            (self.engine_dir / record.file).read_bytes(),
+            graph,
+            runtime=self._runtime,
+            cuda=self._cuda,
+            batch_range=profile_batch_range(record),
+        )
         self._opened.append(graph.role)
         return session
 
