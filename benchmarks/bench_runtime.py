@@ -10,8 +10,8 @@
     onnxruntime, HNSW build and atomic save included) against the training stack's path (torch
     DataLoader with workers + open_clip's eval transform + ``CIRModel.encode_image``, encoding
     only). Goal: >= 1.5x.
-The model is a randomly initialised CIRModel (``tiny`` with --quick, ``small`` in full) exported
-to ONNX fp32: speed does not depend on the weights. Gallery images are 320x240 JPEG photos-like
+The models are randomly initialised CIRModels (``tiny``, the default; full runs add ``small``)
+exported to ONNX fp32: speed does not depend on the weights. Gallery images are 320x240 JPEG photos-like
 images, so decoding costs what it costs on real data.
 """
 
@@ -44,6 +44,7 @@ def _make_export(work: Path, config: str) -> Path:
     from compir.train.model import CIRModel
 
     torch.manual_seed(0)
+    work.mkdir(parents=True, exist_ok=True)
     model = CIRModel(resolve_model_config(config)).eval()
     save_checkpoint(work / "model.pt", model=model, metrics={}, step=0, epoch=0)
     export_onnx(work / "model.pt", out_dir=work / "export", variants=("fp32",))
@@ -139,34 +140,42 @@ def _runtime_indexing(export_dir: Path, images: Path, out: Path, *, batch_size: 
 
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
-    config, count, queries, repeats = ("tiny", 256, 30, 2) if quick else ("small", 1024, 100, 3)
+    # Indexing is measured for the default model and, in full runs, for the larger ``small``
+    # (where both paths spend most of their time in the same matrix products); the latency split
+    # uses the last of them.
+    configs, count, queries, repeats = (("tiny",), 256, 30, 2) if quick else (("tiny", "small"), 1024, 100, 3)
     workers = min(4, os.cpu_count() or 2)
+    indexing: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="compir-bench-runtime-") as tmp:
         work = Path(tmp)
-        export_dir = _make_export(work, config)
         files = _write_photos(work / "images", count)
-        runtime_s = [_runtime_indexing(export_dir, work / "images", work / "index", batch_size=64, workers=workers) for _ in range(repeats)]
-        torch_s = [_torch_indexing(work / "model.pt", files, batch_size=64, workers=workers) for _ in range(repeats)]
-        latency = _latency(export_dir, work / "index", files[-1], queries=queries)
-    runtime_rate, torch_rate = count / statistics.median(runtime_s), count / statistics.median(torch_s)
-    speedup = runtime_rate / torch_rate
-    indexing: dict[str, Any] = {"images": count, "workers": workers, "runtime_images_per_s": runtime_rate, "torch_images_per_s": torch_rate,
-                "speedup": runtime_rate / torch_rate, "runtime_runs_s": runtime_s, "torch_runs_s": torch_s}
+        for config in configs:
+            export_dir = _make_export(work / config, config)
+            runtime_s = [_runtime_indexing(export_dir, work / "images", work / config / "index", batch_size=64, workers=workers) for _ in range(repeats)]
+            torch_s = [_torch_indexing(work / config / "model.pt", files, batch_size=64, workers=workers) for _ in range(repeats)]
+            runtime_rate, torch_rate = count / statistics.median(runtime_s), count / statistics.median(torch_s)
+            indexing[config] = {"images": count, "workers": workers, "runtime_images_per_s": runtime_rate, "torch_images_per_s": torch_rate,
+                                "speedup": runtime_rate / torch_rate, "runtime_runs_s": runtime_s, "torch_runs_s": torch_s}
+        config = configs[-1]
+        latency = _latency(work / config / "export", work / config / "index", files[-1], queries=queries)
     modes = [m for m in latency if isinstance(latency[m], dict)]
     rows = [[mode, f"{latency[mode]['wall_ms']:.2f}", *(f"{latency[mode]['stages_ms'][s]:.2f}" for s in STAGES)] for mode in modes]
+    index_rows = [[name, f"{v['runtime_images_per_s']:.1f}", f"{v['torch_images_per_s']:.1f}", f"{v['speedup']:.2f}x"] for name, v in indexing.items()]
     table = "\n\n".join([
         f"Model `{config}` (random weights, ONNX fp32, onnxruntime CPU). Median of {queries} queries, k=10.",
         markdown_table(["query", "wall ms", *STAGES], rows),
         f"Cached-reference wall / (tokenize + text encode + compose + search), median per query = {latency['cached_overhead_ratio']:.3f} "
         f"(goal <= 1.10); image encode paid by the cached query: {latency['cached_pays_image_encode']}; re-rank: {latency['rerank']}.",
-        markdown_table(["indexing path", "images/s"], [["compir index build (onnxruntime, thread pool)", f"{runtime_rate:.1f}"],
-                                                       [f"torch DataLoader ({workers} workers) + CIRModel", f"{torch_rate:.1f}"],
-                                                       ["speedup (goal >= 1.5x)", f"{runtime_rate / torch_rate:.2f}x"]]),
+        f"Indexing {count} photos (median of {repeats} runs): `compir index build` (onnxruntime, thread-pool decoding, HNSW build and "
+        f"save included) against a torch DataLoader ({workers} workers) + CIRModel.encode_image (encoding only). Goal >= 1.5x.",
+        markdown_table(["model", "compir images/s", "torch images/s", "speed-up"], index_rows),
     ])
     plot = bar_chart(out_dir / "runtime.png", panels=[
         Panel("query latency by stage (ms)", {mode: {s: latency[mode]["stages_ms"][s] for s in STAGES} for mode in modes}, "ms"),
-        Panel("gallery indexing", {"images/s": {"compir runtime": runtime_rate, "torch DataLoader": torch_rate}}, "images/s"),
+        Panel("gallery indexing", {name: {"compir runtime": v["runtime_images_per_s"], "torch DataLoader": v["torch_images_per_s"]}
+                                   for name, v in indexing.items()}, "images/s"),
     ])
     figures = {"model": config, "latency": latency, "indexing": indexing,
-               "goal_cached_within_10pct": float(latency["cached_overhead_ratio"]) <= 1.10, "goal_indexing_1_5x": speedup >= 1.5}
+               "goal_cached_within_10pct": float(latency["cached_overhead_ratio"]) <= 1.10,
+               "goal_indexing_1_5x": {name: v["speedup"] >= 1.5 for name, v in indexing.items()}}
     return BenchResult(name=NAME, figures=figures, table=table, plots=(plot,))
