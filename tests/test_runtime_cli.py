@@ -28,13 +28,15 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "index"
-    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3", "--copy-images", "--quiet"]
+    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3", "--copy-images", "--quiet",
+            "--expansion-search", "300"]
     assert index_main(["build", *argv]) == 0
     captured = capsys.readouterr()
     assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
     assert "broken.png" in captured.err and "empty.jpg" in captured.err
     gallery = Gallery.load(out, export_sha256=None)
     assert len(gallery) == 20 and gallery.vectors.dtype == "i8"
+    assert gallery.vectors.hnsw.expansion_search == 300  # saved in index.json, read back
     assert f"nested/{sources[16].stem}" in gallery and sources[0].stem in gallery
     copied = gallery.image_path(sources[0].stem)
     assert copied is not None and out in copied.parents and copied.read_bytes() == sources[0].read_bytes()

@@ -28,7 +28,9 @@ class HnswConfig:
 
     connectivity: int = 16
     expansion_add: int = 128
-    expansion_search: int = 96
+    # `compir bench index` on 1M x 512 clustered vectors (f16): recall@10 0.974 at 128, 0.992 at
+    # 256 (still 56x the exact search's queries/s); the walk costs well under a millisecond.
+    expansion_search: int = 256
 
 
 class VectorIndex:

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.build import build_index
 from compir.runtime.encoder import Encoder
-from compir.runtime.index import DEFAULT_DTYPE, DTYPES
+from compir.runtime.index import DEFAULT_DTYPE, DTYPES, HnswConfig
 
 EPILOG = """examples:
   compir index build exports/tiny --images data/synth/images --out indexes/tiny
   compir index build exports/tiny --images photos/ --out indexes/photos --dtype i8 --batch-size 128 --workers 8
   compir index build exports/tiny --images photos/ --out indexes/photos --copy-images --overwrite
+  compir index build exports/tiny --images photos/ --out indexes/photos --expansion-search 512   # more recall, slower walk
 """
 
 
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
     build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
+    hnsw = HnswConfig()
+    build.add_argument("--connectivity", type=int, default=hnsw.connectivity, help="HNSW links per node (default: %(default)s)")
+    build.add_argument("--expansion-add", type=int, default=hnsw.expansion_add, help="HNSW build breadth (default: %(default)s)")
+    build.add_argument("--expansion-search", type=int, default=hnsw.expansion_search,
+                       help="HNSW search breadth, saved with the index: recall vs speed (default: %(default)s)")
     add_runtime_args(build)
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
@@ -39,12 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.batch_size < 1 or args.workers < 1:
-        print("compir index: --batch-size and --workers must be >= 1", file=sys.stderr)
+    if min(args.batch_size, args.workers, args.connectivity, args.expansion_add, args.expansion_search) < 1:
+        print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2
+    hnsw = HnswConfig(connectivity=args.connectivity, expansion_add=args.expansion_add, expansion_search=args.expansion_search)
     encoder = Encoder.from_export(args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant)
     report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, progress=not args.quiet)
+                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "
