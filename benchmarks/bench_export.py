@@ -14,7 +14,7 @@ cores) and at all usable cores.
 Goals: onnxruntime fp32 >= 2x torch at batch 1; int8 >= 3x with an R@10 drop <= 0.5 points.
 
 The model: ``COMPIR_BENCH_CHECKPOINT`` (+ ``COMPIR_BENCH_DATA``, its synthetic dataset) when set;
-otherwise the ``tiny`` config trained here on a fresh synthetic dataset.
+otherwise compir train's default model (``tiny-tgcir``) trained here on a fresh synthetic dataset.
 Full: 400 training steps (at most 15 minutes), 1,000 test queries, 60 rounds;
 --quick: 60 steps (at most 3 minutes), 400 test queries, 15 rounds.
 """
@@ -44,6 +44,7 @@ def _model_and_data(work: Path, *, quick: bool) -> tuple[Path, Path, dict[str, A
         return Path(checkpoint), Path(data), {"source": "COMPIR_BENCH_CHECKPOINT"}
     from compir.data.synth import SynthConfig
     from compir.data.synth_write import write_synthetic
+    from compir.train.config import DEFAULT_MODEL
     from compir.train.loop import TrainOptions, train
 
     data_dir = work / "synth"
@@ -53,10 +54,10 @@ def _model_and_data(work: Path, *, quick: bool) -> tuple[Path, Path, dict[str, A
     # meaningful once the model ranks with margins, which a few dozen steps do not give.
     steps, minutes = (60, 3.0) if quick else (400, 15.0)
     options = TrainOptions(
-        data=data_dir, out_dir=work / "run", model="tiny", epochs=1, steps_per_epoch=steps, minutes=minutes, batch_size=64, progress=False
+        data=data_dir, out_dir=work / "run", model=DEFAULT_MODEL, epochs=1, steps_per_epoch=steps, minutes=minutes, batch_size=64, progress=False
     )
     result = train(options)
-    provenance = {"source": f"tiny trained here ({result.steps} steps, {result.seconds / 60:.1f} min)", "train_steps": result.steps, "val": result.best_metrics}
+    provenance = {"source": f"{DEFAULT_MODEL} trained here ({result.steps} steps, {result.seconds / 60:.1f} min)", "train_steps": result.steps, "val": result.best_metrics}
     return result.best_checkpoint, data_dir, provenance
 
 

@@ -10,7 +10,7 @@
     onnxruntime, HNSW build and atomic save included) against the training stack's path (torch
     DataLoader with workers + open_clip's eval transform + ``CIRModel.encode_image``, encoding
     only). Goal: >= 1.5x.
-The models are randomly initialised CIRModels (``tiny``, the default; full runs add ``small``)
+The models are randomly initialised CIRModels (compir train's default; full runs add ``small``)
 exported to ONNX fp32: speed does not depend on the weights. Gallery images are 320x240 JPEG photos-like
 images, so decoding costs what it costs on real data.
 """
@@ -143,7 +143,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     # Indexing is measured for the default model and, in full runs, for the larger ``small``
     # (where both paths spend most of their time in the same matrix products); the latency split
     # uses the last of them.
-    configs, count, queries, repeats = (("tiny",), 256, 30, 2) if quick else (("tiny", "small"), 1024, 100, 3)
+    from compir.train.config import DEFAULT_MODEL
+
+    configs, count, queries, repeats = ((DEFAULT_MODEL,), 256, 30, 2) if quick else ((DEFAULT_MODEL, "small"), 1024, 100, 3)
     workers = min(4, os.cpu_count() or 2)
     indexing: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="compir-bench-runtime-") as tmp:

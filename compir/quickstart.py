@@ -42,7 +42,7 @@ class QuickstartState:
 
     out_dir: Path
     minutes: float
-    model: str = "tiny"
+    model: str | None = None  # None: compir train's default model
     seed: int = 0
     n_val: int = 1000
     n_test: int = 4000
@@ -77,9 +77,11 @@ def make_data(state: QuickstartState) -> None:
 
 
 def train_model(state: QuickstartState) -> None:
+    from compir.train.config import DEFAULT_MODEL
     from compir.train.loop import TrainOptions, train
 
     assert state.data_dir is not None
+    state.model = state.model or DEFAULT_MODEL
     result = train(
         TrainOptions(
             data=state.data_dir,
@@ -197,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./%(default)s)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="training budget (default: %(default)s)")
-    parser.add_argument("--model", default="tiny", help="model config (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="model config (default: compir train's default, tiny-tgcir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-val", type=int, default=1000, help="validation queries (default: %(default)s)")
     parser.add_argument("--n-test", type=int, default=4000, help="test queries (default: %(default)s)")

@@ -26,7 +26,9 @@ from typing import Any
 from compir.errors import InputError
 from compir.manifest import PreprocessSpec
 
-DEFAULT_MODEL = "tiny"
+# The tiny backbone with the TG-CIR composer: at the same step budget it beats the combiner
+# (`tiny`) by ~9 R@1 on the synthetic benchmark (README, methods ablation).
+DEFAULT_MODEL = "tiny-tgcir"
 # open_clip's defaults (OPENAI_DATASET_MEAN / STD); pretrained tags may override them.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
