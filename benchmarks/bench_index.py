@@ -130,7 +130,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     truth, exact_s = _timed(lambda: exact_top_k(base, queries), 1 if not quick else repeats)
     exact_qps = n_queries / exact_s
     usearch = _usearch(base, queries, truth, repeats)
-    no_faiss = {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
+    no_faiss: dict[str, Any] = {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
     faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else no_faiss
 
     rows = []

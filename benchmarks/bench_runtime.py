@@ -133,7 +133,7 @@ def _runtime_indexing(export_dir: Path, images: Path, out: Path, *, batch_size: 
     from compir.runtime.build import build_index
     from compir.runtime.encoder import Encoder
 
-    encoder = Encoder.from_export(export_dir, providers=["cpu"])
+    encoder = Encoder.from_export(export_dir, providers=["cpu"], spinning=False)  # as compir index build does
     encoder.warmup()
     report = build_index(encoder, images=images, out=out, batch_size=batch_size, workers=workers, overwrite=True, progress=False)
     return report.seconds

@@ -140,7 +140,7 @@ def index_gallery(state: QuickstartState) -> None:
         link = gallery / f"{name}{source.suffix}"
         if not link.exists():
             link.symlink_to(source)
-    report = build_index(Encoder.from_export(state.export_dir), images=gallery, out=state.out_dir / "index",
+    report = build_index(Encoder.from_export(state.export_dir, spinning=False), images=gallery, out=state.out_dir / "index",
                          overwrite=True, progress=state.progress)
     state.index_dir = report.out_dir
     state.results["index"] = {"path": str(report.out_dir), "items": report.count, "images_per_s": round(report.images_per_s, 1)}

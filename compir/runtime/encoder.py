@@ -59,10 +59,13 @@ class Encoder:
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         variant: str | None = None,
+        spinning: bool = True,
     ) -> Encoder:
-        """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs."""
+        """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs.
+
+        ``spinning=False`` for bulk work beside other threads (index builds): see OrtBackend."""
         manifest = load_manifest(export_dir)
-        opened = open_backend(backend, export_dir, providers=providers)
+        opened = open_backend(backend, export_dir, providers=providers, spinning=spinning)
         # Engines are parsed from one ONNX variant: its graph specs describe them.
         engine_variant = getattr(opened, "variant", None)
         if engine_variant is not None and variant not in (None, engine_variant):

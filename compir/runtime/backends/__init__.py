@@ -14,12 +14,13 @@ BACKENDS = ("onnxruntime", "tensorrt")
 __all__ = ["BACKENDS", "Backend", "GraphSession", "check_io", "open_backend"]
 
 
-def open_backend(name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None) -> Backend:
-    """The backend called ``name`` for ``export_dir``; ``providers`` only applies to onnxruntime."""
+def open_backend(name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None, spinning: bool = True) -> Backend:
+    """The backend called ``name`` for ``export_dir``; ``providers`` and ``spinning`` (idle pool
+    threads busy-wait: lower latency per call, CPU taken from other work) only apply to onnxruntime."""
     if name == "onnxruntime":
         from compir.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(export_dir, providers=providers)
+        return OrtBackend(export_dir, providers=providers, spinning=spinning)
     if name == "tensorrt":
         from compir.runtime.backends.tensorrt import TensorRTBackend
 
