@@ -98,6 +98,8 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
     loaded = Gallery.load(tmp_path / "ix", export_sha256=EXPORT, view=view)
     assert len(loaded) == 20_000 and not loaded.vectors.uses_exact()
     assert isinstance(loaded.features, np.memmap) == view
+    # usearch files do not store the search breadth; the loaded graph must get index.json's.
+    assert loaded.vectors._ensure_ann().expansion_search == loaded.vectors.hnsw.expansion_search == 256
     assert [[h for h, _ in row] for row in loaded.search(queries, k=5)] == [[h for h, _ in row] for row in before]
     # A memory-mapped index becomes writable on its first change (usearch views are read-only).
     loaded.add(["fresh"], embeds=queries[:1], features=np.zeros((1, 4, DIM), np.float32), paths=[""])

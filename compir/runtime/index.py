@@ -133,6 +133,8 @@ class VectorIndex:
         ann = Index.restore(str(path), view=view)
         if ann is None or len(ann) != len(self) or ann.ndim != self.ndim:
             raise ContractError(f"{path}: the usearch graph does not match the index record (rebuild the index)")
+        # usearch files do not keep the search breadth (restore() gives 64): set it from index.json.
+        ann.expansion_search = self.hnsw.expansion_search  # type: ignore[misc]  # usearch has a setter; its stub misses it
         self._ann, self._ann_is_view = ann, view
 
     def _ensure_ann(self):  # type: ignore[no-untyped-def]
