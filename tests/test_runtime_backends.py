@@ -41,6 +41,19 @@ def test_variants_agree_and_report_what_they_run_on(tiny_export: Path) -> None:
         Encoder.from_export(tiny_export, variant="fp64")
 
 
+def test_bulk_encoder_turns_off_busy_waiting_and_computes_the_same(tiny_export: Path) -> None:
+    size = 2 * [Encoder.from_export(tiny_export, providers=["cpu"]).manifest.preprocess.image_size]
+    images = np.random.default_rng(1).normal(size=(3, 3, *size)).astype(np.float32)
+    outputs = {}
+    for spinning in (True, False):
+        encoder = Encoder.from_export(tiny_export, providers=["cpu"], spinning=spinning)
+        outputs[spinning] = encoder.encode_pixels(images).image_embeds
+        if not spinning:  # what onnxruntime itself reports for the opened session
+            session = encoder.backend._sessions["image_encoder"]._session  # type: ignore[attr-defined]
+            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+
+
 def _ort_hits(tiny_export: Path, tiny_index: Path) -> list[list[str]]:
     retriever = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
     ids = retriever.item_ids()[:5]
