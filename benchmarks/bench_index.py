@@ -113,6 +113,11 @@ def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: in
     return {"build_s": build_s, "sweep": sweep}
 
 
+def _faiss_skipped() -> dict[str, Any]:
+    """The shape of :func:`_faiss`'s figures with nothing measured (the tables say "skipped")."""
+    return {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
+
+
 def at_recall(sweep: list[dict[str, Any]], level: float) -> dict[str, Any] | None:
     """The fastest sweep point whose recall reaches ``level`` (None if none does)."""
     reaching = [point for point in sweep if point["recall"] >= level]
@@ -130,8 +135,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     truth, exact_s = _timed(lambda: exact_top_k(base, queries), 1 if not quick else repeats)
     exact_qps = n_queries / exact_s
     usearch = _usearch(base, queries, truth, repeats)
-    no_faiss: dict[str, Any] = {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
-    faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else no_faiss
+    faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else _faiss_skipped()
 
     rows = []
     comparison: dict[str, dict[str, Any]] = {}

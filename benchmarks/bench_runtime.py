@@ -148,18 +148,19 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     configs, count, queries, repeats = ((DEFAULT_MODEL,), 256, 30, 2) if quick else ((DEFAULT_MODEL, "small"), 1024, 100, 3)
     workers = min(4, os.cpu_count() or 2)
     indexing: dict[str, dict[str, Any]] = {}
+    exports: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="compir-bench-runtime-") as tmp:
         work = Path(tmp)
         files = _write_photos(work / "images", count)
         for config in configs:
-            export_dir = _make_export(work / config, config)
-            runtime_s = [_runtime_indexing(export_dir, work / "images", work / config / "index", batch_size=64, workers=workers) for _ in range(repeats)]
+            exports[config] = _make_export(work / config, config)
+            runtime_s = [_runtime_indexing(exports[config], work / "images", work / config / "index", batch_size=64, workers=workers) for _ in range(repeats)]
             torch_s = [_torch_indexing(work / config / "model.pt", files, batch_size=64, workers=workers) for _ in range(repeats)]
             runtime_rate, torch_rate = count / statistics.median(runtime_s), count / statistics.median(torch_s)
             indexing[config] = {"images": count, "workers": workers, "runtime_images_per_s": runtime_rate, "torch_images_per_s": torch_rate,
                                 "speedup": runtime_rate / torch_rate, "runtime_runs_s": runtime_s, "torch_runs_s": torch_s}
         config = configs[-1]
-        latency = _latency(work / config / "export", work / config / "index", files[-1], queries=queries)
+        latency = _latency(exports[config], work / config / "index", files[-1], queries=queries)
     modes = [m for m in latency if isinstance(latency[m], dict)]
     rows = [[mode, f"{latency[mode]['wall_ms']:.2f}", *(f"{latency[mode]['stages_ms'][s]:.2f}" for s in STAGES)] for mode in modes]
     index_rows = [[name, f"{v['runtime_images_per_s']:.1f}", f"{v['torch_images_per_s']:.1f}", f"{v['speedup']:.2f}x"] for name, v in indexing.items()]
