@@ -12,6 +12,7 @@ from compir.train.config import DEFAULT_MODEL, list_model_configs
 EPILOG = """examples:
   compir train --data data/synth --out runs/tiny --minutes 10
   compir train --data data/synth --model micro --epochs 2 --batch-size 64
+  compir train --data data/synth --out runs/repro --steps 400 --amp off    # reproducible: a fixed step count
   compir train --data data/cirr --model ViT-B-32 --pretrained openai --freeze-image --lr 1e-4
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", help="open_clip pretrained tag (downloads) or a local open_clip weights file")
     parser.add_argument("--epochs", type=int, help="number of epochs (default: 10, or as many as --minutes allows)")
     parser.add_argument("--minutes", type=float, help="wall-clock budget; the learning-rate schedule spans it")
+    parser.add_argument("--steps", type=int, help="train exactly this many steps (reproducible; the schedule spans them)")
     parser.add_argument("--batch-size", type=int, default=128, help="per process (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--freeze-image", action="store_true", help="do not train the image tower")
     parser.add_argument("--freeze-text", action="store_true", help="do not train the text tower")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision (default: bf16 where available)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="mixed precision; auto (default) takes bf16 only where a timed probe finds it faster than fp32 (GPU: bf16 or fp16)")
     parser.add_argument("--steps-per-epoch", type=int, help="synthetic data: steps between validations")
     parser.add_argument("--siblings", type=int, help="synthetic data: edits of one reference per batch (hard negatives)")
     parser.add_argument("--val-split", default="val", help="split to validate on every epoch (default: %(default)s)")
@@ -63,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = TrainOptions(
         data=args.data, out_dir=args.out, model=args.model, pretrained=args.pretrained, epochs=args.epochs,
-        minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        minutes=args.minutes, steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, backbone_lr_scale=args.backbone_lr_scale,
         seed=args.seed, resume=args.resume, freeze_image=args.freeze_image, freeze_text=args.freeze_text,
         amp=args.amp, steps_per_epoch=args.steps_per_epoch, siblings=args.siblings, val_split=args.val_split,

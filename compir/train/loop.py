@@ -29,9 +29,11 @@ from compir.train.distributed import DistContext, barrier, broadcast_value, clea
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
+from compir.train.precision import AMP_MODES, choose_amp
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+# After this many steps the run prints its measured throughput and the steps its budget will give.
+_THROUGHPUT_REPORT_STEP = 10
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,10 @@ class TrainOptions:
     out_dir: Path
     model: str = DEFAULT_MODEL  # built-in config name, config JSON path or open_clip model name
     pretrained: str | None = None  # open_clip tag or local open_clip weights file
-    epochs: int | None = None  # None with no minutes: 10
+    epochs: int | None = None  # None with no minutes or steps: 10
     minutes: float | None = None  # wall-clock budget for the whole run (training + validation)
+    steps: int | None = None  # a fixed number of optimizer steps (reproducible runs); the schedule spans them
+    expected_steps: int | None = None  # steps the recipe was tuned for: warn early when the budget gives far fewer
     batch_size: int = 128  # per process
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -54,7 +58,7 @@ class TrainOptions:
     resume: Path | None = None
     freeze_image: bool = False
     freeze_text: bool = False
-    amp: str = "auto"  # auto: bf16 on CPU and on CUDA that has it, else fp16
+    amp: str = "auto"  # auto: bf16 where a timed probe finds it faster (CPU) or the GPU has it, else fp32 / fp16
     steps_per_epoch: int | None = None  # default: synthetic = train split size / batch; real = one pass
     siblings: int | None = None  # synthetic data: edits per reference in a batch
     val_split: str = "val"
@@ -84,6 +88,12 @@ def train(options: TrainOptions) -> TrainResult:
     """Train a model on ``options.data`` and write the run folder (rank 0)."""
     if options.amp not in AMP_MODES:
         raise InputError(f"--amp must be one of {', '.join(AMP_MODES)}, got {options.amp!r}")
+    for name in ("steps", "epochs"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name} must be >= 1, got {value}")
+    if options.minutes is not None and options.minutes <= 0:
+        raise InputError(f"--minutes must be positive, got {options.minutes}")
     ctx = setup_distributed(options.device)
     try:
         return _Run(options, ctx).run()
@@ -112,7 +122,8 @@ class _Run:
         )
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.amp_dtype = _amp_dtype(options.amp, ctx.device)
+        self.amp = choose_amp(options.amp, ctx.device)
+        self.amp_dtype = self.amp.dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.wrapped: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -120,7 +131,7 @@ class _Run:
             else self.model
         )
         self.source = self._source()
-        self.epochs = options.epochs if options.epochs is not None else (None if options.minutes else 10)
+        self.epochs = options.epochs if options.epochs is not None else (None if options.minutes or options.steps else 10)
         self.val = load_split(options.data, split=options.val_split, fmt=options.data_format) if ctx.is_main else None
         if self.val is not None and options.val_queries:
             self.val = dataclasses.replace(self.val, queries=self.val.queries[: options.val_queries])
@@ -151,8 +162,11 @@ class _Run:
             print(
                 f"compir train: {self.model.config.name} ({count_parameters(self.model) / 1e6:.1f}M parameters, "
                 f"{trainable / 1e6:.1f}M trainable) on {self.ctx.device} x{self.ctx.world_size}, "
-                f"amp={self.amp_dtype or 'off'}, {len(self.source)} steps/epoch, batch {o.batch_size}"
+                f"amp={self.amp.label}, {len(self.source)} steps/epoch, batch {o.batch_size}"
             )
+            print(f"precision: {self.amp.reason}")
+            if self.amp.warning:
+                print(f"warning: {self.amp.warning}")
         start_step, run_started, cpu_started = self.step, time.monotonic(), time.process_time()
         started = run_started - self.elapsed  # a resumed run continues its schedule and budget
         while not self._done(started):
@@ -181,6 +195,8 @@ class _Run:
         parts = []
         if self.epochs is not None:
             parts.append(self.step / max(1, self.epochs * len(self.source)))
+        if self.options.steps is not None:
+            parts.append(self.step / self.options.steps)
         if self.options.minutes:
             parts.append(broadcast_value(time.monotonic() - started, self.ctx) / (60.0 * self.options.minutes))
         return max(parts)
@@ -203,7 +219,24 @@ class _Run:
             if index % 5 == 0:
                 rate = (index + 1) / max(1e-9, time.monotonic() - tick)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.1e}", "it/s": f"{rate:.2f}"})
+            if self.step == _THROUGHPUT_REPORT_STEP and self.ctx.is_main:
+                self._report_throughput(time.monotonic() - tick, index + 1, started)
         bar.close()
+
+    def _report_throughput(self, seconds: float, steps: int, started: float) -> None:
+        """Print the measured step rate early, and what the time budget will give at that rate."""
+        rate = steps / max(1e-9, seconds)
+        line = f"throughput: {rate:.2f} steps/s ({seconds / steps:.2f} s/step, amp={self.amp.label})"
+        if self.options.minutes:
+            left = 60.0 * self.options.minutes - (time.monotonic() - started)
+            # Validation takes its share of the budget too; this is the training-only projection.
+            projected = self.step + int(rate * left)
+            line += f"; about {projected} steps fit the {self.options.minutes:g}-minute budget"
+            expected = self.options.expected_steps
+            if expected and projected < 0.75 * expected:
+                line += (f"\nwarning: this machine trains far fewer steps than the recipe assumes ({projected} of "
+                         f"~{expected}): expect lower recall; give more --minutes or use a fixed --steps {expected}")
+        tqdm.write(line)
 
     def _step(self, batch: TrainBatch) -> dict[str, float]:
         weights = self.model.config.loss_weights
@@ -249,16 +282,6 @@ class _Run:
             summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())
             tqdm.write(f"epoch {self.epoch} step {self.step}: val {summary}{best_mark}")
         barrier(self.ctx)
-
-
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "off":
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or device.type == "cpu":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

@@ -1,0 +1,109 @@
+"""Mixed precision chosen by measurement, not by what the CPU's name suggests.
+
+bf16 autocast halves a step's cost on CPUs with native bf16 (AVX-512 BF16 / AMX) and makes it
+~50x slower on CPUs that emulate it (AVX2 only: a 512 x 512 matmul took 255 ms in bf16 against
+4.6 ms in fp32 on such a machine). So ``--amp auto`` times one small matmul in each dtype, once
+per process, and takes bf16 only where it is clearly faster; an explicit ``--amp bf16`` that the
+probe finds emulated is kept (the user asked for it) with a warning.
+
+:func:`decide_amp` is the pure rule (unit-tested with injected timings); :func:`choose_amp`
+measures and applies it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+# bf16 must beat fp32 by this factor to be chosen: a step also runs ops that autocast leaves in
+# fp32 and adds casts, so a matmul that is barely faster does not make a faster step.
+_MIN_SPEEDUP = 1.3
+_PROBE_SIZE = 256  # (256 x 256) @ (256 x 256): ~0.1-2 ms where bf16 is native, ~30 ms where emulated
+_PROBE_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class ProbeTimings:
+    """Fastest of a few timings of one probe matmul in each dtype (the minimum resists load from other jobs)."""
+
+    fp32_s: float
+    bf16_s: float
+
+    @property
+    def bf16_speedup(self) -> float:
+        return self.fp32_s / max(self.bf16_s, 1e-12)
+
+
+@dataclass(frozen=True)
+class AmpDecision:
+    dtype: torch.dtype | None  # None: full fp32
+    reason: str  # one line for the run's banner
+    warning: str | None = None  # set when the user's explicit choice is likely slow
+
+    @property
+    def label(self) -> str:
+        return "off (fp32)" if self.dtype is None else str(self.dtype).replace("torch.", "")
+
+
+def decide_amp(mode: str, *, device_type: str, probe: ProbeTimings | None, cuda_bf16: bool = False) -> AmpDecision:
+    """The precision rule. ``probe`` is needed for ``auto`` and ``bf16`` on a CPU (else ignored).
+
+    - ``off``: fp32. ``fp16``: fp16 (a GradScaler guards it).
+    - CUDA ``auto``: bf16 where the GPU supports it, else fp16 (both are native on GPUs).
+    - CPU ``auto``: bf16 only where the probe finds it >= 1.3x faster than fp32, else fp32.
+    - CPU ``bf16``: bf16 as asked, with a warning where the probe finds it no faster than fp32.
+    """
+    if mode not in AMP_MODES:
+        raise ValueError(f"amp mode must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+    if mode == "off":
+        return AmpDecision(None, "--amp off")
+    if mode == "fp16":
+        return AmpDecision(torch.float16, "--amp fp16")
+    if device_type == "cuda":
+        if mode == "bf16":
+            return AmpDecision(torch.bfloat16, "--amp bf16")
+        return (AmpDecision(torch.bfloat16, "auto: the GPU has bf16") if cuda_bf16
+                else AmpDecision(torch.float16, "auto: the GPU lacks bf16, fp16 with loss scaling"))
+    if probe is None:
+        raise ValueError("a CPU precision decision needs probe timings")
+    measured = (f"probe matmul bf16 {probe.bf16_s * 1e3:.2f} ms vs fp32 {probe.fp32_s * 1e3:.2f} ms "
+                f"({probe.bf16_speedup:.2f}x)")
+    native = probe.bf16_speedup >= _MIN_SPEEDUP
+    if mode == "bf16":
+        warning = None if native else (
+            f"--amp bf16 looks emulated on this CPU ({measured}): training will be much slower than "
+            f"--amp off; use --amp auto or off unless you need bf16")
+        return AmpDecision(torch.bfloat16, f"--amp bf16; {measured}", warning)
+    if native:
+        return AmpDecision(torch.bfloat16, f"auto: bf16 is native on this CPU ({measured})")
+    return AmpDecision(None, f"auto: fp32, bf16 is not faster on this CPU ({measured})")
+
+
+@functools.cache
+def probe_cpu_matmul() -> ProbeTimings:
+    """Time one small matmul in fp32 and bf16 on the CPU (a few ms; once per process)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=generator)
+    b = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=generator)
+    return ProbeTimings(fp32_s=_fastest_matmul_s(a, b), bf16_s=_fastest_matmul_s(a.bfloat16(), b.bfloat16()))
+
+
+def _fastest_matmul_s(a: torch.Tensor, b: torch.Tensor) -> float:
+    a @ b  # warm-up: the first call picks and loads kernels
+    times = []
+    for _ in range(_PROBE_REPEATS):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def choose_amp(mode: str, device: torch.device) -> AmpDecision:
+    """Measure where the rule needs it, then apply :func:`decide_amp`."""
+    needs_probe = device.type == "cpu" and mode in ("auto", "bf16")
+    cuda_bf16 = device.type == "cuda" and mode == "auto" and torch.cuda.is_bf16_supported()
+    return decide_amp(mode, device_type=device.type, probe=probe_cpu_matmul() if needs_probe else None, cuda_bf16=cuda_bf16)
