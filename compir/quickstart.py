@@ -23,7 +23,7 @@ DEFAULT_OUT = Path("compir-quickstart")
 DEFAULT_MINUTES = 13.5  # training budget; data, eval, export, index and the query add under a minute on 2 CPU cores
 # Steps the default recipe needs for its README figures (measured); a machine that trains far
 # fewer within the budget is told so early.
-RECIPE_STEPS = 400
+RECIPE_STEPS = 600
 
 EPILOG = """examples:
   compir quickstart                          # ~14 minutes on 2 CPU cores
@@ -47,6 +47,7 @@ class QuickstartState:
     out_dir: Path
     minutes: float
     steps: int | None = None  # a fixed step count instead of the time budget (reproducible runs)
+    amp: str = "auto"  # compir train's --amp: auto measures whether bf16 is faster here
     model: str | None = None  # None: compir train's default model
     seed: int = 0
     n_val: int = 1000
@@ -94,6 +95,7 @@ def train_model(state: QuickstartState) -> None:
             model=state.model,
             minutes=None if state.steps else state.minutes,
             steps=state.steps,
+            amp=state.amp,
             expected_steps=None if state.steps else RECIPE_STEPS,
             steps_per_epoch=50,  # validate every 50 steps (a few minutes on 2 cores)
             val_queries=500,
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./%(default)s)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="training budget (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="train exactly N steps instead of the time budget (reproducible)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="training precision (default: auto, bf16 only where a timed probe finds it faster)")
     parser.add_argument("--model", default=None, help="model config (default: compir train's default, tiny-tgcir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-val", type=int, default=1000, help="validation queries (default: %(default)s)")
@@ -228,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         raise InputError(f"--minutes must be positive and --steps >= 1, got {args.minutes} / {args.steps}")
     state = QuickstartState(
-        out_dir=args.out, minutes=args.minutes, steps=args.steps, model=args.model, seed=args.seed, n_val=args.n_val,
+        out_dir=args.out, minutes=args.minutes, steps=args.steps, amp=args.amp, model=args.model, seed=args.seed, n_val=args.n_val,
         n_test=args.n_test, progress=not args.no_progress,
     )
     summary = run_quickstart(state)

@@ -26,7 +26,7 @@ def micro_model() -> CIRModel:
 def test_builtin_configs_resolve_and_tiny_is_the_documented_size():
     assert {"tiny", "micro"} <= set(list_model_configs())
     tiny = resolve_model_config("tiny")
-    assert (tiny.image_size, tiny.context_length, tiny.embed_dim) == (64, 32, 128)
+    assert (tiny.image_size, tiny.context_length, tiny.embed_dim) == (32, 32, 128)  # 32 px input: the 64 px renders downsampled
     assert tiny.clip_cfg["vision_cfg"]["patch_size"] == 8 and tiny.head == "combiner"
     assert ModelConfig.from_dict(tiny.to_dict()) == tiny
 

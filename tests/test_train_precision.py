@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compir.train.precision import ProbeTimings, choose_amp, decide_amp, probe_cpu_matmul
+from compir.train.precision import TRIAL_PLAN, ProbeTimings, choose_amp, decide_amp, decide_trial, probe_cpu_matmul
 
 NATIVE = ProbeTimings(fp32_s=3.5e-3, bf16_s=0.6e-3)  # AVX-512 BF16: bf16 ~6x faster
 EMULATED = ProbeTimings(fp32_s=4.6e-3, bf16_s=255e-3)  # AVX2 only: bf16 ~55x slower
@@ -45,3 +45,16 @@ def test_the_probe_measures_once_per_process_and_the_decision_follows_it() -> No
     assert first.fp32_s > 0 and first.bf16_s > 0
     decision = choose_amp("auto", torch.device("cpu"))
     assert decision == decide_amp("auto", device_type="cpu", probe=first)
+
+
+def test_native_bf16_is_confirmed_on_the_models_own_steps() -> None:
+    assert decide_amp("auto", device_type="cpu", probe=NATIVE).trial
+    assert not decide_amp("auto", device_type="cpu", probe=EMULATED).trial  # emulated: fp32 is final
+    assert not decide_amp("bf16", device_type="cpu", probe=NATIVE).trial  # explicit: as asked
+    # A small model where autocast's casts outweigh faster matmuls keeps fp32 ...
+    slower = decide_trial({None: [0.43, 0.44], torch.bfloat16: [0.51, 0.52]})
+    assert slower.dtype is None and "0.430 s" in slower.reason and "0.510 s" in slower.reason
+    # ... a bigger one where bf16 wins keeps bf16; a tie keeps fp32 (no precision lost for nothing).
+    assert decide_trial({None: [0.9], torch.bfloat16: [0.5, 0.6]}).dtype == torch.bfloat16
+    assert decide_trial({None: [0.50], torch.bfloat16: [0.49]}).dtype is None
+    assert TRIAL_PLAN.count(None) >= 2 and TRIAL_PLAN.count(torch.bfloat16) >= 2  # a warm-up plus a timed step each

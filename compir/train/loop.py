@@ -29,7 +29,7 @@ from compir.train.distributed import DistContext, barrier, broadcast_value, clea
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
-from compir.train.precision import AMP_MODES, choose_amp
+from compir.train.precision import AMP_MODES, TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
 
 # After this many steps the run prints its measured throughput and the steps its budget will give.
@@ -124,6 +124,8 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.amp = choose_amp(options.amp, ctx.device)
         self.amp_dtype = self.amp.dtype
+        # A resumed run keeps the precision it would pick again; a trial runs on a fresh run only.
+        self._trial: dict[torch.dtype | None, list[float]] | None = {} if self.amp.trial and resumed is None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.wrapped: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -213,7 +215,7 @@ class _Run:
             if progress >= 1.0:
                 break
             lr = set_lr(self.optimizer, lr_factor(step=self.step, progress=progress, warmup_steps=self.options.warmup_steps))
-            terms = self._step(batch.to(self.ctx.device))
+            terms = self._timed_step(batch.to(self.ctx.device))
             self.step += 1
             bar.update(1)
             if index % 5 == 0:
@@ -237,6 +239,27 @@ class _Run:
                 line += (f"\nwarning: this machine trains far fewer steps than the recipe assumes ({projected} of "
                          f"~{expected}): expect lower recall; give more --minutes or use a fixed --steps {expected}")
         tqdm.write(line)
+
+    def _timed_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One step; during a precision trial, in the plan's dtype and timed (then the faster dtype is kept)."""
+        if self._trial is None:
+            return self._step(batch)
+        dtype = TRIAL_PLAN[self.step]
+        self.amp_dtype = dtype
+        started = time.perf_counter()
+        terms = self._step(batch)
+        seconds = time.perf_counter() - started
+        if dtype in TRIAL_PLAN[: self.step]:  # not this dtype's warm-up step
+            self._trial.setdefault(dtype, []).append(seconds)
+        if self.step + 1 == len(TRIAL_PLAN):
+            decision = decide_trial(self._trial)
+            keep_bf16 = broadcast_value(float(decision.dtype is not None), self.ctx) > 0.5  # every process: rank 0's choice
+            if keep_bf16 != (decision.dtype is not None):
+                decision = AmpDecision(torch.bfloat16 if keep_bf16 else None, "auto: as rank 0's trial decided")
+            self.amp, self.amp_dtype, self._trial = decision, decision.dtype, None
+            if self.ctx.is_main:
+                tqdm.write(f"precision: {self.amp.reason}")
+        return terms
 
     def _step(self, batch: TrainBatch) -> dict[str, float]:
         weights = self.model.config.loss_weights
