@@ -114,7 +114,7 @@ def _torch_indexing(checkpoint: Path, files: list[Path], *, batch_size: int, wor
     loaded = load_checkpoint(checkpoint)
     transform = eval_transform(loaded.preprocess)
 
-    class Images(Dataset):  # type: ignore[type-arg]
+    class Images(Dataset):
         def __len__(self) -> int:
             return len(files)
 

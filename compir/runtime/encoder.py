@@ -134,7 +134,7 @@ def _static_tail(spec: object) -> tuple[int, ...]:
     tail = tuple(shape[1:])
     if not all(isinstance(dim, int) for dim in tail):
         raise ContractError(f"tensor {getattr(spec, 'name')!r}: only the batch axis may be dynamic, got {list(shape)}")
-    return tail  # type: ignore[return-value]
+    return tail
 
 
 def _run(session: GraphSession, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:

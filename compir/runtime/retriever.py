@@ -136,7 +136,7 @@ class Retriever:
         vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
         composed = [row for row, (_, feats) in enumerate(resolved) if feats is not None]
         if composed:
-            image_features = np.stack([resolved[row][1] for row in composed])  # type: ignore[misc]
+            image_features = np.stack([feats for _, feats in resolved if feats is not None])  # rows in `composed` order
             vectors[composed] = self.encoder.compose(image_features, text_features[composed])
         with self._lock:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
@@ -146,7 +146,7 @@ class Retriever:
     def add_items(self, items: Mapping[str, str | bytes | os.PathLike[str] | Image.Image]) -> list[str]:
         """Encode and add (or replace) items; their images are copied into the index folder."""
         ids = [validate_item_id(item_id) for item_id in items]
-        images = [load_image(source, name=item_id) for item_id, source in items.items()]  # type: ignore[arg-type]
+        images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
             paths = []

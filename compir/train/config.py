@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from compir.errors import InputError
-from compir.manifest import PreprocessSpec
+from compir.manifest import PreprocessSpec, rgb_values
 
 # The tiny backbone with the TG-CIR composer: at the same step budget it beats the combiner
 # (`tiny`) by ~9 R@1 on the synthetic benchmark (README, methods ablation).
@@ -68,8 +68,8 @@ class ModelConfig:
             image_size=self.image_size,
             resize_mode=str(pre.get("resize_mode", "shortest")),
             interpolation=str(pre.get("interpolation", "bicubic")),
-            mean=tuple(float(x) for x in pre.get("mean", _CLIP_MEAN)),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in pre.get("std", _CLIP_STD)),  # type: ignore[arg-type]
+            mean=rgb_values(pre.get("mean", _CLIP_MEAN), field_name="mean"),
+            std=rgb_values(pre.get("std", _CLIP_STD), field_name="std"),
         )
 
     def to_dict(self) -> dict[str, Any]:
