@@ -34,7 +34,8 @@ from compir.errors import InputError
 from compir.images import load_image
 from compir.runtime.encoder import Encoder, TextEncoding
 from compir.runtime.gallery import Gallery
-from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery, load_reranker
+from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
+from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
