@@ -24,45 +24,15 @@ from compir.data.load import detect_format, load_split
 from compir.data.synthetic import synth_config_of
 from compir.errors import InputError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
-from compir.train.config import DEFAULT_MODEL, resolve_model_config
+from compir.train.config import resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
+from compir.train.options import AMP_MODES, TrainOptions
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything a run depends on (recorded in ``train_log.json``)."""
-
-    data: Path
-    out_dir: Path
-    model: str = DEFAULT_MODEL  # built-in config name, config JSON path or open_clip model name
-    pretrained: str | None = None  # open_clip tag or local open_clip weights file
-    epochs: int | None = None  # None with no minutes: 10
-    minutes: float | None = None  # wall-clock budget for the whole run (training + validation)
-    batch_size: int = 128  # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 40
-    grad_clip: float = 1.0
-    backbone_lr_scale: float = 1.0
-    seed: int = 0
-    resume: Path | None = None
-    freeze_image: bool = False
-    freeze_text: bool = False
-    amp: str = "auto"  # auto: bf16 on CPU and on CUDA that has it, else fp16
-    steps_per_epoch: int | None = None  # default: synthetic = train split size / batch; real = one pass
-    siblings: int | None = None  # synthetic data: edits per reference in a batch
-    val_split: str = "val"
-    val_queries: int | None = None  # evaluate on the first N validation queries only
-    workers: int = 2  # DataLoader workers for real datasets
-    device: str = "auto"
-    data_format: str = "auto"
-    progress: bool = True
+__all__ = ["AMP_MODES", "TrainOptions", "TrainResult", "train"]  # the options live in compir.train.options (torch-free)
 
 
 @dataclass(frozen=True)
