@@ -120,7 +120,7 @@ def test_pretrained_weights_load_from_a_local_open_clip_file(tmp_path, micro_mod
     weights = tmp_path / "open_clip_weights.pt"
     torch.save(micro_model.backbone.state_dict(), weights)  # what open_clip checkpoints hold
     loaded = CIRModel(resolve_model_config("micro"), pretrained=str(weights))
-    for (name, expected), actual in zip(micro_model.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+    for (name, expected), actual in zip(micro_model.backbone.state_dict().items(), loaded.backbone.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
     with pytest.raises(InputError, match="pretrained"):
         CIRModel(resolve_model_config("micro"), pretrained=str(tmp_path / "missing.pt"))

@@ -151,7 +151,7 @@ class Retriever:
         encoded = self.encoder.encode_images(images)
         with self._lock:
             paths = []
-            for source, image in zip(items.values(), images):
+            for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
             self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
@@ -198,7 +198,7 @@ class Retriever:
                 uploads.append((row, _decode_reference(reference)))
         if uploads:
             features = self.encoder.encode_images([image for _, image in uploads]).image_features
-            for (row, _), row_features in zip(uploads, features):
+            for (row, _), row_features in zip(uploads, features, strict=True):
                 resolved[row] = (None, row_features)
         return resolved
 
@@ -215,7 +215,7 @@ class Retriever:
         with self._lock:
             # A text evicted meanwhile (a cache smaller than the batch) is encoded again, alone.
             entries = [self._texts.get(text) for text in texts]
-        return [entry if entry is not None else self._encode_text(text, {}) for text, entry in zip(texts, entries)]
+        return [entry if entry is not None else self._encode_text(text, {}) for text, entry in zip(texts, entries, strict=True)]
 
     def _encode_text(self, text: str, timings: dict[str, float]) -> _Text:
         with self._lock:

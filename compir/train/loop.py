@@ -160,7 +160,8 @@ class _Run:
 
     def _train_epoch(self, started: float) -> None:
         self.wrapped.train()
-        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not (self.options.progress and self.ctx.is_main))
+        show = self.options.progress and self.ctx.is_main
+        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not show)
         tick = time.monotonic()
         for index, batch in enumerate(self.source.epoch(self.epoch)):
             progress = self._progress(started)
@@ -210,7 +211,8 @@ class _Run:
                 "best_score": self.best_score, "history": self.history, "options": _jsonable(asdict(self.options)),
             }
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch, optimizer_state=state)
+            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch,
+                            optimizer_state=state)
             if improved:
                 save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
             log = {"options": state["options"], "history": self.history}
