@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compir.contracts import atomic_write_bytes
+from compir.train.options import AMP_MODES  # torch-free
 
 DEFAULT_OUT = Path("compir-quickstart")
 DEFAULT_MINUTES = 13.5  # training budget; data, eval, export, index and the query add under a minute on 2 CPU cores
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./%(default)s)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="training budget (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="train exactly N steps instead of the time budget (reproducible)")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+    parser.add_argument("--amp", choices=AMP_MODES, default="auto",
                         help="training precision (default: auto, bf16 only where a timed probe finds it faster)")
     parser.add_argument("--model", default=None, help="model config (default: compir train's default, tiny-tgcir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -232,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         raise InputError(f"--minutes must be positive and --steps >= 1, got {args.minutes} / {args.steps}")
     state = QuickstartState(
-        out_dir=args.out, minutes=args.minutes, steps=args.steps, amp=args.amp, model=args.model, seed=args.seed, n_val=args.n_val,
+        out_dir=args.out, minutes=args.minutes, steps=args.steps, amp=args.amp, model=args.model, seed=args.seed,
+        n_val=args.n_val,
         n_test=args.n_test, progress=not args.no_progress,
     )
     summary = run_quickstart(state)

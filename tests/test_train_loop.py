@@ -63,7 +63,8 @@ def test_frozen_tower_does_not_change(synth_data, tmp_path):
     from compir.train.model import CIRModel
 
     initial = CIRModel(resolve_model_config("micro"))
-    for (name, before), after in zip(initial.backbone.visual.state_dict().items(), trained.backbone.visual.state_dict().values()):
+    trained_weights = trained.backbone.visual.state_dict().values()
+    for (name, before), after in zip(initial.backbone.visual.state_dict().items(), trained_weights, strict=True):
         assert torch.equal(before, after), name
     assert not torch.equal(initial.head.gate[0].weight, trained.head.gate[0].weight)
 

@@ -24,49 +24,19 @@ from compir.data.load import detect_format, load_split
 from compir.data.synthetic import synth_config_of
 from compir.errors import InputError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
-from compir.train.config import DEFAULT_MODEL, resolve_model_config
+from compir.train.config import resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
-from compir.train.precision import AMP_MODES, TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
+from compir.train.options import AMP_MODES, TrainOptions
+from compir.train.precision import TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
 
 # After this many steps the run prints its measured throughput and the steps its budget will give.
 _THROUGHPUT_REPORT_STEP = 10
 
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything a run depends on (recorded in ``train_log.json``)."""
-
-    data: Path
-    out_dir: Path
-    model: str = DEFAULT_MODEL  # built-in config name, config JSON path or open_clip model name
-    pretrained: str | None = None  # open_clip tag or local open_clip weights file
-    epochs: int | None = None  # None with no minutes or steps: 10
-    minutes: float | None = None  # wall-clock budget for the whole run (training + validation)
-    steps: int | None = None  # a fixed number of optimizer steps (reproducible runs); the schedule spans them
-    expected_steps: int | None = None  # steps the recipe was tuned for: warn early when the budget gives far fewer
-    batch_size: int = 128  # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 40
-    grad_clip: float = 1.0
-    backbone_lr_scale: float = 1.0
-    seed: int = 0
-    resume: Path | None = None
-    freeze_image: bool = False
-    freeze_text: bool = False
-    amp: str = "auto"  # auto: bf16 where a timed probe finds it faster (CPU) or the GPU has it, else fp32 / fp16
-    steps_per_epoch: int | None = None  # default: synthetic = train split size / batch; real = one pass
-    siblings: int | None = None  # synthetic data: edits per reference in a batch
-    val_split: str = "val"
-    val_queries: int | None = None  # evaluate on the first N validation queries only
-    workers: int = 2  # DataLoader workers for real datasets
-    device: str = "auto"
-    data_format: str = "auto"
-    progress: bool = True
+__all__ = ["AMP_MODES", "TrainOptions", "TrainResult", "train"]  # the options live in compir.train.options (torch-free)
 
 
 @dataclass(frozen=True)
@@ -208,7 +178,8 @@ class _Run:
 
     def _train_epoch(self, started: float) -> None:
         self.wrapped.train()
-        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not (self.options.progress and self.ctx.is_main))
+        show = self.options.progress and self.ctx.is_main
+        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not show)
         tick = time.monotonic()
         for index, batch in enumerate(self.source.epoch(self.epoch)):
             progress = self._progress(started)
@@ -296,7 +267,8 @@ class _Run:
                 "best_score": self.best_score, "history": self.history, "options": _jsonable(asdict(self.options)),
             }
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch, optimizer_state=state)
+            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch,
+                            optimizer_state=state)
             if improved:
                 save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
             log = {"options": state["options"], "history": self.history}

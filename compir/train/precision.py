@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+from compir.train.options import AMP_MODES
+
 # bf16 must beat fp32 by this factor to be chosen: a step also runs ops that autocast leaves in
 # fp32 and adds casts, so a matmul that is barely faster does not make a faster step.
 _MIN_SPEEDUP = 1.3
