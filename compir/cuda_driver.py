@@ -37,10 +37,14 @@ SIGNATURES: dict[str, tuple[Any, ...]] = {
     "cuDeviceGetAttribute": (ctypes.POINTER(ctypes.c_int), ctypes.c_int, CUdevice),
     "cuDevicePrimaryCtxRetain": (ctypes.POINTER(CUcontext), CUdevice),
     "cuCtxSetCurrent": (CUcontext,),
+    "cuDevicePrimaryCtxRelease_v2": (CUdevice,),
     "cuStreamCreate": (ctypes.POINTER(CUstream), ctypes.c_uint),
     "cuStreamSynchronize": (CUstream,),
+    "cuStreamDestroy_v2": (CUstream,),
     "cuMemAlloc_v2": (ctypes.POINTER(CUdeviceptr), ctypes.c_size_t),
     "cuMemFree_v2": (CUdeviceptr,),
+    "cuMemAllocHost_v2": (ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t),
+    "cuMemFreeHost": (ctypes.c_void_p,),
     "cuMemcpyHtoDAsync_v2": (CUdeviceptr, ctypes.c_void_p, ctypes.c_size_t, CUstream),
     "cuMemcpyDtoHAsync_v2": (ctypes.c_void_p, CUdeviceptr, ctypes.c_size_t, CUstream),
 }
@@ -98,6 +102,10 @@ class CudaDriver:
         self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.pointer(context), device), "cuDevicePrimaryCtxRetain")
         return int(context.value or 0)
 
+    def release_primary_context(self, device: int) -> None:
+        """Drop this process's hold on the device's primary context (one call per retain)."""
+        self.check(self.lib.cuDevicePrimaryCtxRelease_v2(device), "cuDevicePrimaryCtxRelease")
+
     def set_current(self, context: int) -> None:
         self.check(self.lib.cuCtxSetCurrent(context), "cuCtxSetCurrent")
 
@@ -105,6 +113,9 @@ class CudaDriver:
         stream = CUstream()
         self.check(self.lib.cuStreamCreate(ctypes.pointer(stream), 0), "cuStreamCreate")
         return int(stream.value or 0)
+
+    def destroy_stream(self, stream: int) -> None:
+        self.check(self.lib.cuStreamDestroy_v2(stream), "cuStreamDestroy")
 
     def synchronize(self, stream: int) -> None:
         self.check(self.lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
@@ -117,6 +128,15 @@ class CudaDriver:
     def free(self, pointer: int) -> None:
         self.check(self.lib.cuMemFree_v2(pointer), "cuMemFree")
 
+    def alloc_host(self, nbytes: int) -> int:
+        """Page-locked host memory: asynchronous copies from and to it overlap, from pageable memory they do not."""
+        pointer = ctypes.c_void_p()
+        self.check(self.lib.cuMemAllocHost_v2(ctypes.pointer(pointer), max(nbytes, 1)), f"cuMemAllocHost({nbytes} bytes)")
+        return int(pointer.value or 0)
+
+    def free_host(self, pointer: int) -> None:
+        self.check(self.lib.cuMemFreeHost(pointer), "cuMemFreeHost")
+
     def copy_to_device(self, pointer: int, array: np.ndarray, stream: int) -> None:
         """Queue a copy of the C-contiguous ``array`` on ``stream`` (keep it alive until the stream syncs)."""
         self.check(self.lib.cuMemcpyHtoDAsync_v2(pointer, array.ctypes.data, array.nbytes, stream), "cuMemcpyHtoDAsync")
@@ -124,6 +144,14 @@ class CudaDriver:
     def copy_to_host(self, array: np.ndarray, pointer: int, stream: int) -> None:
         """Queue a copy into the C-contiguous, writable ``array`` on ``stream``."""
         self.check(self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, pointer, array.nbytes, stream), "cuMemcpyDtoHAsync")
+
+
+def host_array(pointer: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A numpy array over host memory at ``pointer`` (e.g. from :meth:`CudaDriver.alloc_host`); it
+    does not own the memory, which must outlive it."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = (ctypes.c_uint8 * nbytes).from_address(pointer)
+    return np.frombuffer(memoryview(raw), dtype=dtype).reshape(shape)
 
 
 @functools.cache

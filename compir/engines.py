@@ -16,8 +16,14 @@ from typing import Any
 
 from compir.contracts import ENGINES_FILE, ENGINES_FORMAT, ENGINES_SCHEMA, read_contract, require_keys, verify_sha256, write_contract
 from compir.errors import ContractError
+from compir.manifest import BATCH_AXIS, GraphSpec
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# The optimization profile's batch sizes (min, opt, max) unless told otherwise: `compir export engine`
+# and onnxruntime's TensorRT provider build for the same range.
+DEFAULT_BATCHES = (1, 8, 64)
+# The TensorRT majors compir builds and runs engines with (pyproject's gpu extra pins the same range).
+TENSORRT_MAJORS = range(10, 11)
 
 
 @dataclass(frozen=True)
@@ -172,15 +178,64 @@ def check_compatible(record: EngineRecord, *, device: DeviceInfo, source: str = 
         )
 
 
+def check_tensorrt_version(version: str) -> None:
+    """ContractError unless ``version`` (``tensorrt.__version__``) is a TensorRT 10.x release.
+
+    8.x and 9.x cannot build the text graphs (they cast int64 token ids to int32, and their ArgMax
+    is fp32/fp16 only). 11.x removed the precision builder flags (``BuilderFlag.FP16/INT8``) and the
+    int8 calibrators that fp16 and calibrated int8 builds use.
+    """
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise ContractError(f"cannot read the TensorRT version {version!r}; compir needs TensorRT 10.x") from None
+    if major in TENSORRT_MAJORS:
+        return
+    if major < TENSORRT_MAJORS.start:
+        raise ContractError(
+            f"TensorRT {version} is too old: compir's engines need TensorRT 10.x (int64 token ids, ArgMax over them). "
+            f"On a Jetson, JetPack 6.0 ships TensorRT 8.6 and JetPack 5 TensorRT 8.5: flash JetPack 6.1 or 6.2 (TensorRT 10.3). "
+            f"Elsewhere: pip install 'compir[gpu]' (tensorrt-cu12 >= 10, < 11)"
+        )
+    raise ContractError(
+        f"TensorRT {version} is not supported: TensorRT 11 removed the precision builder flags and int8 calibrators "
+        f"compir's builds use; install TensorRT 10.x: pip install 'compir[gpu]' (tensorrt-cu12 >= 10, < 11)"
+    )
+
+
+def compute_profile(graph: GraphSpec, *, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, ShapeRange]:
+    """One ShapeRange per graph input: the ``batch`` axis gets (min, opt, max), every other axis its
+    exported size; ContractError on an axis the profile cannot size."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ContractError(f"batch sizes must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch})")
+    profile: dict[str, ShapeRange] = {}
+    for spec in graph.inputs:
+        sizes: list[tuple[int, int, int]] = []
+        for axis, dim in enumerate(spec.shape):
+            if dim == BATCH_AXIS:
+                sizes.append((min_batch, opt_batch, max_batch))
+            elif isinstance(dim, int) and dim > 0:
+                sizes.append((dim, dim, dim))
+            else:
+                raise ContractError(
+                    f"{graph.role} input {spec.name!r} axis {axis} is dynamic ({dim!r}) but only {BATCH_AXIS!r} "
+                    f"can be given a TensorRT profile; re-export the graph with fixed sizes elsewhere"
+                )
+        low, mid, high = (tuple(size[i] for size in sizes) for i in range(3))
+        profile[spec.name] = ShapeRange(min=low, opt=mid, max=high)
+    return profile
+
+
 def detect_device(*, device_index: int = 0) -> DeviceInfo:
     """Describe this machine's TensorRT and GPU through the CUDA driver library (no torch needed).
 
-    Raises ContractError when TensorRT or a CUDA driver is missing.
+    Raises ContractError when TensorRT or a CUDA driver is missing, or TensorRT is not a 10.x release.
     """
     try:
         import tensorrt
     except ImportError as exc:
         raise ContractError("TensorRT is not installed; install compir[gpu] on the device that runs the engines") from exc
+    check_tensorrt_version(str(tensorrt.__version__))
     name, capability = _cuda_device(device_index)
     return DeviceInfo(tensorrt_version=str(tensorrt.__version__), gpu_name=name, compute_capability=capability)
 

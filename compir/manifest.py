@@ -29,6 +29,9 @@ QUERY_ENCODER = "query_encoder"  # pixel_values, input_ids -> query_embeds (fuse
 RERANKER = "reranker"  # token_features, attention_mask, candidate patch features -> scores
 GRAPH_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER, RERANKER)
 REQUIRED_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER)
+# The one named dynamic axis of every graph input and output (axis 0); every other axis is fixed.
+# Export writes it, TensorRT profiles and onnxruntime's TensorRT provider size it.
+BATCH_AXIS = "batch"
 
 _DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,17 @@ import pytest
 
 from compir.contracts import ENGINES_FILE, sha256_bytes
 from compir.cuda_driver import SIGNATURES, CudaDriver
-from compir.engines import DeviceInfo, EngineRecord, EngineSet, ShapeRange, check_compatible, detect_device, load_engines, save_engines
+from compir.engines import (
+    DeviceInfo,
+    EngineRecord,
+    EngineSet,
+    ShapeRange,
+    check_compatible,
+    check_tensorrt_version,
+    detect_device,
+    load_engines,
+    save_engines,
+)
 from compir.errors import ContractError
 
 ORIN = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7")
@@ -192,3 +203,29 @@ def test_cuda_driver_without_a_symbol_is_a_clear_error() -> None:
     del lib.cuStreamCreate
     with pytest.raises(ContractError, match="has no cuStreamCreate"):
         CudaDriver(lib)
+
+
+@pytest.mark.parametrize("version", ["10.0.1", "10.3.0", "10.3.0.30", "10.16.1.11"])
+def test_tensorrt_10_is_supported(version: str) -> None:
+    check_tensorrt_version(version)
+
+
+@pytest.mark.parametrize("version", ["8.6.2.3", "8.5.2.2", "9.3.0.1", "7.1.3"])
+def test_tensorrt_before_10_is_refused_naming_the_jetpack_to_use(version: str) -> None:
+    with pytest.raises(ContractError) as refused:
+        check_tensorrt_version(version)
+    message = str(refused.value)
+    assert f"TensorRT {version} is too old" in message and "int64 token ids" in message
+    assert "JetPack 6.0 ships TensorRT 8.6" in message and "flash JetPack 6.1 or 6.2 (TensorRT 10.3)" in message
+
+
+@pytest.mark.parametrize("version", ["11.0.0.114", "11.4.0.106", "12.0"])
+def test_tensorrt_11_and_later_are_refused_with_the_pin(version: str) -> None:
+    expected = rf"TensorRT {re.escape(version)} is not supported: TensorRT 11 removed .*tensorrt-cu12 >= 10, < 11"
+    with pytest.raises(ContractError, match=expected):
+        check_tensorrt_version(version)
+
+
+def test_unreadable_tensorrt_version_is_refused() -> None:
+    with pytest.raises(ContractError, match="cannot read the TensorRT version 'abc'"):
+        check_tensorrt_version("abc")

@@ -116,9 +116,22 @@ def test_variant_and_precision_combinations(variant: str, precision: str, refuse
             _check_variant(variant, precision)
 
 
-def test_tensorrt_before_10_is_refused_with_the_reason() -> None:
-    from compir.export.trt.engine_build import _require_tensorrt_10
+@pytest.mark.parametrize(
+    ("precision", "enable", "disable"),
+    [
+        ("fp32", (), ("TF32",)),  # strict fp32: TensorRT turns TF32 on by default (Ampere, Orin, Hopper)
+        ("fp16", ("FP16",), ()),
+        ("int8", ("FP16", "INT8"), ()),  # layers without an int8 kernel fall back to fp16
+    ],
+)
+def test_precision_builder_flags(precision: str, enable: tuple[str, ...], disable: tuple[str, ...]) -> None:
+    from compir.export.trt.engine_build import PrecisionFlags, precision_flags
 
-    _require_tensorrt_10("10.3.0")
-    with pytest.raises(ContractError, match=r"TensorRT 8\.5\.2\.2 is too old.*>= 10"):
-        _require_tensorrt_10("8.5.2.2")
+    assert precision_flags(precision) == PrecisionFlags(enable=enable, disable=disable)
+
+
+def test_unknown_precision_is_refused() -> None:
+    from compir.export.trt.engine_build import precision_flags
+
+    with pytest.raises(ContractError, match="unknown precision 'bf16'"):
+        precision_flags("bf16")

@@ -12,17 +12,85 @@ from compir.errors import ContractError
 from compir.runtime.backends.ort import DEFAULT_PROVIDERS, resolve_providers
 from compir.runtime.encoder import Encoder
 from compir.runtime.retriever import Retriever
+from tests.gpu import require_cuda_device, require_tensorrt_gpu
 
 
 def test_provider_order_keeps_only_available_ones() -> None:
     import onnxruntime
 
     available = set(onnxruntime.get_available_providers())
+    assert DEFAULT_PROVIDERS == ("CUDAExecutionProvider", "CPUExecutionProvider")  # never TensorRT unless asked for
     assert resolve_providers(None) == [p for p in DEFAULT_PROVIDERS if p in available]
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     assert resolve_providers(["tensorrt", "cuda", "cpu"])[-1] == "CPUExecutionProvider"
     with pytest.raises(ContractError, match="none of the providers"):
         resolve_providers(["NoSuchExecutionProvider"])
+
+
+def test_tensorrt_provider_options_come_from_the_manifest(tiny_export: Path, tmp_path: Path) -> None:
+    from compir.manifest import load_manifest
+    from compir.runtime.backends.providers import TensorRTProviderSettings, session_providers, tensorrt_options
+
+    manifest = load_manifest(tiny_export)
+    size = manifest.preprocess.image_size
+    settings = TensorRTProviderSettings(cache_dir=tmp_path / "cache", batches=(1, 8, 32))
+    options = tensorrt_options(manifest.graph("image_encoder"), settings)
+    assert options == {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(tmp_path / "cache"),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(tmp_path / "cache"),
+        "trt_fp16_enable": "True",
+        "trt_profile_min_shapes": f"pixel_values:1x3x{size}x{size}",
+        "trt_profile_opt_shapes": f"pixel_values:8x3x{size}x{size}",
+        "trt_profile_max_shapes": f"pixel_values:32x3x{size}x{size}",
+    }
+    context = manifest.tokenizer.context_length
+    query = tensorrt_options(manifest.graph("query_encoder"), TensorRTProviderSettings(cache_dir=tmp_path, fp16=False))
+    assert query["trt_fp16_enable"] == "False"
+    assert query["trt_profile_max_shapes"] == f"pixel_values:64x3x{size}x{size},input_ids:64x{context}"  # every input
+    entries = session_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+                                manifest.graph("text_encoder"), tensorrt=settings)
+    assert entries[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert entries[0][0] == "TensorrtExecutionProvider" and entries[0][1]["trt_profile_min_shapes"] == f"input_ids:1x{context}"
+    with pytest.raises(ContractError, match=r"1 <= min \(8\) <= opt \(1\)"):
+        tensorrt_options(manifest.graph("image_encoder"), TensorRTProviderSettings(cache_dir=tmp_path, batches=(8, 1, 64)))
+
+
+def test_fallback_past_a_gpu_provider_is_named() -> None:
+    from compir.runtime.backends.providers import fallback_message, missing_providers
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert missing_providers(gpu, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["TensorrtExecutionProvider"]
+    assert missing_providers(gpu, gpu) == [] and missing_providers(["CPUExecutionProvider"], ["CPUExecutionProvider"]) == []
+    message = fallback_message("image_encoder", ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"])
+    assert message.startswith("onnxruntime runs the image_encoder graph on the CPU: CUDAExecutionProvider did not load")
+
+
+def test_tensorrt_cache_lives_in_the_export_or_the_user_cache(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from compir.manifest import manifest_sha256
+    from compir.runtime.backends.providers import tensorrt_cache_dir
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    assert tensorrt_cache_dir(export, versions="ort-1-trt-10") == export / "onnxruntime-tensorrt-cache" / "ort-1-trt-10"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only export folder (root ignores chmod)
+    user = tensorrt_cache_dir(export, versions="ort-1-trt-10")
+    assert user == tmp_path / "user-cache" / "compir" / "onnxruntime-tensorrt" / manifest_sha256(export)[:16] / "ort-1-trt-10"
+
+
+def test_cpu_sessions_report_what_loaded_and_no_fallback(tiny_export: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning where no GPU provider was asked for
+        encoder = Encoder.from_export(tiny_export, providers=["cpu"])
+    info = encoder.backend_info()
+    assert info["providers"]["image_encoder"] == ["CPUExecutionProvider"]
+    assert info["missing_providers"]["image_encoder"] == []
 
 
 def test_variants_agree_and_report_what_they_run_on(tiny_export: Path) -> None:
@@ -67,7 +135,8 @@ def test_cuda_execution_provider_matches_cpu(tiny_export: Path, tiny_index: Path
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu on a GPU machine)")
-    gpu = Retriever.from_dirs(tiny_export, tiny_index, providers=["cuda", "cpu"])
+    require_cuda_device()
+    gpu = Retriever.from_dirs(tiny_export, tiny_index, providers=None)  # the default: CUDA, then CPU
     assert gpu.backend_info["providers"]["image_encoder"][0] == "CUDAExecutionProvider"
     ids = gpu.item_ids()[:5]
     hits = [[h.item_id for h in gpu.search(reference=item, text="make it red", k=5)] for item in ids]
@@ -76,7 +145,7 @@ def test_cuda_execution_provider_matches_cpu(tiny_export: Path, tiny_index: Path
 
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime(tiny_export: Path, tiny_index: Path, tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU machines only)")
+    require_tensorrt_gpu()
     from compir.export.cli import main as export_main
 
     export_dir = tmp_path / "export"
@@ -95,6 +164,28 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export: Path, tiny_index: Path,
     retriever = Retriever(trt, Retriever.from_dirs(export_dir, index_dir, providers=["cpu"]).gallery)
     item = retriever.item_ids()[0]
     assert retriever.search(reference=item, text="make it red", k=3)
+    trt.backend.close()  # type: ignore[attr-defined]  # frees the pools, destroys the stream, releases the context
+    trt.backend.close()  # type: ignore[attr-defined]  # twice is harmless
+
+
+@pytest.mark.gpu
+def test_onnxruntime_tensorrt_provider_loads_with_caches(tiny_export: Path, tmp_path: Path) -> None:
+    import onnxruntime
+
+    require_tensorrt_gpu()
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has no TensorRT execution provider (install onnxruntime-gpu)")
+    export_dir = tmp_path / "export"
+    shutil.copytree(tiny_export, export_dir)
+    trt = Encoder.from_export(export_dir, providers=["tensorrt", "cuda", "cpu"])
+    info = trt.backend_info()
+    assert info["providers"]["image_encoder"][0] == "TensorrtExecutionProvider", info  # type: ignore[index]
+    size = trt.manifest.preprocess.image_size
+    pixels = np.random.default_rng(2).normal(size=(3, 3, size, size)).astype(np.float32)
+    reference = Encoder.from_export(export_dir, providers=["cpu"]).encode_pixels(pixels).image_embeds
+    cosine = (trt.encode_pixels(pixels).image_embeds * reference).sum(axis=1)
+    assert cosine.min() > 0.999  # fp16 engines
+    assert list((export_dir / "onnxruntime-tensorrt-cache").rglob("*.engine")), "no engine cached"
 
 
 # The native TensorRT session's own logic (batching, buffers, addresses) on a stand-in engine and
@@ -111,14 +202,18 @@ def test_batch_plan_chunks_to_the_profile_and_pads_short_batches() -> None:
 
 
 class _FakeDriver:
-    """Device memory as a dict keyed by 64-bit addresses; copies are immediate."""
+    """Device memory as a dict keyed by 64-bit addresses, host memory as numpy buffers; copies are immediate."""
 
     def __init__(self) -> None:
         self.memory: dict[int, np.ndarray] = {}
+        self.host: dict[int, np.ndarray] = {}
+        self.allocs = 0
         self.freed: list[int] = []
+        self.synced = 0
         self._next = 0x7F00_0000_0000
 
     def alloc(self, nbytes: int) -> int:
+        self.allocs += 1
         self._next += 1 << 20
         self.memory[self._next] = np.zeros(max(nbytes, 1), dtype=np.uint8)
         return self._next
@@ -127,6 +222,14 @@ class _FakeDriver:
         del self.memory[pointer]
         self.freed.append(pointer)
 
+    def alloc_host(self, nbytes: int) -> int:
+        buffer = np.zeros(max(nbytes, 1), dtype=np.uint8)
+        self.host[buffer.ctypes.data] = buffer
+        return int(buffer.ctypes.data)
+
+    def free_host(self, pointer: int) -> None:
+        del self.host[pointer]
+
     def copy_to_device(self, pointer: int, array: np.ndarray, stream: int) -> None:
         self.memory[pointer][: array.nbytes] = np.frombuffer(array.tobytes(), dtype=np.uint8)
 
@@ -134,7 +237,7 @@ class _FakeDriver:
         array.reshape(-1).view(np.uint8)[:] = self.memory[pointer][: array.nbytes]
 
     def synchronize(self, stream: int) -> None:
-        pass
+        self.synced += 1
 
 
 class _FakeContext:
@@ -211,21 +314,43 @@ def _fake_session(monkeypatch: pytest.MonkeyPatch, *, batch_range: tuple[int, in
     return session, driver, context
 
 
-def test_tensorrt_session_chunks_pads_and_frees(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_session_chunks_pads_and_reuses_its_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     session, driver, context = _fake_session(monkeypatch, batch_range=(2, 4))
+    assert driver.allocs == 2 and len(driver.host) == 2  # x and y, each on the device and pinned on the host
+    assert {driver.memory[p].nbytes for p in driver.memory} == {4 * 4 * 4, 4 * 2 * 4}  # sized for the largest batch (4)
     x = np.arange(9 * 4, dtype=np.float64).reshape(9, 4)  # float64 in: cast to the engine's float32
     y = session.run({"x": x})["y"]  # type: ignore[attr-defined]
     np.testing.assert_array_equal(y, 2 * x[:, :2].astype(np.float32))
     assert y.dtype == np.float32 and context.batches == [4, 4, 2]  # the last row padded to min_batch
-    assert not driver.memory and len(driver.freed) == 6  # every buffer of every call freed
+    again = session.run({"x": x[:3]})["y"]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(again, 2 * x[:3, :2].astype(np.float32))
+    np.testing.assert_array_equal(y, 2 * x[:, :2].astype(np.float32))  # results do not alias the reused buffers
+    assert driver.allocs == 2 and not driver.freed  # no cuMemAlloc / cuMemFree per call
     assert session.run({"x": np.zeros((0, 4), np.float32)})["y"].shape == (0, 2)  # type: ignore[attr-defined]
+    session.close()  # type: ignore[attr-defined]
+    assert not driver.memory and not driver.host and len(driver.freed) == 2
+    with pytest.raises(ContractError, match="session is closed"):
+        session.run({"x": x})  # type: ignore[attr-defined]
 
 
-def test_tensorrt_session_reports_refused_shapes_and_frees(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_session_reports_refused_shapes_and_keeps_working(monkeypatch: pytest.MonkeyPatch) -> None:
     session, driver, context = _fake_session(monkeypatch, batch_range=(1, 8))
     context.max_batch = 2  # an engine whose real profile is narrower than engines.json says
+    synced = driver.synced
     with pytest.raises(ContractError, match=r"composer engine refuses input 'x' of shape \(3, 4\)"):
         session.run({"x": np.zeros((3, 4), np.float32)})  # type: ignore[attr-defined]
-    assert not driver.memory
+    assert driver.synced == synced + 1 and driver.allocs == 2  # the stream is drained, nothing leaked or reallocated
+    np.testing.assert_array_equal(session.run({"x": np.ones((2, 4), np.float32)})["y"], np.full((2, 2), 2.0))  # type: ignore[attr-defined]
     with pytest.raises(ContractError, match=r"no output\(s\) \['z'\]"):
         session.run({"x": np.zeros((1, 4), np.float32)}, ["z"])  # type: ignore[attr-defined]
+
+
+def test_tensorrt_session_refuses_an_engine_narrower_than_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = _FakeContext.__init__
+
+    def narrow(self: _FakeContext, driver: _FakeDriver, max_batch: int) -> None:
+        original(self, driver, max_batch=max_batch // 2)
+
+    monkeypatch.setattr(_FakeContext, "__init__", narrow)
+    with pytest.raises(ContractError, match=r"refuses input 'x' of shape \(8, 4\) \(its profile's largest\)"):
+        _fake_session(monkeypatch, batch_range=(1, 8))

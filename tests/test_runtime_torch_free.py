@@ -32,3 +32,47 @@ def test_runtime_imports_and_searches_without_torch(tiny_export: Path, tiny_inde
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split("modules:")[1]) >= 15
+
+
+# Engine building needs only the runtime's dependencies plus TensorRT: torch, onnx and open_clip are
+# made unimportable (as on a Jetson without them) before anything of compir is imported.
+_ENGINE_CODE = """
+import contextlib, io, sys
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "open_clip", "torchvision", "onnxscript"):
+            raise ImportError(f"{{name}} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+from compir.cli import main
+help_text = io.StringIO()
+with contextlib.redirect_stdout(help_text):
+    try:
+        main(["export", "engine", "--help"])
+    except SystemExit as done:
+        assert done.code == 0, done.code
+assert "--precision" in help_text.getvalue() and "TF32 off" in help_text.getvalue()
+import compir.export.trt.engine_build as build
+import compir.export.trt.profiles
+import compir.runtime.backends.providers
+from compir.manifest import load_manifest
+graph = load_manifest({export!r}).graph("query_encoder")
+assert set(compir.export.trt.profiles.compute_profile(graph, min_batch=1, opt_batch=8, max_batch=64)) == {{"pixel_values", "input_ids"}}
+assert build.precision_flags("fp32").disable == ("TF32",)
+errors = io.StringIO()
+with contextlib.redirect_stderr(errors):
+    code = main(["export", "engine", {export!r}, "--precision", "fp16"])
+assert code == 2, code
+with_trt = "tensorrt" in sys.modules or "TensorRT is not installed" in errors.getvalue() or "no CUDA driver" in errors.getvalue()
+assert with_trt, errors.getvalue()
+print("engine builder ok")
+"""
+
+
+def test_engine_builder_imports_and_runs_without_torch_or_onnx(tiny_export: Path) -> None:
+    code = _ENGINE_CODE.format(export=str(tiny_export))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "engine builder ok" in result.stdout

@@ -6,12 +6,15 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from compir.engines import DEFAULT_BATCHES, PRECISIONS
+
 EPILOG = """examples:
   compir export onnx runs/tiny/best.pt --out exports/tiny
   compir export onnx runs/tiny/best.pt --out exports/tiny --variants fp32,int8-static \\
       --calibration-data data/synth --eval-data data/synth --overwrite
   compir export engine exports/tiny --precision fp16 --opt-batch 8 --max-batch 64 --timing-cache trt.cache
-  compir export engine exports/tiny --precision int8 --calibration-data data/synth   (on the Jetson itself)
+  compir export engine exports/tiny --precision int8 --variant int8-static   (on the Jetson itself; needs no torch)
+  compir export engine exports/tiny --precision int8 --calibration-data data/synth   (calibrates: needs CUDA torch)
 """
 
 
@@ -49,11 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     engine.add_argument("export_dir", type=Path, help="an export folder (compir export onnx)")
-    engine.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    engine.add_argument("--precision", choices=PRECISIONS, default="fp16", help="fp32 (strict: TF32 off), fp16 (default) or int8")
     engine.add_argument("--variant", default=None, help="ONNX variant to parse (default fp32; int8-static for explicit int8)")
-    engine.add_argument("--min-batch", type=int, default=1)
-    engine.add_argument("--opt-batch", type=int, default=8)
-    engine.add_argument("--max-batch", type=int, default=64)
+    engine.add_argument("--min-batch", type=int, default=DEFAULT_BATCHES[0])
+    engine.add_argument("--opt-batch", type=int, default=DEFAULT_BATCHES[1])
+    engine.add_argument("--max-batch", type=int, default=DEFAULT_BATCHES[2])
     engine.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace memory pool (GiB)")
     engine.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, loaded if present and saved after the build")
     engine.add_argument(

@@ -22,9 +22,7 @@ from torch import nn
 from compir.contracts import atomic_output_path
 from compir.errors import ContractError
 from compir.export.attention import export_ready
-from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, TensorSpec
-
-BATCH_AXIS = "batch"
+from compir.manifest import BATCH_AXIS, COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, TensorSpec
 
 _ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",

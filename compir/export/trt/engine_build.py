@@ -16,7 +16,17 @@ from typing import Any
 from tqdm import tqdm
 
 from compir.contracts import atomic_output_dir, atomic_write_bytes, sha256_bytes
-from compir.engines import PRECISIONS, DeviceInfo, EngineRecord, EngineSet, ShapeRange, detect_device, save_engines
+from compir.engines import (
+    DEFAULT_BATCHES,
+    PRECISIONS,
+    DeviceInfo,
+    EngineRecord,
+    EngineSet,
+    ShapeRange,
+    check_tensorrt_version,
+    detect_device,
+    save_engines,
+)
 from compir.errors import ContractError
 from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
@@ -27,13 +37,35 @@ CALIBRATION_BATCH = 8
 
 
 @dataclass(frozen=True)
+class PrecisionFlags:
+    """The ``trt.BuilderFlag`` names a precision sets and clears on the builder config."""
+
+    enable: tuple[str, ...]
+    disable: tuple[str, ...] = ()
+
+
+def precision_flags(precision: str) -> PrecisionFlags:
+    """Builder flags for ``precision``. fp32 clears TF32, which TensorRT enables by default and which
+    rounds matmul / convolution inputs to 10-bit mantissas on Ampere, Orin and Hopper; int8 engines
+    also allow fp16 so that layers without an int8 kernel fall back to fp16, not fp32."""
+    flags = {
+        "fp32": PrecisionFlags(enable=(), disable=("TF32",)),
+        "fp16": PrecisionFlags(enable=("FP16",)),
+        "int8": PrecisionFlags(enable=("FP16", "INT8")),
+    }
+    if precision not in flags:
+        raise ContractError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return flags[precision]
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     """How to build: precision, the batch range of the optimization profile, memory, caches."""
 
     precision: str = "fp16"
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 64
+    min_batch: int = DEFAULT_BATCHES[0]
+    opt_batch: int = DEFAULT_BATCHES[1]
+    max_batch: int = DEFAULT_BATCHES[2]
     workspace_gb: float = 4.0
     timing_cache: Path | None = None  # loaded if present, saved after each build (speeds rebuilds)
     calibration_batches: dict[str, list[dict[str, Any]]] | None = None  # role -> feeds, for int8 from fp32
@@ -64,7 +96,6 @@ def build_engines(
     device = detect_device()
     graphs = {role: folder / spec.graph(role).file for role in roles}
     if options.precision == "int8" and variant != "int8-static" and options.calibration_batches is None:
-        _require_calibrators()  # before the (slow) calibration feeds are computed
         options = _with_calibration(options, folder, manifest, roles, calibration_data, calibration_count)
     target = Path(out_dir) if out_dir is not None else folder / DEFAULT_ENGINE_DIR
     records: dict[str, EngineRecord] = {}
@@ -95,7 +126,7 @@ def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: Bu
     """Parse ``onnx_path`` and build a serialized engine; ContractError with every parser error."""
     import tensorrt as trt
 
-    _require_tensorrt_10(trt.__version__)
+    check_tensorrt_version(str(trt.__version__))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # always explicit batch from TensorRT 10 (EXPLICIT_BATCH is ignored)
@@ -134,25 +165,13 @@ def _set_precision(
     trt: Any, builder: Any, config: Any, profile: dict[str, ShapeRange], options: BuildOptions, role: str, onnx_path: Path
 ) -> Any:
     """Set the precision flags; returns the int8 calibrator where one is used (else None)."""
-    if options.precision == "fp32":
-        return None
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        # TensorRT 11 removed the precision flags: networks are strongly typed and the graph's own
-        # types decide. The int8-static graph's Q/DQ nodes still quantize without any flag.
-        if options.precision == "int8" and options.calibration_batches is None:
-            return None
-        raise ContractError(
-            f"this TensorRT ({trt.__version__}) has no precision builder flags (strongly typed networks only); "
-            f"build --precision fp32 from the fp16 ONNX variant, or --precision int8 from the int8-static variant"
-        )
-    config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16, not fp32, where int8 has no kernel
-    if options.precision != "int8":
-        return None
-    config.set_flag(trt.BuilderFlag.INT8)
-    if options.calibration_batches is None:
-        return None  # explicit quantization: the graph's Q/DQ nodes carry the scales
-    if not hasattr(config, "int8_calibrator"):
-        raise ContractError(_NO_CALIBRATORS.format(version=trt.__version__))
+    flags = precision_flags(options.precision)
+    for name in flags.disable:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+    for name in flags.enable:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if options.precision != "int8" or options.calibration_batches is None:
+        return None  # int8 from the int8-static variant: explicit quantization, the Q/DQ nodes carry the scales
     from compir.export.trt.calibrator import calibration_digest, check_batches, make_calibrator
 
     batches = options.calibration_batches[role]
@@ -169,19 +188,6 @@ def _set_precision(
     calibrator = make_calibrator(batches, cache_file=cache_file)
     config.int8_calibrator = calibrator
     return calibrator
-
-
-_NO_CALIBRATORS = (
-    "this TensorRT ({version}) has no int8 calibrators (removed after their 10.1 deprecation); "
-    "build --precision int8 --variant int8-static (explicit Q/DQ quantization) instead"
-)
-
-
-def _require_calibrators() -> None:
-    import tensorrt as trt
-
-    if not hasattr(trt, "IInt8EntropyCalibrator2") or not hasattr(trt.BuilderFlag, "INT8"):
-        raise ContractError(_NO_CALIBRATORS.format(version=trt.__version__))
 
 
 def _load_timing_cache(config: Any, path: Path | None) -> None:
@@ -209,8 +215,14 @@ def _with_calibration(
 ) -> BuildOptions:
     from dataclasses import replace
 
-    from compir.export.samples import load_samples
-    from compir.export.trt.calibrator import calibration_feeds, split_batches
+    try:
+        from compir.export.samples import load_samples
+        from compir.export.trt.calibrator import calibration_feeds, split_batches
+    except ImportError as exc:  # torch (samples, CUDA copies) or onnx is missing on this machine
+        raise ContractError(
+            f"int8 calibration from the fp32 graphs needs torch with CUDA and onnx here ({exc}); build from the "
+            f"int8-static variant instead (--variant int8-static: its Q/DQ scales come from the export machine)"
+        ) from exc
 
     samples = load_samples(
         preprocess=manifest.preprocess,
@@ -227,18 +239,3 @@ def _with_calibration(
 
 def device_summary(device: DeviceInfo) -> str:
     return f"{device.gpu_name} (SM {device.compute_capability}), TensorRT {device.tensorrt_version}"
-
-
-def _require_tensorrt_10(version: str) -> None:
-    # The graphs take int64 token ids and pool with ArgMax over them: TensorRT 8.x casts int64
-    # inputs down to int32 and its ONNX parser has ArgMax for FP32/FP16 only, so text graphs fail
-    # to parse there (and the runtime would refuse an int32 input_ids engine anyway).
-    if _major(version) < 10:
-        raise ContractError(f"TensorRT {version} is too old: compir's engines need TensorRT >= 10 (int64 inputs); upgrade it")
-
-
-def _major(version: str) -> int:
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        return 0

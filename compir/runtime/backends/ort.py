@@ -1,8 +1,10 @@
-"""onnxruntime backend: the export's ONNX graphs on TensorRT EP, CUDA EP or CPU, in that order
-of preference (configurable); :meth:`OrtBackend.info` reports which providers each session got."""
+"""onnxruntime backend: the export's ONNX graphs on CUDA EP then CPU by default, or on the providers
+asked for (TensorRT EP with caches and profiles: :mod:`.providers`); :meth:`OrtBackend.info`
+reports which providers each session actually got, and a fallback past a GPU provider is warned about."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,34 +14,27 @@ import numpy as np
 from compir.errors import ContractError
 from compir.manifest import GraphSpec
 from compir.runtime.backends.base import check_io
+from compir.runtime.backends.providers import (
+    DEFAULT_PROVIDERS,
+    ProviderEntry,
+    fallback_message,
+    missing_providers,
+    prepare_providers,
+    resolve_providers,
+    session_providers,
+)
 
-DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
-            "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+__all__ = ["DEFAULT_PROVIDERS", "OrtBackend", "OrtSession", "resolve_providers"]
+
 # ONNX Runtime type strings -> manifest dtype names.
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
-def resolve_providers(requested: Sequence[str] | None) -> list[str]:
-    """Requested providers (full names or tensorrt/cuda/cpu) that this onnxruntime build has, in order.
-
-    ``None`` means TensorRT EP, CUDA EP, CPU. Asking only for unavailable ones is an error.
-    """
-    import onnxruntime
-
-    available = set(onnxruntime.get_available_providers())
-    wanted = [_ALIASES.get(name.lower(), name) for name in (requested or DEFAULT_PROVIDERS)]
-    chosen = [name for name in wanted if name in available]
-    if not chosen:
-        raise ContractError(f"none of the providers {wanted} is available in this onnxruntime (it has {sorted(available)})")
-    return chosen
-
-
 class OrtSession:
     """One InferenceSession whose I/O was checked against the manifest."""
 
-    def __init__(self, path: Path, spec: GraphSpec, *, providers: Sequence[str], threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, *, providers: Sequence[ProviderEntry], threads: int = 0, spinning: bool = True) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
@@ -73,6 +68,7 @@ class OrtBackend:
     def __init__(self, export_dir: str | Path, *, providers: Sequence[str] | None = None, threads: int = 0, spinning: bool = True) -> None:
         self.export_dir = Path(export_dir)
         self.providers = resolve_providers(providers)
+        self.tensorrt = prepare_providers(self.export_dir, self.providers)
         self.threads = threads
         # Busy-waiting pool threads answer a single query sooner (~7 % at batch 1) but starve the
         # image-decoding threads of a bulk job: index builds turn it off (+34 % images/s).
@@ -80,7 +76,10 @@ class OrtBackend:
         self._sessions: dict[str, OrtSession] = {}
 
     def open(self, graph: GraphSpec) -> OrtSession:
-        session = OrtSession(self.export_dir / graph.file, graph, providers=self.providers, threads=self.threads, spinning=self.spinning)
+        providers = session_providers(self.providers, graph, tensorrt=self.tensorrt)
+        session = OrtSession(self.export_dir / graph.file, graph, providers=providers, threads=self.threads, spinning=self.spinning)
+        if missing_providers(self.providers, session.providers):
+            warnings.warn(fallback_message(graph.role, self.providers, session.providers), RuntimeWarning, stacklevel=2)
         self._sessions[graph.role] = session
         return session
 
@@ -91,5 +90,6 @@ class OrtBackend:
             "backend": self.name,
             "onnxruntime": onnxruntime.__version__,
             "requested_providers": list(self.providers),
-            "providers": {role: session.providers for role, session in self._sessions.items()},
+            "providers": {role: session.providers for role, session in self._sessions.items()},  # what actually loaded
+            "missing_providers": {role: missing_providers(self.providers, s.providers) for role, s in self._sessions.items()},
         }

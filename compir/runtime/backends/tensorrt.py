@@ -3,6 +3,8 @@ run with device buffers from the CUDA driver API through ctypes (no torch, no py
 
 ``tensorrt`` is imported only when this backend is opened. Engines are checked against the export
 (manifest checksum), this device (TensorRT version, SM version) and the manifest's tensor names.
+Each engine's buffers are allocated once, for its profile's largest batch (:class:`_BufferPool`);
+:meth:`TensorRTBackend.close` frees them, destroys the stream and releases the primary context.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from compir.cuda_driver import CudaDriver, load_driver
+from compir.cuda_driver import CudaDriver, host_array, load_driver
 from compir.engines import EngineRecord, detect_device, load_engines
 from compir.errors import ContractError
 from compir.manifest import GraphSpec, manifest_sha256
@@ -28,7 +30,8 @@ class _Cuda:
 
     def __init__(self, device_index: int = 0) -> None:
         self.driver: CudaDriver = load_driver()
-        self.context = self.driver.retain_primary_context(self.driver.device(device_index))
+        self.device = self.driver.device(device_index)
+        self.context = self.driver.retain_primary_context(self.device)
         self.make_current()
         # Flags 0: a blocking stream, ordered with the legacy default stream as well.
         self.stream = self.driver.create_stream()
@@ -36,6 +39,55 @@ class _Cuda:
     def make_current(self) -> None:
         # Each calling thread (e.g. a server worker) needs the context bound before any call.
         self.driver.set_current(self.context)
+
+    def close(self) -> None:
+        """Destroy the stream and release the primary context (once; later calls do nothing)."""
+        if not self.stream:
+            return
+        self.make_current()
+        self.driver.synchronize(self.stream)
+        self.driver.destroy_stream(self.stream)
+        self.stream = 0
+        self.driver.release_primary_context(self.device)
+
+
+class _BufferPool:
+    """One device buffer and one page-locked host buffer per I/O tensor of an execution context,
+    sized once for the profile's largest batch: no cuMemAlloc / cuMemFree (cuMemFree synchronizes
+    the device) per call, and host copies that run asynchronously."""
+
+    def __init__(self, driver: CudaDriver, nbytes: dict[str, int]) -> None:
+        self._driver = driver
+        self.capacity = dict(nbytes)
+        self.device: dict[str, int] = {}
+        self.host: dict[str, int] = {}
+        try:
+            for name, size in nbytes.items():
+                self.device[name] = driver.alloc(size)
+                self.host[name] = driver.alloc_host(size)
+        except ContractError:
+            self.release()
+            raise
+
+    def staging(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The host buffer of ``name`` viewed as an array of ``shape`` (overwritten by the next call)."""
+        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if needed > self.capacity[name]:
+            raise ContractError(f"tensor {name!r} of shape {shape} needs {needed} bytes; its buffer holds {self.capacity[name]}")
+        return host_array(self.host[name], shape, dtype)
+
+    def release(self) -> None:
+        """Free every buffer (the caller has synchronized the stream that used them)."""
+        failures = []
+        for pointers, free in ((self.device, self._driver.free), (self.host, self._driver.free_host)):
+            for pointer in pointers.values():
+                try:
+                    free(pointer)
+                except ContractError as exc:  # free the rest before reporting
+                    failures.append(exc)
+            pointers.clear()
+        if failures:
+            raise failures[0]
 
 
 def batch_plan(total: int, *, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
@@ -64,13 +116,13 @@ def profile_batch_range(record: EngineRecord) -> tuple[int, int]:
 
 
 class TensorRTSession:
-    """One deserialized engine; buffers are allocated per call (shapes vary with the batch).
+    """One deserialized engine with its execution context and buffer pool (:class:`_BufferPool`).
 
     Batches larger than the engine's optimization profile are run in chunks, smaller ones padded.
     Calls are serialized (an execution context must not be used by two threads at once).
     """
 
-    def __init__(self, plan: bytes, spec: GraphSpec, *, runtime: Any, cuda: _Cuda, batch_range: tuple[int, int] = (1, 1 << 30)) -> None:
+    def __init__(self, plan: bytes, spec: GraphSpec, *, runtime: Any, cuda: _Cuda, batch_range: tuple[int, int]) -> None:
         import tensorrt as trt
 
         self.spec = spec
@@ -96,6 +148,23 @@ class TensorRTSession:
             inputs=[(n, *described[n]) for n in self._inputs],
             outputs=[(n, *described[n]) for n in self._outputs],
         )
+        self._pool = _BufferPool(cuda.driver, self._largest_sizes())
+        for name, pointer in self._pool.device.items():  # fixed addresses: set once, valid for every call
+            self._context.set_tensor_address(name, pointer)
+
+    def _largest_sizes(self) -> dict[str, int]:
+        """Bytes of every I/O tensor at the profile's largest batch (outputs as the context infers them)."""
+        high = self._batch_range[1]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in self._inputs:
+            shapes[name] = (high, *self._shapes[name][1:])
+            if not self._context.set_input_shape(name, shapes[name]):
+                raise ContractError(f"the {self.spec.role} engine refuses input {name!r} of shape {shapes[name]} (its profile's largest)")
+        for name in self._outputs:
+            shapes[name] = tuple(self._context.get_tensor_shape(name))
+            if any(d < 0 for d in shapes[name]):
+                raise ContractError(f"the {self.spec.role} engine cannot size output {name!r} ({shapes[name]}) at batch {high}")
+        return {name: int(np.prod(shape, dtype=np.int64)) * self._dtypes[name].itemsize for name, shape in shapes.items()}
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         wanted = list(outputs) if outputs is not None else [o.name for o in self.spec.outputs]
@@ -109,6 +178,8 @@ class TensorRTSession:
         low, high = self._batch_range
         parts = []
         with self._lock:
+            if not self._pool.device:
+                raise ContractError(f"the {self.spec.role} engine's session is closed")
             self._cuda.make_current()
             for start, stop, size in batch_plan(total, min_batch=low, max_batch=high):
                 chunk = {name: _pad_rows(array[start:stop], size) for name, array in arrays.items()}
@@ -117,52 +188,39 @@ class TensorRTSession:
         return {name: parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts]) for name in wanted}
 
     def _run_once(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cuda, driver = self._cuda, self._cuda.driver
-        allocated: list[int] = []
-        staged = {name: np.ascontiguousarray(rows) for name, rows in arrays.items()}  # alive until the sync below
+        cuda, driver, pool = self._cuda, self._cuda.driver, self._pool
+        staged_outputs: dict[str, np.ndarray] = {}
         try:
-            for name, array in staged.items():
+            for name, array in arrays.items():
                 if not self._context.set_input_shape(name, array.shape):
                     raise ContractError(f"the {self.spec.role} engine refuses input {name!r} of shape {array.shape} (outside its profile?)")
-                pointer = driver.alloc(array.nbytes)
-                allocated.append(pointer)
-                driver.copy_to_device(pointer, array, cuda.stream)
-                self._context.set_tensor_address(name, pointer)
-            results: dict[str, np.ndarray] = {}
-            pointers: dict[str, int] = {}
-            for name in self._outputs:  # TensorRT needs an address for every output
+                staged = pool.staging(name, array.shape, self._dtypes[name])
+                np.copyto(staged, array)
+                driver.copy_to_device(pool.device[name], staged, cuda.stream)
+            for name in self._outputs:  # TensorRT writes every output, wanted or not
                 shape = tuple(self._context.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise ContractError(f"the {self.spec.role} engine cannot size output {name!r} ({shape}) for these inputs")
-                results[name] = np.empty(shape, dtype=self._dtypes[name])
-                pointers[name] = driver.alloc(results[name].nbytes)
-                allocated.append(pointers[name])
-                self._context.set_tensor_address(name, pointers[name])
+                staged_outputs[name] = pool.staging(name, shape, self._dtypes[name])
             if not self._context.execute_async_v3(cuda.stream):
                 raise ContractError(f"TensorRT failed to run the {self.spec.role} engine")
-            for name, array in results.items():  # ordered after the engine on the same stream
-                driver.copy_to_host(array, pointers[name], cuda.stream)
-            driver.synchronize(cuda.stream)
-            return results
+            for name, staged in staged_outputs.items():  # ordered after the engine on the same stream
+                driver.copy_to_host(staged, pool.device[name], cuda.stream)
         finally:
-            _release(driver, cuda.stream, allocated)
+            # The host buffers are reused by the next call: every queued copy ends here, also on errors.
+            driver.synchronize(cuda.stream)
+        return {name: staged.copy() for name, staged in staged_outputs.items()}
 
-
-def _release(driver: CudaDriver, stream: int, pointers: list[int]) -> None:
-    """Free device buffers once the stream is done with them (also on the error path)."""
-    if not pointers:
-        return
-    try:
-        driver.synchronize(stream)
-    finally:
-        failures = []
-        for pointer in pointers:
-            try:
-                driver.free(pointer)
-            except ContractError as exc:  # free the rest before reporting
-                failures.append(exc)
-        if failures:
-            raise failures[0]
+    def close(self) -> None:
+        """Free the buffer pool; the context and engine go first (they hold its addresses)."""
+        with self._lock:
+            if not self._pool.device:
+                return
+            self._cuda.make_current()
+            self._cuda.driver.synchronize(self._cuda.stream)
+            self._context = None
+            self._engine = None
+            self._pool.release()
 
 
 def _batch_size(arrays: dict[str, np.ndarray], role: str) -> int:
@@ -191,11 +249,11 @@ class TensorRTBackend:
             raise ContractError("the tensorrt backend needs TensorRT: pip install 'compir[gpu]' on the GPU machine") from exc
         self.export_dir = Path(export_dir)
         self.engine_dir = Path(engine_dir) if engine_dir is not None else self.export_dir / DEFAULT_ENGINE_DIR
-        self.device = detect_device()
+        self.device = detect_device()  # also refuses a TensorRT other than 10.x
         self.engines = load_engines(self.engine_dir, manifest_sha256=manifest_sha256(self.export_dir), device=self.device)
         self._cuda = _Cuda()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._opened: list[str] = []
+        self._sessions: list[TensorRTSession] = []
 
     @property
     def variant(self) -> str:
@@ -210,8 +268,15 @@ class TensorRTBackend:
             cuda=self._cuda,
             batch_range=profile_batch_range(record),
         )
-        self._opened.append(graph.role)
+        self._sessions.append(session)
         return session
+
+    def close(self) -> None:
+        """Free every engine's buffers, destroy the stream and release the primary context."""
+        for session in self._sessions:
+            session.close()
+        self._sessions.clear()
+        self._cuda.close()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -219,5 +284,5 @@ class TensorRTBackend:
             "tensorrt": self.device.tensorrt_version,
             "gpu": self.device.gpu_name,
             "precision": self.engines.precision,
-            "providers": {role: ["TensorRT"] for role in self._opened},
+            "providers": {session.spec.role: ["TensorRT"] for session in self._sessions},
         }

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compir.images import DEFAULT_MAX_PIXELS
+from compir.runtime.backends.providers import GPU_PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,6 @@ class BatchingConfig:
     max_batch: int = 16
     wait_ms: float = 2.0
     reason: str = "configured"  # why it is on or off, shown in /stats and the startup log
-
-
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def resolve_batching(mode: str, *, backend_info: dict[str, Any], max_batch: int, wait_ms: float) -> BatchingConfig:
