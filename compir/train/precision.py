@@ -54,6 +54,8 @@ class AmpDecision:
 
     @property
     def label(self) -> str:
+        if self.trial:
+            return "auto (bf16 vs fp32 on the first steps)"
         return "off (fp32)" if self.dtype is None else str(self.dtype).replace("torch.", "")
 
 
