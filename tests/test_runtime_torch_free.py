@@ -9,8 +9,7 @@ from pathlib import Path
 _CODE = """
 import importlib, pkgutil, sys
 import compir.runtime
-names = [m.name for m in pkgutil.walk_packages(compir.runtime.__path__, "compir.runtime.")
-         if not m.name.startswith("compir.runtime.service")]  # the HTTP service has its own test
+names = [m.name for m in pkgutil.walk_packages(compir.runtime.__path__, "compir.runtime.")]
 for name in names:
     importlib.import_module(name)
 from compir.runtime.retriever import Retriever

@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse
 
 from compir import __version__
 from compir.errors import ContractError, InputError
-from compir.runtime.service.engine import ServiceEngine, UnknownItemError
-from compir.runtime.service.inputs import LimitError, in_executor
-from compir.runtime.service.middleware import Gatekeeper
-from compir.runtime.service.routes_gallery import router as gallery_router
-from compir.runtime.service.routes_search import router as search_router
-from compir.runtime.service.stats import LatencyRecorder
+from compir.service.engine import ServiceEngine, UnknownItemError
+from compir.service.inputs import LimitError, in_executor
+from compir.service.middleware import Gatekeeper
+from compir.service.routes_gallery import router as gallery_router
+from compir.service.routes_search import router as search_router
+from compir.service.stats import LatencyRecorder
 
 log = logging.getLogger("compir.service")
 

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from compir.runtime.service.stats import LatencyRecorder
+from compir.service.stats import LatencyRecorder
 
 API_KEY_HEADER = "x-api-key"
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without the key

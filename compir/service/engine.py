@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from compir.errors import InputError
-from compir.runtime.service.batcher import DynamicBatcher
-from compir.runtime.service.config import ServiceConfig
+from compir.service.batcher import DynamicBatcher
+from compir.service.config import ServiceConfig
 from compir.runtime.types import Hit
 
 if TYPE_CHECKING:

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from compir.errors import InputError
-from compir.runtime.service.engine import ServiceEngine, UnknownItemError
-from compir.runtime.service.inputs import check_count, decode_image, in_executor, read_upload, require_form, require_json
-from compir.runtime.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
+from compir.service.engine import ServiceEngine, UnknownItemError
+from compir.service.inputs import check_count, decode_image, in_executor, read_upload, require_form, require_json
+from compir.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
 from compir.runtime.uploads import validate_item_id
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from PIL import Image
 
 from compir.errors import InputError
-from compir.runtime.service.engine import SearchAnswer, SearchQuery, ServiceEngine
-from compir.runtime.service.inputs import (
+from compir.service.engine import SearchAnswer, SearchQuery, ServiceEngine
+from compir.service.inputs import (
     check_count,
     check_k,
     check_text,
@@ -20,7 +20,7 @@ from compir.runtime.service.inputs import (
     require_form,
     require_json,
 )
-from compir.runtime.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn
+from compir.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn
 
 router = APIRouter(tags=["search"])
 

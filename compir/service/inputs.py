@@ -17,7 +17,7 @@ from PIL import Image
 
 from compir.errors import InputError
 from compir.images import load_image
-from compir.runtime.service.config import Limits
+from compir.service.config import Limits
 
 T = TypeVar("T")
 
