@@ -20,6 +20,7 @@ from compir.manifest import load_manifest
 from compir.runtime.encoder import Encoder
 from compir.runtime.retriever import Retriever
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
+from compir.runtime.uploads import validate_item_id
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,29 @@ def test_blank_text_is_refused(retriever: Retriever, text: str) -> None:
     for reference in (item, None):
         with pytest.raises(InputError, match="empty"):
             retriever.search(reference_id=reference, text=text)
+
+
+@pytest.mark.parametrize("text", ["\x00", "\x7f", "\ufeff", "&nbsp;", "&#32;", " &nbsp; \x00\ufeff "])
+def test_text_the_tokenizer_reduces_to_nothing_is_refused(retriever: Retriever, text: str) -> None:
+    assert retriever.encoder.tokenizer.encode(text) == []  # what the rule is about
+    for kwargs in ({"reference_id": retriever.item_ids()[0]}, {}):
+        with pytest.raises(InputError, match="text is empty"):
+            retriever.search(text=text, **kwargs)
+    with pytest.raises(InputError, match="query 1: text is empty"):
+        retriever.search_batch([{"text": "make it red"}, {"text": text}])
+    assert retriever.search(text="&amp; \x00red", k=1)  # something left: searched
+
+
+@pytest.mark.parametrize("item_id", ["../escape", "a/../b", "/etc/passwd", "a\\b", "a//b", "a/", "./a", " a", "a\x00b", "a\x7f", "x" * 257])
+def test_item_ids_outside_the_grammar_are_refused(retriever: Retriever, item_id: str) -> None:
+    with pytest.raises(InputError, match="item id"):
+        retriever.add_items({item_id: Image.new("RGB", (8, 8))})
+    assert item_id not in retriever.item_ids()
+
+
+def test_relative_path_ids_are_accepted() -> None:
+    for item_id in ("a", "a/b", "a/b.png", "shoes/b1 2", "C:/x", "café"):
+        assert validate_item_id(item_id) == item_id
 
 
 def test_long_text_is_truncated_and_huge_text_refused(retriever: Retriever) -> None:

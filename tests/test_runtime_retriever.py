@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compir.errors import InputError
+from compir.errors import DuplicateItemError, InputError
 from compir.manifest import QUERY_ENCODER, load_manifest
 from compir.runtime import rerank
 from compir.runtime.retriever import Retriever
@@ -173,6 +173,19 @@ def test_add_remove_save_reload(writable: Retriever, tiny_export: Path, tmp_path
     with pytest.raises(InputError, match="unknown item id"):
         reopened.remove_items(["from-path", "from-pil"])
     assert len(reopened) == count + 2  # nothing removed when one id is unknown
+
+
+def test_adding_an_existing_id_is_refused_unless_replace(writable: Retriever) -> None:
+    existing = writable.item_ids()[4]
+    image = writable.item_image_path(writable.item_ids()[0])
+    assert image is not None
+    count, before = len(writable), np.asarray(writable.gallery.features[writable.gallery.row(existing)]).copy()
+    with pytest.raises(DuplicateItemError, match=f"already in the gallery: \\[{existing!r}\\]"):
+        writable.add_items({"brand-new": image, existing: image})
+    assert len(writable) == count and "brand-new" not in writable.item_ids()  # nothing half-added
+    np.testing.assert_array_equal(writable.gallery.features[writable.gallery.row(existing)], before)
+    assert writable.add_items({existing: image}, replace=True) == [existing]
+    assert len(writable) == count and not np.array_equal(writable.gallery.features[writable.gallery.row(existing)], before)
 
 
 class _ReverseReranker:

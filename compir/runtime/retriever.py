@@ -7,8 +7,9 @@ Query rules (each violation is an :class:`~compir.errors.InputError` with a clea
   encode, and the item itself is left out of the hits, as in CIRR's protocol), never both;
   neither makes a text-only (text -> image) query. A path is never taken for an id, nor an id
   for a path.
-- ``text`` must say something: empty or whitespace-only text is refused (a composed query without
-  a modification is not a composed query); text longer than the model's context is truncated like
+- ``text`` must say something: text that the tokenizer reduces to no token (empty, whitespace,
+  control characters, ``"\ufeff"``, ``"&nbsp;"``) is refused (a composed query without a
+  modification is not a composed query); text longer than the model's context is truncated like
   open_clip; text over :data:`~compir.runtime.tokenizer.MAX_TEXT_CHARS` characters is refused.
 - ``k`` must be an integer >= 1; a ``k`` larger than the gallery returns the whole gallery
   (clamped, never an error); an empty gallery returns no hits.
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from compir.errors import InputError
-from compir.images import load_image
+from compir.errors import DuplicateItemError, InputError
+from compir.images import ImageSource, load_image
 from compir.runtime.encoder import Encoder, TextEncoding
 from compir.runtime.gallery import Gallery
 from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery, load_reranker
@@ -41,7 +42,6 @@ from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
 
-ImageSource = str | bytes | Image.Image | os.PathLike[str]
 _QUERY_KEYS = {"text", "reference_image", "reference_id"}
 
 
@@ -107,7 +107,7 @@ class Retriever:
                         k: int = 10, rerank: bool = False) -> SearchResult:
         """Hits, best first, and milliseconds per stage (only stages that ran)."""
         k = _check_k(k)
-        _check_text(text)
+        self.check_text(text)
         _check_reference(reference_image, reference_id)
         if rerank and self.reranker is None:
             raise InputError("this export has no re-ranker; search with rerank=False")
@@ -135,7 +135,7 @@ class Retriever:
             unknown = set(query) - _QUERY_KEYS
             if unknown or "text" not in query:
                 raise InputError(f"query {number}: expected keys {sorted(_QUERY_KEYS)} (text required), got {sorted(query)}")
-            _check_text(query["text"])
+            self.check_text(query["text"], where=f"query {number}: ")
             _check_reference(query.get("reference_image"), query.get("reference_id"), where=f"query {number}: ")
         if not queries:
             return []
@@ -151,19 +151,42 @@ class Retriever:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
         return [[Hit(i, s) for i, s in hits] for hits in found]
 
+    def check_text(self, text: object, *, where: str = "") -> None:
+        """InputError unless ``text`` is a query text this retriever encodes (see the module docstring)."""
+        if not isinstance(text, str):
+            raise InputError(f"{where}text must be a string, got {type(text).__name__}")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InputError(f"{where}text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+        if self.encoder.tokenizer.is_blank(text):
+            raise InputError(f"{where}text is empty (no token left once cleaned: {text[:20]!r}); "
+                             "describe the modification (or the image, for a text-only query)")
+
     # ---- gallery changes ---------------------------------------------------------------------------
-    def add_items(self, items: Mapping[str, str | bytes | os.PathLike[str] | Image.Image]) -> list[str]:
-        """Encode and add (or replace) items; their images are copied into the index folder."""
+    def add_items(self, items: Mapping[str, ImageSource], *, replace: bool = False) -> list[str]:
+        """Encode and add items; their images are copied into the index folder. An id already in the
+        gallery is a DuplicateItemError (an InputError) naming it, nothing added, unless ``replace=True``."""
         ids = [validate_item_id(item_id) for item_id in items]
-        images = [load_image(source, name=item_id) for item_id, source in items.items()]  # type: ignore[arg-type]
+        if not replace:
+            self._refuse_existing(ids)
+        images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
+            if not replace:  # again under the lock: another writer may have added one meanwhile
+                self._refuse_existing(ids)
             paths = []
             for source, image in zip(items.values(), images):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
             self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
         return ids
+
+    def _refuse_existing(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            existing = [item for item in ids if item in self.gallery]
+        if existing:
+            raise DuplicateItemError(
+                f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
+                "remove them first, or add with replace=true to replace them")
 
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove items by id; unknown ids are an InputError and nothing is removed."""
@@ -291,15 +314,6 @@ def _check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1, got {k!r}")
     return int(k)
-
-
-def _check_text(text: object) -> None:
-    if not isinstance(text, str):
-        raise InputError(f"text must be a string, got {type(text).__name__}")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InputError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
-    if not " ".join(text.split()):
-        raise InputError("text is empty; describe the modification (or the image, for a text-only query)")
 
 
 @contextmanager

@@ -152,6 +152,11 @@ class ServiceEngine:
         elapsed = {"batch": round((time.perf_counter() - start) * 1000.0, 3)}
         return [SearchAnswer(hits=tuple(h), timings_ms=elapsed, batch_size=len(queries)) for h in hits]
 
+    def check_text(self, text: str, *, where: str = "") -> None:
+        """The retriever's own text rule (e.g. text the tokenizer reduces to nothing), checked before
+        a query is queued so that it never costs a batch."""
+        self.retriever.check_text(text, where=where)
+
     def check_reference(self, reference_id: str | None) -> None:
         """Raise UnknownItemError (HTTP 404) unless ``reference_id`` is None or a gallery id."""
         if reference_id is not None and not self.contains(reference_id):
@@ -178,10 +183,11 @@ class ServiceEngine:
             ids = self.retriever.item_ids()
         return len(ids), ids[offset : offset + limit]
 
-    def add_items(self, items: Mapping[str, bytes]) -> list[str]:
-        """Add and persist; the index on disk holds the new items when this returns."""
+    def add_items(self, items: Mapping[str, bytes], *, replace: bool = False) -> list[str]:
+        """Add and persist; the index on disk holds the new items when this returns. An id already
+        in the gallery is a DuplicateItemError (HTTP 409, nothing added) unless ``replace``."""
         with self._lock.write():
-            added = self.retriever.add_items(items)
+            added = self.retriever.add_items(items, replace=replace)
             self.retriever.save()
         return added
 
