@@ -16,7 +16,9 @@ from compir.runtime.index_cli import main as index_main
 from compir.runtime.search_cli import main as search_main
 
 
-def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_build_reports_unreadable_images(
+    tiny_export: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = tmp_path / "images"
     sources = sorted((synth_data / "images").glob("*.png"))[:20]
     (images / "nested").mkdir(parents=True)
@@ -28,8 +30,8 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "index"
-    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3", "--copy-images", "--quiet",
-            "--expansion-search", "300"]
+    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3",
+            "--copy-images", "--quiet", "--expansion-search", "300"]
     assert index_main(["build", *argv]) == 0
     captured = capsys.readouterr()
     assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out

@@ -16,10 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from compir.data.types import CirSplit
-from compir.manifest import IMAGE_ENCODER, QUERY_ENCODER, PreprocessSpec
-from compir.metrics import EvalReport, evaluate_split
 from compir.export.parity import mean_cosine, open_session, run_session
 from compir.export.samples import pixels, token_ids
+from compir.manifest import IMAGE_ENCODER, QUERY_ENCODER, PreprocessSpec
+from compir.metrics import EvalReport, evaluate_split
 
 
 @dataclass(frozen=True)

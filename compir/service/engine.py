@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from compir.errors import InputError
+from compir.runtime.types import Hit
 from compir.service.batcher import DynamicBatcher
 from compir.service.config import ServiceConfig
-from compir.runtime.types import Hit
 
 if TYPE_CHECKING:
     from compir.runtime.retriever import Retriever
@@ -144,7 +144,7 @@ class ServiceEngine:
             for query in queries:
                 self.check_reference(query.reference_id)
             results = self.retriever.search_batch(payload, k=k)
-        return [list(hits[: q.k]) for q, hits in zip(queries, results)]
+        return [list(hits[: q.k]) for q, hits in zip(queries, results, strict=True)]
 
     def _search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchAnswer]:
         start = time.perf_counter()

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from compir.errors import InputError
+from compir.runtime.uploads import validate_item_id
 from compir.service.engine import ServiceEngine, UnknownItemError
 from compir.service.inputs import check_count, decode_image, in_executor, read_upload, refuse_blank_fields, require_form, require_json
 from compir.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
-from compir.runtime.uploads import validate_item_id
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 MAX_PAGE = 1000
@@ -63,7 +63,7 @@ async def add_items(
         raise InputError(f"got {len(ids)} ids for {len(files)} files; give one id per file or none")
     names = ids or [PurePath(f.filename or "").stem for f in files]
     items: dict[str, bytes] = {}
-    for name, upload in zip(names, files):
+    for name, upload in zip(names, files, strict=True):
         field = f"files[{upload.filename or len(items)}]"
         validate_item_id(name)
         if name in items:
