@@ -8,10 +8,16 @@ texts repeat, so the runtime's text cache answers most text encodes, as it would
 The server is ``compir serve`` in its own process on 127.0.0.1; clients are threads with one
 keep-alive httpx connection each. Every configuration runs ``repeats`` times, the modes taking
 turns; the median run's figures are reported. Full: 16 clients x 100 requests per run; --quick: 96 requests per run.
+
+Memory soak: a fresh ``compir serve`` (default batching: off on a CPU) answers SOAK_REQUESTS composed
+uploads from 16 clients (20,000; --quick 2,000) with texts that keep changing (more than the text
+cache holds), while the server's resident set size (Linux /proc) is sampled; it levels off when
+the second half of the run adds at most LEVEL_MB_TOLERANCE (or 5 %) to the RSS at half-way.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,13 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import BenchResult, Panel, bar_chart, markdown_table
+from benchmarks.common import BenchResult, Panel, bar_chart, line_chart, markdown_table
 
 NAME = "service"
-DESCRIPTION = "HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, vs the in-process Python API"
+DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, vs the in-process Python API; "
+               "server RSS over a soak of 20,000 uploads")
 CONCURRENCY = (1, 4, 16)
 MODES = ("python in-process", "http, batching off", "http, batching on")
 K = 10
+SOAK_REQUESTS = {False: 20_000, True: 2_000}  # by quick
+SOAK_CLIENTS = 16
+SOAK_SAMPLES = 50
+LEVEL_MB_TOLERANCE = 10.0
 
 
 def prepare_files(root: Path, *, quick: bool) -> None:
@@ -193,7 +204,7 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
 def _python_call(retriever: Any, queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
     def call(client: int, n: int) -> None:
         image, text = queries[(client * 7919 + n) % len(queries)]
-        retriever.search(reference=image, text=text, k=K)
+        retriever.search(reference_image=image, text=text, k=K)
 
     return call
 
@@ -209,6 +220,60 @@ def _http_call(sessions: list[Any], queries: list[tuple[bytes, str]]) -> Callabl
     return call
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (Linux: /proc/PID/statm, in pages)."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError as exc:
+        raise RuntimeError(f"cannot read the RSS of process {pid} ({exc}); the soak needs Linux /proc") from exc
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def soak(export: Path, index: Path, queries: list[tuple[bytes, str]], *, requests: int,
+         clients: int = SOAK_CLIENTS, samples: int = SOAK_SAMPLES) -> dict[str, Any]:
+    """``requests`` composed uploads against a fresh server, its RSS sampled every requests/samples
+    answers: {"points": [(answered, seconds, rss MiB)], figures at start / half-way / end, "levels_off"}."""
+    import httpx
+
+    # 13 texts per reference: more distinct texts than the runtime's text cache (1024) keeps.
+    varied = [(image, f"{text}, take {take}") for take in range(13) for image, text in queries]
+    server = _Server(export, index, batching=False)
+    sessions = [httpx.Client(base_url=server.url, timeout=60) for _ in range(clients)]
+    try:
+        server.wait_ready()
+        pid = server.process.pid
+        call = _http_call(sessions, varied)
+        step = max(1, requests // samples)
+        lock = threading.Lock()
+        start = time.perf_counter()
+        points = [(0, 0.0, rss_mb(pid))]
+        answered = 0
+
+        def counted(client: int, n: int) -> None:
+            nonlocal answered
+            call(client, n)
+            with lock:
+                answered += 1
+                if answered % step == 0:
+                    points.append((answered, time.perf_counter() - start, rss_mb(pid)))
+
+        wall, latencies = _drive(clients, requests, counted)
+    finally:
+        for session in sessions:
+            session.close()
+        server.stop()
+    half = min(points, key=lambda p: abs(p[0] - requests / 2))[2]
+    end, peak = points[-1][2], max(p[2] for p in points)
+    return {
+        "requests": requests, "clients": clients, "rps": requests / wall, "p99_ms": float(np.percentile(latencies, 99)),
+        "rss_start_mb": points[0][2], "rss_half_mb": half, "rss_end_mb": end, "rss_peak_mb": peak,
+        "second_half_growth_mb": end - half,
+        "levels_off": end - half <= max(LEVEL_MB_TOLERANCE, 0.05 * half),
+        "points": points,
+    }
+
+
 def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, repeats: int) -> dict[str, float]:
     """What dynamic batching can gain at most: 16 queries in one search_batch vs 16 searches."""
     from benchmarks.common import time_runs
@@ -216,8 +281,8 @@ def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, 
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
     chosen = queries[:16]
-    batch = time_runs(lambda: retriever.search_batch([{"reference": i, "text": t} for i, t in chosen], k=K), repeats=repeats)
-    singles = time_runs(lambda: [retriever.search(reference=i, text=t, k=K) for i, t in chosen], repeats=repeats)
+    batch = time_runs(lambda: retriever.search_batch([{"reference_image": i, "text": t} for i, t in chosen], k=K), repeats=repeats)
+    singles = time_runs(lambda: [retriever.search(reference_image=i, text=t, k=K) for i, t in chosen], repeats=repeats)
     return {"batch_of_16_ms": batch.median_s * 1000, "16_singles_ms": singles.median_s * 1000,
             "speedup": singles.median_s / batch.median_s}
 
@@ -228,6 +293,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         export, index, queries = _prepare(Path(tmp), quick=quick)
         batch_cost = _batch_cost(export, index, queries, repeats=5)
         by_mode, batch_stats = _measure(export, index, queries, total=total, repeats=repeats)
+        memory = soak(export, index, queries, requests=SOAK_REQUESTS[quick])
     rows = []
     for mode, results in by_mode.items():
         for clients, figures in results.items():
@@ -239,6 +305,13 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         Panel("throughput", {m: {label[c]: f["rps"] for c, f in r.items()} for m, r in by_mode.items()}, "requests/s"),
         Panel("p99 latency", {m: {label[c]: f["p99_ms"] for c, f in r.items()} for m, r in by_mode.items()}, "ms"),
     ])
+    rss_plot = line_chart(out_dir / "service_rss.png", title=f"server RSS over {memory['requests']:,} uploads ({SOAK_CLIENTS} clients)",
+                          series={"compir serve": ([p[0] for p in memory["points"]], [p[2] for p in memory["points"]])},
+                          xlabel="requests answered", ylabel="RSS (MiB)")
+    table += "\n\n" + markdown_table(
+        ["soak requests", "RSS start MiB", "half-way", "end", "peak", "2nd-half growth MiB", "levels off"],
+        [[memory["requests"], memory["rss_start_mb"], memory["rss_half_mb"], memory["rss_end_mb"], memory["rss_peak_mb"],
+          memory["second_half_growth_mb"], "yes" if memory["levels_off"] else "NO"]])
     notes = (
         f"{total} composed queries (uploaded 64x64 PNG + text, k={K}) per run, median of {repeats} runs (modes interleaved); "
         "server: `compir serve` in its own process (batching on: max 16, wait 2 ms), clients: threads in the "
@@ -246,9 +319,12 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         f"Upper bound of the gain: 16 queries in one Retriever.search_batch take {batch_cost['batch_of_16_ms']:.1f} ms, "
         f"16 single searches {batch_cost['16_singles_ms']:.1f} ms (x{batch_cost['speedup']:.2f}); "
         "`compir serve --batching auto` turns batching on only for GPU encoders. "
-        "The model is an untrained `tiny` config: speed does not depend on the weights."
+        "The model is an untrained `tiny` config: speed does not depend on the weights. "
+        f"Memory soak: {memory['requests']:,} composed uploads from {SOAK_CLIENTS} clients against a fresh server "
+        f"(batching off, {memory['rps']:.0f} requests/s), RSS sampled {SOAK_SAMPLES} times: "
+        f"{memory['rss_start_mb']:.0f} MiB ready, {memory['rss_half_mb']:.0f} half-way, {memory['rss_end_mb']:.0f} at the end."
     )
     figures = {"requests_per_run": total, "repeats": repeats, "k": K,
                "results": {m: {str(c): f for c, f in r.items()} for m, r in by_mode.items()},
-               "batching_stats": batch_stats, "batch_cost": batch_cost}
-    return BenchResult(name=NAME, figures=figures, table=table, plots=(plot,), notes=notes)
+               "batching_stats": batch_stats, "batch_cost": batch_cost, "memory_soak": memory}
+    return BenchResult(name=NAME, figures=figures, table=table, plots=(plot, rss_plot), notes=notes)

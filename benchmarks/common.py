@@ -100,11 +100,7 @@ def bar_chart(path: Path, *, panels: Sequence[PanelSpec]) -> Path:
     A panel is a :class:`Panel` or a ``(title, {series: {category: value}}, y label)`` tuple.
     """
     resolved = [panel if isinstance(panel, Panel) else Panel(*panel) for panel in panels]
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI machines and servers
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(resolved), figsize=(5.2 * len(resolved), 4.0), squeeze=False)
     for axis, panel in zip(axes[0], resolved, strict=True):
         categories = list(dict.fromkeys(c for values in panel.series.values() for c in values))
@@ -121,10 +117,38 @@ def bar_chart(path: Path, *, panels: Sequence[PanelSpec]) -> Path:
             axis.set_yscale("log")
         if len(panel.series) > 1 or panel.reference_label:
             axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def line_chart(path: Path, *, title: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               xlabel: str, ylabel: str) -> Path:
+    """One PNG with a line per series (``{label: (xs, ys)}``)."""
+    figure, axis = _pyplot().subplots(figsize=(6.4, 4.0))
+    for label, (xs, ys) in series.items():
+        axis.plot(list(xs), list(ys), marker=".", label=label)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(bottom=0)
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines and servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
     figure.tight_layout()
     with atomic_output_path(path) as tmp:
         figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
 
 

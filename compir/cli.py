@@ -30,9 +30,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "search": (
         "compir.runtime.search_cli", "composed (or text-only) search",
-        "compir search exports/tiny indexes/tiny --reference IMG --text 'make it red'",
+        "compir search exports/tiny indexes/tiny --reference-image IMG --text 'make it red'",
     ),
-    "serve": ("compir.runtime.service.cli", "HTTP API over the runtime", "compir serve exports/tiny indexes/tiny --port 8000"),
+    "serve": ("compir.service.cli", "HTTP API over the runtime", "compir serve exports/tiny indexes/tiny --port 8000"),
     "demo": ("compir.demo.cli", "Gradio demo over the runtime", "compir demo exports/tiny indexes/tiny"),
     "bench": ("benchmarks.runner", "run benchmarks, write JSON + PNG + report", "compir bench synth"),
 }

@@ -13,5 +13,9 @@ class InputError(CompirError, ValueError):
     """A query input (image, text, k, item id) is unusable."""
 
 
+class DuplicateItemError(InputError):
+    """Adding an item whose id the gallery already holds, without asking to replace it (HTTP 409)."""
+
+
 class DatasetError(CompirError):
     """A dataset file is missing or malformed; the message names the file."""

@@ -22,10 +22,10 @@ from PIL import Image
 from compir.data.load import load_split
 from compir.runtime import rerank
 from compir.runtime.retriever import Retriever
-from compir.runtime.service.app import create_app
-from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig
-from compir.runtime.service.engine import ServiceEngine
-from compir.runtime.service.server import BackgroundServer
+from compir.service.app import create_app
+from compir.service.config import BatchingConfig, Limits, ServiceConfig
+from compir.service.engine import ServiceEngine
+from compir.service.server import BackgroundServer
 
 KEY = "test-key"
 LIMITS = Limits(max_upload_bytes=64 * 1024, max_image_pixels=256 * 256, max_text_chars=200, max_k=20, max_batch_queries=8)
@@ -113,7 +113,7 @@ def test_search_by_upload_returns_what_the_runtime_returns(served, query, synth_
     response = served.client.post("/search", files={"reference": ("ref.png", reference, "image/png")},
                                   data={"text": query.text, "k": "5"})
     got = hits_of(response)
-    expected = served.retriever.search(reference=reference, text=query.text, k=5)
+    expected = served.retriever.search(reference_image=reference, text=query.text, k=5)
     assert [i for i, _ in got] == [h.item_id for h in expected]
     assert np.allclose([s for _, s in got], [h.score for h in expected], atol=1e-5)
     assert response.json()["timings_ms"]
@@ -121,9 +121,9 @@ def test_search_by_upload_returns_what_the_runtime_returns(served, query, synth_
 
 def test_search_by_id_text_only_and_batch_agree_with_the_runtime(served, query):
     by_id = hits_of(served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "k": 4}))
-    assert [i for i, _ in by_id] == [h.item_id for h in served.retriever.search(reference=query.reference, text=query.text, k=4)]
+    assert [i for i, _ in by_id] == [h.item_id for h in served.retriever.search(reference_id=query.reference, text=query.text, k=4)]
     text_only = hits_of(served.client.post("/search/text", json={"text": "a red circle", "k": 3}))
-    assert [i for i, _ in text_only] == [h.item_id for h in served.retriever.search(reference=None, text="a red circle", k=3)]
+    assert [i for i, _ in text_only] == [h.item_id for h in served.retriever.search(text="a red circle", k=3)]
     assert hits_of(served.client.post("/search", data={"text": "a red circle", "k": 3})) == text_only
     image_b64 = base64.b64encode((served.images / f"{query.reference}.png").read_bytes()).decode()
     batch = served.client.post("/search/batch", json={"k": 4, "queries": [
@@ -225,7 +225,71 @@ def test_bad_bodies_and_content_types_are_4xx(served):
     assert_refused(huge, 413, "max_request_bytes")
 
 
+def _multipart(boundary: str, text: str, image: bytes) -> tuple[bytes, bytes, bytes]:
+    """(text part, file part, close delimiter) of a /search form, written by hand."""
+    text_part = f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n{text}\r\n'.encode()
+    file_part = (f'--{boundary}\r\nContent-Disposition: form-data; name="reference"; filename="a.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
+    return text_part, file_part, f"--{boundary}--\r\n".encode()
+
+
+def test_a_multipart_body_cut_short_is_a_400_not_a_text_only_search(served):
+    image = png_bytes(noise=True)
+    text_part, file_part, close = _multipart("cutHERE", "make it red", image)
+    headers = {"content-type": "multipart/form-data; boundary=cutHERE"}
+    whole = served.client.post("/search", content=text_part + file_part + close, headers=headers)
+    expected = served.retriever.search(reference_image=image, text="make it red", k=10)
+    assert [i for i, _ in hits_of(whole)] == [h.item_id for h in expected]  # the upload was used
+    for cut in (text_part + file_part, text_part + file_part[: len(file_part) // 2], text_part + file_part + close[:-4]):
+        assert_refused(served.client.post("/search", content=cut, headers=headers), 400, "cut short", "--cutHERE--")
+
+
+def test_empty_or_mistyped_fields_are_422_naming_the_field(served, query):
+    batch = {"k": 3, "queries": [{"text": "a red circle"}, {"text": query.text, "reference_image_b64": ""}]}
+    assert_refused(served.client.post("/search/batch", json=batch), 422, "queries[1].reference_image_b64", "empty")
+    batch["queries"][1] = {"text": query.text, "reference_id": ""}
+    assert_refused(served.client.post("/search/batch", json=batch), 422, "queries[1].reference_id", "empty")
+    for k in (True, 2.0, "2"):
+        assert_refused(served.client.post("/search/text", json={"text": "a red circle", "k": k}), 422, "k:")
+        assert_refused(served.client.post("/search/batch", json={"k": k, "queries": [{"text": "x"}]}), 422, "k:")
+    for field in ("k", "rerank", "reference_id"):
+        assert_refused(served.client.post("/search", data={"text": "a red circle", field: ""}), 422, f"{field!r}", "empty")
+
+
+@pytest.mark.parametrize("text", ["\x00", "\x7f", "\ufeff", "&nbsp;", "&#32;"])
+def test_text_the_tokenizer_reduces_to_nothing_is_a_422(served, query, text):
+    assert_refused(served.client.post("/search/text", json={"text": text}), 422, "text is empty")
+    assert_refused(served.client.post("/search", data={"text": text, "reference_id": query.reference}), 422, "text is empty")
+    batch = {"queries": [{"text": "a red circle"}, {"text": text}]}
+    assert_refused(served.client.post("/search/batch", json=batch), 422, "queries[1].text is empty")
+
+
 # ---- gallery ------------------------------------------------------------------------------------
+def test_adding_an_existing_id_is_a_409_unless_replace(served):
+    existing = served.retriever.item_ids()[1]
+    before = served.client.get("/gallery/count").json()["count"]
+    by_name = [("files", ("fresh-one.png", png_bytes((32, 32)), "image/png")),
+               ("files", (f"{existing}.png", png_bytes((32, 32)), "image/png"))]
+    assert_refused(served.client.post("/gallery/items", files=by_name), 409, "already in the gallery", existing)
+    by_id = [("files", ("x.png", png_bytes((36, 36)), "image/png"))]
+    assert_refused(served.client.post("/gallery/items", files=by_id, data={"ids": [existing]}), 409, existing)
+    assert served.client.get("/gallery/count").json()["count"] == before  # nothing half-added
+    assert "fresh-one" not in served.retriever.item_ids()
+    replaced = served.client.post("/gallery/items", files=by_id, data={"ids": [existing], "replace": "true"})
+    assert replaced.status_code == 200, replaced.text
+    assert replaced.json() == {"added": [existing], "count": before}
+    image = served.client.get(f"/gallery/items/{existing}/image")
+    assert Image.open(io.BytesIO(image.content)).size == (36, 36)
+
+
+@pytest.mark.parametrize("item_id", ["../escape", "a/../b", "/abs", "a\\b", "a//b", "trailing/", "tab\there"])
+def test_item_ids_outside_the_grammar_are_a_422(served, item_id):
+    before = served.client.get("/gallery/count").json()["count"]
+    files = [("files", ("x.png", png_bytes(), "image/png"))]
+    assert_refused(served.client.post("/gallery/items", files=files, data={"ids": [item_id]}), 422, "item id", "relative paths")
+    assert served.client.get("/gallery/count").json()["count"] == before
+
+
 def test_gallery_add_list_fetch_and_remove(served):
     before = served.client.get("/gallery/count").json()["count"]
     files = [("files", ("added-a.png", png_bytes((32, 32)), "image/png")),
@@ -346,8 +410,11 @@ def test_cli_serves_and_a_restart_keeps_added_items(tiny_export, tiny_index, tmp
 
 def test_service_imports_no_model_code():
     code = (
-        "import sys, compir.runtime.service.app, compir.runtime.service.cli\n"
-        "bad = [m for m in ('torch', 'open_clip', 'gradio', 'onnx') if m in sys.modules]\n"
+        "import importlib, pkgutil, sys, compir.service\n"
+        "names = [m.name for m in pkgutil.walk_packages(compir.service.__path__, 'compir.service.')]\n"
+        "assert 'compir.service.app' in names and 'compir.service.cli' in names, names\n"
+        "for name in names: importlib.import_module(name)\n"
+        "bad = [m for m in ('torch', 'open_clip', 'gradio', 'onnx', 'torchvision') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

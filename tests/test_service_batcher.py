@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from compir.runtime.service.batcher import DynamicBatcher
-from compir.runtime.service.engine import ReadWriteLock
+from compir.service.batcher import DynamicBatcher
+from compir.service.engine import ReadWriteLock
 
 _RAW = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
 GALLERY = _RAW / np.linalg.norm(_RAW, axis=1, keepdims=True)  # unit rows: each row is its own best match

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compir.runtime.service.cli import build_parser, config_from_args
-from compir.runtime.service.config import Limits, resolve_batching
+from compir.service.cli import build_parser, config_from_args
+from compir.service.config import Limits, resolve_batching
 
 CPU = {"backend": "onnxruntime", "providers": {"image_encoder": ["CPUExecutionProvider"]}}
 CUDA = {"backend": "onnxruntime", "providers": {"image_encoder": ["CUDAExecutionProvider", "CPUExecutionProvider"]}}

@@ -114,19 +114,21 @@ class DemoSession:
         text_only: bool = False,
     ) -> DemoAnswer:
         """A composed query (reference upload or gallery id + text), or text-only."""
-        reference: bytes | str | None = None
+        reference_image: bytes | None = None
+        gallery_id: str | None = None
         if not text_only:
             if reference_file:
-                reference = self.check_upload(reference_file, what="reference image")
+                reference_image = self.check_upload(reference_file, what="reference image")
             elif reference_id:
                 if not self.contains(reference_id):
                     raise InputError(f"gallery item {reference_id!r} does not exist; pick one in the gallery")
-                reference = reference_id
+                gallery_id = reference_id
             else:
                 raise InputError("choose a reference image (upload one or click a gallery image), or tick text-only")
         with self._lock:
             retriever = self.retriever
-        result = retriever.search_detailed(reference=reference, text=text, k=int(k), rerank=rerank)
+        result = retriever.search_detailed(reference_image=reference_image, reference_id=gallery_id, text=text,
+                                           k=int(k), rerank=rerank)
         return DemoAnswer(hits=result.hits, timings_ms=dict(result.timings_ms))
 
     def check_upload(self, path: str, *, what: str) -> bytes:

@@ -2,11 +2,14 @@
 
 Query rules (each violation is an :class:`~compir.errors.InputError` with a clear message):
 
-- ``reference`` is a gallery item id (its cached image features are used: no decode, no image
-  encode, and the item itself is left out of the hits, as in CIRR's protocol), an image path,
-  raw bytes or a PIL image; ``None`` makes a text-only (text -> image) query.
-- ``text`` must say something: empty or whitespace-only text is refused (a composed query without
-  a modification is not a composed query); text longer than the model's context is truncated like
+- The reference is explicit: ``reference_image=`` (an image path, raw bytes or a PIL image) or
+  ``reference_id=`` (a gallery item id: its cached image features are used, no decode, no image
+  encode, and the item itself is left out of the hits, as in CIRR's protocol), never both;
+  neither makes a text-only (text -> image) query. A path is never taken for an id, nor an id
+  for a path.
+- ``text`` must say something: text that the tokenizer reduces to no token (empty, whitespace,
+  control characters, ``"\ufeff"``, ``"&nbsp;"``) is refused (a composed query without a
+  modification is not a composed query); text longer than the model's context is truncated like
   open_clip; text over :data:`~compir.runtime.tokenizer.MAX_TEXT_CHARS` characters is refused.
 - ``k`` must be an integer >= 1; a ``k`` larger than the gallery returns the whole gallery
   (clamped, never an error); an empty gallery returns no hits.
@@ -30,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from compir.errors import InputError
-from compir.images import load_image
+from compir.errors import DuplicateItemError, InputError
+from compir.images import ImageSource, load_image
 from compir.runtime.encoder import Encoder, TextEncoding
 from compir.runtime.gallery import Gallery
 from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
@@ -40,8 +43,7 @@ from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
 
-Reference = str | bytes | Image.Image | os.PathLike[str] | None
-_QUERY_KEYS = {"reference", "text"}
+_QUERY_KEYS = {"text", "reference_image", "reference_id"}
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,22 @@ class Retriever:
         return self.reranker is not None
 
     # ---- search ----------------------------------------------------------------------------------
-    def search(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
-        return list(self.search_detailed(reference=reference, text=text, k=k, rerank=rerank).hits)
+    def search(self, *, text: str, reference_image: ImageSource | None = None, reference_id: str | None = None,
+               k: int = 10, rerank: bool = False) -> list[Hit]:
+        """Hits, best first: composed with ``reference_image`` or ``reference_id``, text-only with neither."""
+        return list(self.search_detailed(text=text, reference_image=reference_image, reference_id=reference_id,
+                                         k=k, rerank=rerank).hits)
 
-    def search_detailed(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> SearchResult:
+    def search_detailed(self, *, text: str, reference_image: ImageSource | None = None, reference_id: str | None = None,
+                        k: int = 10, rerank: bool = False) -> SearchResult:
         """Hits, best first, and milliseconds per stage (only stages that ran)."""
         k = _check_k(k)
-        _check_text(text)
+        self.check_text(text)
+        _check_reference(reference_image, reference_id)
         if rerank and self.reranker is None:
             raise InputError("this export has no re-ranker; search with rerank=False")
         timings: dict[str, float] = {}
-        item_id, features = self._reference_features(reference, timings)
+        item_id, features = self._reference_features(reference_image, reference_id, timings)
         cached = self._encode_text(text, timings)
         if features is None:
             query = cached.encoding.text_embeds
@@ -122,16 +129,18 @@ class Retriever:
         return SearchResult(hits=tuple(Hit(i, s) for i, s in found[:k]), timings_ms=timings)
 
     def search_batch(self, queries: Sequence[Mapping[str, Any]], *, k: int = 10) -> list[list[Hit]]:
-        """Many queries ({"reference": ..., "text": ...}) with batched encoders and one index search."""
+        """Many queries ({"text": ..., "reference_image": ... or "reference_id": ...}, each reference
+        optional) with batched encoders and one index search."""
         k = _check_k(k)
         for number, query in enumerate(queries):
             unknown = set(query) - _QUERY_KEYS
             if unknown or "text" not in query:
                 raise InputError(f"query {number}: expected keys {sorted(_QUERY_KEYS)} (text required), got {sorted(query)}")
-            _check_text(query["text"])
+            self.check_text(query["text"], where=f"query {number}: ")
+            _check_reference(query.get("reference_image"), query.get("reference_id"), where=f"query {number}: ")
         if not queries:
             return []
-        resolved = self._batch_reference_features([q.get("reference") for q in queries])
+        resolved = self._batch_reference_features([(q.get("reference_image"), q.get("reference_id")) for q in queries])
         entries = self._batch_texts([q["text"] for q in queries])
         text_features = np.concatenate([entry.encoding.text_features for entry in entries])  # (Q, *F')
         vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
@@ -143,19 +152,42 @@ class Retriever:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
         return [[Hit(i, s) for i, s in hits] for hits in found]
 
+    def check_text(self, text: object, *, where: str = "") -> None:
+        """InputError unless ``text`` is a query text this retriever encodes (see the module docstring)."""
+        if not isinstance(text, str):
+            raise InputError(f"{where}text must be a string, got {type(text).__name__}")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InputError(f"{where}text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+        if self.encoder.tokenizer.is_blank(text):
+            raise InputError(f"{where}text is empty (no token left once cleaned: {text[:20]!r}); "
+                             "describe the modification (or the image, for a text-only query)")
+
     # ---- gallery changes ---------------------------------------------------------------------------
-    def add_items(self, items: Mapping[str, str | bytes | os.PathLike[str] | Image.Image]) -> list[str]:
-        """Encode and add (or replace) items; their images are copied into the index folder."""
+    def add_items(self, items: Mapping[str, ImageSource], *, replace: bool = False) -> list[str]:
+        """Encode and add items; their images are copied into the index folder. An id already in the
+        gallery is a DuplicateItemError (an InputError) naming it, nothing added, unless ``replace=True``."""
         ids = [validate_item_id(item_id) for item_id in items]
+        if not replace:
+            self._refuse_existing(ids)
         images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
+            if not replace:  # again under the lock: another writer may have added one meanwhile
+                self._refuse_existing(ids)
             paths = []
             for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
             self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
         return ids
+
+    def _refuse_existing(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            existing = [item for item in ids if item in self.gallery]
+        if existing:
+            raise DuplicateItemError(
+                f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
+                "remove them first, or add with replace=true to replace them")
 
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove items by id; unknown ids are an InputError and nothing is removed."""
@@ -171,31 +203,36 @@ class Retriever:
             self.gallery.save()
 
     # ---- internals -------------------------------------------------------------------------------
-    def _reference_features(self, reference: Reference, timings: dict[str, float]) -> tuple[str | None, np.ndarray | None]:
-        """(gallery item id or None, image_features (*F,) or None for text-only)."""
-        if reference is None:
-            return None, None
-        if isinstance(reference, str) and reference in self.gallery:
+    def _reference_features(self, reference_image: ImageSource | None, reference_id: str | None,
+                            timings: dict[str, float]) -> tuple[str | None, np.ndarray | None]:
+        """(gallery item id or None, image_features (*F,) or None for text-only); checked by _check_reference."""
+        if reference_id is not None:
             with self._lock:
-                return reference, np.asarray(self.gallery.features[self.gallery.row(reference)], dtype=np.float32)
+                if reference_id not in self.gallery:
+                    raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
+                return reference_id, np.asarray(self.gallery.features[self.gallery.row(reference_id)], dtype=np.float32)
+        if reference_image is None:
+            return None, None
         with _timed(timings, "decode"):
-            image = _decode_reference(reference)
+            image = load_image(reference_image)
         with _timed(timings, "preprocess"):
             pixels = self.encoder.preprocess([image])
         with _timed(timings, "image_encode"):
             features = self.encoder.encode_pixels(pixels).image_features[0]
         return None, features
 
-    def _batch_reference_features(self, references: Sequence[Reference]) -> list[tuple[str | None, np.ndarray | None]]:
-        """Like _reference_features for many; uploaded images are encoded in one batched call."""
+    def _batch_reference_features(self, references: Sequence[tuple[ImageSource | None, str | None]]
+                                  ) -> list[tuple[str | None, np.ndarray | None]]:
+        """Like _reference_features for many (reference_image, reference_id) pairs; uploaded images
+        are encoded in one batched call."""
         resolved: list[tuple[str | None, np.ndarray | None]] = []
         uploads: list[tuple[int, Image.Image]] = []
-        for row, reference in enumerate(references):
-            if reference is None or (isinstance(reference, str) and reference in self.gallery):
-                resolved.append(self._reference_features(reference, {}))
+        for row, (reference_image, reference_id) in enumerate(references):
+            if reference_image is None:
+                resolved.append(self._reference_features(None, reference_id, {}))
             else:
                 resolved.append((None, None))
-                uploads.append((row, _decode_reference(reference)))
+                uploads.append((row, load_image(reference_image)))
         if uploads:
             features = self.encoder.encode_images([image for _, image in uploads]).image_features
             for (row, _), row_features in zip(uploads, features, strict=True):
@@ -260,28 +297,24 @@ class Retriever:
         return [(top[i][0], float(scores[i])) for i in order] + found[len(top):]
 
 
-def _decode_reference(reference: Reference) -> Image.Image:
-    """An uploaded reference (path, bytes or PIL image) decoded, or an InputError naming it."""
-    if isinstance(reference, (str, os.PathLike)) and not Path(reference).is_file():
-        raise InputError(f"reference {str(reference)!r} is neither a gallery item id nor an image file")
-    if not isinstance(reference, (str, bytes, os.PathLike, Image.Image)):
-        raise InputError(f"reference must be an item id, a path, bytes or a PIL image, not {type(reference).__name__}")
-    return load_image(reference)
+def _check_reference(reference_image: object, reference_id: object, *, where: str = "") -> None:
+    """At most one reference, each of its kind; an InputError naming the argument otherwise."""
+    if reference_image is not None and reference_id is not None:
+        raise InputError(f"{where}give reference_image or reference_id, not both")
+    if reference_id is not None and not isinstance(reference_id, str):
+        raise InputError(f"{where}reference_id must be a gallery item id (a string), not {type(reference_id).__name__}")
+    if reference_image is None:
+        return
+    if not isinstance(reference_image, (str, bytes, os.PathLike, Image.Image)):
+        raise InputError(f"{where}reference_image must be a path, bytes or a PIL image, not {type(reference_image).__name__}")
+    if isinstance(reference_image, (str, os.PathLike)) and not Path(reference_image).is_file():
+        raise InputError(f"{where}reference_image {str(reference_image)!r} is not a file (for a gallery item use reference_id=)")
 
 
 def _check_k(k: object) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1, got {k!r}")
     return int(k)
-
-
-def _check_text(text: object) -> None:
-    if not isinstance(text, str):
-        raise InputError(f"text must be a string, got {type(text).__name__}")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InputError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
-    if not " ".join(text.split()):
-        raise InputError("text is empty; describe the modification (or the image, for a text-only query)")
 
 
 @contextmanager

@@ -5,7 +5,8 @@ the manifest's :class:`compir.manifest.TokenizerSpec`.
 
 Text handling (what the Retriever relies on):
 - text is cleaned like open_clip (ftfy, html unescape twice, whitespace collapsed, lowercased for
-  ``clean="lower"``); :func:`is_blank` tells whether nothing is left to encode;
+  ``clean="lower"``); :meth:`ClipTokenizer.is_blank` tells whether that leaves no token to encode
+  (empty, whitespace, control characters, a byte-order mark, ``&nbsp;``);
 - text longer than the context is truncated like open_clip: the first ``context_length`` ids are
   kept and the last one is replaced by the end-of-text id;
 - text above :data:`MAX_TEXT_CHARS` characters is refused with InputError before any BPE work,
@@ -119,8 +120,9 @@ class ClipTokenizer:
         return batch
 
     def is_blank(self, text: str) -> bool:
-        """True when cleaning leaves nothing to encode (empty, whitespace, invisible characters)."""
-        return not clean_text(text[:MAX_TEXT_CHARS], mode=self.spec.clean)
+        """True when :meth:`encode` gives no token ids: cleaning leaves no piece for BPE (each piece
+        is at least one id), so the query would be the start and end markers alone."""
+        return not _PATTERN.findall(clean_text(text[:MAX_TEXT_CHARS], mode=self.spec.clean))
 
     def _bpe(self, piece: str) -> list[int]:
         cached = self._cache.get(piece)

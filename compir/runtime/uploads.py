@@ -1,9 +1,16 @@
-"""Item ids and image files for items added to a gallery at run time."""
+"""Item ids and image files for items added to a gallery at run time.
+
+Item id grammar: a relative POSIX-style path, ``segment ("/" segment)*``, at most MAX_ID_CHARS
+characters, as ``compir index build`` writes them (``a/b`` for ``a/b.png``). A segment is not
+empty, not ``.`` or ``..``, has no backslash and no control character, and does not start or end
+with whitespace. So ``/etc/x``, ``a/../b``, ``a//b``, ``a/``, ``a\\b`` and ``" a"`` are refused.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import unicodedata
 from pathlib import Path
 
 from PIL import Image
@@ -15,12 +22,33 @@ _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP
 
 
 def validate_item_id(item_id: object) -> str:
-    """Item ids are non-empty strings without control characters, at most MAX_ID_CHARS long."""
-    if not isinstance(item_id, str) or not item_id.strip():
+    """``item_id`` if it follows the id grammar (module docstring), else an InputError saying why."""
+    if not isinstance(item_id, str) or not item_id:
         raise InputError(f"item id must be a non-empty string, got {item_id!r}")
-    if len(item_id) > MAX_ID_CHARS or any(ord(c) < 32 for c in item_id):
-        raise InputError(f"item id {item_id[:40]!r}... is too long or has control characters")
+    problem = _id_problem(item_id)
+    if problem:
+        shown = repr(item_id[:60]) + ("..." if len(item_id) > 60 else "")
+        raise InputError(f"item id {shown} {problem} (ids are relative paths like 'a/b')")
     return item_id
+
+
+def _id_problem(item_id: str) -> str | None:
+    if len(item_id) > MAX_ID_CHARS:
+        return f"is {len(item_id)} characters long; the limit is {MAX_ID_CHARS}"
+    if any(unicodedata.category(c) == "Cc" for c in item_id):
+        return "has a control character"
+    if "\\" in item_id:
+        return "has a backslash"
+    if item_id.startswith("/"):
+        return "is an absolute path"
+    for segment in item_id.split("/"):
+        if not segment:
+            return "has an empty path segment"
+        if segment in (".", ".."):
+            return f"has a {segment!r} path segment"
+        if segment != segment.strip():
+            return "has a path segment that starts or ends with whitespace"
+    return None
 
 
 def image_bytes(source: str | bytes | os.PathLike[str] | Image.Image, decoded: Image.Image) -> tuple[bytes, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 
 class HitOut(BaseModel):
@@ -18,7 +18,7 @@ class SearchOut(BaseModel):
 
 class TextSearchIn(BaseModel):
     text: str
-    k: int = 10
+    k: StrictInt = 10  # strict: true / 2.0 / "2" are refused, not read as an integer
 
 
 class BatchQueryIn(BaseModel):
@@ -29,7 +29,7 @@ class BatchQueryIn(BaseModel):
 
 class BatchSearchIn(BaseModel):
     queries: list[BatchQueryIn]
-    k: int = 10
+    k: StrictInt = 10
 
 
 class BatchSearchOut(BaseModel):

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from compir.errors import InputError
-from compir.runtime.service.engine import ServiceEngine, UnknownItemError
-from compir.runtime.service.inputs import check_count, decode_image, in_executor, read_upload, require_form, require_json
-from compir.runtime.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
 from compir.runtime.uploads import validate_item_id
+from compir.service.engine import ServiceEngine, UnknownItemError
+from compir.service.inputs import check_count, decode_image, in_executor, read_upload, refuse_blank_fields, require_form, require_json
+from compir.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
 
 router = APIRouter(prefix="/gallery", tags=["gallery"])
 MAX_PAGE = 1000
@@ -46,13 +46,16 @@ async def item_image(request: Request, item_id: str) -> FileResponse:
     return FileResponse(path)
 
 
-@router.post("/items", response_model=AddOut, dependencies=[Depends(require_form)])
+@router.post("/items", response_model=AddOut, dependencies=[Depends(require_form), Depends(refuse_blank_fields("replace"))])
 async def add_items(
     request: Request,
     files: list[UploadFile] = File(..., description="one or more images"),
     ids: list[str] | None = Form(None, description="an id per file (default: the file name without extension)"),
+    replace: bool = Form(False, description="replace items whose id is already in the gallery (else 409)"),
 ) -> AddOut:
-    """Add images to the gallery; they are searchable and saved when this returns."""
+    """Add images to the gallery; they are searchable and saved when this returns. An id already in
+    the gallery is a 409 naming it (nothing added) unless ``replace=true``; ids follow the grammar
+    of relative paths (``a/b``), else 422."""
     engine: ServiceEngine = request.app.state.engine
     limits = engine.config.limits
     check_count(len(files), limits, what="files")
@@ -69,7 +72,7 @@ async def add_items(
         # Decode now so a bad file is refused with its name before anything is written.
         await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
         items[name] = data
-    added = await in_executor(request.app.state.executor, engine.add_items, items)
+    added = await in_executor(request.app.state.executor, engine.add_items, items, replace=replace)
     return AddOut(added=list(added), count=await in_executor(request.app.state.executor, engine.count))
 
 

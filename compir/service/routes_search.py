@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from PIL import Image
 
 from compir.errors import InputError
-from compir.runtime.service.engine import SearchAnswer, SearchQuery, ServiceEngine
-from compir.runtime.service.inputs import (
+from compir.service.engine import SearchAnswer, SearchQuery, ServiceEngine
+from compir.service.inputs import (
     check_count,
     check_k,
     check_text,
@@ -17,15 +17,19 @@ from compir.runtime.service.inputs import (
     decode_image,
     in_executor,
     read_upload,
+    refuse_blank_fields,
     require_form,
     require_json,
 )
-from compir.runtime.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn
+from compir.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn
 
 router = APIRouter(tags=["search"])
 
 
-@router.post("/search", response_model=SearchOut, dependencies=[Depends(require_form)])
+_FORM_CHECKS = [Depends(require_form), Depends(refuse_blank_fields("k", "rerank", "reference_id"))]
+
+
+@router.post("/search", response_model=SearchOut, dependencies=_FORM_CHECKS)
 async def search(
     request: Request,
     text: str = Form("", description="the modification text"),
@@ -41,13 +45,14 @@ async def search(
     limits = engine.config.limits
     check_k(k, limits)
     check_text(text, limits)
-    if reference is not None and reference_id:
+    engine.check_text(text)
+    if reference is not None and reference_id is not None:
         raise InputError("give either an uploaded reference or reference_id, not both")
-    source: Image.Image | str | None = reference_id or None
+    image: Image.Image | None = None
     if reference is not None:
         data = await read_upload(reference, limits, field="reference")
-        source = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
-    query = SearchQuery(text=text, k=k, reference=source, rerank=rerank)
+        image = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
+    query = SearchQuery(text=text, k=k, reference_image=image, reference_id=reference_id, rerank=rerank)
     return _to_out(await _answer(request, query))
 
 
@@ -56,6 +61,7 @@ async def search_text(request: Request, body: TextSearchIn) -> SearchOut:
     """Text-to-image search: the gallery images that match a description."""
     engine: ServiceEngine = request.app.state.engine
     query = SearchQuery(text=check_text(body.text, engine.config.limits), k=check_k(body.k, engine.config.limits))
+    engine.check_text(query.text)
     return _to_out(await _answer(request, query))
 
 
@@ -70,13 +76,17 @@ async def search_batch(request: Request, body: BatchSearchIn) -> BatchSearchOut:
     for i, item in enumerate(body.queries):
         field = f"queries[{i}]"
         check_text(item.text, limits, field=f"{field}.text")
-        if item.reference_id and item.reference_image_b64:
+        engine.check_text(item.text, where=f"{field}.")
+        if item.reference_id is not None and item.reference_image_b64 is not None:
             raise InputError(f"{field}: give either reference_id or reference_image_b64, not both")
-        reference: Image.Image | str | None = item.reference_id or None
-        if item.reference_image_b64:
+        for name in ("reference_id", "reference_image_b64"):
+            if getattr(item, name) == "":
+                raise InputError(f"{field}.{name} is empty; omit it for a text-only query")
+        image: Image.Image | None = None
+        if item.reference_image_b64 is not None:
             data = decode_b64(item.reference_image_b64, limits, field=f"{field}.reference_image_b64")
-            reference = await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
-        queries.append(SearchQuery(text=item.text, k=body.k, reference=reference))
+            image = await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
+        queries.append(SearchQuery(text=item.text, k=body.k, reference_image=image, reference_id=item.reference_id))
     results = await in_executor(request.app.state.executor, engine.search_many, queries)
     return BatchSearchOut(results=[[HitOut(item_id=h.item_id, score=h.score) for h in hits] for hits in results])
 
@@ -87,7 +97,7 @@ async def _answer(request: Request, query: SearchQuery) -> SearchAnswer:
     if not engine.batches(query):
         return await in_executor(executor, engine.search, query)
     # Unknown ids are refused before queueing, so a bad query never costs a batch its speed-up.
-    await in_executor(executor, engine.check_reference, query.reference)
+    await in_executor(executor, engine.check_reference, query.reference_id)
     return await asyncio.wrap_future(engine.submit(query))
 
 

@@ -18,13 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from compir import __version__
-from compir.errors import ContractError, InputError
-from compir.runtime.service.engine import ServiceEngine, UnknownItemError
-from compir.runtime.service.inputs import LimitError, in_executor
-from compir.runtime.service.middleware import Gatekeeper
-from compir.runtime.service.routes_gallery import router as gallery_router
-from compir.runtime.service.routes_search import router as search_router
-from compir.runtime.service.stats import LatencyRecorder
+from compir.errors import ContractError, DuplicateItemError, InputError
+from compir.service.engine import ServiceEngine, UnknownItemError
+from compir.service.inputs import LimitError, in_executor
+from compir.service.middleware import Gatekeeper
+from compir.service.routes_gallery import router as gallery_router
+from compir.service.routes_search import router as search_router
+from compir.service.stats import LatencyRecorder
 
 log = logging.getLogger("compir.service")
 
@@ -92,6 +92,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LimitError)
     async def on_limit(_: Request, exc: LimitError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(DuplicateItemError)
+    async def on_duplicate(_: Request, exc: DuplicateItemError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(UnknownItemError)
     async def on_unknown(_: Request, exc: UnknownItemError) -> JSONResponse:

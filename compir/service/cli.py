@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from compir.runtime.cli_args import add_runtime_args, providers_from
-from compir.runtime.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
+from compir.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
 
 EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from compir.runtime.retriever import Retriever
-    from compir.runtime.service.app import create_app
-    from compir.runtime.service.engine import ServiceEngine
+    from compir.service.app import create_app
+    from compir.service.engine import ServiceEngine
 
     retriever = Retriever.from_dirs(
         args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant

@@ -1,7 +1,9 @@
-"""One ASGI middleware in front of every route: API key, request-size cap, latency recording.
+"""One ASGI middleware in front of every route: API key, request-size cap, complete multipart
+bodies, latency recording.
 
 It runs before FastAPI reads a body, so an unauthenticated or oversized upload is refused
-without being parsed.
+without being parsed. A multipart body that ends before its closing boundary (cut short, maybe
+inside a file part) is a 400: the form parser would otherwise drop the unfinished part silently.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from compir.runtime.service.stats import LatencyRecorder
+from compir.service.stats import LatencyRecorder
 
 API_KEY_HEADER = "x-api-key"
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without the key
@@ -52,7 +54,7 @@ class Gatekeeper:
             if refusal is not None:
                 await _send_json(send_tracked, *refusal)
                 return
-            await self.app(scope, self._capped(receive), send_tracked)
+            await self.app(scope, self._checked(receive, close=_multipart_close(scope)), send_tracked)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "(unmatched)"
@@ -82,21 +84,44 @@ class Gatekeeper:
             "(max_upload_bytes x max_batch_queries + 1 MiB; raise --max-upload-bytes)"
         )
 
-    def _capped(self, receive: Receive) -> Receive:
-        # Chunked uploads carry no Content-Length: count what actually arrives.
+    def _checked(self, receive: Receive, *, close: bytes | None) -> Receive:
+        # Chunked uploads carry no Content-Length: count what actually arrives. FastAPI re-raises
+        # HTTPException from body parsing, so each refusal here becomes its status code.
         seen = 0
+        closed = False
+        tail = b""  # the last bytes seen, for a close delimiter split across chunks
 
-        async def receive_capped() -> Message:
-            nonlocal seen
+        async def receive_checked() -> Message:
+            nonlocal seen, closed, tail
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                body = message.get("body", b"")
+                seen += len(body)
                 if seen > self.max_request_bytes:
-                    # FastAPI re-raises HTTPException from body parsing, so this becomes a 413.
                     raise HTTPException(413, self._too_large_message(None))
+                if close is not None and not closed:
+                    window = tail + body
+                    closed = close in window
+                    tail = window[-(len(close) - 1):]
+                    if not closed and not message.get("more_body", False):
+                        raise HTTPException(400, f"the multipart body is cut short: it ends before its closing boundary "
+                                                 f"{close.decode('latin-1')!r} (an incomplete upload)")
             return message
 
-        return receive_capped
+        return receive_checked
+
+
+def _multipart_close(scope: Scope) -> bytes | None:
+    """The close delimiter (``--BOUNDARY--``) a multipart/form-data body must end with, else None."""
+    headers = dict(scope["headers"])
+    kind, _, params = headers.get(b"content-type", b"").decode("latin-1").partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value.strip('"'):
+            return b"--" + value.strip('"').encode("latin-1") + b"--"
+    return None  # no boundary: the form parser refuses the body itself
 
 
 async def _send_json(send: Send, status: int, detail: str, extra_headers: dict[str, str]) -> None:

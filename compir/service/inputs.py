@@ -8,7 +8,7 @@ import binascii
 import functools
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from compir.errors import InputError
 from compir.images import load_image
-from compir.runtime.service.config import Limits
+from compir.service.config import Limits
 
 T = TypeVar("T")
 
@@ -118,6 +118,19 @@ def require_form(request: Request) -> None:
     kind = _content_type(request)
     if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise HTTPException(415, f"this endpoint takes multipart/form-data, not {kind}")
+
+
+def refuse_blank_fields(*names: str) -> Callable[[Request], Awaitable[None]]:
+    """A dependency refusing form fields sent empty (``k=``): FastAPI would read them as absent and
+    use the default, silently. The form is parsed already, so this reads no body."""
+
+    async def refuse(request: Request) -> None:
+        form = await request.form()
+        for name in names:
+            if any(value == "" for value in form.getlist(name)):
+                raise InputError(f"form field {name!r} is empty; give a value or leave the field out")
+
+    return refuse
 
 
 def require_json(request: Request) -> None:
