@@ -34,7 +34,7 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
     captured = capsys.readouterr()
     assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
     assert "broken.png" in captured.err and "empty.jpg" in captured.err
-    gallery = Gallery.load(out, export_sha256=None)
+    gallery = Gallery.load(out, encoder=None)
     assert len(gallery) == 20 and gallery.vectors.dtype == "i8"
     assert gallery.vectors.hnsw.expansion_search == 300  # saved in index.json, read back
     assert f"nested/{sources[16].stem}" in gallery and sources[0].stem in gallery
@@ -46,7 +46,7 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
 
 
 def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    item = Gallery.load(tiny_index, export_sha256=None).ids[0]
+    item = Gallery.load(tiny_index, encoder=None).ids[0]
     assert search_main([str(tiny_export), str(tiny_index), "--reference", item, "--text", "make it red", "-k", "4", "--json", "--timings"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["hits"]) == 4 and item not in [h["item_id"] for h in record["hits"]]
