@@ -215,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compir.errors import InputError
 
         raise InputError(f"--minutes must be positive, got {args.minutes}")
+    if args.demo:  # a busy port found now, not after the whole run
+        from compir.demo.cli import check_port
+
+        check_port(args.port)
     state = QuickstartState(
         out_dir=args.out, minutes=args.minutes, model=args.model, seed=args.seed, n_val=args.n_val,
         n_test=args.n_test, progress=not args.no_progress,

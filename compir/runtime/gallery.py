@@ -204,12 +204,8 @@ class Gallery:
         ``manifest.json`` checksum) opens a schema-1 index, which recorded only that.
         ``view=True`` memory-maps vectors and features (large galleries)."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
-        record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
+        record, bound = read_index_record(folder, encoder=encoder, manifest_sha256=manifest_sha256)
         source = str(folder / INDEX_FILE)
-        require_keys(record, ["dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"], source=source)
-        bound = _check_binding(record, encoder=encoder, manifest_sha256=manifest_sha256, folder=folder)
         files = {role: folder / record["files"][role]["file"] for role in _ROLES if role in record["files"]}
         if set(files) != set(_ROLES):
             raise ContractError(f"{source}: files must list {_ROLES}")
@@ -238,6 +234,18 @@ class Gallery:
         gallery._next_key, gallery._generation = int(record["next_key"]), int(record["generation"])
         gallery._reindex()
         return gallery
+
+
+def read_index_record(
+    folder: Path, *, encoder: EncoderFingerprint | None, manifest_sha256: str | None = None
+) -> tuple[dict[str, Any], EncoderFingerprint | None]:
+    """``index.json`` of ``folder``, checked against ``encoder`` as :meth:`Gallery.load` does, and
+    the fingerprint the index is bound to; reads no vectors (a quick check before a slow start)."""
+    if not folder.is_dir():
+        raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
+    record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
+    require_keys(record, ["dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"], source=str(folder / INDEX_FILE))
+    return record, _check_binding(record, encoder=encoder, manifest_sha256=manifest_sha256, folder=folder)
 
 
 def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None, manifest_sha256: str | None,
