@@ -14,12 +14,14 @@ import pytest
 
 from compir.data.load import load_split
 from compir.data.types import Query
+from compir.errors import InputError
 from compir.runtime.retriever import Retriever
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
 
 from compir.demo.launch import RunningDemo, launch_demo  # noqa: E402  (after the env var)
+from compir.demo.session import ActiveReference  # noqa: E402
 
 K = 5
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -69,6 +71,7 @@ def test_search_through_the_api_shows_what_the_runtime_returns(demo, client, sol
     assert set(query.targets) & {row[1] for row in table["data"]}
     assert len(tiles) == K and expected[0].item_id in tiles[0]["caption"]
     assert "encode" in latency and "compose" in latency and "search" in latency and "total" in latency
+    assert "(warm)" in latency  # the session warmed every stage up before the first query
     assert f"{K} results (composed" in status
 
 
@@ -97,6 +100,8 @@ def test_bad_uploads_and_inputs_give_messages(client, tmp_path):
     assert "no-such-item" in status and "does not exist" in status
     *_, status = client.predict(None, "", "   ", K, False, True, api_name="/search")
     assert "text is empty" in status
+    *_, status = client.predict(gr_client.handle_file(str(big)), "some-id", "make it red", K, False, False, api_name="/search")
+    assert "not both" in status
 
 
 def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, tmp_path):
@@ -107,20 +112,54 @@ def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, 
     for number, source in enumerate(sources):
         files.append(tmp_path / f"page-added-{number}.png")
         shutil.copy(source, files[-1])
-    outputs = client.predict([gr_client.handle_file(str(f)) for f in files], 0, api_name="/add_images")
+    outputs = client.predict([gr_client.handle_file(str(f)) for f in files], False, 0, api_name="/add_images")
     assert "Added 2 image(s)" in outputs[0] and "page-added-0" in outputs[0]
     reopened = Retriever.from_dirs(demo.session.export_dir, demo.session.index_dir, providers=["cpu"])
     assert len(reopened) == before + 2 and {"page-added-0", "page-added-1"} <= set(reopened.item_ids())
+    # Errors land in the add status (the first output), not in the gallery's line.
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    outputs = client.predict([gr_client.handle_file(str(bad))], 0, api_name="/add_images")
-    assert "⚠️" in outputs[-1] and len(demo.session.retriever) == before + 2
+    outputs = client.predict([gr_client.handle_file(str(bad))], False, 0, api_name="/add_images")
+    assert "⚠️" in outputs[0] and "broken" in outputs[0] and len(demo.session.retriever) == before + 2
+    assert "⚠️" not in outputs[-1]
+    # An id that exists is refused and named, unless replacing is asked for; then the page says so.
+    outputs = client.predict([gr_client.handle_file(str(files[0]))], False, 0, api_name="/add_images")
+    assert "⚠️" in outputs[0] and "already in the gallery: page-added-0" in outputs[0]
+    assert len(demo.session.retriever) == before + 2
+    outputs = client.predict([gr_client.handle_file(str(files[0]))], True, 0, api_name="/add_images")
+    assert "replaced 1 existing item(s): page-added-0" in outputs[0] and "Added" not in outputs[0]
+    assert len(demo.session.retriever) == before + 2
 
 
 def test_examples_come_from_the_synthetic_benchmark(demo, synth_data):
     assert demo.examples, "the gallery is synthetic: examples expected"
     texts = {q.text for split in ("train", "val", "test") for q in load_split(synth_data, split=split).queries}
     assert all(example.text in texts for example in demo.examples)
+
+
+def test_the_active_reference_is_what_search_uses_and_examples_know_their_target(demo, solved):
+    query, reference = solved
+    session = demo.session
+    by_upload = session.search(reference=ActiveReference(kind="upload", path=str(reference)), text=query.text, k=K)
+    assert [h.item_id for h in by_upload.hits] == [h.item_id for h in session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)]
+    item = session.retriever.item_ids()[3]
+    by_item = session.search(reference=ActiveReference(kind="gallery", item_id=item), text=query.text, k=K)
+    assert [h.item_id for h in by_item.hits] == [h.item_id for h in session.retriever.search(reference=item, text=query.text, k=K)]
+    with pytest.raises(ValueError):
+        ActiveReference(kind="upload", item_id=item, path=str(reference))
+    with pytest.raises(InputError, match="not both"):
+        session.reference_from(upload=str(reference), item_id=item)
+    with pytest.raises(InputError, match="choose a reference"):
+        session.search(reference=None, text="make it red", k=K)
+
+    example = ActiveReference(kind="example", path=str(reference), targets=query.targets, example_text=query.text)
+    answer = session.search(reference=example, text=query.text, k=K)
+    ranks = answer.target_ranks()
+    assert set(ranks) == set(query.targets) and any(rank is not None and rank <= K for rank in ranks.values())
+    edited = session.search(reference=example, text=query.text + " and blue", k=K)
+    assert edited.targets == () and edited.target_ranks() == {}  # the target belongs to the example's own text
+    missed = session.search(reference=example, text=query.text, k=1)
+    assert all(rank is None or rank == 1 for rank in missed.target_ranks().values())
 
 
 class _ReverseReranker:
@@ -140,8 +179,9 @@ def test_rerank_is_offered_when_the_export_has_one(tiny_export, tiny_index, monk
     session = DemoSession(tiny_export, tiny_index)
     assert session.has_reranker
     item = session.retriever.item_ids()[2]
-    plain = session.search(reference_file=None, reference_id=item, text="make it red", k=5)
-    reranked = session.search(reference_file=None, reference_id=item, text="make it red", k=5, rerank=True)
+    chosen = ActiveReference(kind="gallery", item_id=item)
+    plain = session.search(reference=chosen, text="make it red", k=5)
+    reranked = session.search(reference=chosen, text="make it red", k=5, rerank=True)
     assert reranked.latency_split()["re-rank"] is not None and plain.latency_split()["re-rank"] is None
     assert [h.item_id for h in reranked.hits] != [h.item_id for h in plain.hits]
 
@@ -198,3 +238,49 @@ def test_demo_imports_no_model_code_and_its_cli_has_help():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "compir demo exports/tiny indexes/tiny" in result.stdout and "--share" in result.stdout
+
+
+_DEMO_MAIN = """
+import sys
+from compir.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print("gradio imported:", "gradio" in sys.modules)
+sys.exit(code)
+"""
+
+
+def _run_demo_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _DEMO_MAIN, "demo", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_wrong_paths_and_a_busy_port_fail_fast_with_one_line(tiny_export, tiny_index, micro_export, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = {
+            "no-export": ([str(tmp_path / "nowhere"), str(tiny_index)], "export folder"),
+            "no-index": ([str(tiny_export), str(tmp_path / "nowhere")], "index folder"),
+            "other-encoder": ([str(micro_export), str(tiny_index)], "built with another encoder"),
+            "busy-port": ([str(tiny_export), str(tiny_index), "--port", port], f"port {port}"),
+            "bad-port": ([str(tiny_export), str(tiny_index), "--port", "70000"], "not a TCP port"),
+        }
+        for case, (args, message) in cases.items():
+            result = _run_demo_cli(*args)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, (case, result.stderr)
+            assert len(lines) == 1 and lines[0].startswith("compir demo: error:") and message in lines[0], (case, result.stderr)
+            assert "gradio imported: False" in result.stdout, case
+
+
+def test_quickstart_demo_refuses_a_busy_port_before_any_work(tmp_path):
+    from compir.quickstart import main as quickstart
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(InputError, match=f"port {busy.getsockname()[1]}"):
+            quickstart(["--demo", "--port", str(busy.getsockname()[1]), "--out", str(tmp_path / "qs")])
+    assert not (tmp_path / "qs").exists()
