@@ -72,9 +72,9 @@ def _latency(export_dir: Path, index_dir: Path, probe: Path, *, queries: int) ->
     retriever = Retriever.from_dirs(export_dir, index_dir, providers=["cpu"])
     item = retriever.item_ids()[0]
     modes: dict[str, Any] = {
-        "full query": lambda i: dict(reference=probe, text=f"make it red and larger, variant {i}"),
-        "cached reference": lambda i: dict(reference=item, text=f"make it blue, variant {i}"),
-        "cached reference + repeated text": lambda i: dict(reference=item, text="make it green"),
+        "full query": lambda i: {"reference_image": probe, "text": f"make it red and larger, variant {i}"},
+        "cached reference": lambda i: {"reference_id": item, "text": f"make it blue, variant {i}"},
+        "cached reference + repeated text": lambda i: {"reference_id": item, "text": "make it green"},
     }
     results: dict[str, Any] = {}
     for mode, build in modes.items():

@@ -190,7 +190,7 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
 def _python_call(retriever: Any, queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
     def call(client: int, n: int) -> None:
         image, text = queries[(client * 7919 + n) % len(queries)]
-        retriever.search(reference=image, text=text, k=K)
+        retriever.search(reference_image=image, text=text, k=K)
 
     return call
 
@@ -213,8 +213,8 @@ def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, 
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
     chosen = queries[:16]
-    batch = time_runs(lambda: retriever.search_batch([{"reference": i, "text": t} for i, t in chosen], k=K), repeats=repeats)
-    singles = time_runs(lambda: [retriever.search(reference=i, text=t, k=K) for i, t in chosen], repeats=repeats)
+    batch = time_runs(lambda: retriever.search_batch([{"reference_image": i, "text": t} for i, t in chosen], k=K), repeats=repeats)
+    singles = time_runs(lambda: [retriever.search(reference_image=i, text=t, k=K) for i, t in chosen], repeats=repeats)
     return {"batch_of_16_ms": batch.median_s * 1000, "16_singles_ms": singles.median_s * 1000,
             "speedup": singles.median_s / batch.median_s}
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("compir.evaluate", "evaluate a checkpoint or an export folder", "compir eval runs/tiny/best.pt --data data/synth"),
     "export": ("compir.export.cli", "ONNX graphs + manifest; TensorRT engines", "compir export onnx runs/tiny/best.pt --out exports/tiny"),
     "index": ("compir.runtime.index_cli", "build a usearch gallery index", "compir index build exports/tiny --images data/synth/images --out indexes/tiny"),
-    "search": ("compir.runtime.search_cli", "composed (or text-only) search", "compir search exports/tiny indexes/tiny --reference IMG --text 'make it red'"),
+    "search": ("compir.runtime.search_cli", "composed (or text-only) search", "compir search exports/tiny indexes/tiny --reference-image IMG --text 'make it red'"),
     "serve": ("compir.runtime.service.cli", "HTTP API over the runtime", "compir serve exports/tiny indexes/tiny --port 8000"),
     "demo": ("compir.demo.cli", "Gradio demo over the runtime", "compir demo exports/tiny indexes/tiny"),
     "bench": ("benchmarks.runner", "run benchmarks, write JSON + PNG + report", "compir bench synth"),

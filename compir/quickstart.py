@@ -153,7 +153,7 @@ def example_query(state: QuickstartState) -> None:
     assert state.export_dir is not None and state.index_dir is not None and state.data_dir is not None
     query = load_split(state.data_dir, split="test").queries[0]
     retriever = Retriever.from_dirs(state.export_dir, state.index_dir)
-    result = retriever.search_detailed(reference=query.reference, text=query.text, k=5)
+    result = retriever.search_detailed(reference_id=query.reference, text=query.text, k=5)
     print(f"reference {query.reference!r} + {query.text!r} (target {', '.join(query.targets)}):")
     for rank, hit in enumerate(result.hits, start=1):
         mark = "  <- target" if hit.item_id in query.targets else ""
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  index       {summary['index']['path']}")
     print(f"  summary     {state.out_dir / 'quickstart.json'}")
     export, index = summary["export"]["path"], summary["index"]["path"]
-    print(f"next: compir search {export} {index} --reference ID_OR_IMAGE --text '...'")
+    print(f"next: compir search {export} {index} --reference-id ID --text '...'   (or --reference-image IMAGE)")
     print(f"      compir serve {export} {index}     |     compir demo {export} {index} --examples {summary['data']['path']}")
     if args.demo:
         from compir.demo.launch import launch_demo

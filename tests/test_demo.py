@@ -51,7 +51,7 @@ def solved(demo: RunningDemo, synth_data: Path) -> tuple[Query, Path]:
     split = load_split(synth_data, split="test")
     for query in split.queries[:200]:
         reference = split.image_path(query.reference)
-        hits = demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)
+        hits = demo.session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)
         if set(query.targets) & {h.item_id for h in hits}:
             return query, reference
     pytest.fail(f"the tiny model ranks no target of the first 200 test queries in its top {K}")
@@ -66,7 +66,7 @@ def test_search_through_the_api_shows_what_the_runtime_returns(demo, client, sol
     query, reference = solved
     tiles, table, latency, status = client.predict(
         gr_client.handle_file(str(reference)), "", query.text, K, False, False, api_name="/search")
-    expected = demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)
+    expected = demo.session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)
     assert [row[1] for row in table["data"]] == [h.item_id for h in expected]
     assert set(query.targets) & {row[1] for row in table["data"]}
     assert len(tiles) == K and expected[0].item_id in tiles[0]["caption"]
@@ -78,10 +78,10 @@ def test_search_through_the_api_shows_what_the_runtime_returns(demo, client, sol
 def test_text_only_and_gallery_reference_through_the_api(demo, client, solved):
     query, _ = solved
     _, table, latency, status = client.predict(None, "", "a red circle", 3, False, True, api_name="/search")
-    assert [row[1] for row in table["data"]] == [h.item_id for h in demo.session.retriever.search(reference=None, text="a red circle", k=3)]
+    assert [row[1] for row in table["data"]] == [h.item_id for h in demo.session.retriever.search(text="a red circle", k=3)]
     assert "text-only" in status and "compose —" in latency
     _, table, _, _ = client.predict(None, query.reference, query.text, K, False, False, api_name="/search")
-    by_id = demo.session.retriever.search(reference=query.reference, text=query.text, k=K)
+    by_id = demo.session.retriever.search(reference_id=query.reference, text=query.text, k=K)
     assert [row[1] for row in table["data"]] == [h.item_id for h in by_id]
 
 
@@ -141,10 +141,10 @@ def test_the_active_reference_is_what_search_uses_and_examples_know_their_target
     query, reference = solved
     session = demo.session
     by_upload = session.search(reference=ActiveReference(kind="upload", path=str(reference)), text=query.text, k=K)
-    assert [h.item_id for h in by_upload.hits] == [h.item_id for h in session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)]
+    assert [h.item_id for h in by_upload.hits] == [h.item_id for h in session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)]
     item = session.retriever.item_ids()[3]
     by_item = session.search(reference=ActiveReference(kind="gallery", item_id=item), text=query.text, k=K)
-    assert [h.item_id for h in by_item.hits] == [h.item_id for h in session.retriever.search(reference=item, text=query.text, k=K)]
+    assert [h.item_id for h in by_item.hits] == [h.item_id for h in session.retriever.search(reference_id=item, text=query.text, k=K)]
     with pytest.raises(ValueError):
         ActiveReference(kind="upload", item_id=item, path=str(reference))
     with pytest.raises(InputError, match="not both"):
@@ -192,7 +192,7 @@ def test_the_page_in_chromium(demo, solved):
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is part of the dev extra")
     query, reference = solved
-    expected = [h.item_id for h in demo.session.retriever.search(reference=reference.read_bytes(), text=query.text, k=K)]
+    expected = [h.item_id for h in demo.session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

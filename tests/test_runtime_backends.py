@@ -57,7 +57,7 @@ def test_bulk_encoder_turns_off_busy_waiting_and_computes_the_same(tiny_export: 
 def _ort_hits(tiny_export: Path, tiny_index: Path) -> list[list[str]]:
     retriever = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
     ids = retriever.item_ids()[:5]
-    return [[h.item_id for h in retriever.search(reference=item, text="make it red", k=5)] for item in ids]
+    return [[h.item_id for h in retriever.search(reference_id=item, text="make it red", k=5)] for item in ids]
 
 
 @pytest.mark.gpu
@@ -69,7 +69,7 @@ def test_cuda_execution_provider_matches_cpu(tiny_export: Path, tiny_index: Path
     gpu = Retriever.from_dirs(tiny_export, tiny_index, providers=["cuda", "cpu"])
     assert gpu.backend_info["providers"]["image_encoder"][0] == "CUDAExecutionProvider"
     ids = gpu.item_ids()[:5]
-    hits = [[h.item_id for h in gpu.search(reference=item, text="make it red", k=5)] for item in ids]
+    hits = [[h.item_id for h in gpu.search(reference_id=item, text="make it red", k=5)] for item in ids]
     assert [h[:3] for h in hits] == [h[:3] for h in _ort_hits(tiny_export, tiny_index)]
 
 
@@ -93,7 +93,7 @@ def test_tensorrt_engines_match_onnxruntime(tiny_export: Path, tiny_index: Path,
     np.testing.assert_allclose(trt.encode_input_ids(ids).text_embeds, ort.encode_input_ids(ids).text_embeds, atol=2e-3)
     retriever = Retriever(trt, Retriever.from_dirs(export_dir, index_dir, providers=["cpu"]).gallery)
     item = retriever.item_ids()[0]
-    assert retriever.search(reference=item, text="make it red", k=3)
+    assert retriever.search(reference_id=item, text="make it red", k=3)
 
 
 # The native TensorRT session's own logic (batching, buffers, addresses) on a stand-in engine and

@@ -47,15 +47,23 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
 
 def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
     item = Gallery.load(tiny_index, encoder=None).ids[0]
-    assert search_main([str(tiny_export), str(tiny_index), "--reference", item, "--text", "make it red", "-k", "4", "--json", "--timings"]) == 0
+    assert search_main([str(tiny_export), str(tiny_index), "--reference-id", item, "--text", "make it red", "-k", "4", "--json", "--timings"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["hits"]) == 4 and item not in [h["item_id"] for h in record["hits"]]
     assert set(record["timings_ms"]) == {"tokenize", "text_encode", "compose", "search"}
     assert search_main([str(tiny_export), str(tiny_index), "--text", "a red circle", "-k", "2", "--timings"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].startswith("  1") and "search" in lines[2]
-    assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference", "nope", "--text", "x"]) == 2
-    assert "neither a gallery item id nor an image file" in capsys.readouterr().err
+    assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference-id", "nope", "--text", "x"]) == 2
+    assert "reference_id 'nope': no such item in the gallery" in capsys.readouterr().err
+    # An id is never read as a path, nor a path as an id.
+    assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference-image", item, "--text", "x"]) == 2
+    assert f"reference_image {item!r} is not a file" in capsys.readouterr().err
+    image = Gallery.load(tiny_index, encoder=None).image_path(item)
+    assert search_main([str(tiny_export), str(tiny_index), "--reference-image", str(image), "--text", "make it red", "-k", "4", "--json"]) == 0
+    assert item in [h["item_id"] for h in json.loads(capsys.readouterr().out)["hits"]]  # an upload does not exclude the item
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --reference-image
+        search_main([str(tiny_export), str(tiny_index), "--reference-image", str(image), "--reference-id", item, "--text", "x"])
     assert compir_main(["search", str(tiny_export), str(tiny_index), "--text", "x", "-k", "0"]) == 2
 
 

@@ -54,11 +54,11 @@ BAD_IMAGES = {
 @pytest.mark.parametrize("name", sorted(BAD_IMAGES))
 def test_bad_images_are_input_errors(retriever: Retriever, name: str, tmp_path: Path) -> None:
     with pytest.raises(InputError):
-        retriever.search(reference=BAD_IMAGES[name], text="make it red")
+        retriever.search(reference_image=BAD_IMAGES[name], text="make it red")
     path = tmp_path / f"{name}.png"
     path.write_bytes(BAD_IMAGES[name])
     with pytest.raises(InputError, match=name):
-        retriever.search(reference=path, text="make it red")
+        retriever.search(reference_image=path, text="make it red")
     with pytest.raises(InputError):
         retriever.add_items({"bad": BAD_IMAGES[name]})
     assert "bad" not in retriever.item_ids()
@@ -67,7 +67,7 @@ def test_bad_images_are_input_errors(retriever: Retriever, name: str, tmp_path: 
 @pytest.mark.parametrize("mode", ["L", "LA", "I;16", "CMYK", "P", "RGBA", "1"])
 def test_odd_image_modes_are_searchable(retriever: Retriever, mode: str) -> None:
     image = Image.effect_noise((40, 30), 60).convert(mode if mode != "I;16" else "I").convert(mode) if mode != "CMYK" else Image.new("CMYK", (40, 30), (10, 200, 30, 0))
-    hits = retriever.search(reference=image, text="make it red", k=3)
+    hits = retriever.search(reference_image=image, text="make it red", k=3)
     assert len(hits) == 3 and all(np.isfinite(h.score) for h in hits)
 
 
@@ -76,46 +76,64 @@ def test_blank_text_is_refused(retriever: Retriever, text: str) -> None:
     item = retriever.item_ids()[0]
     for reference in (item, None):
         with pytest.raises(InputError, match="empty"):
-            retriever.search(reference=reference, text=text)
+            retriever.search(reference_id=reference, text=text)
 
 
 def test_long_text_is_truncated_and_huge_text_refused(retriever: Retriever) -> None:
     context = retriever.encoder.tokenizer.context_length
     long_text = "make it red " * context  # far more tokens than the context
-    assert retriever.search(reference=None, text=long_text, k=2) == retriever.search(
-        reference=None, text="make it red " * (context + 5), k=2
+    assert retriever.search(text=long_text, k=2) == retriever.search(
+        text="make it red " * (context + 5), k=2
     )
     with pytest.raises(InputError, match="limit"):
-        retriever.search(reference=None, text="a" * (MAX_TEXT_CHARS + 1))
+        retriever.search(text="a" * (MAX_TEXT_CHARS + 1))
     with pytest.raises(InputError, match="string"):
-        retriever.search(reference=None, text=None)  # type: ignore[arg-type]
+        retriever.search(text=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3", None])
 def test_bad_k_is_refused(retriever: Retriever, k: object) -> None:
     with pytest.raises(InputError, match="k must be"):
-        retriever.search(reference=None, text="red", k=k)  # type: ignore[arg-type]
+        retriever.search(text="red", k=k)  # type: ignore[arg-type]
 
 
 def test_k_larger_than_the_gallery_is_clamped(retriever: Retriever) -> None:
     count = len(retriever)
-    assert len(retriever.search(reference=None, text="red", k=count + 100)) == count
+    assert len(retriever.search(text="red", k=count + 100)) == count
     item = retriever.item_ids()[0]
-    assert len(retriever.search(reference=item, text="red", k=10**6)) == count - 1
-    assert len(retriever.search(reference=None, text="red", k=np.int64(3))) == 3
+    assert len(retriever.search(reference_id=item, text="red", k=10**6)) == count - 1
+    assert len(retriever.search(text="red", k=np.int64(3))) == 3
 
 
 def test_unknown_item_ids(retriever: Retriever) -> None:
-    with pytest.raises(InputError, match="neither a gallery item id nor an image file"):
-        retriever.search(reference="no-such-item", text="red")
+    with pytest.raises(InputError, match="reference_id 'no-such-item': no such item in the gallery"):
+        retriever.search(reference_id="no-such-item", text="red")
     with pytest.raises(InputError, match="unknown item id"):
         retriever.item_image_path("no-such-item")
     with pytest.raises(InputError, match="unknown item id"):
         retriever.remove_items(["no-such-item"])
     with pytest.raises(InputError, match="item id"):
         retriever.add_items({"": Image.new("RGB", (8, 8))})
-    with pytest.raises(InputError, match="reference must be"):
-        retriever.search(reference=42, text="red")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="reference_image must be"):
+        retriever.search(reference_image=42, text="red")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="reference_id must be"):
+        retriever.search(reference_id=42, text="red")  # type: ignore[arg-type]
+
+
+def test_the_reference_is_explicit(retriever: Retriever) -> None:
+    """A gallery id is never read as a path and a path never as an id; both at once is refused."""
+    item = retriever.item_ids()[0]
+    path = retriever.item_image_path(item)
+    assert path is not None
+    with pytest.raises(InputError, match="not both"):
+        retriever.search(reference_image=path, reference_id=item, text="red")
+    with pytest.raises(InputError, match=f"reference_image {item!r} is not a file"):
+        retriever.search(reference_image=item, text="red")
+    with pytest.raises(InputError, match="no such item"):
+        retriever.search(reference_id=str(path), text="red")
+    # An upload is not a gallery item: the item itself may be among the hits; by id it never is.
+    assert item in [h.item_id for h in retriever.search(reference_image=path, text="red", k=len(retriever))]
+    assert item not in [h.item_id for h in retriever.search(reference_id=item, text="red", k=len(retriever))]
 
 
 def _copy_export(tiny_export: Path, tmp_path: Path) -> Path:
@@ -170,7 +188,7 @@ def test_index_is_bound_to_its_image_encoder_not_to_the_manifest_bytes(
     assert (again / graph).read_bytes() == (tiny_export / graph).read_bytes()
     same = Retriever.from_dirs(again, tiny_index, providers=["cpu"])
     first = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
-    assert same.search(reference=None, text="make it red", k=5) == first.search(reference=None, text="make it red", k=5)
+    assert same.search(text="make it red", k=5) == first.search(text="make it red", k=5)
     edited = _copy_export(tiny_export, tmp_path)
     _edit_manifest(edited, lambda graphs: None)  # same content, new bytes: still the same encoder
     assert len(Retriever.from_dirs(edited, tiny_index, providers=["cpu"])) == len(first)

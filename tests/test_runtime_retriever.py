@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_composed_search_matches_the_fused_graph_and_brute_force(retriever: Retr
     path = retriever.item_image_path(item)
     assert path is not None and path.is_file()
     text = "make the circle red"
-    hits = retriever.search(reference=item, text=text, k=10)
+    hits = retriever.search(reference_id=item, text=text, k=10)
     assert len(hits) == 10 and all(isinstance(h, Hit) for h in hits)
     assert item not in [h.item_id for h in hits]  # a gallery reference is never its own answer
     expected = _ranking(retriever, _fused_query(tiny_export, path, text, retriever), skip=item)
@@ -66,12 +67,12 @@ def test_every_reference_form_gives_the_same_query(retriever: Retriever) -> None
     path = retriever.item_image_path(item)
     assert path is not None
     text = "remove the square"
-    by_path = retriever.search(reference=path, text=text, k=8)
-    by_str = retriever.search(reference=str(path), text=text, k=8)
-    by_bytes = retriever.search(reference=path.read_bytes(), text=text, k=8)
-    by_image = retriever.search(reference=Image.open(path), text=text, k=8)
+    by_path = retriever.search(reference_image=path, text=text, k=8)
+    by_str = retriever.search(reference_image=str(path), text=text, k=8)
+    by_bytes = retriever.search(reference_image=path.read_bytes(), text=text, k=8)
+    by_image = retriever.search(reference_image=Image.open(path), text=text, k=8)
     assert by_path == by_str == by_bytes == by_image
-    by_id = retriever.search(reference=item, text=text, k=7)
+    by_id = retriever.search(reference_id=item, text=text, k=7)
     without_self = [h for h in by_path if h.item_id != item][:7]
     assert [h.item_id for h in by_id] == [h.item_id for h in without_self]
     np.testing.assert_allclose([h.score for h in by_id], [h.score for h in without_self], atol=1e-5)
@@ -79,56 +80,60 @@ def test_every_reference_form_gives_the_same_query(retriever: Retriever) -> None
 
 def test_text_only_search_ranks_by_text_embeds(retriever: Retriever) -> None:
     text = "a large blue triangle"
-    hits = retriever.search(reference=None, text=text, k=5)
+    hits = retriever.search(text=text, k=5)
     query = retriever.encoder.encode_texts([text]).text_embeds
     assert [h.item_id for h in hits] == _ranking(retriever, query)[:5]
 
 
 def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
     ids = retriever.item_ids()
-    queries = [
-        {"reference": ids[0], "text": "make it green"},
-        {"reference": None, "text": "a small red circle"},
-        {"reference": retriever.item_image_path(ids[1]), "text": "add a triangle"},
+    queries: list[dict[str, Any]] = [
+        {"reference_id": ids[0], "text": "make it green"},
+        {"reference_image": None, "reference_id": None, "text": "a small red circle"},
+        {"reference_image": retriever.item_image_path(ids[1]), "text": "add a triangle"},
         {"text": "two squares"},
     ]
     batch = retriever.search_batch(queries, k=6)
     for query, hits in zip(queries, batch):
-        single = retriever.search(reference=query.get("reference"), text=query["text"], k=6)
+        single = retriever.search(**query, k=6)
         assert [h.item_id for h in hits] == [h.item_id for h in single]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
     assert retriever.search_batch([], k=3) == []
     with pytest.raises(InputError, match="expected keys"):
-        retriever.search_batch([{"reference": ids[0], "txt": "typo"}])
+        retriever.search_batch([{"reference_id": ids[0], "txt": "typo"}])
+    with pytest.raises(InputError, match="query 1: give reference_image or reference_id, not both"):
+        retriever.search_batch([{"text": "x"}, {"reference_id": ids[0], "reference_image": retriever.item_image_path(ids[0]), "text": "x"}])
 
 
 def test_search_batch_shares_the_text_cache_and_batches_uploads(retriever: Retriever) -> None:
     ids = retriever.item_ids()
     image = retriever.item_image_path(ids[2])
     assert image is not None
-    retriever.search(reference=ids[0], text="make the circle blue", k=3)  # now cached
-    queries = [
-        {"reference": image, "text": "make the circle blue"},  # cached text, uploaded path
-        {"reference": image.read_bytes(), "text": "remove the square"},  # raw bytes
-        {"reference": image, "text": "remove the square"},  # repeated text and image
-        {"reference": ids[3], "text": "a brand new text"},
+    retriever.search(reference_id=ids[0], text="make the circle blue", k=3)  # now cached
+    queries: list[dict[str, Any]] = [
+        {"reference_image": image, "text": "make the circle blue"},  # cached text, uploaded path
+        {"reference_image": image.read_bytes(), "text": "remove the square"},  # raw bytes
+        {"reference_image": image, "text": "remove the square"},  # repeated text and image
+        {"reference_id": ids[3], "text": "a brand new text"},
     ]
     batch = retriever.search_batch(queries, k=5)
     for query, hits in zip(queries, batch):
-        single = retriever.search(reference=query["reference"], text=query["text"], k=5)
+        single = retriever.search(**query, k=5)
         assert [h.item_id for h in hits] == [h.item_id for h in single]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
     assert [h.item_id for h in batch[1]] == [h.item_id for h in batch[2]]
-    with pytest.raises(InputError, match="neither a gallery item id nor an image file"):
-        retriever.search_batch([{"reference": "no/such/item", "text": "x"}])
+    with pytest.raises(InputError, match="reference_id 'no/such/item': no such item in the gallery"):
+        retriever.search_batch([{"reference_id": "no/such/item", "text": "x"}])
+    with pytest.raises(InputError, match="query 0: reference_image 'no/such/item' is not a file"):
+        retriever.search_batch([{"reference_image": "no/such/item", "text": "x"}])
 
 def test_timings_show_which_stages_ran(retriever: Retriever) -> None:
     item = retriever.item_ids()[0]
-    full = retriever.search_detailed(reference=retriever.item_image_path(item), text="make it yellow", k=3)
+    full = retriever.search_detailed(reference_image=retriever.item_image_path(item), text="make it yellow", k=3)
     assert {"decode", "preprocess", "image_encode", "tokenize", "text_encode", "compose", "search"} <= set(full.timings_ms)
-    cached = retriever.search_detailed(reference=item, text="make it purple", k=3)
+    cached = retriever.search_detailed(reference_id=item, text="make it purple", k=3)
     assert set(cached.timings_ms) == {"tokenize", "text_encode", "compose", "search"}  # no image work
-    repeated = retriever.search_detailed(reference=item, text="make it purple", k=3)
+    repeated = retriever.search_detailed(reference_id=item, text="make it purple", k=3)
     assert set(repeated.timings_ms) == {"compose", "search"} and repeated.hits == cached.hits
     assert set(full.timings_ms) <= set(STAGES) and all(ms >= 0 for ms in full.timings_ms.values())
 
@@ -140,7 +145,7 @@ def test_introspection(retriever: Retriever) -> None:
     assert len(retriever) == len(retriever.item_ids()) > 10
     assert not retriever.has_reranker
     with pytest.raises(InputError, match="no re-ranker"):
-        retriever.search(reference=None, text="red", rerank=True)
+        retriever.search(text="red", rerank=True)
 
 
 def test_add_remove_save_reload(writable: Retriever, tiny_export: Path, tmp_path: Path) -> None:
@@ -156,7 +161,7 @@ def test_add_remove_save_reload(writable: Retriever, tiny_export: Path, tmp_path
         stored = writable.item_image_path(item)
         assert stored is not None and stored.is_file() and (tmp_path / "index") in stored.parents
     # An added item is found by a query built from its own image.
-    hits = writable.search(reference="from-pil", text="same", k=count + 2)
+    hits = writable.search(reference_id="from-pil", text="same", k=count + 2)
     assert {"from-path", "from-bytes"} <= {h.item_id for h in hits}
     assert writable.remove_items(["from-path"]) == 1
     writable.save()
@@ -164,7 +169,7 @@ def test_add_remove_save_reload(writable: Retriever, tiny_export: Path, tmp_path
     assert len(reopened) == count + 2 and "from-path" not in reopened.item_ids()
     stored = reopened.item_image_path("from-bytes")
     assert stored is not None and stored.suffix == ".jpg" and stored.read_bytes() == buffer.getvalue()
-    assert reopened.search(reference="from-bytes", text="same", k=3) == writable.search(reference="from-bytes", text="same", k=3)
+    assert reopened.search(reference_id="from-bytes", text="same", k=3) == writable.search(reference_id="from-bytes", text="same", k=3)
     with pytest.raises(InputError, match="unknown item id"):
         reopened.remove_items(["from-path", "from-pil"])
     assert len(reopened) == count + 2  # nothing removed when one id is unknown
@@ -187,7 +192,7 @@ def test_reranker_hook(tiny_export: Path, tiny_index: Path, monkeypatch: pytest.
     retriever.rerank_top_n = 8
     assert retriever.has_reranker
     item = retriever.item_ids()[1]
-    plain = retriever.search(reference=item, text="make it red", k=8)
-    result = retriever.search_detailed(reference=item, text="make it red", k=8, rerank=True)
+    plain = retriever.search(reference_id=item, text="make it red", k=8)
+    result = retriever.search_detailed(reference_id=item, text="make it red", k=8, rerank=True)
     assert [h.item_id for h in result.hits] == [h.item_id for h in reversed(plain)]
     assert "rerank" in result.timings_ms

@@ -16,11 +16,11 @@ for name in names:
 from compir.runtime.retriever import Retriever
 retriever = Retriever.from_dirs({export!r}, {index!r}, providers=["cpu"])
 item = retriever.item_ids()[0]
-assert retriever.search(reference=item, text="make it red", k=3)
-assert retriever.search(reference=str(retriever.item_image_path(item)), text="make it red", k=3)
-assert retriever.search(reference=None, text="a red circle", k=3)
+assert retriever.search(reference_id=item, text="make it red", k=3)
+assert retriever.search(reference_image=str(retriever.item_image_path(item)), text="make it red", k=3)
+assert retriever.search(text="a red circle", k=3)
 from compir.runtime.search_cli import main
-assert main([{export!r}, {index!r}, "--reference", item, "--text", "bigger", "--json"]) == 0
+assert main([{export!r}, {index!r}, "--reference-id", item, "--text", "bigger", "--json"]) == 0
 banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "gradio", "onnx", "torchvision"))
 assert not banned, banned
 print("modules:", len(names))

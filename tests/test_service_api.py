@@ -113,7 +113,7 @@ def test_search_by_upload_returns_what_the_runtime_returns(served, query, synth_
     response = served.client.post("/search", files={"reference": ("ref.png", reference, "image/png")},
                                   data={"text": query.text, "k": "5"})
     got = hits_of(response)
-    expected = served.retriever.search(reference=reference, text=query.text, k=5)
+    expected = served.retriever.search(reference_image=reference, text=query.text, k=5)
     assert [i for i, _ in got] == [h.item_id for h in expected]
     assert np.allclose([s for _, s in got], [h.score for h in expected], atol=1e-5)
     assert response.json()["timings_ms"]
@@ -121,9 +121,9 @@ def test_search_by_upload_returns_what_the_runtime_returns(served, query, synth_
 
 def test_search_by_id_text_only_and_batch_agree_with_the_runtime(served, query):
     by_id = hits_of(served.client.post("/search", data={"text": query.text, "reference_id": query.reference, "k": 4}))
-    assert [i for i, _ in by_id] == [h.item_id for h in served.retriever.search(reference=query.reference, text=query.text, k=4)]
+    assert [i for i, _ in by_id] == [h.item_id for h in served.retriever.search(reference_id=query.reference, text=query.text, k=4)]
     text_only = hits_of(served.client.post("/search/text", json={"text": "a red circle", "k": 3}))
-    assert [i for i, _ in text_only] == [h.item_id for h in served.retriever.search(reference=None, text="a red circle", k=3)]
+    assert [i for i, _ in text_only] == [h.item_id for h in served.retriever.search(text="a red circle", k=3)]
     assert hits_of(served.client.post("/search", data={"text": "a red circle", "k": 3})) == text_only
     image_b64 = base64.b64encode((served.images / f"{query.reference}.png").read_bytes()).decode()
     batch = served.client.post("/search/batch", json={"k": 4, "queries": [

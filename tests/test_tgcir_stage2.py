@@ -74,8 +74,8 @@ def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
     assert retriever.has_reranker and retriever.reranker is not None and retriever.reranker.name == "mmref+neucore"
     retriever.rerank_top_n = 8
     item, text = retriever.item_ids()[0], "add a large red circle at the top left"
-    first = retriever.search(reference=item, text=text, k=8)
-    result = retriever.search_detailed(reference=item, text=text, k=8, rerank=True)
+    first = retriever.search(reference_id=item, text=text, k=8)
+    result = retriever.search_detailed(reference_id=item, text=text, k=8, rerank=True)
     assert "rerank" in result.timings_ms and {h.item_id for h in result.hits} == {h.item_id for h in first}
 
     # The same scores from the torch side: model token states, sidecar weights, cached features.
@@ -109,7 +109,7 @@ def test_text_only_queries_use_mmref_alone(stage2):
 
     retriever = Retriever.from_dirs(stage2["export"], stage2["index"])
     retriever.rerank_top_n = 8
-    hits = retriever.search(reference=None, text="a small blue square in the center", k=5, rerank=True)
+    hits = retriever.search(text="a small blue square in the center", k=5, rerank=True)
     assert len(hits) == 5 and all(np.isfinite(h.score) for h in hits)
 
 

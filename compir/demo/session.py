@@ -172,7 +172,7 @@ class DemoSession:
                 item_id = reference.item_id
         with self._lock:
             retriever, warm = self.retriever, self.warm
-        result = retriever.search_detailed(reference=image if image is not None else item_id, text=text, k=int(k), rerank=rerank)
+        result = retriever.search_detailed(reference_image=image, reference_id=item_id, text=text, k=int(k), rerank=rerank)
         self.warm = True
         targets = reference.targets_for(text) if reference is not None and not text_only else ()
         return DemoAnswer(hits=result.hits, timings_ms=dict(result.timings_ms), warm=warm, targets=targets)
@@ -256,7 +256,7 @@ def _warm_up(retriever: Retriever) -> bool:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
     try:
-        retriever.search_detailed(reference=buffer.getvalue(), text="warm up", k=1)
+        retriever.search_detailed(reference_image=buffer.getvalue(), text="warm up", k=1)
     except CompirError:
         return False
     return True

@@ -2,9 +2,11 @@
 
 Query rules (each violation is an :class:`~compir.errors.InputError` with a clear message):
 
-- ``reference`` is a gallery item id (its cached image features are used: no decode, no image
-  encode, and the item itself is left out of the hits, as in CIRR's protocol), an image path,
-  raw bytes or a PIL image; ``None`` makes a text-only (text -> image) query.
+- The reference is explicit: ``reference_image=`` (an image path, raw bytes or a PIL image) or
+  ``reference_id=`` (a gallery item id: its cached image features are used, no decode, no image
+  encode, and the item itself is left out of the hits, as in CIRR's protocol), never both;
+  neither makes a text-only (text -> image) query. A path is never taken for an id, nor an id
+  for a path.
 - ``text`` must say something: empty or whitespace-only text is refused (a composed query without
   a modification is not a composed query); text longer than the model's context is truncated like
   open_clip; text over :data:`~compir.runtime.tokenizer.MAX_TEXT_CHARS` characters is refused.
@@ -39,8 +41,8 @@ from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
 
-Reference = str | bytes | Image.Image | os.PathLike[str] | None
-_QUERY_KEYS = {"reference", "text"}
+ImageSource = str | bytes | Image.Image | os.PathLike[str]
+_QUERY_KEYS = {"text", "reference_image", "reference_id"}
 
 
 @dataclass(frozen=True)
@@ -95,17 +97,22 @@ class Retriever:
         return self.reranker is not None
 
     # ---- search ----------------------------------------------------------------------------------
-    def search(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
-        return list(self.search_detailed(reference=reference, text=text, k=k, rerank=rerank).hits)
+    def search(self, *, text: str, reference_image: ImageSource | None = None, reference_id: str | None = None,
+               k: int = 10, rerank: bool = False) -> list[Hit]:
+        """Hits, best first: composed with ``reference_image`` or ``reference_id``, text-only with neither."""
+        return list(self.search_detailed(text=text, reference_image=reference_image, reference_id=reference_id,
+                                         k=k, rerank=rerank).hits)
 
-    def search_detailed(self, *, reference: Reference, text: str, k: int = 10, rerank: bool = False) -> SearchResult:
+    def search_detailed(self, *, text: str, reference_image: ImageSource | None = None, reference_id: str | None = None,
+                        k: int = 10, rerank: bool = False) -> SearchResult:
         """Hits, best first, and milliseconds per stage (only stages that ran)."""
         k = _check_k(k)
         _check_text(text)
+        _check_reference(reference_image, reference_id)
         if rerank and self.reranker is None:
             raise InputError("this export has no re-ranker; search with rerank=False")
         timings: dict[str, float] = {}
-        item_id, features = self._reference_features(reference, timings)
+        item_id, features = self._reference_features(reference_image, reference_id, timings)
         cached = self._encode_text(text, timings)
         if features is None:
             query = cached.encoding.text_embeds
@@ -121,16 +128,18 @@ class Retriever:
         return SearchResult(hits=tuple(Hit(i, s) for i, s in found[:k]), timings_ms=timings)
 
     def search_batch(self, queries: Sequence[Mapping[str, Any]], *, k: int = 10) -> list[list[Hit]]:
-        """Many queries ({"reference": ..., "text": ...}) with batched encoders and one index search."""
+        """Many queries ({"text": ..., "reference_image": ... or "reference_id": ...}, each reference
+        optional) with batched encoders and one index search."""
         k = _check_k(k)
         for number, query in enumerate(queries):
             unknown = set(query) - _QUERY_KEYS
             if unknown or "text" not in query:
                 raise InputError(f"query {number}: expected keys {sorted(_QUERY_KEYS)} (text required), got {sorted(query)}")
             _check_text(query["text"])
+            _check_reference(query.get("reference_image"), query.get("reference_id"), where=f"query {number}: ")
         if not queries:
             return []
-        resolved = self._batch_reference_features([q.get("reference") for q in queries])
+        resolved = self._batch_reference_features([(q.get("reference_image"), q.get("reference_id")) for q in queries])
         entries = self._batch_texts([q["text"] for q in queries])
         text_features = np.concatenate([entry.encoding.text_features for entry in entries])  # (Q, *F')
         vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
@@ -170,31 +179,36 @@ class Retriever:
             self.gallery.save()
 
     # ---- internals -------------------------------------------------------------------------------
-    def _reference_features(self, reference: Reference, timings: dict[str, float]) -> tuple[str | None, np.ndarray | None]:
-        """(gallery item id or None, image_features (*F,) or None for text-only)."""
-        if reference is None:
-            return None, None
-        if isinstance(reference, str) and reference in self.gallery:
+    def _reference_features(self, reference_image: ImageSource | None, reference_id: str | None,
+                            timings: dict[str, float]) -> tuple[str | None, np.ndarray | None]:
+        """(gallery item id or None, image_features (*F,) or None for text-only); checked by _check_reference."""
+        if reference_id is not None:
             with self._lock:
-                return reference, np.asarray(self.gallery.features[self.gallery.row(reference)], dtype=np.float32)
+                if reference_id not in self.gallery:
+                    raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
+                return reference_id, np.asarray(self.gallery.features[self.gallery.row(reference_id)], dtype=np.float32)
+        if reference_image is None:
+            return None, None
         with _timed(timings, "decode"):
-            image = _decode_reference(reference)
+            image = load_image(reference_image)
         with _timed(timings, "preprocess"):
             pixels = self.encoder.preprocess([image])
         with _timed(timings, "image_encode"):
             features = self.encoder.encode_pixels(pixels).image_features[0]
         return None, features
 
-    def _batch_reference_features(self, references: Sequence[Reference]) -> list[tuple[str | None, np.ndarray | None]]:
-        """Like _reference_features for many; uploaded images are encoded in one batched call."""
+    def _batch_reference_features(self, references: Sequence[tuple[ImageSource | None, str | None]]
+                                  ) -> list[tuple[str | None, np.ndarray | None]]:
+        """Like _reference_features for many (reference_image, reference_id) pairs; uploaded images
+        are encoded in one batched call."""
         resolved: list[tuple[str | None, np.ndarray | None]] = []
         uploads: list[tuple[int, Image.Image]] = []
-        for row, reference in enumerate(references):
-            if reference is None or (isinstance(reference, str) and reference in self.gallery):
-                resolved.append(self._reference_features(reference, {}))
+        for row, (reference_image, reference_id) in enumerate(references):
+            if reference_image is None:
+                resolved.append(self._reference_features(None, reference_id, {}))
             else:
                 resolved.append((None, None))
-                uploads.append((row, _decode_reference(reference)))
+                uploads.append((row, load_image(reference_image)))
         if uploads:
             features = self.encoder.encode_images([image for _, image in uploads]).image_features
             for (row, _), row_features in zip(uploads, features):
@@ -259,13 +273,18 @@ class Retriever:
         return [(top[i][0], float(scores[i])) for i in order] + found[len(top):]
 
 
-def _decode_reference(reference: Reference) -> Image.Image:
-    """An uploaded reference (path, bytes or PIL image) decoded, or an InputError naming it."""
-    if isinstance(reference, (str, os.PathLike)) and not Path(reference).is_file():
-        raise InputError(f"reference {str(reference)!r} is neither a gallery item id nor an image file")
-    if not isinstance(reference, (str, bytes, os.PathLike, Image.Image)):
-        raise InputError(f"reference must be an item id, a path, bytes or a PIL image, not {type(reference).__name__}")
-    return load_image(reference)
+def _check_reference(reference_image: object, reference_id: object, *, where: str = "") -> None:
+    """At most one reference, each of its kind; an InputError naming the argument otherwise."""
+    if reference_image is not None and reference_id is not None:
+        raise InputError(f"{where}give reference_image or reference_id, not both")
+    if reference_id is not None and not isinstance(reference_id, str):
+        raise InputError(f"{where}reference_id must be a gallery item id (a string), not {type(reference_id).__name__}")
+    if reference_image is None:
+        return
+    if not isinstance(reference_image, (str, bytes, os.PathLike, Image.Image)):
+        raise InputError(f"{where}reference_image must be a path, bytes or a PIL image, not {type(reference_image).__name__}")
+    if isinstance(reference_image, (str, os.PathLike)) and not Path(reference_image).is_file():
+        raise InputError(f"{where}reference_image {str(reference_image)!r} is not a file (for a gallery item use reference_id=)")
 
 
 def _check_k(k: object) -> int:

@@ -10,8 +10,8 @@ from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.retriever import Retriever
 
 EPILOG = """examples:
-  compir search exports/tiny indexes/tiny --reference data/synth/images/abc.png --text "make the circle red"
-  compir search exports/tiny indexes/tiny --reference abc --text "remove the square" -k 5 --timings
+  compir search exports/tiny indexes/tiny --reference-image data/synth/images/abc.png --text "make the circle red"
+  compir search exports/tiny indexes/tiny --reference-id abc --text "remove the square" -k 5 --timings
   compir search exports/tiny indexes/tiny --text "a red circle" --json     (text-only query)
 """
 
@@ -21,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", help="export folder")
     parser.add_argument("index_dir", help="index folder built with this export")
-    parser.add_argument("--reference", default=None, help="gallery item id or image file (omit for text-only)")
+    reference = parser.add_mutually_exclusive_group()
+    reference.add_argument("--reference-image", metavar="PATH", default=None, help="reference image file")
+    reference.add_argument("--reference-id", metavar="ID", default=None,
+                           help="or a gallery item id as the reference (omit both for a text-only query)")
     parser.add_argument("--text", required=True, help="modification text (or a description for text-only)")
     parser.add_argument("-k", type=int, default=10, help="hits to return (default: %(default)s; clamped to the gallery size)")
     parser.add_argument("--rerank", action="store_true", help="re-rank the top candidates (needs a re-ranker)")
@@ -35,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     retriever = Retriever.from_dirs(args.export_dir, args.index_dir, backend=args.backend,
                                     providers=providers_from(args), variant=args.variant)
-    result = retriever.search_detailed(reference=args.reference, text=args.text, k=args.k, rerank=args.rerank)
+    result = retriever.search_detailed(text=args.text, reference_image=args.reference_image, reference_id=args.reference_id,
+                                       k=args.k, rerank=args.rerank)
     if args.json:
         record: dict[str, object] = {"hits": [{"item_id": h.item_id, "score": h.score} for h in result.hits]}
         if args.timings:

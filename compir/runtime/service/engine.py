@@ -33,11 +33,12 @@ class UnknownItemError(InputError):
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """One validated query: ``reference`` is a decoded image, a known gallery id or None (text only)."""
+    """One validated query: the reference is a decoded image or a gallery id (at most one); neither is text only."""
 
     text: str
     k: int
-    reference: Image.Image | str | None = None
+    reference_image: Image.Image | None = None
+    reference_id: str | None = None
     rerank: bool = False
 
 
@@ -102,7 +103,7 @@ class ServiceEngine:
 
     def warm_up(self) -> None:
         """One composed query through every graph, so the first client does not pay for session start-up."""
-        self.retriever.search(reference=Image.new("RGB", (64, 64), "white"), text="warm up", k=1)
+        self.retriever.search(reference_image=Image.new("RGB", (64, 64), "white"), text="warm up", k=1)
 
     def close(self) -> None:
         if self._batcher is not None:
@@ -126,19 +127,22 @@ class ServiceEngine:
     def search(self, query: SearchQuery) -> SearchAnswer:
         """Answer one query on the calling thread (per-stage timings included)."""
         with self._lock.read():  # checked under the lock: a removal cannot slip in between
-            self.check_reference(query.reference)
+            self.check_reference(query.reference_id)
             result = self.retriever.search_detailed(
-                reference=query.reference, text=query.text, k=query.k, rerank=query.rerank
+                text=query.text, reference_image=query.reference_image, reference_id=query.reference_id, k=query.k,
+                rerank=query.rerank,
             )
         return SearchAnswer(hits=tuple(result.hits), timings_ms=dict(result.timings_ms))
 
     def search_many(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
         """One batched model call for a list of queries (POST /search/batch)."""
         k = max((q.k for q in queries), default=1)
-        payload: list[Mapping[str, Any]] = [{"reference": q.reference, "text": q.text} for q in queries]
+        payload: list[Mapping[str, Any]] = [
+            {"text": q.text, "reference_image": q.reference_image, "reference_id": q.reference_id} for q in queries
+        ]
         with self._lock.read():
             for query in queries:
-                self.check_reference(query.reference)
+                self.check_reference(query.reference_id)
             results = self.retriever.search_batch(payload, k=k)
         return [list(hits[: q.k]) for q, hits in zip(queries, results)]
 
@@ -148,12 +152,10 @@ class ServiceEngine:
         elapsed = {"batch": round((time.perf_counter() - start) * 1000.0, 3)}
         return [SearchAnswer(hits=tuple(h), timings_ms=elapsed, batch_size=len(queries)) for h in hits]
 
-    def check_reference(self, reference: Image.Image | str | None) -> None:
-        """Raise UnknownItemError unless a string reference is a gallery id."""
-        # A string the retriever does not know as an id would be read as a server-side file
-        # path; a client must never reach the server's disk that way.
-        if isinstance(reference, str) and not self.contains(reference):
-            raise UnknownItemError(f"reference_id {reference!r}: no such item in the gallery (see GET /gallery/items)")
+    def check_reference(self, reference_id: str | None) -> None:
+        """Raise UnknownItemError (HTTP 404) unless ``reference_id`` is None or a gallery id."""
+        if reference_id is not None and not self.contains(reference_id):
+            raise UnknownItemError(f"reference_id {reference_id!r}: no such item in the gallery (see GET /gallery/items)")
 
     # -- gallery ---------------------------------------------------------------------------
     def contains(self, item_id: str) -> bool:

@@ -43,11 +43,11 @@ async def search(
     check_text(text, limits)
     if reference is not None and reference_id:
         raise InputError("give either an uploaded reference or reference_id, not both")
-    source: Image.Image | str | None = reference_id or None
+    image: Image.Image | None = None
     if reference is not None:
         data = await read_upload(reference, limits, field="reference")
-        source = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
-    query = SearchQuery(text=text, k=k, reference=source, rerank=rerank)
+        image = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
+    query = SearchQuery(text=text, k=k, reference_image=image, reference_id=reference_id or None, rerank=rerank)
     return _to_out(await _answer(request, query))
 
 
@@ -72,11 +72,11 @@ async def search_batch(request: Request, body: BatchSearchIn) -> BatchSearchOut:
         check_text(item.text, limits, field=f"{field}.text")
         if item.reference_id and item.reference_image_b64:
             raise InputError(f"{field}: give either reference_id or reference_image_b64, not both")
-        reference: Image.Image | str | None = item.reference_id or None
+        image: Image.Image | None = None
         if item.reference_image_b64:
             data = decode_b64(item.reference_image_b64, limits, field=f"{field}.reference_image_b64")
-            reference = await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
-        queries.append(SearchQuery(text=item.text, k=body.k, reference=reference))
+            image = await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
+        queries.append(SearchQuery(text=item.text, k=body.k, reference_image=image, reference_id=item.reference_id or None))
     results = await in_executor(request.app.state.executor, engine.search_many, queries)
     return BatchSearchOut(results=[[HitOut(item_id=h.item_id, score=h.score) for h in hits] for hits in results])
 
@@ -87,7 +87,7 @@ async def _answer(request: Request, query: SearchQuery) -> SearchAnswer:
     if not engine.batches(query):
         return await in_executor(executor, engine.search, query)
     # Unknown ids are refused before queueing, so a bad query never costs a batch its speed-up.
-    await in_executor(executor, engine.check_reference, query.reference)
+    await in_executor(executor, engine.check_reference, query.reference_id)
     return await asyncio.wrap_future(engine.submit(query))
 
 
