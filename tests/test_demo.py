@@ -21,7 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
 
 from compir.demo.launch import RunningDemo, launch_demo  # noqa: E402  (after the env var)
-from compir.demo.session import ActiveReference  # noqa: E402
+from compir.demo.session import ActiveReference
 
 K = 5
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -192,39 +192,112 @@ def test_the_page_in_chromium(demo, solved):
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is part of the dev extra")
     query, reference = solved
-    expected = [h.item_id for h in demo.session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(demo.url, wait_until="domcontentloaded")
-            page.wait_for_selector("#search", timeout=60_000)
-            assert demo.examples[0].text in page.content()  # one-click examples are on the page
-
-            upload = page.locator("#reference-upload input[type=file]")
-            upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
-            page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')",
-                                   timeout=30_000)
-            upload.set_input_files(str(reference))  # the refused file was cleared, so the input is back
-            page.locator("#modification textarea").fill(query.text)
-            k_box = page.locator("#k input[type=number]")
-            k_box.fill(str(K))
-            k_box.press("Tab")
-            page.locator("#search").click()
-            page.wait_for_function("document.querySelector('#latency').innerText.includes('total')", timeout=30_000)
-            table = page.locator("#results-table").inner_text()
-            positions = [table.find(item_id) for item_id in expected]
-            assert -1 not in positions and positions == sorted(positions), (expected, table)
-            assert set(query.targets) & {i for i in expected if i in table}
-            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
-
-
-            page.locator("#gallery button.thumbnail-item").first.click()
-            page.wait_for_function("document.querySelector('#reference-id textarea').value.length > 0", timeout=30_000)
-            assert demo.session.contains(page.locator("#reference-id textarea").input_value())
+            drive_the_page(browser.new_page(viewport={"width": 1400, "height": 1000}), demo.url, demo.session.retriever,
+                           example_text=demo.examples[0].text, query=query, reference=reference,
+                           screenshot=ARTIFACTS / "demo.png")
         finally:
             browser.close()
+
+
+# Geometry of the first result tiles: the image box, its caption, the tile and the block's floating label.
+_TILE_GEOMETRY = """(selector) => {
+  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; };
+  const label = document.querySelector(selector + ' [data-testid="block-label"]');
+  return Array.from(document.querySelectorAll(selector + ' .thumbnail-item')).slice(0, 5).map(tile => {
+    const img = tile.querySelector('img');
+    return {tile: box(tile), img: box(img), caption: box(tile.querySelector('.caption-label')), label: label ? box(label) : null,
+            fit: getComputedStyle(img).objectFit, natural: [img.naturalWidth, img.naturalHeight]};
+  });
+}"""
+_TABLE_IN_ORDER = """(ids) => {
+  const text = document.querySelector('#results-table').innerText; let last = -1;
+  for (const id of ids) { const at = text.indexOf(id); if (at <= last) return false; last = at; }
+  return true;
+}"""
+
+
+def _search_shows(page, ids: list[str]) -> None:
+    page.locator("#search").click()
+    page.wait_for_function(_TABLE_IN_ORDER, arg=ids, timeout=60_000)
+
+
+def _reference_says(page, words: str) -> str:
+    page.wait_for_function("(w) => document.querySelector('#reference').innerText.includes(w)", arg=words, timeout=30_000)
+    return page.locator("#reference").inner_text()
+
+
+def _check_thumbnails_whole(page, selector: str) -> None:
+    loaded = "(s) => { const i = Array.from(document.querySelectorAll(s + ' .thumbnail-item img')); return i.length > 0 && i.every(e => e.complete && e.naturalWidth > 0); }"
+    page.wait_for_function(loaded, arg=selector, timeout=30_000)
+    tiles = page.evaluate(_TILE_GEOMETRY, selector)
+    for tile in tiles:
+        img, caption, outer = tile["img"], tile["caption"], tile["tile"]
+        assert tile["fit"] == "contain", tile  # whole: scaled into its box, never cropped
+        assert outer["top"] - 1 <= img["top"] and img["bottom"] <= outer["bottom"] + 1, tile  # the box lies inside the tile
+        width, height = img["right"] - img["left"], img["bottom"] - img["top"]
+        assert abs(width / height - tile["natural"][0] / tile["natural"][1]) < 0.05, tile  # square scenes in square boxes
+        assert caption["top"] >= img["bottom"] - 1, tile  # the caption is below the image, not over it
+        if tile["label"] is not None:
+            overlap = min(img["right"], tile["label"]["right"]) > max(img["left"], tile["label"]["left"])
+            assert not overlap or tile["label"]["bottom"] <= img["top"] + 1, tile  # nor the block's label
+
+
+def drive_the_page(page, url: str, retriever: Retriever, *, example_text: str, query: Query, reference: Path,
+                   screenshot: Path | None = None) -> None:
+    """The page as a person uses it; ``retriever`` is the one the page runs (what it must show)."""
+    def expected(**reference_arg: object) -> list[str]:
+        return [h.item_id for h in retriever.search(**reference_arg, text=query.text, k=K)]  # type: ignore[arg-type]
+
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#search", timeout=60_000)
+    assert example_text in page.content()  # one-click examples are on the page
+    assert "none yet" in _reference_says(page, "Reference")
+
+    upload = page.locator("#reference-upload input[type=file]")
+    upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+    page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')", timeout=30_000)
+    upload.set_input_files(str(reference))  # the refused file was cleared, so the input is back
+    assert reference.name in _reference_says(page, "(upload)")
+    page.locator("#modification textarea").fill(query.text)
+    k_box = page.locator("#k input[type=number]")
+    k_box.fill(str(K))
+    k_box.press("Tab")
+    by_upload = expected(reference_image=reference.read_bytes())
+    _search_shows(page, by_upload)
+    assert "(warm)" in page.locator("#latency").inner_text()
+    _check_thumbnails_whole(page, "#results")
+    _check_thumbnails_whole(page, "#gallery")
+
+    # A gallery click replaces the upload as the reference: the stale upload must not win.
+    ids = retriever.item_ids()
+    picked = next(i for i in ids if expected(reference_id=i) != by_upload)
+    page.locator("#reference-id textarea").fill(picked)  # typed, then Search at once: the typed id wins
+    _search_shows(page, expected(reference_id=picked))
+    assert picked in _reference_says(page, "(typed id)")
+    page.locator("#gallery button.thumbnail-item").nth(1).click()
+    line = _reference_says(page, "(gallery)")
+    clicked = page.locator("#reference-id textarea").input_value()
+    assert clicked in line and clicked != picked
+    _search_shows(page, expected(reference_id=clicked))
+    upload.set_input_files(str(reference))  # and an upload replaces the click
+    _reference_says(page, "(upload)")
+    assert page.locator("#reference-id textarea").input_value() == ""
+    _search_shows(page, by_upload)
+
+    # An example becomes the reference, runs, and says where its target ranks.
+    page.get_by_text(example_text, exact=True).first.click()
+    _reference_says(page, "(example)")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Target')", timeout=60_000)
+    status = page.locator("#status").inner_text()
+    assert "rank" in status or "not in the top" in status, status
+    if "rank" in status:
+        assert "★" in page.locator("#results-table").inner_text()
+    if screenshot is not None:
+        page.screenshot(path=str(screenshot), full_page=True)
 
 
 def test_demo_imports_no_model_code_and_its_cli_has_help():

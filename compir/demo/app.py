@@ -26,10 +26,11 @@ INTRO = (
     "Everything runs on the torch-free runtime (ONNX + usearch)."
 )
 NO_REFERENCE = "**Reference:** none yet: upload an image, click an example or a gallery image, or type a gallery id."
-TARGET_MARK = "🎯"
+TARGET_MARK = "★"  # in every font (headless browsers often have no emoji font)
 # Thumbnails whole (no crop) with their captions below them, not over the scene. Gradio's gallery
 # grid squares each tile and lays the caption over the image; the page's own CSS undoes both.
 CSS = """
+#results .grid-wrap, #gallery .grid-wrap { padding-top: 2.5rem; }  /* below the block's floating label */
 #results .thumbnail-item, #gallery .thumbnail-item { aspect-ratio: auto; height: auto; overflow: visible; }
 #results .thumbnail-lg, #gallery .thumbnail-lg { display: flex; flex-direction: column; align-items: stretch; }
 #results .thumbnail-lg > img, #gallery .thumbnail-lg > img { object-fit: contain; aspect-ratio: 1 / 1; height: auto; }
@@ -85,7 +86,7 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
                 fn=lambda image, t, n: _run_example(session, by_text.get(t), t, n),
                 run_on_click=True,
                 cache_examples=False,
-                label="Examples from the synthetic benchmark (one click runs them; 🎯 marks the known target)",
+                label="Examples from the synthetic benchmark (one click runs them; ★ marks the known target)",
             )
         with gr.Accordion("Gallery", open=True):
             gallery_info = gr.Markdown()
@@ -108,8 +109,8 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
             return [(str(p), i) for i, p in shown], [i for i, _ in shown], number, info
 
         page_outputs = [gallery, page_ids, page, gallery_info]
-        ui_search = _guard(lambda *a: _search(session, *a), search_outputs)
-        ui_inputs = [reference, text, k, rerank, text_only]
+        ui_search = _guard(lambda chosen, typed, *a: _search(session, _with_typed_id(chosen, typed), *a), search_outputs)
+        ui_inputs = [reference, reference_id, text, k, rerank, text_only]
         search_button.click(ui_search, ui_inputs, search_outputs, api_visibility="private")
         text.submit(ui_search, ui_inputs, search_outputs, api_visibility="private")
         # The API names its reference explicitly: an uploaded image or a gallery item id, not both.
@@ -120,8 +121,9 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
         next_button.click(lambda n: show_page(n + 1), page, page_outputs, api_visibility="private")
         demo.load(lambda: show_page(0), None, page_outputs, api_name="gallery_page")
         gallery.select(_pick(session), page_ids, reference_outputs, api_visibility="private")
-        reference_id.input(_typed(session), reference_id, [reference, reference_line, preview, reference_file],
-                           api_visibility="private")
+        for typed_event in (reference_id.submit, reference_id.blur):  # not per keystroke: one event when typing ends
+            typed_event(_typed(session), [reference, reference_id], [reference, reference_line, preview, reference_file],
+                        api_visibility="private")
         reference_file.upload(_uploaded(session), reference_file, [*reference_outputs, status], api_visibility="private")
         reference_file.clear(_upload_cleared, reference, [reference, reference_line, preview], api_visibility="private")
         backend.change(_guard(lambda label: _switch(session, label), [status]), backend, [status], api_name="switch_backend")
@@ -219,10 +221,23 @@ def _pick(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
     return pick
 
 
-def _typed(session: DemoSession) -> Callable[[str], tuple[Any, ...]]:
-    def typed(item_id: str) -> tuple[Any, ...]:
-        item_id = (item_id or "").strip()
-        chosen = ActiveReference(kind="typed id", item_id=item_id) if item_id else None
+def _with_typed_id(chosen: ActiveReference | None, typed: str | None) -> ActiveReference | None:
+    """The active reference, given the id box. Every other choice writes its own id into the box
+    (or empties it), so a box that differs from the state was typed in after it: the typed id wins.
+    Search applies this itself, so it never races the box's own event."""
+    typed = (typed or "").strip()
+    if chosen is not None and chosen.item_id == typed:
+        return chosen
+    if not typed:  # an id reference whose id was erased is gone; an image one never had an id in the box
+        return None if chosen is not None and chosen.item_id else chosen
+    return ActiveReference(kind="typed id", item_id=typed)
+
+
+def _typed(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
+    def typed(current: ActiveReference | None, item_id: str) -> tuple[Any, ...]:
+        chosen = _with_typed_id(current, item_id)
+        if chosen is current:
+            return gr.update(), gr.update(), gr.update(), gr.update()
         return (*_show_reference(session, chosen), None)
 
     return typed
