@@ -100,7 +100,7 @@ def test_bad_uploads_and_inputs_give_messages(client, tmp_path):
     assert "no-such-item" in status and "does not exist" in status
     *_, status = client.predict(None, "", "   ", K, False, True, api_name="/search")
     assert "text is empty" in status
-    *_, status = client.predict(gr_client.handle_file(str(big)), "some-id", "make it red", K, False, False, api_name="/search")
+    *_, status = client.predict(gr_client.handle_file(str(not_image)), "some-id", "make it red", K, False, False, api_name="/search")
     assert "not both" in status
 
 
