@@ -28,16 +28,19 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
-    """Decode ``source`` (a path, raw bytes or a PIL image) to an RGB image, EXIF-rotated.
+    """Decode ``source`` (a path, raw bytes or a PIL image) to an RGB image.
 
+    EXIF orientation: applied when decoding a file or bytes (the image is turned the way a
+    viewer shows it); a PIL image handed in is taken as it is, never turned again, since the
+    caller may already have applied its orientation (``ImageOps.exif_transpose``, a browser).
     Transparent images are composited on white (what a person sees), palette and grayscale
-    images are converted. Raises InputError naming ``name`` (or the path) on any problem.
+    images are converted, 16-bit samples are scaled by their bit depth (65535 -> 255).
+    Raises InputError naming ``name`` (or the path) on any problem.
     """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "uploaded image")
     if isinstance(source, Image.Image):
-        image = source
-        _check_pixels(image, label, max_pixels)
-        return _to_rgb(ImageOps.exif_transpose(image) or image)
+        _check_pixels(source, label, max_pixels)
+        return _to_rgb(source)
     data = _read_bytes(source, label, max_bytes)
     if not data:
         raise InputError(f"{label}: the file is empty (0 bytes)")
@@ -91,10 +94,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping to white.
+        # 16-bit grayscale (mode "I" is how Pillow widens 16-bit PNG/TIFF samples): map
+        # 0..65535 to 0..255 by the bit depth, so a dark image stays dark. PIL's own
+        # convert would clip every value above 255 to white.
         import numpy as np
 
-        array = np.asarray(image, dtype=np.float64)
-        peak = float(array.max()) or 1.0
-        return Image.fromarray((array * (255.0 / peak)).astype("uint8")).convert("RGB")
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(array / 257.0).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")

@@ -6,6 +6,7 @@ Written by :mod:`compir.export`, read by :mod:`compir.runtime`. Pure Python: no 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from compir.contracts import (
     MANIFEST_FORMAT,
     MANIFEST_SCHEMA,
     read_contract,
+    sha256_bytes,
     sha256_file,
     verify_sha256,
     write_contract,
@@ -148,6 +150,56 @@ class ArtifactSpec:
 
 
 @dataclass(frozen=True)
+class EncoderFingerprint:
+    """What determines a gallery index's vectors and cached features: the image-encoder graph
+    (by checksum), the preprocessing that feeds it, the embedding size and the metric.
+
+    An index is bound to this, not to the manifest's bytes: re-exporting the same checkpoint
+    (byte-identical graphs) keeps every index valid, and the text encoder or composer may change
+    without touching the gallery side. The fp32 image encoder stands for every variant (each is
+    derived from it and checked against it), so switching variant keeps the index too.
+    """
+
+    image_encoder_sha256: str
+    preprocess: PreprocessSpec
+    embed_dim: int
+    metric: str
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the fields in canonical JSON: what ``index.json`` compares."""
+        return sha256_bytes(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str) -> EncoderFingerprint:
+        try:
+            return cls(
+                image_encoder_sha256=str(raw["image_encoder_sha256"]),
+                preprocess=_preprocess_from_dict(raw["preprocess"]),
+                embed_dim=int(raw["embed_dim"]),
+                metric=str(raw["metric"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"{source}: malformed encoder fingerprint ({type(exc).__name__}: {exc})") from exc
+
+    def differences(self, other: EncoderFingerprint) -> list[str]:
+        """Human-readable list of the fields in which ``other`` differs from this one."""
+        found = []
+        if self.image_encoder_sha256 != other.image_encoder_sha256:
+            found.append(f"image encoder graph sha256 {self.image_encoder_sha256[:12]}... vs {other.image_encoder_sha256[:12]}...")
+        if self.preprocess != other.preprocess:
+            found.append(f"preprocessing {asdict(self.preprocess)} vs {asdict(other.preprocess)}")
+        if self.embed_dim != other.embed_dim:
+            found.append(f"embed_dim {self.embed_dim} vs {other.embed_dim}")
+        if self.metric != other.metric:
+            found.append(f"metric {self.metric!r} vs {other.metric!r}")
+        return found
+
+
+@dataclass(frozen=True)
 class ExportManifest:
     model_config: dict[str, Any]
     head: str
@@ -170,6 +222,16 @@ class ExportManifest:
 
     def graph(self, role: str, variant: str | None = None) -> GraphSpec:
         return self.variant(variant).graph(role)
+
+    def encoder_fingerprint(self) -> EncoderFingerprint:
+        """What an index built with this export is bound to (see :class:`EncoderFingerprint`)."""
+        reference = self.variants.get("fp32") or self.variant()
+        return EncoderFingerprint(
+            image_encoder_sha256=reference.graph(IMAGE_ENCODER).sha256,
+            preprocess=self.preprocess,
+            embed_dim=self.embed_dim,
+            metric=self.metric,
+        )
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -197,13 +259,7 @@ class ExportManifest:
                 head=str(raw["head"]),
                 embed_dim=int(raw["embed_dim"]),
                 metric=str(raw["metric"]),
-                preprocess=PreprocessSpec(
-                    image_size=int(pre["image_size"]),
-                    resize_mode=str(pre["resize_mode"]),
-                    interpolation=str(pre["interpolation"]),
-                    mean=rgb_values(pre["mean"], field_name="mean"),
-                    std=rgb_values(pre["std"], field_name="std"),
-                ),
+                preprocess=_preprocess_from_dict(pre),
                 tokenizer=TokenizerSpec(**tok),
                 variants=variants,
                 default_variant=str(raw.get("default_variant", "fp32")),
@@ -260,8 +316,19 @@ def load_manifest(export_dir: str | Path, *, verify_files: bool = True) -> Expor
 
 
 def manifest_sha256(export_dir: str | Path) -> str:
-    """Checksum of ``manifest.json``: what ``index.json`` records to bind an index to its encoder."""
+    """Checksum of ``manifest.json``: what ``engines.json`` records to bind engines to their export
+    (index folders of schema 1 recorded it too; newer ones record an :class:`EncoderFingerprint`)."""
     return sha256_file(Path(export_dir) / MANIFEST_FILE)
+
+
+def _preprocess_from_dict(raw: dict[str, Any]) -> PreprocessSpec:
+    return PreprocessSpec(
+        image_size=int(raw["image_size"]),
+        resize_mode=str(raw["resize_mode"]),
+        interpolation=str(raw["interpolation"]),
+        mean=rgb_values(raw["mean"], field_name="mean"),
+        std=rgb_values(raw["std"], field_name="std"),
+    )
 
 
 def _by_name(specs: tuple[TensorSpec, ...], name: str, *, what: str) -> TensorSpec:

@@ -232,6 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compir.errors import InputError
 
         raise InputError(f"--minutes must be positive and --steps >= 1, got {args.minutes} / {args.steps}")
+    if args.demo:  # a busy port found now, not after the whole run
+        from compir.demo.cli import check_port
+
+        check_port(args.port)
     state = QuickstartState(
         out_dir=args.out, minutes=args.minutes, steps=args.steps, amp=args.amp, model=args.model, seed=args.seed,
         n_val=args.n_val,

@@ -14,12 +14,14 @@ import pytest
 
 from compir.data.load import load_split
 from compir.data.types import Query
+from compir.errors import InputError
 from compir.runtime.retriever import Retriever
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
 
 from compir.demo.launch import RunningDemo, launch_demo  # noqa: E402  (after the env var)
+from compir.demo.session import ActiveReference  # noqa: E402
 
 K = 5
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -69,6 +71,7 @@ def test_search_through_the_api_shows_what_the_runtime_returns(demo, client, sol
     assert set(query.targets) & {row[1] for row in table["data"]}
     assert len(tiles) == K and expected[0].item_id in tiles[0]["caption"]
     assert "encode" in latency and "compose" in latency and "search" in latency and "total" in latency
+    assert "(warm)" in latency  # the session warmed every stage up before the first query
     assert f"{K} results (composed" in status
 
 
@@ -97,6 +100,8 @@ def test_bad_uploads_and_inputs_give_messages(client, tmp_path):
     assert "no-such-item" in status and "does not exist" in status
     *_, status = client.predict(None, "", "   ", K, False, True, api_name="/search")
     assert "text is empty" in status
+    *_, status = client.predict(gr_client.handle_file(str(not_image)), "some-id", "make it red", K, False, False, api_name="/search")
+    assert "not both" in status
 
 
 def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, tmp_path):
@@ -107,20 +112,55 @@ def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, 
     for number, source in enumerate(sources):
         files.append(tmp_path / f"page-added-{number}.png")
         shutil.copy(source, files[-1])
-    outputs = client.predict([gr_client.handle_file(str(f)) for f in files], 0, api_name="/add_images")
+    outputs = client.predict([gr_client.handle_file(str(f)) for f in files], False, 0, api_name="/add_images")
     assert "Added 2 image(s)" in outputs[0] and "page-added-0" in outputs[0]
     reopened = Retriever.from_dirs(demo.session.export_dir, demo.session.index_dir, providers=["cpu"])
     assert len(reopened) == before + 2 and {"page-added-0", "page-added-1"} <= set(reopened.item_ids())
+    # Errors land in the add status (the first output), not in the gallery's line.
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    outputs = client.predict([gr_client.handle_file(str(bad))], 0, api_name="/add_images")
-    assert "⚠️" in outputs[-1] and len(demo.session.retriever) == before + 2
+    outputs = client.predict([gr_client.handle_file(str(bad))], False, 0, api_name="/add_images")
+    assert "⚠️" in outputs[0] and "broken" in outputs[0] and len(demo.session.retriever) == before + 2
+    assert "⚠️" not in outputs[-1]
+    # An id that exists is refused and named, unless replacing is asked for; then the page says so.
+    outputs = client.predict([gr_client.handle_file(str(files[0]))], False, 0, api_name="/add_images")
+    assert "⚠️" in outputs[0] and "already in the gallery: page-added-0" in outputs[0]
+    assert len(demo.session.retriever) == before + 2
+    outputs = client.predict([gr_client.handle_file(str(files[0]))], True, 0, api_name="/add_images")
+    assert "replaced 1 existing item(s): page-added-0" in outputs[0] and "Added" not in outputs[0]
+    assert len(demo.session.retriever) == before + 2
 
 
 def test_examples_come_from_the_synthetic_benchmark(demo, synth_data):
     assert demo.examples, "the gallery is synthetic: examples expected"
     texts = {q.text for split in ("train", "val", "test") for q in load_split(synth_data, split=split).queries}
     assert all(example.text in texts for example in demo.examples)
+
+
+def test_the_active_reference_is_what_search_uses_and_examples_know_their_target(demo, solved):
+    query, reference = solved
+    session = demo.session
+    by_upload = session.search(reference=ActiveReference(kind="upload", path=str(reference)), text=query.text, k=K)
+    direct = session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)
+    assert [h.item_id for h in by_upload.hits] == [h.item_id for h in direct]
+    item = session.retriever.item_ids()[3]
+    by_item = session.search(reference=ActiveReference(kind="gallery", item_id=item), text=query.text, k=K)
+    assert [h.item_id for h in by_item.hits] == [h.item_id for h in session.retriever.search(reference_id=item, text=query.text, k=K)]
+    with pytest.raises(ValueError):
+        ActiveReference(kind="upload", item_id=item, path=str(reference))
+    with pytest.raises(InputError, match="not both"):
+        session.reference_from(upload=str(reference), item_id=item)
+    with pytest.raises(InputError, match="choose a reference"):
+        session.search(reference=None, text="make it red", k=K)
+
+    example = ActiveReference(kind="example", path=str(reference), targets=query.targets, example_text=query.text)
+    answer = session.search(reference=example, text=query.text, k=K)
+    ranks = answer.target_ranks()
+    assert set(ranks) == set(query.targets) and any(rank is not None and rank <= K for rank in ranks.values())
+    edited = session.search(reference=example, text=query.text + " and blue", k=K)
+    assert edited.targets == () and edited.target_ranks() == {}  # the target belongs to the example's own text
+    missed = session.search(reference=example, text=query.text, k=1)
+    assert all(rank is None or rank == 1 for rank in missed.target_ranks().values())
 
 
 class _ReverseReranker:
@@ -140,8 +180,9 @@ def test_rerank_is_offered_when_the_export_has_one(tiny_export, tiny_index, monk
     session = DemoSession(tiny_export, tiny_index)
     assert session.has_reranker
     item = session.retriever.item_ids()[2]
-    plain = session.search(reference_file=None, reference_id=item, text="make it red", k=5)
-    reranked = session.search(reference_file=None, reference_id=item, text="make it red", k=5, rerank=True)
+    chosen = ActiveReference(kind="gallery", item_id=item)
+    plain = session.search(reference=chosen, text="make it red", k=5)
+    reranked = session.search(reference=chosen, text="make it red", k=5, rerank=True)
     assert reranked.latency_split()["re-rank"] is not None and plain.latency_split()["re-rank"] is None
     assert [h.item_id for h in reranked.hits] != [h.item_id for h in plain.hits]
 
@@ -152,39 +193,113 @@ def test_the_page_in_chromium(demo, solved):
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is part of the dev extra")
     query, reference = solved
-    expected = [h.item_id for h in demo.session.retriever.search(reference_image=reference.read_bytes(), text=query.text, k=K)]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(demo.url, wait_until="domcontentloaded")
-            page.wait_for_selector("#search", timeout=60_000)
-            assert demo.examples[0].text in page.content()  # one-click examples are on the page
-
-            upload = page.locator("#reference-upload input[type=file]")
-            upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
-            page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')",
-                                   timeout=30_000)
-            upload.set_input_files(str(reference))  # the refused file was cleared, so the input is back
-            page.locator("#modification textarea").fill(query.text)
-            k_box = page.locator("#k input[type=number]")
-            k_box.fill(str(K))
-            k_box.press("Tab")
-            page.locator("#search").click()
-            page.wait_for_function("document.querySelector('#latency').innerText.includes('total')", timeout=30_000)
-            table = page.locator("#results-table").inner_text()
-            positions = [table.find(item_id) for item_id in expected]
-            assert -1 not in positions and positions == sorted(positions), (expected, table)
-            assert set(query.targets) & {i for i in expected if i in table}
-            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
-
-
-            page.locator("#gallery button.thumbnail-item").first.click()
-            page.wait_for_function("document.querySelector('#reference-id textarea').value.length > 0", timeout=30_000)
-            assert demo.session.contains(page.locator("#reference-id textarea").input_value())
+            drive_the_page(browser.new_page(viewport={"width": 1400, "height": 1000}), demo.url, demo.session.retriever,
+                           example_text=demo.examples[0].text, query=query, reference=reference,
+                           screenshot=ARTIFACTS / "demo.png")
         finally:
             browser.close()
+
+
+# Geometry of the first result tiles: the image box, its caption, the tile and the block's floating label.
+_TILE_GEOMETRY = """(selector) => {
+  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; };
+  const label = document.querySelector(selector + ' [data-testid="block-label"]');
+  return Array.from(document.querySelectorAll(selector + ' .thumbnail-item')).slice(0, 5).map(tile => {
+    const img = tile.querySelector('img');
+    return {tile: box(tile), img: box(img), caption: box(tile.querySelector('.caption-label')), label: label ? box(label) : null,
+            fit: getComputedStyle(img).objectFit, natural: [img.naturalWidth, img.naturalHeight]};
+  });
+}"""
+_TABLE_IN_ORDER = """(ids) => {
+  const text = document.querySelector('#results-table').innerText; let last = -1;
+  for (const id of ids) { const at = text.indexOf(id); if (at <= last) return false; last = at; }
+  return true;
+}"""
+
+
+def _search_shows(page, ids: list[str]) -> None:
+    page.locator("#search").click()
+    page.wait_for_function(_TABLE_IN_ORDER, arg=ids, timeout=60_000)
+
+
+def _reference_says(page, words: str) -> str:
+    page.wait_for_function("(w) => document.querySelector('#reference').innerText.includes(w)", arg=words, timeout=30_000)
+    return page.locator("#reference").inner_text()
+
+
+def _check_thumbnails_whole(page, selector: str) -> None:
+    loaded = ("(s) => { const i = Array.from(document.querySelectorAll(s + ' .thumbnail-item img')); "
+              "return i.length > 0 && i.every(e => e.complete && e.naturalWidth > 0); }")
+    page.wait_for_function(loaded, arg=selector, timeout=30_000)
+    tiles = page.evaluate(_TILE_GEOMETRY, selector)
+    for tile in tiles:
+        img, caption, outer = tile["img"], tile["caption"], tile["tile"]
+        assert tile["fit"] == "contain", tile  # whole: scaled into its box, never cropped
+        assert outer["top"] - 1 <= img["top"] and img["bottom"] <= outer["bottom"] + 1, tile  # the box lies inside the tile
+        width, height = img["right"] - img["left"], img["bottom"] - img["top"]
+        assert abs(width / height - tile["natural"][0] / tile["natural"][1]) < 0.05, tile  # square scenes in square boxes
+        assert caption["top"] >= img["bottom"] - 1, tile  # the caption is below the image, not over it
+        if tile["label"] is not None:
+            overlap = min(img["right"], tile["label"]["right"]) > max(img["left"], tile["label"]["left"])
+            assert not overlap or tile["label"]["bottom"] <= img["top"] + 1, tile  # nor the block's label
+
+
+def drive_the_page(page, url: str, retriever: Retriever, *, example_text: str, query: Query, reference: Path,
+                   screenshot: Path | None = None) -> None:
+    """The page as a person uses it; ``retriever`` is the one the page runs (what it must show)."""
+    def expected(**reference_arg: object) -> list[str]:
+        return [h.item_id for h in retriever.search(**reference_arg, text=query.text, k=K)]  # type: ignore[arg-type]
+
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#search", timeout=60_000)
+    assert example_text in page.content()  # one-click examples are on the page
+    assert "none yet" in _reference_says(page, "Reference")
+
+    upload = page.locator("#reference-upload input[type=file]")
+    upload.set_input_files(files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+    page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')", timeout=30_000)
+    upload.set_input_files(str(reference))  # the refused file was cleared, so the input is back
+    assert reference.name in _reference_says(page, "(upload)")
+    page.locator("#modification textarea").fill(query.text)
+    k_box = page.locator("#k input[type=number]")
+    k_box.fill(str(K))
+    k_box.press("Tab")
+    by_upload = expected(reference_image=reference.read_bytes())
+    _search_shows(page, by_upload)
+    assert "(warm)" in page.locator("#latency").inner_text()
+    _check_thumbnails_whole(page, "#results")
+    _check_thumbnails_whole(page, "#gallery")
+
+    # A gallery click replaces the upload as the reference: the stale upload must not win.
+    ids = retriever.item_ids()
+    picked = next(i for i in ids if expected(reference_id=i) != by_upload)
+    page.locator("#reference-id textarea").fill(picked)  # typed, then Search at once: the typed id wins
+    _search_shows(page, expected(reference_id=picked))
+    assert picked in _reference_says(page, "(typed id)")
+    page.locator("#gallery button.thumbnail-item").nth(1).click()
+    line = _reference_says(page, "(gallery)")
+    clicked = page.locator("#reference-id textarea").input_value()
+    assert clicked in line and clicked != picked
+    _search_shows(page, expected(reference_id=clicked))
+    upload.set_input_files(str(reference))  # and an upload replaces the click
+    _reference_says(page, "(upload)")
+    assert page.locator("#reference-id textarea").input_value() == ""
+    _search_shows(page, by_upload)
+
+    # An example becomes the reference, runs, and says where its target ranks.
+    page.get_by_text(example_text, exact=True).first.click()
+    _reference_says(page, "(example)")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Target')", timeout=60_000)
+    status = page.locator("#status").inner_text()
+    assert "rank" in status or "not in the top" in status, status
+    if "rank" in status:
+        assert "★" in page.locator("#results-table").inner_text()
+    if screenshot is not None:
+        page.screenshot(path=str(screenshot), full_page=True)
 
 
 def test_demo_imports_no_model_code_and_its_cli_has_help():
@@ -198,3 +313,49 @@ def test_demo_imports_no_model_code_and_its_cli_has_help():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "compir demo exports/tiny indexes/tiny" in result.stdout and "--share" in result.stdout
+
+
+_DEMO_MAIN = """
+import sys
+from compir.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print("gradio imported:", "gradio" in sys.modules)
+sys.exit(code)
+"""
+
+
+def _run_demo_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _DEMO_MAIN, "demo", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_wrong_paths_and_a_busy_port_fail_fast_with_one_line(tiny_export, tiny_index, micro_export, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = {
+            "no-export": ([str(tmp_path / "nowhere"), str(tiny_index)], "export folder"),
+            "no-index": ([str(tiny_export), str(tmp_path / "nowhere")], "index folder"),
+            "other-encoder": ([str(micro_export), str(tiny_index)], "built with another encoder"),
+            "busy-port": ([str(tiny_export), str(tiny_index), "--port", port], f"port {port}"),
+            "bad-port": ([str(tiny_export), str(tiny_index), "--port", "70000"], "not a TCP port"),
+        }
+        for case, (args, message) in cases.items():
+            result = _run_demo_cli(*args)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2, (case, result.stderr)
+            assert len(lines) == 1 and lines[0].startswith("compir demo: error:") and message in lines[0], (case, result.stderr)
+            assert "gradio imported: False" in result.stdout, case
+
+
+def test_quickstart_demo_refuses_a_busy_port_before_any_work(tmp_path):
+    from compir.quickstart import main as quickstart
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(InputError, match=f"port {busy.getsockname()[1]}"):
+            quickstart(["--demo", "--port", str(busy.getsockname()[1]), "--out", str(tmp_path / "qs")])
+    assert not (tmp_path / "qs").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 
 from compir.errors import ContractError, InputError
+from compir.manifest import EncoderFingerprint, PreprocessSpec
 from compir.runtime.gallery import Gallery
 from compir.runtime.index import VectorIndex
 
 DIM = 32
-EXPORT = "a" * 64
+PREPROCESS = PreprocessSpec(image_size=32, resize_mode="shortest", interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+ENCODER = EncoderFingerprint(image_encoder_sha256="a" * 64, preprocess=PREPROCESS, embed_dim=DIM, metric="cos")
 
 
 def clustered(count: int, *, dim: int = DIM, clusters: int = 40, seed: int = 0) -> np.ndarray:
@@ -28,7 +31,7 @@ def clustered(count: int, *, dim: int = DIM, clusters: int = 40, seed: int = 0) 
 
 
 def make_gallery(count: int, *, dtype: str = "f16", search_mode: str = "auto", folder: Path | None = None, seed: int = 0) -> Gallery:
-    gallery = Gallery(export_sha256=EXPORT, ndim=DIM, feature_shape=(4, DIM), dtype=dtype, search_mode=search_mode, folder=folder)
+    gallery = Gallery(encoder=ENCODER, ndim=DIM, feature_shape=(4, DIM), dtype=dtype, search_mode=search_mode, folder=folder)
     vectors = clustered(count, seed=seed)
     gallery.add([f"item{i}" for i in range(count)], embeds=vectors,
                 features=np.repeat(vectors[:, None, :], 4, axis=1), paths=[f"/images/{i}.png" for i in range(count)])
@@ -85,7 +88,7 @@ def test_k_is_clamped_and_reference_excluded() -> None:
     assert len(hits) == 7 and hits[0][0] == "item0"
     hits = gallery.search(query, k=100, exclude=["item0"])[0]
     assert len(hits) == 6 and "item0" not in {h for h, _ in hits}
-    empty = Gallery(export_sha256=EXPORT, ndim=DIM, feature_shape=(4, DIM))
+    empty = Gallery(encoder=ENCODER, ndim=DIM, feature_shape=(4, DIM))
     assert empty.search(query, k=5) == [[]]
 
 
@@ -95,7 +98,7 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
     gallery.save()
     queries = clustered(5, seed=3)
     before = gallery.search(queries, k=5)
-    loaded = Gallery.load(tmp_path / "ix", export_sha256=EXPORT, view=view)
+    loaded = Gallery.load(tmp_path / "ix", encoder=ENCODER, view=view)
     assert len(loaded) == 20_000 and not loaded.vectors.uses_exact()
     assert isinstance(loaded.features, np.memmap) == view
     # usearch files do not store the search breadth; the loaded graph must get index.json's.
@@ -105,7 +108,7 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
     loaded.add(["fresh"], embeds=queries[:1], features=np.zeros((1, 4, DIM), np.float32), paths=[""])
     loaded.remove(["item1"])
     loaded.save()
-    again = Gallery.load(tmp_path / "ix", export_sha256=EXPORT)
+    again = Gallery.load(tmp_path / "ix", encoder=ENCODER)
     assert len(again) == 20_000 and "fresh" in again and "item1" not in again
     assert again.search(queries[:1], k=1)[0][0][0] == "fresh"
     record = json.loads((tmp_path / "ix" / "index.json").read_text())
@@ -115,8 +118,45 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
 
 def test_index_built_with_another_encoder_is_refused(tmp_path: Path) -> None:
     make_gallery(10, folder=tmp_path).save()
-    with pytest.raises(ContractError, match="built with another encoder"):
-        Gallery.load(tmp_path, export_sha256="b" * 64)
+    other_graph = dataclasses.replace(ENCODER, image_encoder_sha256="b" * 64)
+    with pytest.raises(ContractError, match="built with another encoder .image encoder graph sha256 aaaaaaaaaaaa"):
+        Gallery.load(tmp_path, encoder=other_graph)
+    other_size = dataclasses.replace(ENCODER, preprocess=dataclasses.replace(PREPROCESS, image_size=64))
+    with pytest.raises(ContractError, match="built with another encoder .preprocessing"):
+        Gallery.load(tmp_path, encoder=other_size)
+    record = json.loads((tmp_path / "index.json").read_text())
+    assert record["schema_version"] == 2 and record["encoder"]["fingerprint"] == ENCODER.digest
+    record["encoder"]["embed_dim"] = DIM + 1  # edited by hand: the digest no longer matches its fields
+    (tmp_path / "index.json").write_text(json.dumps(record))
+    with pytest.raises(ContractError, match="does not match its fields"):
+        Gallery.load(tmp_path, encoder=ENCODER)
+
+
+def _as_schema_1(folder: Path, manifest_sha256: str) -> None:
+    """Rewrite index.json the way compir wrote it before encoder fingerprints."""
+    record = json.loads((folder / "index.json").read_text())
+    del record["encoder"]
+    record.update(schema_version=1, export_manifest_sha256=manifest_sha256)
+    (folder / "index.json").write_text(json.dumps(record))
+
+
+def test_schema_1_index_opens_with_its_own_manifest_and_is_upgraded_on_save(tmp_path: Path) -> None:
+    make_gallery(10, folder=tmp_path).save()
+    _as_schema_1(tmp_path, "m" * 64)
+    with pytest.raises(ContractError, match="schema 1.*rebuild it with `compir index build`"):
+        Gallery.load(tmp_path, encoder=ENCODER, manifest_sha256="n" * 64)
+    with pytest.raises(ContractError, match="schema 1"):
+        Gallery.load(tmp_path, encoder=ENCODER)
+    unbound = Gallery.load(tmp_path, encoder=None)  # readable, but cannot be saved unbound
+    assert len(unbound) == 10
+    with pytest.raises(ContractError, match="opened without its export"):
+        unbound.save()
+    gallery = Gallery.load(tmp_path, encoder=ENCODER, manifest_sha256="m" * 64)
+    assert len(gallery) == 10 and gallery.encoder == ENCODER
+    gallery.save()
+    record = json.loads((tmp_path / "index.json").read_text())
+    assert record["schema_version"] == 2 and "export_manifest_sha256" not in record
+    assert len(Gallery.load(tmp_path, encoder=ENCODER)) == 10
 
 
 @pytest.mark.parametrize("damage", ["flip-vectors", "truncate-features", "delete-items", "bad-json", "newer-schema", "count"])
@@ -139,16 +179,16 @@ def test_damaged_index_is_refused(tmp_path: Path, damage: str) -> None:
     else:
         (tmp_path / "index.json").write_text(json.dumps({**record, "count": 31}))
     with pytest.raises(ContractError):
-        Gallery.load(tmp_path, export_sha256=EXPORT)
+        Gallery.load(tmp_path, encoder=ENCODER)
 
 
 _KILL_MID_SAVE = """
 import os, signal, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_index import make_gallery, clustered, DIM
+from test_index import make_gallery, clustered, DIM, ENCODER
 from compir.runtime.gallery import Gallery
-gallery = Gallery.load({folder!r}, export_sha256="a" * 64)
+gallery = Gallery.load({folder!r}, encoder=ENCODER)
 gallery.add(["new"], embeds=clustered(1, seed=1), features=np.zeros((1, 4, DIM), np.float32), paths=[""])
 gallery.remove(["item0"])
 real_save = np.save
@@ -171,7 +211,7 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_index(tmp_path: Path) 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert (folder / "index.json").read_bytes() == before
-    reloaded = Gallery.load(folder, export_sha256=EXPORT)
+    reloaded = Gallery.load(folder, encoder=ENCODER)
     assert len(reloaded) == 40 and "item0" in reloaded and "new" not in reloaded
     assert reloaded.search(reloaded.vectors.embeds[:1], k=1)[0][0][0] == "item0"
     reloaded.save()  # the next save clears the dead save's leftovers
@@ -191,9 +231,9 @@ def test_failed_write_leaves_index_and_memory_usable(tmp_path: Path, monkeypatch
     with pytest.raises(OSError):
         gallery.save()
     monkeypatch.undo()
-    assert len(Gallery.load(tmp_path, export_sha256=EXPORT)) == 25
+    assert len(Gallery.load(tmp_path, encoder=ENCODER)) == 25
     gallery.save()
-    assert len(Gallery.load(tmp_path, export_sha256=EXPORT)) == 24
+    assert len(Gallery.load(tmp_path, encoder=ENCODER)) == 24
 
 
 def test_vector_index_rejects_wrong_shapes() -> None:

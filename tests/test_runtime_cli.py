@@ -36,7 +36,7 @@ def test_index_build_reports_unreadable_images(
     captured = capsys.readouterr()
     assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
     assert "broken.png" in captured.err and "empty.jpg" in captured.err
-    gallery = Gallery.load(out, export_sha256=None)
+    gallery = Gallery.load(out, encoder=None)
     assert len(gallery) == 20 and gallery.vectors.dtype == "i8"
     assert gallery.vectors.hnsw.expansion_search == 300  # saved in index.json, read back
     assert f"nested/{sources[16].stem}" in gallery and sources[0].stem in gallery
@@ -48,7 +48,7 @@ def test_index_build_reports_unreadable_images(
 
 
 def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    item = Gallery.load(tiny_index, export_sha256=None).ids[0]
+    item = Gallery.load(tiny_index, encoder=None).ids[0]
     argv = [str(tiny_export), str(tiny_index), "--text", "make it red", "-k", "4", "--json"]
     assert search_main([*argv, "--reference-id", item, "--timings"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -62,7 +62,7 @@ def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path,
     # An id is never read as a path, nor a path as an id.
     assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference-image", item, "--text", "x"]) == 2
     assert f"reference_image {item!r} is not a file" in capsys.readouterr().err
-    image = Gallery.load(tiny_index, export_sha256=None).image_path(item)
+    image = Gallery.load(tiny_index, encoder=None).image_path(item)
     assert search_main([*argv, "--reference-image", str(image)]) == 0
     assert item in [h["item_id"] for h in json.loads(capsys.readouterr().out)["hits"]]  # an upload does not exclude the item
     with pytest.raises(SystemExit):  # argparse: not allowed with argument --reference-image

@@ -203,11 +203,29 @@ def test_manifest_that_lies_about_its_graphs_is_refused(tiny_export: Path, tmp_p
         Encoder.from_export(export_dir, providers=["cpu"])
 
 
-def test_index_of_another_export_and_damaged_graph(tiny_export: Path, tiny_index: Path, tmp_path: Path) -> None:
+def test_index_is_bound_to_its_image_encoder_not_to_the_manifest_bytes(
+    tiny_checkpoint: Path, micro_export: Path, synth_data: Path, tiny_export: Path, tiny_index: Path, tmp_path: Path
+) -> None:
+    from compir.export.to_onnx import export_onnx
+    from tests.fixtures.export import FIXTURE_VARIANTS
+
+    again = tmp_path / "again"  # the same checkpoint exported a second time, as the fixture does
+    export_onnx(tiny_checkpoint, out_dir=again, variants=FIXTURE_VARIANTS, calibration_data=synth_data, calibration_count=16)
+    graph = load_manifest(again).graph("image_encoder").file
+    assert (again / graph).read_bytes() == (tiny_export / graph).read_bytes()
+    same = Retriever.from_dirs(again, tiny_index, providers=["cpu"])
+    first = Retriever.from_dirs(tiny_export, tiny_index, providers=["cpu"])
+    assert same.search(text="make it red", k=5) == first.search(text="make it red", k=5)
+    edited = _copy_export(tiny_export, tmp_path)
+    _edit_manifest(edited, lambda graphs: None)  # same content, new bytes: still the same encoder
+    assert len(Retriever.from_dirs(edited, tiny_index, providers=["cpu"])) == len(first)
+
+    with pytest.raises(ContractError, match="built with another encoder .image encoder graph sha256"):
+        Retriever.from_dirs(micro_export, tiny_index, providers=["cpu"])  # a different model
+
+
+def test_damaged_graph_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     export_dir = _copy_export(tiny_export, tmp_path)
-    _edit_manifest(export_dir, lambda graphs: None)  # same content, new bytes: a different export
-    with pytest.raises(ContractError, match="built with another encoder"):
-        Retriever.from_dirs(export_dir, tiny_index, providers=["cpu"])
     graph = export_dir / load_manifest(export_dir, verify_files=False).graph("composer").file
     graph.write_bytes(graph.read_bytes()[:-10])
     with pytest.raises(ContractError, match="damaged"):

@@ -1,6 +1,10 @@
 """The Gradio page over a :class:`~compir.demo.session.DemoSession`. Every handler turns an
 InputError into a message on the page (never a stack trace). API names (for gradio_client):
-``/search``, ``/add_images``, ``/gallery_page``, ``/switch_backend``."""
+``/search``, ``/add_images``, ``/gallery_page``, ``/switch_backend``.
+
+The reference is one state: whatever the user chose last (an upload, an example, a gallery click
+or a typed id) becomes the active reference, shown in the "Reference:" line and its preview, and
+is what Search uses. Choosing one clears the widgets of the others."""
 
 from __future__ import annotations
 
@@ -11,30 +15,46 @@ from typing import Any
 import gradio as gr
 
 from compir.demo.examples import DemoExample
-from compir.demo.session import DemoAnswer, DemoSession
+from compir.demo.session import ActiveReference, AddReport, DemoAnswer, DemoSession
 from compir.errors import CompirError
 
 PER_PAGE = 24
 TITLE = "compir: composed image retrieval"
 INTRO = (
-    "Pick a **reference** (upload one, or click an image in the gallery), describe the **change** "
-    "(\"make it red\", \"add a blue circle\"), and get the gallery images that match. "
+    "Pick a **reference** (upload one, click an example or an image in the gallery, or type a gallery id), "
+    "describe the **change** (\"make it red\", \"add a blue circle\"), and get the gallery images that match. "
     "Everything runs on the torch-free runtime (ONNX + usearch)."
 )
+NO_REFERENCE = "**Reference:** none yet: upload an image, click an example or a gallery image, or type a gallery id."
+TARGET_MARK = "★"  # in every font (headless browsers often have no emoji font)
+# Thumbnails whole (no crop) with their captions below them, not over the scene. Gradio's gallery
+# grid squares each tile and lays the caption over the image; the page's own CSS undoes both.
+CSS = """
+#results .grid-wrap, #gallery .grid-wrap { padding-top: 2.5rem; }  /* below the block's floating label */
+#results .thumbnail-item, #gallery .thumbnail-item { aspect-ratio: auto; height: auto; overflow: visible; }
+#results .thumbnail-lg, #gallery .thumbnail-lg { display: flex; flex-direction: column; align-items: stretch; }
+#results .thumbnail-lg > img, #gallery .thumbnail-lg > img { object-fit: contain; aspect-ratio: 1 / 1; height: auto; }
+#results .caption-label, #gallery .caption-label {
+  position: static; max-width: 100%; border: none; border-radius: 0; background: none; text-align: center;
+  white-space: normal; overflow-wrap: anywhere; opacity: 1 !important;
+}
+"""
 
 
 def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) -> gr.Blocks:
-    """The page; launch it with ``.launch(server_name="127.0.0.1", ...)``."""
+    """The page; launch it with ``.launch(server_name="127.0.0.1", css=CSS, ...)``."""
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         page_ids = gr.State([])
         page = gr.State(0)
+        reference = gr.State(None)  # ActiveReference | None: the one reference Search uses
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Row():
                     reference_file = gr.File(label="Upload a reference image", type="filepath", elem_id="reference-upload")
-                    preview = gr.Image(label="Reference", type="filepath", interactive=False, height=180)
-                reference_id = gr.Textbox(label="…or a gallery item id (click an image below)", elem_id="reference-id")
+                    preview = gr.Image(label="Reference", type="filepath", interactive=False, height=180, elem_id="preview")
+                reference_line = gr.Markdown(NO_REFERENCE, elem_id="reference")
+                reference_id = gr.Textbox(label="…or type a gallery item id (or click an image below)", elem_id="reference-id")
                 text = gr.Textbox(label="Modification text", placeholder="make it red", elem_id="modification")
                 with gr.Row():
                     k = gr.Slider(1, 50, value=5, step=1, label="k (results)", elem_id="k")
@@ -50,33 +70,36 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
                 search_button = gr.Button("Search", variant="primary", elem_id="search")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
-                results = gr.Gallery(label="Top-k results", columns=5, height=220, object_fit="contain",
-                                     elem_id="results")
-                table = gr.Dataframe(headers=["rank", "item_id", "score"], label="Results", elem_id="results-table")
+                results = gr.Gallery(label="Top-k results", columns=5, height="auto", object_fit="contain",
+                                     allow_preview=False, elem_id="results")
+                table = gr.Dataframe(headers=["rank", "item_id", "score", "target"], label="Results", elem_id="results-table")
                 latency = gr.Markdown(elem_id="latency")
-        search_inputs = [reference_file, reference_id, text, k, rerank, text_only]
         search_outputs = [results, table, latency, status]
+        # What choosing a reference updates: the state, its line and preview, and the other widgets.
+        reference_outputs = [reference, reference_line, preview, reference_file, reference_id]
         if examples:
-            # The reference column shows a thumbnail; a gallery id is used as is (cached features).
+            by_text = {e.text: e for e in examples}
             gr.Examples(
-                [[_example_image(session, e), e.reference_id, e.text, 5] for e in examples],
-                inputs=[preview, reference_id, text, k],
-                outputs=search_outputs,
-                fn=lambda image, i, t, n: _search(session, None if i else image, i, t, n, False, False),
+                [[_example_image(session, e), e.text, 5] for e in examples],
+                inputs=[preview, text, k],
+                outputs=[*search_outputs, *reference_outputs],
+                fn=lambda image, t, n: _run_example(session, by_text.get(t), t, n),
                 run_on_click=True,
                 cache_examples=False,
-                label="Examples from the synthetic benchmark (one click runs them)",
+                label="Examples from the synthetic benchmark (one click runs them; ★ marks the known target)",
             )
         with gr.Accordion("Gallery", open=True):
             gallery_info = gr.Markdown()
             with gr.Row():
                 prev_button = gr.Button("◀ previous", size="sm")
                 next_button = gr.Button("next ▶", size="sm")
-            gallery = gr.Gallery(label="Gallery (click to use as the reference)", columns=8, height=260,
+            gallery = gr.Gallery(label="Gallery (click to use as the reference)", columns=8, height="auto",
                                  object_fit="contain", allow_preview=False, elem_id="gallery")
             with gr.Row():
-                new_files = gr.File(label="Add images to the gallery", file_count="multiple", type="filepath")
-                add_button = gr.Button("Add to gallery", elem_id="add")
+                new_files = gr.File(label="Add images to the gallery", file_count="multiple", type="filepath", elem_id="new-files")
+                with gr.Column():
+                    replace = gr.Checkbox(label="replace items with the same id", value=False, elem_id="replace")
+                    add_button = gr.Button("Add to gallery", elem_id="add")
             add_status = gr.Markdown(elem_id="add-status")
 
         def show_page(number: int) -> tuple[Any, ...]:
@@ -86,38 +109,71 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
             return [(str(p), i) for i, p in shown], [i for i, _ in shown], number, info
 
         page_outputs = [gallery, page_ids, page, gallery_info]
-        search_button.click(_guard(lambda *a: _search(session, *a), search_outputs), search_inputs, search_outputs,
-                            api_name="search")
-        text.submit(_guard(lambda *a: _search(session, *a), search_outputs), search_inputs, search_outputs)
+        ui_search = _guard(lambda chosen, typed, *a: _search(session, _with_typed_id(chosen, typed), *a), search_outputs)
+        ui_inputs = [reference, reference_id, text, k, rerank, text_only]
+        search_button.click(ui_search, ui_inputs, search_outputs, api_visibility="private")
+        text.submit(ui_search, ui_inputs, search_outputs, api_visibility="private")
+        # The API names its reference explicitly: an uploaded image or a gallery item id, not both.
+        api_trigger = gr.Button(visible=False)
+        api_trigger.click(_guard(lambda f, i, *a: _search(session, session.reference_from(upload=f, item_id=i), *a), search_outputs),
+                          [reference_file, reference_id, text, k, rerank, text_only], search_outputs, api_name="search")
         prev_button.click(lambda n: show_page(n - 1), page, page_outputs, api_visibility="private")
         next_button.click(lambda n: show_page(n + 1), page, page_outputs, api_visibility="private")
         demo.load(lambda: show_page(0), None, page_outputs, api_name="gallery_page")
-        gallery.select(_pick(session), page_ids, [reference_id, preview, reference_file], api_visibility="private")
-        reference_file.upload(_preview_upload(session), reference_file, [preview, reference_id, status, reference_file],
-                              api_visibility="private")
+        gallery.select(_pick(session), page_ids, reference_outputs, api_visibility="private")
+        for typed_event in (reference_id.submit, reference_id.blur):  # not per keystroke: one event when typing ends
+            typed_event(_typed(session), [reference, reference_id], [reference, reference_line, preview, reference_file],
+                        api_visibility="private")
+        reference_file.upload(_uploaded(session), reference_file, [*reference_outputs, status], api_visibility="private")
+        reference_file.clear(_upload_cleared, reference, [reference, reference_line, preview], api_visibility="private")
         backend.change(_guard(lambda label: _switch(session, label), [status]), backend, [status], api_name="switch_backend")
 
-        def add(paths: list[str] | None, number: int) -> tuple[Any, ...]:
-            added = session.add_images(paths or [])
-            return (f"Added {len(added)} image(s): {', '.join(added)}; the index is saved.", None, *show_page(number))
+        def add(paths: list[str] | None, replace_existing: bool, number: int) -> tuple[Any, ...]:
+            report = session.add_images(paths or [], replace=bool(replace_existing))
+            return (_add_text(report), None, *show_page(number))
 
         add_outputs = [add_status, new_files, *page_outputs]
-        add_button.click(_guard(add, add_outputs), [new_files, page], add_outputs, api_name="add_images")
+        add_button.click(_guard(add, add_outputs, message_at=0), [new_files, replace, page], add_outputs, api_name="add_images")
     return demo
 
 
-def _search(session: DemoSession, reference_file: str | None, reference_id: str | None, text: str, k: float,
-            rerank: bool, text_only: bool) -> tuple[Any, ...]:
-    answer = session.search(reference_file=reference_file, reference_id=(reference_id or "").strip() or None,
-                            text=text, k=int(k), rerank=bool(rerank), text_only=bool(text_only))
+def _search(session: DemoSession, reference: ActiveReference | None, text: str, k: float, rerank: bool,
+            text_only: bool) -> tuple[Any, ...]:
+    answer = session.search(reference=reference, text=text, k=int(k), rerank=bool(rerank), text_only=bool(text_only))
+    targets = set(answer.targets)
     tiles = []
     for rank, hit in enumerate(answer.hits, 1):
         path = session.image_path(hit.item_id)
         if path is not None:
-            tiles.append((str(path), f"{rank}. {hit.item_id} ({hit.score:.3f})"))
-    rows = [[rank, hit.item_id, round(hit.score, 4)] for rank, hit in enumerate(answer.hits, 1)]
+            mark = f"{TARGET_MARK} " if hit.item_id in targets else ""
+            tiles.append((str(path), f"{mark}{rank}. {hit.item_id} ({hit.score:.3f})"))
+    rows = [[rank, hit.item_id, round(hit.score, 4), TARGET_MARK if hit.item_id in targets else ""]
+            for rank, hit in enumerate(answer.hits, 1)]
     mode = "text-only" if text_only else "composed"
-    return tiles, rows, _latency_text(answer), f"{len(answer.hits)} results ({mode}, {session.backend.label})."
+    summary = f"{len(answer.hits)} results ({mode}, {session.backend.label})."
+    return tiles, rows, _latency_text(answer), " ".join([summary, *_target_lines(answer)])
+
+
+def _run_example(session: DemoSession, example: DemoExample | None, text: str, k: float) -> tuple[Any, ...]:
+    """An example click: it becomes the active reference, then runs."""
+    if example is None:  # the text was edited in the table: nothing to match
+        return (*[gr.update() for _ in range(3)], "⚠️ unknown example", *[gr.update() for _ in range(5)])
+    chosen = ActiveReference(kind="example", item_id=example.reference_id,
+                             path=str(example.reference_path or "") if not example.reference_id else "",
+                             targets=example.targets, example_text=example.text)
+    try:
+        found = _search(session, chosen, text, k, False, False)
+    except CompirError as exc:
+        found = (gr.update(), gr.update(), gr.update(), f"⚠️ {exc}")
+    return (*found, *_show_reference(session, chosen), None, chosen.item_id)
+
+
+def _target_lines(answer: DemoAnswer) -> list[str]:
+    lines = []
+    for target, rank in answer.target_ranks().items():
+        where = f"rank {rank}" if rank is not None else f"not in the top {len(answer.hits)}"
+        lines.append(f"{TARGET_MARK} Target `{target}`: {where}.")
+    return lines
 
 
 def _example_image(session: DemoSession, example: DemoExample) -> str | None:
@@ -128,7 +184,17 @@ def _example_image(session: DemoSession, example: DemoExample) -> str | None:
 def _latency_text(answer: DemoAnswer) -> str:
     parts = [f"{group} {'—' if ms is None else f'{ms:.1f} ms'}" for group, ms in answer.latency_split().items()]
     total = sum(answer.timings_ms.values())
-    return f"**Latency** {' · '.join(parts)} · **total {total:.1f} ms**"
+    state = "warm" if answer.warm else "cold: the first query since start, slower than the next"
+    return f"**Latency** ({state}) {' · '.join(parts)} · **total {total:.1f} ms**"
+
+
+def _add_text(report: AddReport) -> str:
+    parts = []
+    if report.added:
+        parts.append(f"Added {len(report.added)} image(s): {', '.join(report.added)}")
+    if report.replaced:
+        parts.append(f"replaced {len(report.replaced)} existing item(s): {', '.join(report.replaced)}")
+    return f"{'; '.join(parts)}; the index is saved."
 
 
 def _switch(session: DemoSession, label: str) -> str:
@@ -136,32 +202,72 @@ def _switch(session: DemoSession, label: str) -> str:
     return f"Backend: {choice.label} ({session.retriever.backend_info.get('providers', '')})."
 
 
+def _show_reference(session: DemoSession, chosen: ActiveReference | None) -> tuple[Any, ...]:
+    """(state, "Reference:" line, preview) for the active reference."""
+    if chosen is None:
+        return None, NO_REFERENCE, None
+    path = chosen.path or (str(session.image_path(chosen.item_id) or "") if chosen.item_id else "")
+    known = bool(chosen.path) or session.contains(chosen.item_id)
+    line = f"**Reference:** {chosen.describe()}" + ("" if known else " ⚠️ no such gallery item")
+    return chosen, line, path or None
+
+
 def _pick(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
     def pick(ids: list[str], event: gr.SelectData) -> tuple[Any, ...]:
         item_id = ids[event.index] if isinstance(event.index, int) and event.index < len(ids) else ""
-        path = session.image_path(item_id) if item_id else None
-        return item_id, (str(path) if path else None), None
+        chosen = ActiveReference(kind="gallery", item_id=item_id) if item_id else None
+        return (*_show_reference(session, chosen), None, item_id)
 
     return pick
 
 
-def _preview_upload(session: DemoSession) -> Callable[[str | None], tuple[Any, ...]]:
-    def preview(path: str | None) -> tuple[Any, ...]:
-        """(reference preview, reference id, status, upload): a bad file is refused and cleared."""
+def _with_typed_id(chosen: ActiveReference | None, typed: str | None) -> ActiveReference | None:
+    """The active reference, given the id box. Every other choice writes its own id into the box
+    (or empties it), so a box that differs from the state was typed in after it: the typed id wins.
+    Search applies this itself, so it never races the box's own event."""
+    typed = (typed or "").strip()
+    if chosen is not None and chosen.item_id == typed:
+        return chosen
+    if not typed:  # an id reference whose id was erased is gone; an image one never had an id in the box
+        return None if chosen is not None and chosen.item_id else chosen
+    return ActiveReference(kind="typed id", item_id=typed)
+
+
+def _typed(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
+    def typed(current: ActiveReference | None, item_id: str) -> tuple[Any, ...]:
+        chosen = _with_typed_id(current, item_id)
+        if chosen is current:
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        return (*_show_reference(session, chosen), None)
+
+    return typed
+
+
+def _uploaded(session: DemoSession) -> Callable[[str | None], tuple[Any, ...]]:
+    def uploaded(path: str | None) -> tuple[Any, ...]:
+        """A usable upload becomes the reference; a bad one is refused, cleared and leaves none."""
         if not path:
-            return None, gr.update(), "", gr.update()
+            return (*_show_reference(session, None), None, gr.update(), "")
         try:
             session.check_upload(path, what="reference image")
         except CompirError as exc:
-            return None, "", f"⚠️ {exc}", None
-        return path, "", "", gr.update()
+            return (*_show_reference(session, None), None, gr.update(), f"⚠️ {exc}")
+        chosen = ActiveReference(kind="upload", path=path)
+        return (*_show_reference(session, chosen), gr.update(), "", "")
 
-    return preview
+    return uploaded
 
 
-def _guard(fn: Callable[..., Any], outputs: list[Any]) -> Callable[..., Any]:
-    """Run ``fn``; on a CompirError leave other outputs as they are and show the message in the
-    last output (the status line)."""
+def _upload_cleared(current: ActiveReference | None) -> tuple[Any, ...]:
+    """The user removed the upload: it stops being the reference (another choice stays)."""
+    if current is not None and current.kind == "upload":
+        return None, NO_REFERENCE, None
+    return gr.update(), gr.update(), gr.update()
+
+
+def _guard(fn: Callable[..., Any], outputs: list[Any], *, message_at: int = -1) -> Callable[..., Any]:
+    """Run ``fn``; on a CompirError leave the other outputs as they are and show the message in
+    ``outputs[message_at]`` (the status line of that part of the page)."""
 
     def guarded(*args: Any) -> Any:
         try:
@@ -170,7 +276,9 @@ def _guard(fn: Callable[..., Any], outputs: list[Any]) -> Callable[..., Any]:
             message = f"⚠️ {exc}"
             if len(outputs) == 1:
                 return message
-            return (*[gr.update() for _ in outputs[:-1]], message)
+            updates: list[Any] = [gr.update() for _ in outputs]
+            updates[message_at] = message
+            return tuple(updates)
 
     return guarded
 

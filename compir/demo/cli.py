@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 from compir.demo.session import DEFAULT_MAX_UPLOAD_BYTES
+from compir.errors import InputError
+from compir.manifest import load_manifest, manifest_sha256
+from compir.runtime.gallery import read_index_record
+
+HOST = "127.0.0.1"
 
 EPILOG = """examples:
   compir demo exports/tiny indexes/tiny                       # http://127.0.0.1:7860
@@ -37,16 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_before_start(args.export_dir, args.index_dir, port=args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     from compir.demo.launch import launch_demo
 
-    app = launch_demo(
-        args.export_dir,
-        args.index_dir,
-        port=args.port,
-        examples_dir=args.examples,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        block=True,
-    )
+    try:
+        app = launch_demo(
+            args.export_dir,
+            args.index_dir,
+            port=args.port,
+            examples_dir=args.examples,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            block=True,
+        )
+    except OSError as exc:  # the port was taken between the check and the launch
+        raise InputError(f"cannot listen on {HOST}:{args.port} ({exc}); choose another with --port") from exc
     app.close()
     return 0
+
+
+def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, port: int) -> None:
+    """What would make the demo fail, found in a second, before Gradio (seconds to import) loads.
+
+    The export's manifest and checksums, the index's record and its binding to this export, and
+    the port. Raises ContractError / InputError with one clear line."""
+    manifest = load_manifest(Path(export_dir))
+    read_index_record(Path(index_dir), encoder=manifest.encoder_fingerprint(), manifest_sha256=manifest_sha256(Path(export_dir)))
+    check_port(port)
+
+
+def check_port(port: int) -> None:
+    """InputError unless the demo can listen on ``HOST:port`` now."""
+    if not 0 < port < 65536:
+        raise InputError(f"--port {port} is not a TCP port (1-65535)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+        try:
+            probe.bind((HOST, port))
+        except OSError as exc:
+            raise InputError(f"port {port} on {HOST} is in use or not allowed ({exc.strerror}); choose another with --port") from exc

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from compir.demo.app import build_demo, image_folders
+from compir.demo.app import CSS, build_demo, image_folders
+from compir.demo.cli import HOST
 from compir.demo.examples import DemoExample, find_examples
 from compir.demo.session import DEFAULT_MAX_UPLOAD_BYTES, DemoSession
-
-HOST = "127.0.0.1"
 
 
 @dataclass
@@ -53,6 +52,7 @@ def launch_demo(
         ssr_mode=False,
         quiet=True,  # Gradio's banner suggests share=True, which this demo deliberately does not offer
         footer_links=["api"],
+        css=CSS,
     )
     running = RunningDemo(blocks=blocks, session=session, examples=examples, url=url.rstrip("/"))
     print(f"compir demo: {running.url}  (Ctrl+C stops it)" if block else f"compir demo: {running.url}", flush=True)

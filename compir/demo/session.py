@@ -1,18 +1,22 @@
-"""What the demo does, without any UI: one Retriever (reloaded when the backend changes),
-searches with a latency split, gallery pages and gallery additions. Torch-free and Gradio-free,
-so it is tested directly and the Gradio layer stays a thin shell."""
+"""What the demo does, without any UI: one Retriever (reloaded when the backend changes, and
+warmed up so the page reports warm latencies), searches from the one active reference with a
+latency split and the example's target rank, gallery pages and gallery additions. Torch-free
+and Gradio-free, so it is tested directly and the Gradio layer stays a thin shell."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from compir.contracts import ENGINES_FILE
-from compir.errors import InputError
+from compir.errors import CompirError, InputError
 from compir.images import DEFAULT_MAX_PIXELS, load_image
 from compir.runtime.retriever import Retriever
 from compir.runtime.types import Hit
@@ -37,9 +41,41 @@ class BackendChoice:
 
 
 @dataclass(frozen=True)
+class ActiveReference:
+    """The one reference a search uses: whatever the user chose last (an upload, an example, a
+    gallery click or a typed id). Exactly one of ``item_id`` (a gallery item) and ``path`` (an
+    image file) is set; an example also knows its target(s), which hold for its own text only."""
+
+    kind: str  # "upload" | "example" | "gallery" | "typed id"
+    item_id: str = ""
+    path: str = ""
+    targets: tuple[str, ...] = ()
+    example_text: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.item_id) == bool(self.path):
+            raise ValueError("an ActiveReference names a gallery item or an image file, not both or neither")
+
+    def describe(self) -> str:
+        what = f"gallery item `{self.item_id}`" if self.item_id else f"image `{Path(self.path).name}`"
+        return f"{what} ({self.kind})"
+
+    def targets_for(self, text: str) -> tuple[str, ...]:
+        """The example's targets if ``text`` is still the example's own text, else ()."""
+        return self.targets if self.targets and text.strip() == self.example_text.strip() else ()
+
+
+@dataclass(frozen=True)
 class DemoAnswer:
     hits: tuple[Hit, ...]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    warm: bool = True  # False: the first query on a retriever whose warm-up failed (figures include start-up)
+    targets: tuple[str, ...] = ()  # the example's known answers, when the query is an example's
+
+    def target_ranks(self) -> dict[str, int | None]:
+        """1-based rank of each target among the hits, None where it is not in them."""
+        ranks = {hit.item_id: rank for rank, hit in enumerate(self.hits, 1)}
+        return {target: ranks.get(target) for target in self.targets}
 
     def latency_split(self) -> dict[str, float | None]:
         """Milliseconds per group (encode, compose, search, re-rank); None where it did not run."""
@@ -64,6 +100,12 @@ def available_backends(export_dir: str | os.PathLike[str]) -> list[BackendChoice
     return choices
 
 
+@dataclass(frozen=True)
+class AddReport:
+    added: tuple[str, ...]
+    replaced: tuple[str, ...]  # ids that existed and were replaced (only with replace=True)
+
+
 class DemoSession:
     """The demo's state, shared by every browser tab (a demo, not a multi-tenant service)."""
 
@@ -83,10 +125,13 @@ class DemoSession:
         self.max_upload_bytes = max_upload_bytes
         self.max_image_pixels = max_image_pixels
         self._lock = threading.RLock()
+        self.warm = False
         self.retriever = self._open(self.backend)
 
     def _open(self, choice: BackendChoice) -> Retriever:
-        return Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers)
+        retriever = Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers)
+        self.warm = _warm_up(retriever)
+        return retriever
 
     def switch_backend(self, label: str) -> BackendChoice:
         """Reopen the export on another backend; the index is re-read, so saved additions stay."""
@@ -106,30 +151,40 @@ class DemoSession:
     def search(
         self,
         *,
-        reference_file: str | None,
-        reference_id: str | None,
+        reference: ActiveReference | None,
         text: str,
         k: int,
         rerank: bool = False,
         text_only: bool = False,
     ) -> DemoAnswer:
-        """A composed query (reference upload or gallery id + text), or text-only."""
-        reference_image: bytes | None = None
-        gallery_id: str | None = None
+        """A composed query (the active reference + text), or text-only."""
+        image: bytes | None = None
+        item_id: str | None = None
         if not text_only:
-            if reference_file:
-                reference_image = self.check_upload(reference_file, what="reference image")
-            elif reference_id:
-                if not self.contains(reference_id):
-                    raise InputError(f"gallery item {reference_id!r} does not exist; pick one in the gallery")
-                gallery_id = reference_id
+            if reference is None:
+                raise InputError("choose a reference image (upload one, click an example or a gallery image, "
+                                 "or type a gallery id), or tick text-only")
+            if reference.path:
+                image = self.check_upload(reference.path, what="reference image")
+            elif not self.contains(reference.item_id):
+                raise InputError(f"gallery item {reference.item_id!r} does not exist; pick one in the gallery")
             else:
-                raise InputError("choose a reference image (upload one or click a gallery image), or tick text-only")
+                item_id = reference.item_id
         with self._lock:
-            retriever = self.retriever
-        result = retriever.search_detailed(reference_image=reference_image, reference_id=gallery_id, text=text,
-                                           k=int(k), rerank=rerank)
-        return DemoAnswer(hits=result.hits, timings_ms=dict(result.timings_ms))
+            retriever, warm = self.retriever, self.warm
+        result = retriever.search_detailed(reference_image=image, reference_id=item_id, text=text, k=int(k), rerank=rerank)
+        self.warm = True
+        targets = reference.targets_for(text) if reference is not None and not text_only else ()
+        return DemoAnswer(hits=result.hits, timings_ms=dict(result.timings_ms), warm=warm, targets=targets)
+
+    def reference_from(self, *, upload: str | None, item_id: str | None) -> ActiveReference | None:
+        """The reference the API's explicit arguments name (at most one of them)."""
+        item_id = (item_id or "").strip() or None
+        if upload and item_id:
+            raise InputError("give a reference image or a gallery item id, not both")
+        if upload:
+            return ActiveReference(kind="upload", path=upload)
+        return ActiveReference(kind="typed id", item_id=item_id) if item_id else None
 
     def check_upload(self, path: str, *, what: str) -> bytes:
         """The file's bytes if it is a usable image, else InputError naming the problem."""
@@ -144,17 +199,27 @@ class DemoSession:
             return False
         return True
 
-    def add_images(self, paths: Sequence[str]) -> list[str]:
+    def add_images(self, paths: Sequence[str], *, replace: bool = False) -> AddReport:
         """Add uploaded files (id = file name without extension) and save the index atomically.
 
-        Every file is checked first, so one bad file adds nothing."""
-        items = {Path(p).stem: self.check_upload(p, what="image") for p in paths}
-        if not items:
+        Every file is checked first, so one bad file adds nothing. An id already in the gallery is
+        an InputError naming it unless ``replace`` (then the report lists what was replaced)."""
+        if not paths:
             raise InputError("choose one or more image files to add")
+        items: dict[str, bytes] = {}
+        for path in paths:
+            item_id = Path(path).stem
+            if item_id in items:
+                raise InputError(f"two files would both become item {item_id!r}; rename one; nothing was added")
+            items[item_id] = self.check_upload(path, what="image")
         with self._lock:
+            existing = tuple(item_id for item_id in items if self.contains(item_id))
+            if existing and not replace:
+                raise InputError(f"already in the gallery: {', '.join(existing)}; tick 'replace' to replace "
+                                 "them, or rename the file(s); nothing was added")
             added = self.retriever.add_items(items)
             self.retriever.save()
-        return added
+        return AddReport(added=tuple(i for i in added if i not in existing), replaced=existing)
 
     def gallery_page(self, page: int, *, per_page: int) -> tuple[list[tuple[str, Path]], int]:
         """((item id, image path) on page ``page`` (0-based, clamped), number of pages)."""
@@ -183,3 +248,15 @@ class DemoSession:
             if path is not None:
                 folders.add(path.resolve().parent)
         return sorted(folders)
+
+
+def _warm_up(retriever: Retriever) -> bool:
+    """Run every stage of a composed query once (decode, encoders, compose, search), so the
+    latencies the page reports are warm ones. False if it could not (the page then says cold)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
+    try:
+        retriever.search_detailed(reference_image=buffer.getvalue(), text="warm up", k=1)
+    except CompirError:
+        return False
+    return True

@@ -74,7 +74,7 @@ def build_index(
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        gallery = Gallery(export_sha256=encoder.manifest_sha256, ndim=encoder.embed_dim,
+        gallery = Gallery(encoder=encoder.fingerprint, ndim=encoder.embed_dim,
                           feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw, folder=tmp)
         bar = tqdm(total=len(files), desc="indexing", unit="img", disable=not progress)
         for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers):

@@ -43,6 +43,7 @@ class Encoder:
         self.backend = backend
         self.variant = manifest.variant(variant).name
         self.manifest_sha256 = manifest_sha256(export_dir)
+        self.fingerprint = manifest.encoder_fingerprint()  # what an index built with this encoder is bound to
         check_spec(manifest.preprocess)
         self.tokenizer = ClipTokenizer.from_export(export_dir, manifest.tokenizer)
         self._image = backend.open(self._graph(IMAGE_ENCODER))

@@ -3,13 +3,19 @@ paths, saved atomically and bound to the export that encoded them.
 
 Layout of ``INDEX_DIR`` (generation ``g`` increases with every save)::
 
-    index.json             format "compir.index": export manifest sha256, dtype, count, files + sha256
+    index.json             format "compir.index": encoder fingerprint, dtype, count, files + sha256
     vectors.<g>.usearch    usearch HNSW graph (cosine; f32 / f16 / i8 storage)
     embeds.<g>.npy         (N, D) float32 gallery vectors (exact search, rebuilding the graph)
     features.<g>.npy       (N, *F) float32 ``image_features``: a query whose reference is a gallery
                            item is composed from these, with no image encode
     items.<g>.json         item ids, integer keys, image paths (relative = inside the folder)
     images/                images added at run time, named by content hash, so they persist
+
+The index is bound to the encoder's :class:`~compir.manifest.EncoderFingerprint` (image-encoder
+graph checksum, preprocessing, embed_dim, metric): what determines its vectors, so a re-export of
+the same checkpoint keeps it valid and a different image encoder is refused. Schema 1 recorded
+the export manifest's sha256 instead; such an index opens with the export whose manifest has
+exactly those bytes and is rewritten as schema 2 on its next save.
 
 A save writes generation ``g+1`` beside ``g`` (each file atomically) and then replaces
 ``index.json``: that rename is the commit. A crash at any point before it leaves the previous
@@ -40,6 +46,7 @@ from compir.contracts import (
     write_contract,
 )
 from compir.errors import ContractError, InputError
+from compir.manifest import EncoderFingerprint
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig, VectorIndex
 
 ITEMS_FORMAT = "compir.index.items"
@@ -53,7 +60,7 @@ class Gallery:
     def __init__(
         self,
         *,
-        export_sha256: str,
+        encoder: EncoderFingerprint | None,
         ndim: int,
         feature_shape: tuple[int, ...],
         dtype: str = DEFAULT_DTYPE,
@@ -61,7 +68,7 @@ class Gallery:
         search_mode: str = "auto",
         folder: str | Path | None = None,
     ) -> None:
-        self.export_sha256 = export_sha256
+        self.encoder = encoder  # None only for a schema-1 index opened without its export
         self.feature_shape = tuple(feature_shape)
         self.folder = Path(folder) if folder is not None else None
         self.vectors = VectorIndex(ndim=ndim, dtype=dtype, hnsw=hnsw, search_mode=search_mode)
@@ -151,6 +158,9 @@ class Gallery:
         target = Path(folder) if folder is not None else self.folder
         if target is None:
             raise ContractError("no index folder to save to")
+        if self.encoder is None:
+            raise ContractError("this index (schema 1) was opened without its export, so it cannot be bound to an encoder; "
+                                "open it with its export (Retriever.from_dirs) or rebuild it with `compir index build`")
         target.mkdir(parents=True, exist_ok=True)
         generation = self._generation + 1
         names = {role: f"{role}.{generation}.{ext}" for role, ext in zip(_ROLES, ("usearch", "npy", "npy", "json"), strict=True)}
@@ -162,7 +172,7 @@ class Gallery:
                  "keys": [int(key) for key in self.vectors.keys], "paths": self.paths}
         atomic_write_bytes(target / names["items"], json.dumps(items).encode("utf-8"))
         body: dict[str, Any] = {
-            "export_manifest_sha256": self.export_sha256,
+            "encoder": {"fingerprint": self.encoder.digest, **self.encoder.to_dict()},
             "dtype": self.vectors.dtype,
             "count": len(self),
             "embed_dim": self.vectors.ndim,
@@ -183,26 +193,19 @@ class Gallery:
         cls,
         folder: str | Path,
         *,
-        export_sha256: str | None,
+        encoder: EncoderFingerprint | None,
+        manifest_sha256: str | None = None,
         view: bool = False,
         search_mode: str = "auto",
         verify: bool = True,
     ) -> Gallery:
-        """Read an index folder. ``export_sha256`` (the encoder's manifest checksum) must match the
-        one it was built with; ``view=True`` memory-maps vectors and features (large galleries)."""
+        """Read an index folder built with ``encoder`` (ContractError naming what differs if it was
+        built with another; None skips the check). ``manifest_sha256`` (the export's
+        ``manifest.json`` checksum) opens a schema-1 index, which recorded only that.
+        ``view=True`` memory-maps vectors and features (large galleries)."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
-        record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
+        record, bound = read_index_record(folder, encoder=encoder, manifest_sha256=manifest_sha256)
         source = str(folder / INDEX_FILE)
-        required = ["export_manifest_sha256", "dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"]
-        require_keys(record, required, source=source)
-        if export_sha256 is not None and record["export_manifest_sha256"] != export_sha256:
-            raise ContractError(
-                f"index {folder} was built with another encoder (export manifest sha256 "
-                f"{str(record['export_manifest_sha256'])[:12]}..., this export is {export_sha256[:12]}...); "
-                "rebuild it with `compir index build` for this export"
-            )
         files = {role: folder / record["files"][role]["file"] for role in _ROLES if role in record["files"]}
         if set(files) != set(_ROLES):
             raise ContractError(f"{source}: files must list {_ROLES}")
@@ -210,7 +213,7 @@ class Gallery:
             for role, path in files.items():
                 verify_sha256(path, record["files"][role]["sha256"], what=f"index {role} file")
         gallery = cls(
-            export_sha256=record["export_manifest_sha256"],
+            encoder=bound,
             ndim=int(record["embed_dim"]),
             feature_shape=tuple(int(x) for x in record["feature_shape"]),
             dtype=str(record["dtype"]),
@@ -231,6 +234,43 @@ class Gallery:
         gallery._next_key, gallery._generation = int(record["next_key"]), int(record["generation"])
         gallery._reindex()
         return gallery
+
+
+def read_index_record(
+    folder: Path, *, encoder: EncoderFingerprint | None, manifest_sha256: str | None = None
+) -> tuple[dict[str, Any], EncoderFingerprint | None]:
+    """``index.json`` of ``folder``, checked against ``encoder`` as :meth:`Gallery.load` does, and
+    the fingerprint the index is bound to; reads no vectors (a quick check before a slow start)."""
+    if not folder.is_dir():
+        raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
+    record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
+    required = ["dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"]
+    require_keys(record, required, source=str(folder / INDEX_FILE))
+    return record, _check_binding(record, encoder=encoder, manifest_sha256=manifest_sha256, folder=folder)
+
+
+def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None, manifest_sha256: str | None,
+                   folder: Path) -> EncoderFingerprint | None:
+    """The fingerprint the index is bound to, after checking it against ``encoder``'s."""
+    source = str(folder / INDEX_FILE)
+    rebuild = "rebuild it with `compir index build` for this export (or open it with the export it was built with)"
+    if record["schema_version"] == 1:
+        require_keys(record, ["export_manifest_sha256"], source=source)
+        if encoder is None:
+            return None
+        if manifest_sha256 is None or record["export_manifest_sha256"] != manifest_sha256:
+            raise ContractError(
+                f"index {folder} has schema 1, which binds it to the exact bytes of an export manifest "
+                f"(sha256 {str(record['export_manifest_sha256'])[:12]}...), and this export's differ; {rebuild}"
+            )
+        return encoder  # the very manifest it was built with
+    require_keys(record, ["encoder"], source=source)
+    built = EncoderFingerprint.from_dict(record["encoder"], source=source)
+    if record["encoder"].get("fingerprint") != built.digest:
+        raise ContractError(f"{source}: the encoder fingerprint does not match its fields (edited by hand?); {rebuild}")
+    if encoder is not None and built != encoder:
+        raise ContractError(f"index {folder} was built with another encoder ({'; '.join(built.differences(encoder))}); {rebuild}")
+    return built
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

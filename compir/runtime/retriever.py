@@ -68,10 +68,10 @@ class Retriever:
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
                   providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False) -> Retriever:
-        """Open an export folder and an index built with it (ContractError if it was built with
-        another export). ``view=True`` memory-maps a large index instead of reading it."""
+        """Open an export folder and an index built with its image encoder (ContractError if it was
+        built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
-        gallery = Gallery.load(Path(index_dir), export_sha256=encoder.manifest_sha256, view=view)
+        gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view)
         encoder.warmup()
         return cls(encoder, gallery, reranker=load_reranker(encoder))
 
