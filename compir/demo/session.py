@@ -217,7 +217,7 @@ class DemoSession:
             if existing and not replace:
                 raise InputError(f"already in the gallery: {', '.join(existing)}; tick 'replace' to replace "
                                  "them, or rename the file(s); nothing was added")
-            added = self.retriever.add_items(items)
+            added = self.retriever.add_items(items, replace=replace)
             self.retriever.save()
         return AddReport(added=tuple(i for i in added if i not in existing), replaced=existing)
 
