@@ -25,10 +25,16 @@ def measure_accuracy(
     reference: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Per variant of the export folder: its recall metrics, their drop against ``reference`` and cosines to it."""
+    from compir.manifest import load_manifest
+    from compir.runtime.backends import open_backend
     from compir.runtime.encoder import Encoder
     from compir.runtime.evaluation import encode_split
 
-    encoders = {name: Encoder.from_export(export_dir, variant=name, providers=["cpu"], spinning=False) for name in variants}
+    manifest = load_manifest(export_dir)  # checksums verified once for every variant
+    encoders = {
+        name: Encoder(export_dir, manifest, open_backend("onnxruntime", export_dir, providers=["cpu"], spinning=False), variant=name)
+        for name in variants
+    }
     encodings = encode_split(encoders, split)
     reports: dict[str, EvalReport] = {
         name: evaluate_split(split, query_embeds=enc.query_embeds, gallery_embeds=enc.gallery_embeds, gallery_names=enc.gallery_names)
