@@ -64,7 +64,8 @@ INT8_DYNAMIC_RECIPE: dict[str, Any] = {
 }
 # Static Q/DQ for onnxruntime and TensorRT alike: TensorRT's QuantizeLinear / DequantizeLinear
 # accept only int8 with zero zero-points, so activations and weights are symmetric QInt8
-# (onnxruntime's recommendation for TensorRT). Weights again 7-bit for AVX2 (see above).
+# (onnxruntime's recommendation for TensorRT) and biases stay fp32 (QuantizeBias off: an int32
+# bias DequantizeLinear is not TensorRT's). Weights again 7-bit for AVX2 (see above).
 INT8_STATIC_RECIPE: dict[str, Any] = {
     "recipe": "s8s8-symmetric-qdq-7bit-weights",
     "quantizer": "onnxruntime.quantization.quantize_static",
@@ -75,7 +76,7 @@ INT8_STATIC_RECIPE: dict[str, Any] = {
     "per_channel": True,
     "reduce_range": True,
     "calibrate_method": "MinMax",
-    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
+    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True, "QuantizeBias": False},
 }
 
 
