@@ -61,10 +61,15 @@ def _model_and_data(work: Path, *, quick: bool) -> tuple[Path, Path, dict[str, A
     # meaningful once the model ranks with margins, which a few dozen steps do not give.
     steps, minutes = (60, 3.0) if quick else (400, 15.0)
     options = TrainOptions(
-        data=data_dir, out_dir=work / "run", model=DEFAULT_MODEL, epochs=1, steps_per_epoch=steps, minutes=minutes, batch_size=64, progress=False
+        data=data_dir, out_dir=work / "run", model=DEFAULT_MODEL, epochs=1, steps_per_epoch=steps, minutes=minutes, batch_size=64,
+        progress=False,
     )
     result = train(options)
-    provenance = {"source": f"{DEFAULT_MODEL} trained here ({result.steps} steps, {result.seconds / 60:.1f} min)", "train_steps": result.steps, "val": result.best_metrics}
+    provenance = {
+        "source": f"{DEFAULT_MODEL} trained here ({result.steps} steps, {result.seconds / 60:.1f} min)",
+        "train_steps": result.steps,
+        "val": result.best_metrics,
+    }
     return result.best_checkpoint, data_dir, provenance
 
 
@@ -150,7 +155,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     checkpoint, data, provenance = _model_and_data(work, quick=quick)
     export_dir = work / "export"
     started = time.perf_counter()
-    manifest = export_onnx(checkpoint, out_dir=export_dir, variants=BACKENDS[1:], calibration_data=data, eval_data=data, eval_split="test", overwrite=True)
+    manifest = export_onnx(
+        checkpoint, out_dir=export_dir, variants=BACKENDS[1:], calibration_data=data, eval_data=data, eval_split="test", overwrite=True
+    )
     export_seconds = time.perf_counter() - started
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -257,9 +264,22 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     plot = bar_chart(
         out_dir / "export.png",
         panels=[
-            Panel("latency, batch 1 (lower is better)", {f"{t} thread(s)": {n: timings[t][0][n] * 1e3 for n in BACKENDS} for t in timings}, "ms", log_scale=True),
-            Panel("throughput, batch 32", {f"{t} thread(s)": {n: THROUGHPUT_BATCH / timings[t][1][n] for n in BACKENDS} for t in timings}, "queries / s"),
-            Panel("synthetic test recall", {"R@10": {n: recall[n]["R@10"] for n in BACKENDS}, "R@1": {n: recall[n]["R@1"] for n in BACKENDS}}, "%"),
+            Panel(
+                "latency, batch 1 (lower is better)",
+                {f"{t} thread(s)": {n: timings[t][0][n] * 1e3 for n in BACKENDS} for t in timings},
+                "ms",
+                log_scale=True,
+            ),
+            Panel(
+                "throughput, batch 32",
+                {f"{t} thread(s)": {n: THROUGHPUT_BATCH / timings[t][1][n] for n in BACKENDS} for t in timings},
+                "queries / s",
+            ),
+            Panel(
+                "synthetic test recall",
+                {"R@10": {n: recall[n]["R@10"] for n in BACKENDS}, "R@1": {n: recall[n]["R@1"] for n in BACKENDS}},
+                "%",
+            ),
         ],
     )
     goals = figures["goals"]

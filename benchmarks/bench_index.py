@@ -65,7 +65,7 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, *, k: int = K, chunk: int
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)]))
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -115,7 +115,8 @@ def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: in
 
 def _faiss_skipped() -> dict[str, Any]:
     """The shape of :func:`_faiss`'s figures with nothing measured (the tables say "skipped")."""
-    return {"build_s": float("nan"), "sweep": [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP], "skipped": True}
+    sweep = [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP]
+    return {"build_s": float("nan"), "sweep": sweep, "skipped": True}
 
 
 def at_recall(sweep: list[dict[str, Any]], level: float) -> dict[str, Any] | None:
@@ -158,7 +159,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         "goal_recall_0.98_at_20x_exact": bool(goal is not None and goal >= 20.0),
     }
     sweep_rows = [[point["setting"], f"{point['recall']:.4f}", f"{point['qps']:,.0f}", f"{f['recall']:.4f}", f"{f['qps']:,.0f}"]
-                  for point, f in zip(usearch["sweep"], faiss["sweep"])]
+                  for point, f in zip(usearch["sweep"], faiss["sweep"], strict=True)]
     table = "\n\n".join([
         f"{count:,} x {DIM} clustered vectors, {n_queries} queries, top-{K}. Exact numpy: {exact_qps:,.1f} q/s. "
         f"Build: usearch f16 {usearch['build_s']:.1f} s ({usearch['memory_mb']:.0f} MB), faiss HNSWFlat {faiss['build_s']:.1f} s.",

@@ -17,7 +17,6 @@ images, so decoding costs what it costs on real data.
 
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import tempfile
@@ -94,7 +93,9 @@ def _latency(export_dir: Path, index_dir: Path, probe: Path, *, queries: int) ->
             for stage in STAGES:
                 stages[stage].append(result.timings_ms.get(stage, 0.0))
         medians = {stage: statistics.median(values) for stage, values in stages.items()}
-        results[mode] = {"wall_ms": statistics.median(walls), "stages_ms": medians, "wall_over_text_compose_search": statistics.median(ratios)}
+        results[mode] = {
+            "wall_ms": statistics.median(walls), "stages_ms": medians, "wall_over_text_compose_search": statistics.median(ratios),
+        }
     cached = results["cached reference"]
     results["cached_overhead_ratio"] = cached["wall_over_text_compose_search"]
     results["cached_pays_image_encode"] = cached["stages_ms"]["image_encode"] > 0
@@ -114,7 +115,7 @@ def _torch_indexing(checkpoint: Path, files: list[Path], *, batch_size: int, wor
     loaded = load_checkpoint(checkpoint)
     transform = eval_transform(loaded.preprocess)
 
-    class Images(Dataset):  # type: ignore[type-arg]
+    class Images(Dataset):
         def __len__(self) -> int:
             return len(files)
 
@@ -154,7 +155,10 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         files = _write_photos(work / "images", count)
         for config in configs:
             exports[config] = _make_export(work / config, config)
-            runtime_s = [_runtime_indexing(exports[config], work / "images", work / config / "index", batch_size=64, workers=workers) for _ in range(repeats)]
+            runtime_s = [
+                _runtime_indexing(exports[config], work / "images", work / config / "index", batch_size=64, workers=workers)
+                for _ in range(repeats)
+            ]
             torch_s = [_torch_indexing(work / config / "model.pt", files, batch_size=64, workers=workers) for _ in range(repeats)]
             runtime_rate, torch_rate = count / statistics.median(runtime_s), count / statistics.median(torch_s)
             indexing[config] = {"images": count, "workers": workers, "runtime_images_per_s": runtime_rate, "torch_images_per_s": torch_rate,
@@ -163,7 +167,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         latency = _latency(exports[config], work / config / "index", files[-1], queries=queries)
     modes = [m for m in latency if isinstance(latency[m], dict)]
     rows = [[mode, f"{latency[mode]['wall_ms']:.2f}", *(f"{latency[mode]['stages_ms'][s]:.2f}" for s in STAGES)] for mode in modes]
-    index_rows = [[name, f"{v['runtime_images_per_s']:.1f}", f"{v['torch_images_per_s']:.1f}", f"{v['speedup']:.2f}x"] for name, v in indexing.items()]
+    index_rows = [
+        [name, f"{v['runtime_images_per_s']:.1f}", f"{v['torch_images_per_s']:.1f}", f"{v['speedup']:.2f}x"] for name, v in indexing.items()
+    ]
     table = "\n\n".join([
         f"Model `{config}` (random weights, ONNX fp32, onnxruntime CPU). Median of {queries} queries, k=10.",
         markdown_table(["query", "wall ms", *STAGES], rows),

@@ -60,7 +60,10 @@ def _prepare(root: Path, *, quick: bool) -> tuple[Path, Path, list[tuple[bytes, 
     """(export dir, index dir, [(reference PNG bytes, text)]) built from scratch under ``root``."""
     from compir.data.load import load_split
 
-    code = f"from pathlib import Path; from benchmarks.bench_service import prepare_files; prepare_files(Path({str(root)!r}), quick={quick})"
+    code = (
+        "from pathlib import Path; from benchmarks.bench_service import prepare_files; "
+        f"prepare_files(Path({str(root)!r}), quick={quick})"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"preparing the export and index failed ({result.returncode}):\n{result.stderr[-2000:]}")

@@ -93,16 +93,22 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         summary = write_synthetic(root, seed=0, config=config, workers=workers)
         write_s = time.perf_counter() - start
         stats, baseline = _statistics(root, config)
-    speeds["write_synthetic (all cores)"] = {"per_s": summary.n_images / write_s, "items": summary.n_images, "median_s": write_s, "runs_s": [write_s]}
+    speeds["write_synthetic (all cores)"] = {
+        "per_s": summary.n_images / write_s, "items": summary.n_images, "median_s": write_s, "runs_s": [write_s],
+    }
 
-    rows: list[list[Any]] = [[f"speed: {label}", f"{v['per_s']:,.0f} /s", f"{v['items']} items, median {v['median_s']:.3f} s"] for label, v in speeds.items()]
+    rows: list[list[Any]] = [
+        [f"speed: {label}", f"{v['per_s']:,.0f} /s", f"{v['items']} items, median {v['median_s']:.3f} s"] for label, v in speeds.items()
+    ]
     for split, values in stats.items():
         kinds = ", ".join(f"{k} {n}" for k, n in values["kinds"].items())
         rows.append([f"{split}: queries / refs / gallery", f"{values['queries']} / {values['references']} / {values['gallery']}", kinds])
-        rows.append([f"{split}: unseen, siblings per ref", f"{values['unseen']}, {values['siblings_per_reference_mean']:.2f}", f"min {values['siblings_per_reference_min']}"])
+        siblings = f"{values['unseen']}, {values['siblings_per_reference_mean']:.2f}"
+        rows.append([f"{split}: unseen, siblings per ref", siblings, f"min {values['siblings_per_reference_min']}"])
     for split in ("val", "test"):
         m = baseline[split]["metrics"]
-        rows.append([f"{split}: image-only R@1 (raw pixels)", f"{m['R@1']:.2f} %", f"R@5 {m['R@5']:.2f}, R@50 {m['R@50']:.2f}, Rs@1 {m['Rs@1']:.2f} (chance {baseline['chance_rs1']:.1f})"])
+        detail = f"R@5 {m['R@5']:.2f}, R@50 {m['R@50']:.2f}, Rs@1 {m['Rs@1']:.2f} (chance {baseline['chance_rs1']:.1f})"
+        rows.append([f"{split}: image-only R@1 (raw pixels)", f"{m['R@1']:.2f} %", detail])
     table = markdown_table(["measure", "value", "detail"], rows)
 
     test_kinds = stats["test"]["kinds"]

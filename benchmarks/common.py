@@ -106,7 +106,7 @@ def bar_chart(path: Path, *, panels: Sequence[PanelSpec]) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(resolved), figsize=(5.2 * len(resolved), 4.0), squeeze=False)
-    for axis, panel in zip(axes[0], resolved):
+    for axis, panel in zip(axes[0], resolved, strict=True):
         categories = list(dict.fromkeys(c for values in panel.series.values() for c in values))
         width = 0.8 / max(len(panel.series), 1)
         for offset, (label, values) in enumerate(panel.series.items()):

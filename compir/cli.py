@@ -18,11 +18,20 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("compir.quickstart", "data -> train -> eval -> export -> index -> one query", "compir quickstart --minutes 3"),
     "data": ("compir.data.cli", "render the synthetic benchmark, inspect datasets", "compir data synth --out data/synth"),
     "train": ("compir.train.cli", "train a composed retrieval model", "compir train --data data/synth --out runs/tiny"),
-    "rerankers": ("compir.train.rerankers_cli", "train stage-2 re-rankers (NEUCORE, MMRef) for a checkpoint", "compir rerankers runs/tiny/best.pt --data data/synth"),
+    "rerankers": (
+        "compir.train.rerankers_cli", "train stage-2 re-rankers (NEUCORE, MMRef) for a checkpoint",
+        "compir rerankers runs/tiny/best.pt --data data/synth",
+    ),
     "eval": ("compir.evaluate", "evaluate a checkpoint or an export folder", "compir eval runs/tiny/best.pt --data data/synth"),
     "export": ("compir.export.cli", "ONNX graphs + manifest; TensorRT engines", "compir export onnx runs/tiny/best.pt --out exports/tiny"),
-    "index": ("compir.runtime.index_cli", "build a usearch gallery index", "compir index build exports/tiny --images data/synth/images --out indexes/tiny"),
-    "search": ("compir.runtime.search_cli", "composed (or text-only) search", "compir search exports/tiny indexes/tiny --reference IMG --text 'make it red'"),
+    "index": (
+        "compir.runtime.index_cli", "build a usearch gallery index",
+        "compir index build exports/tiny --images data/synth/images --out indexes/tiny",
+    ),
+    "search": (
+        "compir.runtime.search_cli", "composed (or text-only) search",
+        "compir search exports/tiny indexes/tiny --reference IMG --text 'make it red'",
+    ),
     "serve": ("compir.runtime.service.cli", "HTTP API over the runtime", "compir serve exports/tiny indexes/tiny --port 8000"),
     "demo": ("compir.demo.cli", "Gradio demo over the runtime", "compir demo exports/tiny indexes/tiny"),
     "bench": ("benchmarks.runner", "run benchmarks, write JSON + PNG + report", "compir bench synth"),

@@ -40,7 +40,7 @@ class ShapeRange:
     def __post_init__(self) -> None:
         if not (len(self.min) == len(self.opt) == len(self.max)):
             raise ContractError(f"profile shapes differ in rank: {self.min}, {self.opt}, {self.max}")
-        for low, mid, high in zip(self.min, self.opt, self.max):
+        for low, mid, high in zip(self.min, self.opt, self.max, strict=True):
             if not (1 <= low <= mid <= high):
                 raise ContractError(f"profile needs 1 <= min <= opt <= max per axis, got {self.min}, {self.opt}, {self.max}")
 

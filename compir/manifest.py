@@ -19,7 +19,7 @@ from compir.contracts import (
     verify_sha256,
     write_contract,
 )
-from compir.errors import ContractError
+from compir.errors import ContractError, InputError
 
 # Graph roles, in the fixed vocabulary shared by every stage.
 IMAGE_ENCODER = "image_encoder"  # pixel_values -> image_embeds, image_features[, patch_features]
@@ -116,6 +116,14 @@ class PreprocessSpec:
     std: tuple[float, float, float]
 
 
+def rgb_values(values: Any, *, field_name: str) -> tuple[float, float, float]:
+    """Per-channel (R, G, B) floats from a JSON list, e.g. a normalization mean."""
+    floats = [float(x) for x in values]
+    if len(floats) != 3:
+        raise InputError(f"preprocess {field_name}: expected 3 values (R, G, B), got {len(floats)}")
+    return floats[0], floats[1], floats[2]
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """CLIP BPE tokenizer settings; ``vocab_file`` is copied into the export folder."""
@@ -194,8 +202,8 @@ class ExportManifest:
                     image_size=int(pre["image_size"]),
                     resize_mode=str(pre["resize_mode"]),
                     interpolation=str(pre["interpolation"]),
-                    mean=tuple(float(x) for x in pre["mean"]),  # type: ignore[arg-type]
-                    std=tuple(float(x) for x in pre["std"]),  # type: ignore[arg-type]
+                    mean=rgb_values(pre["mean"], field_name="mean"),
+                    std=rgb_values(pre["std"], field_name="std"),
                 ),
                 tokenizer=TokenizerSpec(**tok),
                 variants=variants,

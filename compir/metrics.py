@@ -17,20 +17,23 @@ Protocols:
 - ``fashioniq``: R@10 / R@50 per category against the whole split *of that category*, the
   reference NOT removed (CLIP4Cir's FashionIQ evaluation; note TG-CIR's own gallery differs);
   ``R@10`` / ``R@50`` are the mean over categories, ``Avg`` their mean. Gallery names are
-  category-qualified (``dress/B00...``, see :mod:`compir.data.fashioniq`).
+  category-qualified (``dress/B00...``, see :mod:`compir.data.fashioniq`) and ``Query.group`` is
+  the category.
 - ``shoes``: R@1/10/50 over the whole test gallery, the reference not removed (as FashionIQ).
+
+This module sits below :mod:`compir.data` (whose readers and baselines call it): it reads splits
+through the :class:`EvalQuery` / :class:`EvalSplit` protocols, which ``compir.data.types``'s
+``Query`` and ``CirSplit`` satisfy, and imports nothing from the data package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from compir.data.fashioniq import category_of
-from compir.data.types import CirSplit, Query
 from compir.errors import DatasetError, InputError
 
 CIRR_KS = (1, 5, 10, 50)
@@ -38,6 +41,36 @@ SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
 SHOES_KS = (1, 10, 50)
 _CHUNK = 512  # queries scored at once: (512, G) float32
+
+
+class EvalQuery(Protocol):
+    """What the metrics read of a query (``compir.data.types.Query`` has these fields)."""
+
+    @property
+    def query_id(self) -> str: ...
+    @property
+    def reference(self) -> str: ...
+    @property
+    def targets(self) -> tuple[str, ...]: ...
+    @property
+    def subset(self) -> tuple[str, ...]: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def unseen(self) -> bool | None: ...
+    @property
+    def group(self) -> str: ...
+
+
+class EvalSplit(Protocol):
+    """What the metrics read of a split (``compir.data.types.CirSplit`` has these fields)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def queries(self) -> Sequence[EvalQuery]: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +111,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:k]
 
 
-def _check_inputs(split: CirSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, gallery_names: Sequence[str]) -> dict[str, int]:
+def _check_inputs(split: EvalSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, gallery_names: Sequence[str]) -> dict[str, int]:
     if query_embeds.ndim != 2 or gallery_embeds.ndim != 2:
         raise InputError(f"embeddings must be 2-D (Q, D) and (G, D); got {query_embeds.shape} and {gallery_embeds.shape}")
     if query_embeds.shape[0] != len(split.queries):
@@ -110,7 +143,7 @@ def _columns(names: Sequence[str], index: dict[str, int], *, what: str) -> list[
 
 
 def target_ranks(
-    queries: Sequence[Query],
+    queries: Sequence[EvalQuery],
     query_embeds: np.ndarray,
     gallery_embeds: np.ndarray,
     index: dict[str, int],
@@ -133,7 +166,7 @@ def target_ranks(
     return ranks
 
 
-def subset_ranks(queries: Sequence[Query], query_embeds: np.ndarray, gallery_embeds: np.ndarray, index: dict[str, int]) -> np.ndarray:
+def subset_ranks(queries: Sequence[EvalQuery], query_embeds: np.ndarray, gallery_embeds: np.ndarray, index: dict[str, int]) -> np.ndarray:
     """1-based rank of the target among ``subset`` minus the reference (CIRR Recall_subset)."""
     ranks = np.empty(len(queries), dtype=np.int64)
     for row, query in enumerate(queries):
@@ -153,7 +186,7 @@ def _recalls(ranks: np.ndarray, ks: Sequence[int], prefix: str = "R") -> dict[st
 
 
 def evaluate_split(
-    split: CirSplit,
+    split: EvalSplit,
     *,
     query_embeds: np.ndarray,
     gallery_embeds: np.ndarray,
@@ -177,7 +210,7 @@ def evaluate_split(
     raise DatasetError(f"split {split.name!r} has unknown protocol {split.protocol!r}")
 
 
-def _evaluate_cirr(split: CirSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, index: dict[str, int]) -> EvalReport:
+def _evaluate_cirr(split: EvalSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, index: dict[str, int]) -> EvalReport:
     ranks = target_ranks(split.queries, query_embeds, gallery_embeds, index, remove_reference=True)
     has_subset = all(query.subset for query in split.queries)
     sranks = subset_ranks(split.queries, query_embeds, gallery_embeds, index) if has_subset else None
@@ -205,10 +238,10 @@ def _evaluate_cirr(split: CirSplit, query_embeds: np.ndarray, gallery_embeds: np
     return EvalReport(split.protocol, summary(everything), breakdown, len(ranks), sizes)
 
 
-def _evaluate_fashioniq(split: CirSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, gallery_names: Sequence[str]) -> EvalReport:
+def _evaluate_fashioniq(split: EvalSplit, query_embeds: np.ndarray, gallery_embeds: np.ndarray, gallery_names: Sequence[str]) -> EvalReport:
     breakdown: dict[str, dict[str, float]] = {}
     sizes: dict[str, int] = {}
-    categories = [category_of(name) for name in gallery_names]
+    categories = [_category_of(name) for name in gallery_names]
     for group in dict.fromkeys(q.group for q in split.queries):
         rows = [i for i, q in enumerate(split.queries) if q.group == group]
         columns = [i for i, category in enumerate(categories) if category == group]
@@ -219,3 +252,11 @@ def _evaluate_fashioniq(split: CirSplit, query_embeds: np.ndarray, gallery_embed
     metrics = {f"R@{k}": float(np.mean([values[f"R@{k}"] for values in breakdown.values()])) for k in FASHIONIQ_KS}
     metrics["Avg"] = (metrics["R@10"] + metrics["R@50"]) / 2
     return EvalReport("fashioniq", metrics, breakdown, len(split.queries), sizes)
+
+
+def _category_of(name: str) -> str:
+    """The category of a qualified FashionIQ gallery name (``"dress/B00..." -> "dress"``)."""
+    category, sep, _ = name.partition("/")
+    if not sep or not category:
+        raise DatasetError(f"{name!r} is not a category-qualified FashionIQ name like 'dress/B00006M009'")
+    return category

@@ -20,7 +20,8 @@ DESCRIPTION = "a toy benchmark"
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
     panels = [Panel("speed", {"a": {"x": 1.0, "y": 2.0}}, "items / s", log_scale=True), ("plain", {"b": {"x": 3.0}}, "n")]
     plot = bar_chart(out_dir / "toy.png", panels=panels)
-    return BenchResult(name=NAME, figures={"quick": quick, "x": 1.0}, table=markdown_table(["k", "v"], [["x", 1.0]]), plots=[plot], notes="toy notes")
+    table = markdown_table(["k", "v"], [["x", 1.0]])
+    return BenchResult(name=NAME, figures={"quick": quick, "x": 1.0}, table=table, plots=[plot], notes="toy notes")
 '''
 BROKEN = '''
 NAME = "broken"

@@ -73,7 +73,8 @@ def test_cirr_metrics_through_the_files(tmp_path):
 def test_fashioniq_joins_captions_and_qualifies_names(tmp_path):
     records = [{"candidate": "B1", "target": "B2", "captions": ["is red.", "has long sleeves?"]}]
     write_fashioniq(tmp_path, category="dress", split="val", records=records, names=["B1", "B2", "B3"])
-    write_fashioniq(tmp_path, category="shirt", split="val", records=[{"candidate": "S1", "target": "S2", "captions": ["a", "b"]}], names=["S1", "S2"])
+    shirts = [{"candidate": "S1", "target": "S2", "captions": ["a", "b"]}]
+    write_fashioniq(tmp_path, category="shirt", split="val", records=shirts, names=["S1", "S2"])
     write_fashioniq(tmp_path, category="shirt", split="test", records=[{"candidate": "S1", "captions": ["a", "b"]}], names=["S1", "S2"])
     assert detect_format(tmp_path) == "fashioniq"
     both = load_split(tmp_path, split="val")

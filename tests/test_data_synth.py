@@ -149,7 +149,7 @@ def test_train_batches_are_rendered_in_memory_and_reproducible():
     batch = sample_train_batch(np.random.default_rng(5), batch_size=32, config=config)
     assert batch.reference_pixels.shape == batch.target_pixels.shape == (32, 48, 48, 3)
     assert batch.reference_pixels.dtype == np.uint8 and len(batch.texts) == len(batch.target_names) == 32
-    for pixels, name in zip(batch.target_pixels, batch.target_names):
+    for pixels, name in zip(batch.target_pixels, batch.target_names, strict=True):
         assert np.array_equal(pixels, render_scene_array(parse_scene_key(name), size=48))
     again = sample_train_batch(np.random.default_rng(5), batch_size=32, config=config)
     assert again.texts == batch.texts and np.array_equal(again.target_pixels, batch.target_pixels)

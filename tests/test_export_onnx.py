@@ -67,7 +67,9 @@ def test_manifest_shapes_are_what_onnxruntime_sees(tiny_export_all: Path) -> Non
             assert seen == [(t.name, t.shape) for t in (*graph.inputs, *graph.outputs)], (variant.name, graph.role)
 
 
-def test_copied_export_is_self_contained_and_matches_torch(tiny_export_all: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path) -> None:
+def test_copied_export_is_self_contained_and_matches_torch(
+    tiny_export_all: Path, tiny_checkpoint: Path, synth_data: Path, tmp_path: Path
+) -> None:
     from compir.train.checkpoint import load_checkpoint
 
     copy = tmp_path / "elsewhere" / "export"
@@ -75,7 +77,9 @@ def test_copied_export_is_self_contained_and_matches_torch(tiny_export_all: Path
     assert str(tiny_export_all) not in (copy / "manifest.json").read_text()
     manifest = load_manifest(copy)
     loaded = load_checkpoint(tiny_checkpoint)
-    samples = load_samples(preprocess=manifest.preprocess, context_length=manifest.tokenizer.context_length, data_dir=synth_data, count=5, seed=3)
+    samples = load_samples(
+        preprocess=manifest.preprocess, context_length=manifest.tokenizer.context_length, data_dir=synth_data, count=5, seed=3
+    )
     session = ort.InferenceSession(str(copy / manifest.graph("query_encoder").file), providers=["CPUExecutionProvider"])
     (onnx_query,) = session.run(["query_embeds"], {"pixel_values": samples.pixel_values, "input_ids": samples.input_ids})
     with torch.no_grad():
@@ -97,7 +101,8 @@ def test_damaged_graph_is_caught_by_the_manifest_checksum(tiny_export_all: Path,
 
 def test_parity_failure_names_the_graph_and_leaves_no_folder(micro_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    with pytest.raises(ContractError, match=r"parity: image_encoder output 'image_embeds' differs from torch by max abs [0-9.e-]+ at batch 1 \(tolerance 0\)"):
+    expected = r"parity: image_encoder output 'image_embeds' differs from torch by max abs [0-9.e-]+ at batch 1 \(tolerance 0\)"
+    with pytest.raises(ContractError, match=expected):
         export_onnx(micro_checkpoint, out_dir=out, tolerance=0.0)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
 
@@ -143,11 +148,14 @@ def test_bad_options_fail_before_any_work(micro_checkpoint: Path, tmp_path: Path
         export_onnx(micro_checkpoint, out_dir=tmp_path / "x", calibration_data=tmp_path / "nowhere")
 
 
-def test_cli_exports_refuses_to_overwrite_then_overwrites(micro_checkpoint: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exports_refuses_to_overwrite_then_overwrites(
+    micro_checkpoint: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from compir.cli import main as compir_main
 
     out = tmp_path / "export"
-    args = ["export", "onnx", str(micro_checkpoint), "--out", str(out), "--variants", "fp32", "--calibration-data", str(synth_data), "--calibration-count", "4"]
+    args = ["export", "onnx", str(micro_checkpoint), "--out", str(out), "--variants", "fp32",
+            "--calibration-data", str(synth_data), "--calibration-count", "4"]
     assert compir_main(args) == 0
     assert "| fp32 |" in capsys.readouterr().out
     first = json.loads((out / "manifest.json").read_text())

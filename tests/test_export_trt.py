@@ -61,7 +61,9 @@ def test_int8_engines_from_calibration(export_copy: Path, synth_data: Path) -> N
         export_copy, options=BuildOptions(precision="int8", max_batch=16), calibration_data=synth_data, calibration_count=16
     )
     assert engines.precision == "int8" and engines.variant == "fp32"
-    explicit = build_engines(export_copy, options=BuildOptions(precision="int8", max_batch=16), variant="int8-static", out_dir=export_copy / "engines-qdq")
+    explicit = build_engines(
+        export_copy, options=BuildOptions(precision="int8", max_batch=16), variant="int8-static", out_dir=export_copy / "engines-qdq"
+    )
     assert explicit.variant == "int8-static"
 
 

@@ -99,7 +99,8 @@ def test_recorded_accuracy_is_what_the_runtime_scores(tiny_export_all: Path, syn
 
     manifest = load_manifest(tiny_export_all)
     for name in ("fp32", "int8-dynamic"):
-        report = evaluate_path(tiny_export_all, data=synth_data, split="test", variant=name, batch_size=64, progress=False).reports["composed"]
+        result = evaluate_path(tiny_export_all, data=synth_data, split="test", variant=name, batch_size=64, progress=False)
+        report = result.reports["composed"]
         for key, value in report.metrics.items():
             assert manifest.variant(name).accuracy[key] == pytest.approx(value, abs=1e-9), (name, key)
 
@@ -133,7 +134,8 @@ def test_int8_weights_cannot_saturate_avx2_kernels(tiny_export_all: Path, varian
     recipe = manifest.variant(variant).quantization
     assert recipe["reduce_range"] is True and recipe["recipe"] and recipe["weight_type"] == "QInt8"
     for graph in manifest.variant(variant).graphs.values():
-        int8_weights = [value for value in _initializers(tiny_export_all / graph.file).values() if value.dtype == np.int8 and value.size > 1]
+        values = _initializers(tiny_export_all / graph.file).values()
+        int8_weights = [value for value in values if value.dtype == np.int8 and value.size > 1]
         assert int8_weights, graph.role
         assert max(int(np.abs(value.astype(np.int32)).max()) for value in int8_weights) <= 64, graph.role
         assert 2 * 255 * 64 <= np.iinfo(np.int16).max

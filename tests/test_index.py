@@ -55,7 +55,7 @@ def test_usearch_recall_against_exact(dtype: str, floor: float) -> None:
     queries = clustered(100, seed=5)
     rows, scores = gallery.vectors.search(queries, k=10)
     expected = brute_force(gallery.vectors.embeds, queries, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, expected)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, expected, strict=True)])
     assert recall >= floor, recall
     assert (np.diff(scores, axis=1) <= 1e-3).all()  # best first
     true = np.take_along_axis(queries @ gallery.vectors.embeds.T, rows, 1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from compir.cli import COMMANDS, main
 
@@ -34,3 +36,93 @@ def test_core_modules_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+# ---- import arrows, checked statically (every import, lazy ones included; TYPE_CHECKING-only ones excepted) ----
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# Front ends and model code sit above the runtime; the HTTP service is a front end (compir/service).
+RUNTIME_MUST_NOT_IMPORT = (
+    "compir.train", "compir.export", "compir.demo", "compir.service", "compir.runtime.service",
+    "torch", "open_clip", "gradio",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[str]:
+    """Dotted targets of every import in ``path`` (``from a import b`` -> ``a.b``), relative ones resolved."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    visit(other)
+                continue  # annotations only: no import at run time
+            if isinstance(child, ast.Import):
+                found.extend(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package[: len(package) - child.level + 1] + ([base] if base else []))
+                found.extend(f"{base}.{alias.name}" for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+def _under(target: str, prefix: str) -> bool:
+    return target == prefix or target.startswith(prefix + ".")
+
+
+def _runtime_files() -> list[Path]:
+    runtime = PACKAGE_ROOT / "compir" / "runtime"
+    return [path for path in sorted(runtime.rglob("*.py")) if "service" not in path.relative_to(runtime).parts]
+
+
+def test_runtime_imports_no_model_code_and_no_front_end():
+    bad = [
+        f"{_module_name(path)} imports {target}"
+        for path in _runtime_files()
+        for target in _imports(path)
+        if any(_under(target, banned) for banned in RUNTIME_MUST_NOT_IMPORT)
+    ]
+    assert not bad, bad
+
+
+def test_metrics_sit_below_the_data_package():
+    bad = [target for target in _imports(PACKAGE_ROOT / "compir" / "metrics.py") if _under(target, "compir.data")]
+    assert not bad, f"compir.metrics imports {bad}; compir.data's readers and baselines import the metrics"
+
+
+def test_no_import_cycle_between_runtime_modules():
+    modules = {_module_name(path): path for path in _runtime_files()}
+
+    def resolve(target: str) -> str | None:  # "compir.runtime.rerank.Reranker" -> "compir.runtime.rerank"
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    edges = {name: {m for t in _imports(path) if (m := resolve(t)) and m != name} for name, path in modules.items()}
+    state: dict[str, str] = {}  # "open" while on the depth-first path, "done" after
+
+    def cycle_from(name: str, path: list[str]) -> list[str] | None:
+        path, state[name] = path + [name], "open"
+        for nxt in sorted(edges[name]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := cycle_from(nxt, path)):
+                return found
+        state[name] = "done"
+        return None
+
+    for name in sorted(modules):
+        if name not in state:
+            cycle = cycle_from(name, [])
+            assert cycle is None, " -> ".join(cycle)

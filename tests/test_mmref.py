@@ -27,7 +27,8 @@ def _clustered(identities: int = 24, dim: int = 16, seed: int = 0) -> tuple[Iden
     stacked /= np.linalg.norm(stacked, axis=1, keepdims=True)
     probes = centres + 0.6 * rng.normal(size=centres.shape)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
-    return Identities([f"id{i}" for i in range(identities)], stacked.astype(np.float32), np.asarray(owner), np.asarray(modality)), probes.astype(np.float32)
+    found = Identities([f"id{i}" for i in range(identities)], stacked.astype(np.float32), np.asarray(owner), np.asarray(modality))
+    return found, probes.astype(np.float32)
 
 
 def test_references_recover_the_identities_of_unseen_members():

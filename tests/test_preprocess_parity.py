@@ -46,7 +46,7 @@ def _sources() -> list[tuple[str, bytes]]:
         cases.append((f"rgb-{w}x{h}", _encoded(Image.fromarray(_photo(w, h, number)), "PNG")))
     photo = Image.fromarray(_photo(97, 131, 50))
     cases.append(("grayscale", _encoded(photo.convert("L"), "PNG")))
-    cases.append(("grayscale-16bit", _encoded(Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257)), "PNG")))
+    cases.append(("grayscale-16bit", _encoded(Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257), "PNG")))
     rgba = photo.convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 97, dtype=np.uint8), (131, 1))))
     cases.append(("rgba", _encoded(rgba, "PNG")))

@@ -28,7 +28,8 @@ def test_provider_order_keeps_only_available_ones() -> None:
 def test_variants_agree_and_report_what_they_run_on(tiny_export: Path) -> None:
     reference = Encoder.from_export(tiny_export, providers=["cpu"])
     variants = sorted(reference.manifest.variants)
-    images = np.random.default_rng(0).normal(size=(4, 3, reference.manifest.preprocess.image_size, reference.manifest.preprocess.image_size)).astype(np.float32)
+    size = reference.manifest.preprocess.image_size
+    images = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
     base = reference.encode_pixels(images).image_embeds
     for variant in variants:
         encoder = Encoder.from_export(tiny_export, providers=["cpu"], variant=variant)

@@ -16,7 +16,9 @@ from compir.runtime.index_cli import main as index_main
 from compir.runtime.search_cli import main as search_main
 
 
-def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_build_reports_unreadable_images(
+    tiny_export: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = tmp_path / "images"
     sources = sorted((synth_data / "images").glob("*.png"))[:20]
     (images / "nested").mkdir(parents=True)
@@ -28,8 +30,8 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.txt").write_text("not an image, not listed")
     out = tmp_path / "index"
-    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3", "--copy-images", "--quiet",
-            "--expansion-search", "300"]
+    argv = [str(tiny_export), "--images", str(images), "--out", str(out), "--dtype", "i8", "--batch-size", "4", "--workers", "3",
+            "--copy-images", "--quiet", "--expansion-search", "300"]
     assert index_main(["build", *argv]) == 0
     captured = capsys.readouterr()
     assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
@@ -47,7 +49,8 @@ def test_index_build_reports_unreadable_images(tiny_export: Path, synth_data: Pa
 
 def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
     item = Gallery.load(tiny_index, export_sha256=None).ids[0]
-    assert search_main([str(tiny_export), str(tiny_index), "--reference", item, "--text", "make it red", "-k", "4", "--json", "--timings"]) == 0
+    argv = [str(tiny_export), str(tiny_index), "--reference", item, "--text", "make it red", "-k", "4", "--json", "--timings"]
+    assert search_main(argv) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["hits"]) == 4 and item not in [h["item_id"] for h in record["hits"]]
     # Warm figures of a query that ran once untimed, every stage run for real (no text cache).

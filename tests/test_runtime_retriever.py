@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_composed_search_matches_the_fused_graph_and_brute_force(retriever: Retr
     assert item not in [h.item_id for h in hits]  # a gallery reference is never its own answer
     expected = _ranking(retriever, _fused_query(tiny_export, path, text, retriever), skip=item)
     assert [h.item_id for h in hits][:5] == expected[:5]
-    assert all(a.score >= b.score - 1e-6 for a, b in zip(hits, hits[1:]))
+    assert all(a.score >= b.score - 1e-6 for a, b in itertools.pairwise(hits))
 
 
 def test_every_reference_form_gives_the_same_query(retriever: Retriever) -> None:
@@ -93,7 +94,7 @@ def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
         {"text": "two squares"},
     ]
     batch = retriever.search_batch(queries, k=6)
-    for query, hits in zip(queries, batch):
+    for query, hits in zip(queries, batch, strict=True):
         single = retriever.search(reference=query.get("reference"), text=query["text"], k=6)
         assert [h.item_id for h in hits] == [h.item_id for h in single]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
@@ -114,7 +115,7 @@ def test_search_batch_shares_the_text_cache_and_batches_uploads(retriever: Retri
         {"reference": ids[3], "text": "a brand new text"},
     ]
     batch = retriever.search_batch(queries, k=5)
-    for query, hits in zip(queries, batch):
+    for query, hits in zip(queries, batch, strict=True):
         single = retriever.search(reference=query["reference"], text=query["text"], k=5)
         assert [h.item_id for h in hits] == [h.item_id for h in single]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)

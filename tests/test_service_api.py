@@ -174,13 +174,17 @@ def _corrupt() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + b"garbage" * 10
 
 
+def _png_reference(data: bytes) -> dict[str, tuple[str, bytes, str]]:
+    return {"reference": ("a.png", data, "image/png")}
+
+
 BAD_SEARCHES = [
     ("corrupt image", {"files": {"reference": ("a.png", _corrupt(), "image/png")}, "data": {"text": "x"}}, 422, "reference"),
-    ("truncated image", {"files": {"reference": ("a.png", png_bytes(noise=True)[:300], "image/png")}, "data": {"text": "x"}}, 422, "reference"),
+    ("truncated image", {"files": _png_reference(png_bytes(noise=True)[:300]), "data": {"text": "x"}}, 422, "reference"),
     ("zero-byte image", {"files": {"reference": ("a.png", b"", "image/png")}, "data": {"text": "x"}}, 422, "empty"),
     ("not an image", {"files": {"reference": ("a.txt", b"hello world", "text/plain")}, "data": {"text": "x"}}, 422, "not a readable image"),
-    ("too many pixels", {"files": {"reference": ("a.png", png_bytes((300, 300)), "image/png")}, "data": {"text": "x"}}, 413, "max_image_pixels"),
-    ("too many bytes", {"files": {"reference": ("a.png", png_bytes((200, 200), noise=True), "image/png")}, "data": {"text": "x"}}, 413, "max_upload_bytes"),
+    ("too many pixels", {"files": _png_reference(png_bytes((300, 300))), "data": {"text": "x"}}, 413, "max_image_pixels"),
+    ("too many bytes", {"files": _png_reference(png_bytes((200, 200), noise=True)), "data": {"text": "x"}}, 413, "max_upload_bytes"),
     ("empty text", {"data": {"text": "", "reference_id": "@first"}}, 422, "text is empty"),
     ("blank text", {"data": {"text": "   ", "k": 3}}, 422, "text is empty"),
     ("overlong text", {"data": {"text": "y" * 201}}, 422, "max_text_chars=200"),
@@ -190,7 +194,7 @@ BAD_SEARCHES = [
     ("k negative", {"data": {"text": "x", "k": -3}}, 422, "k=-3"),
     ("k too large", {"data": {"text": "x", "k": 21}}, 422, "max_k=20"),
     ("k not a number", {"data": {"text": "x", "k": "many"}}, 422, "k:"),
-    ("upload and id", {"files": {"reference": ("a.png", png_bytes(), "image/png")}, "data": {"text": "x", "reference_id": "@first"}}, 422, "either"),
+    ("upload and id", {"files": _png_reference(png_bytes()), "data": {"text": "x", "reference_id": "@first"}}, 422, "either"),
 ]
 
 

@@ -102,8 +102,8 @@ def test_every_weighted_term_is_a_head_term(model):
 
 
 def test_tgcir_checkpoint_exports_with_fp32_parity(model, tmp_path):
-    from compir.export.to_onnx import export_onnx
     from compir.export.parity import open_session, run_session
+    from compir.export.to_onnx import export_onnx
     from compir.train.checkpoint import save_checkpoint
 
     checkpoint = tmp_path / "tgcir.pt"

@@ -95,7 +95,8 @@ def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
         query = loaded.model.compose(reference[:1], text_features).numpy()
     refs, proj = mmref.state_dict["references"].numpy(), mmref.state_dict["projection"].numpy()
     pooled = gallery.features[rows].mean(axis=1)
-    coords = reference_coordinates(pooled / np.linalg.norm(pooled, axis=1, keepdims=True), references=refs, projection=proj, temperature=TEMPERATURE)
+    pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    coords = reference_coordinates(pooled, references=refs, projection=proj, temperature=TEMPERATURE)
     query_coords = reference_coordinates(query, references=refs, projection=proj, temperature=TEMPERATURE)[0]
     cosine = np.array([h.score for h in first])
     expected = (1 - MMREF_WEIGHT) * cosine + MMREF_WEIGHT * coords @ query_coords + NEUCORE_WEIGHT * joint

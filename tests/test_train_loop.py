@@ -63,7 +63,8 @@ def test_frozen_tower_does_not_change(synth_data, tmp_path):
     from compir.train.model import CIRModel
 
     initial = CIRModel(resolve_model_config("micro"))
-    for (name, before), after in zip(initial.backbone.visual.state_dict().items(), trained.backbone.visual.state_dict().values()):
+    trained_weights = trained.backbone.visual.state_dict().values()
+    for (name, before), after in zip(initial.backbone.visual.state_dict().items(), trained_weights, strict=True):
         assert torch.equal(before, after), name
     assert not torch.equal(initial.head.gate[0].weight, trained.head.gate[0].weight)
 
@@ -84,3 +85,23 @@ def test_real_dataset_trains_from_files_on_disk(synth_data, tmp_path):
     ))
     assert result.steps == 2 and result.history[0]["metrics"]["R@1"] >= 0.0
     assert load_checkpoint(result.best_checkpoint).step == 2
+
+
+def test_fixed_step_count_trains_exactly_that_many_steps_and_reports_throughput(synth_data, tmp_path, capsys):
+    code = main([
+        "--data", str(synth_data), "--model", "micro", "--out", str(tmp_path / "steps"), "--steps", "12",
+        "--steps-per-epoch", "5", "--batch-size", "8", "--val-queries", "8", "--no-progress", "--amp", "auto",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    last = load_checkpoint(tmp_path / "steps" / "last.pt")
+    assert last.step == 12 and last.epoch == 3  # 5 + 5 + 2: the last epoch stops at the step count
+    assert "precision: auto: " in out  # the decision and its measured reason
+    assert "throughput: " in out and "steps/s" in out
+
+
+def test_invalid_step_count_is_refused(synth_data, tmp_path):
+    from compir.errors import InputError
+
+    with pytest.raises(InputError, match="--steps must be >= 1"):
+        train(TrainOptions(data=synth_data, out_dir=tmp_path / "bad", model="micro", steps=0, progress=False))

@@ -26,7 +26,7 @@ def micro_model() -> CIRModel:
 def test_builtin_configs_resolve_and_tiny_is_the_documented_size():
     assert {"tiny", "micro"} <= set(list_model_configs())
     tiny = resolve_model_config("tiny")
-    assert (tiny.image_size, tiny.context_length, tiny.embed_dim) == (64, 32, 128)
+    assert (tiny.image_size, tiny.context_length, tiny.embed_dim) == (32, 32, 128)  # 32 px input: the 64 px renders downsampled
     assert tiny.clip_cfg["vision_cfg"]["patch_size"] == 8 and tiny.head == "combiner"
     assert ModelConfig.from_dict(tiny.to_dict()) == tiny
 
@@ -120,7 +120,31 @@ def test_pretrained_weights_load_from_a_local_open_clip_file(tmp_path, micro_mod
     weights = tmp_path / "open_clip_weights.pt"
     torch.save(micro_model.backbone.state_dict(), weights)  # what open_clip checkpoints hold
     loaded = CIRModel(resolve_model_config("micro"), pretrained=str(weights))
-    for (name, expected), actual in zip(micro_model.backbone.state_dict().items(), loaded.backbone.state_dict().values()):
+    for (name, expected), actual in zip(micro_model.backbone.state_dict().items(), loaded.backbone.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
     with pytest.raises(InputError, match="pretrained"):
         CIRModel(resolve_model_config("micro"), pretrained=str(tmp_path / "missing.pt"))
+
+
+def _config_file(tmp_path, name: str, **changes) -> str:
+    record = {"open_clip": resolve_model_config("micro").clip_cfg, "head": {"name": "combiner"}, **changes}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return str(path)
+
+
+def test_loss_weights_name_only_terms_the_head_trains(tmp_path):
+    with pytest.raises(InputError, match=r"unknown term\(s\) \['compsoed'\]; head 'combiner' trains \['composed', 'caption'\]"):
+        resolve_model_config(_config_file(tmp_path, "typo", loss_weights={"composed": 1.0, "compsoed": 0.5}))
+    with pytest.raises(InputError, match=r"\['teacher'\]"):  # a TG-CIR term on the combiner head
+        resolve_model_config(_config_file(tmp_path, "other", loss_weights={"composed": 1.0, "teacher": 0.5}))
+    tgcir = {"name": "tgcir", **resolve_model_config("micro-tgcir").head_options}
+    config = resolve_model_config(_config_file(tmp_path, "ok", head=tgcir, loss_weights={"composed": 1.0, "teacher": 0.5, "caption": 0.1}))
+    assert set(config.loss_weights) == {"composed", "teacher", "caption"}
+    for name in list_model_configs():
+        resolve_model_config(name)  # every built-in config passes
+
+
+def test_preprocess_mean_and_std_need_three_channels(tmp_path):
+    with pytest.raises(InputError, match="bad_mean.json: preprocess mean: expected 3 values"):
+        resolve_model_config(_config_file(tmp_path, "bad_mean", preprocess={"mean": [0.5, 0.5, 0.5, 0.5]}))

@@ -13,7 +13,7 @@ One query per caption record; its text joins the two captions as the CIR repos d
 Image names are qualified by category, ``"dress/B00006M009"``: FashionIQ evaluates each category
 against the whole split *of that category*, and the qualified name is how
 :func:`compir.metrics.evaluate_split` restricts each query to its category's gallery
-(:func:`category_of`). ``Query.group`` is the category.
+(the part before ``/``). ``Query.group`` is the category.
 """
 
 from __future__ import annotations
@@ -33,14 +33,6 @@ def is_fashioniq(root: Path) -> bool:
 
 def qualified_name(category: str, name: str) -> str:
     return f"{category}/{name}"
-
-
-def category_of(name: str) -> str:
-    """The category of a qualified FashionIQ image name (``"dress/B00..." -> "dress"``)."""
-    category, sep, _ = name.partition("/")
-    if not sep or category not in CATEGORIES:
-        raise DatasetError(f"{name!r} is not a category-qualified FashionIQ name like 'dress/B00006M009'")
-    return category
 
 
 def join_captions(captions: list[str]) -> str:

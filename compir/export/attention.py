@@ -82,5 +82,5 @@ def export_ready(model: nn.Module) -> nn.Module:
     if all(children[name] is child for name, child in model.named_children()):
         return model
     clone = copy.copy(model)
-    clone._modules = {**model._modules, **children}  # type: ignore[assignment]
+    clone._modules = {**model._modules, **children}
     return clone

@@ -24,19 +24,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    onnx = commands.add_parser("onnx", help="ONNX graphs, variants and manifest.json", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    onnx = commands.add_parser(
+        "onnx", help="ONNX graphs, variants and manifest.json", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     onnx.add_argument("checkpoint", type=Path, help="a compir checkpoint (compir train's best.pt)")
     onnx.add_argument("--out", type=Path, required=True, help="export folder to create")
-    onnx.add_argument("--variants", default="fp32,fp16,int8-dynamic,int8-static", help="comma-separated: fp32,fp16,int8-dynamic,int8-static (default: all)")
+    onnx.add_argument(
+        "--variants", default="fp32,fp16,int8-dynamic,int8-static",
+        help="comma-separated: fp32,fp16,int8-dynamic,int8-static (default: all)",
+    )
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
-    onnx.add_argument("--calibration-data", type=Path, default=None, help="dataset root or image folder for parity and int8 calibration (default: rendered scenes)")
+    onnx.add_argument(
+        "--calibration-data", type=Path, default=None,
+        help="dataset root or image folder for parity and int8 calibration (default: rendered scenes)",
+    )
     onnx.add_argument("--calibration-count", type=int, default=64, help="calibration images / texts (default 64)")
     onnx.add_argument("--eval-data", type=Path, default=None, help="dataset root: record each variant's recall and its drop vs fp32")
     onnx.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
     onnx.add_argument("--tolerance", type=float, default=1e-4, help="fp32 parity: max abs difference to torch (default 1e-4)")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
-    engine = commands.add_parser("engine", help="TensorRT engines + engines.json (run on the serving GPU)", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine = commands.add_parser(
+        "engine", help="TensorRT engines + engines.json (run on the serving GPU)", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     engine.add_argument("export_dir", type=Path, help="an export folder (compir export onnx)")
     engine.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
     engine.add_argument("--variant", default=None, help="ONNX variant to parse (default fp32; int8-static for explicit int8)")
@@ -45,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-batch", type=int, default=64)
     engine.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace memory pool (GiB)")
     engine.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, loaded if present and saved after the build")
-    engine.add_argument("--calibration-data", type=Path, default=None, help="int8 from fp32: dataset root or image folder (default: rendered scenes)")
+    engine.add_argument(
+        "--calibration-data", type=Path, default=None, help="int8 from fp32: dataset root or image folder (default: rendered scenes)"
+    )
     engine.add_argument("--out", type=Path, default=None, help="engine folder (default EXPORT_DIR/engines, where the runtime looks)")
     return parser
 

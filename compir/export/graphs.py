@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from compir.contracts import atomic_output_path
-from compir.export.attention import export_ready
 from compir.errors import ContractError
+from compir.export.attention import export_ready
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, TensorSpec
 
 BATCH_AXIS = "batch"
@@ -91,7 +91,7 @@ def run_torch(defn: GraphDef, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
             f"{defn.role}: the model returned {len(outputs)} outputs, the export contract names "
             f"{len(defn.output_names)} ({', '.join(defn.output_names)})"
         )
-    return {name: out.detach().float().numpy() for name, out in zip(defn.output_names, outputs)}
+    return {name: out.detach().float().numpy() for name, out in zip(defn.output_names, outputs, strict=True)}
 
 
 def export_graph(defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:

@@ -25,7 +25,7 @@ def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     names = [out.name for out in session.get_outputs()]
     wanted = {inp.name for inp in session.get_inputs()}
     values = session.run(names, {name: array for name, array in feeds.items() if name in wanted})
-    return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values)}
+    return {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, values, strict=True)}
 
 
 def check_fp32_parity(

@@ -83,7 +83,8 @@ def add_rerankers(
             graphs[RERANKER] = spec
             settings[kind]["graph"] = RERANKER
         else:
-            for name, file, key in (("mmref_references", REFERENCES_FILE, "references"), ("mmref_projection", PROJECTION_FILE, "projection")):
+            arrays = (("mmref_references", REFERENCES_FILE, "references"), ("mmref_projection", PROJECTION_FILE, "projection"))
+            for name, file, key in arrays:
                 artifacts[name] = _write_array(folder / file, sidecar.state_dict[key].numpy(), description=f"MMRef {key}")
             settings[kind] |= {"references": "mmref_references", "projection": "mmref_projection"}
     write_contract(folder / RERANKERS_FILE, fmt=RERANKERS_FORMAT, schema_version=RERANKERS_SCHEMA, body={"rerankers": settings})
@@ -118,7 +119,8 @@ def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch
     export_graph(defn, feeds=feeds, path=path, opset=opset)
     worst = check_fp32_parity(defn, path=path, feeds=feeds, tolerance=tolerance)
     inputs, outputs = read_io(path)
-    return GraphSpec(role=RERANKER, file=path.relative_to(folder).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs), worst
+    spec = GraphSpec(role=RERANKER, file=path.relative_to(folder).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs)
+    return spec, worst
 
 
 def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:

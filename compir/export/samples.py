@@ -17,7 +17,7 @@ import torch
 
 from compir.data.types import CirSplit
 from compir.errors import CompirError, ContractError
-from compir.images import load_image
+from compir.images import ImageSource, load_image
 from compir.manifest import PreprocessSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -74,12 +74,12 @@ def load_samples(
     )
 
 
-def pixels(images: Sequence[object], *, preprocess: PreprocessSpec) -> np.ndarray:
+def pixels(images: Sequence[ImageSource], *, preprocess: PreprocessSpec) -> np.ndarray:
     """Image paths or PIL images -> (N, 3, S, S) float32 through the model's own eval transform."""
     from compir.train.transforms import eval_transform
 
     transform = eval_transform(preprocess)
-    tensors = [transform(load_image(image)) for image in images]  # type: ignore[arg-type]
+    tensors = [transform(load_image(image)) for image in images]
     return torch.stack(tensors).numpy().astype(np.float32)
 
 
@@ -89,7 +89,7 @@ def token_ids(texts: Sequence[str], *, context_length: int) -> np.ndarray:
     return tokenize(list(texts), context_length=context_length).numpy().astype(np.int64)
 
 
-def _from_folder(root: Path, count: int, *, seed: int) -> tuple[list[object], list[str], list[str]]:
+def _from_folder(root: Path, count: int, *, seed: int) -> tuple[list[ImageSource], list[str], list[str]]:
     if not root.is_dir():
         raise ContractError(f"calibration data folder {root} does not exist")
     dataset = _dataset_split(root)
@@ -97,7 +97,7 @@ def _from_folder(root: Path, count: int, *, seed: int) -> tuple[list[object], li
     if dataset is not None:
         names = list(dataset.gallery)
         picked = sorted(rng.choice(len(names), size=min(count, len(names)), replace=False).tolist())
-        paths: list[object] = [dataset.image_path(names[i]) for i in picked]
+        paths: list[ImageSource] = [dataset.image_path(names[i]) for i in picked]
         texts = [query.text for query in dataset.queries] or list(_FALLBACK_TEXTS)
         order = rng.permutation(len(texts))[:count]
         return paths, [names[i] for i in picked], [texts[i] for i in order]
@@ -121,11 +121,11 @@ def _dataset_split(root: Path) -> CirSplit | None:
     return None
 
 
-def _rendered(count: int, *, seed: int, size: int) -> tuple[list[object], list[str], list[str]]:
+def _rendered(count: int, *, seed: int, size: int) -> tuple[list[ImageSource], list[str], list[str]]:
     from compir.data.synth import sample_train_query
     from compir.data.synth_scene import render_scene
 
     rng = np.random.default_rng(seed)
     queries = [sample_train_query(rng) for _ in range(count)]
-    images: list[object] = [render_scene(q.reference, size=size) for q in queries]
+    images: list[ImageSource] = [render_scene(q.reference, size=size) for q in queries]
     return images, [q.reference.key for q in queries], [q.text for q in queries]

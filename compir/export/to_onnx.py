@@ -212,7 +212,9 @@ def _variant_spec(name: str, paths: dict[str, Path], *, root: Path, parity: dict
     graphs = {}
     for role, path in paths.items():
         inputs, outputs = read_io(path)
-        graphs[role] = GraphSpec(role=role, file=path.relative_to(root).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs)
+        graphs[role] = GraphSpec(
+            role=role, file=path.relative_to(root).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs
+        )
     return VariantSpec(name=name, graphs=graphs, parity=parity, quantization=quantization)
 
 

@@ -143,7 +143,7 @@ def _feed_reader_base() -> type:
     return CalibrationDataReader
 
 
-class _FeedReader(_feed_reader_base()):  # type: ignore[misc]
+class _FeedReader(_feed_reader_base()):  # type: ignore[misc]  # a base resolved at run time keeps onnxruntime a lazy import
     """onnxruntime's CalibrationDataReader over a list of feed dicts."""
 
     def __init__(self, batches: Sequence[dict[str, np.ndarray]]) -> None:

@@ -113,7 +113,7 @@ def _decoded_batches(
         batch_paths: list[Path] = []
         arrays: list[np.ndarray] = []
         errors: list[tuple[str, str]] = []
-        for item_id, path, result in zip(ids, files, results):
+        for item_id, path, result in zip(ids, files, results, strict=True):
             if isinstance(result, str):
                 errors.append((str(path), result))
             else:
@@ -127,7 +127,9 @@ def _decoded_batches(
             yield batch_ids, batch_paths, np.stack(arrays) if arrays else np.zeros((0,)), errors
 
 
-def _ahead(pool: ThreadPoolExecutor, fn: Callable[[Path], np.ndarray | str], items: Iterable[Path], *, window: int) -> Iterator[np.ndarray | str]:
+def _ahead(
+    pool: ThreadPoolExecutor, fn: Callable[[Path], np.ndarray | str], items: Iterable[Path], *, window: int
+) -> Iterator[np.ndarray | str]:
     """``map(fn, items)`` in order on ``pool``, with at most ``window`` calls submitted and unread
     (``Executor.map`` would submit every item at once and hold every result)."""
     pending: deque[Future[np.ndarray | str]] = deque()

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from compir.errors import ContractError
-from compir.manifest import COMPOSER, IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, load_manifest, manifest_sha256
+from compir.manifest import COMPOSER, IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, TensorSpec, load_manifest, manifest_sha256
 from compir.runtime.backends import Backend, GraphSession, open_backend
 from compir.runtime.backends.base import numpy_dtype
 from compir.runtime.preprocess import check_spec, preprocess_batch
@@ -129,12 +129,11 @@ class Encoder:
                 raise ContractError(f"{role} output {name!r} has shape (batch, {tail}), the manifest's embed_dim is {self.embed_dim}")
 
 
-def _static_tail(spec: object) -> tuple[int, ...]:
-    shape = getattr(spec, "shape")
-    tail = tuple(shape[1:])
-    if not all(isinstance(dim, int) for dim in tail):
-        raise ContractError(f"tensor {getattr(spec, 'name')!r}: only the batch axis may be dynamic, got {list(shape)}")
-    return tail  # type: ignore[return-value]
+def _static_tail(spec: TensorSpec) -> tuple[int, ...]:
+    tail = tuple(dim for dim in spec.shape[1:] if isinstance(dim, int))
+    if len(tail) != len(spec.shape) - 1:
+        raise ContractError(f"tensor {spec.name!r}: only the batch axis may be dynamic, got {list(spec.shape)}")
+    return tail
 
 
 def _run(session: GraphSession, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:

@@ -27,7 +27,9 @@ class SplitEncoding:
     gallery_names: list[str]
 
 
-def encode_split(encoders: Mapping[str, Encoder], split: CirSplit, *, batch_size: int = 64, progress: bool = True) -> dict[str, SplitEncoding]:
+def encode_split(
+    encoders: Mapping[str, Encoder], split: CirSplit, *, batch_size: int = 64, progress: bool = True
+) -> dict[str, SplitEncoding]:
     """Gallery and composed-query embeddings of ``split`` through each encoder (e.g. one per variant).
 
     Every image (gallery and references) is decoded and preprocessed once and encoded by every
@@ -70,5 +72,6 @@ def encode_split_for_export(
     batch_size: int = 64,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(query_embeds (Q, D), gallery_embeds (G, D), gallery_names) of ``split`` through one variant."""
-    encoded = encode_split({"export": Encoder.from_export(export_dir, backend=backend, variant=variant)}, split, batch_size=batch_size)["export"]
+    encoder = Encoder.from_export(export_dir, backend=backend, variant=variant)
+    encoded = encode_split({"export": encoder}, split, batch_size=batch_size)["export"]
     return encoded.query_embeds, encoded.gallery_embeds, encoded.gallery_names

@@ -98,7 +98,7 @@ class Gallery:
         results: list[list[tuple[str, float]]] = []
         for q in range(rows.shape[0]):
             skip = exclude[q] if q < len(exclude) else None
-            hits = [(self.ids[r], float(s)) for r, s in zip(rows[q], scores[q]) if self.ids[r] != skip]
+            hits = [(self.ids[r], float(s)) for r, s in zip(rows[q], scores[q], strict=True) if self.ids[r] != skip]
             results.append(hits[:k])
         return results
 
@@ -127,8 +127,8 @@ class Gallery:
         keep = np.ones(len(self), dtype=bool)
         keep[rows] = False
         self.features = self.features[keep]
-        self.ids = [item for item, kept in zip(self.ids, keep) if kept]
-        self.paths = [path for path, kept in zip(self.paths, keep) if kept]
+        self.ids = [item for item, kept in zip(self.ids, keep, strict=True) if kept]
+        self.paths = [path for path, kept in zip(self.paths, keep, strict=True) if kept]
         self._reindex()
         return len(rows)
 
@@ -153,7 +153,7 @@ class Gallery:
             raise ContractError("no index folder to save to")
         target.mkdir(parents=True, exist_ok=True)
         generation = self._generation + 1
-        names = {role: f"{role}.{generation}.{ext}" for role, ext in zip(_ROLES, ("usearch", "npy", "npy", "json"))}
+        names = {role: f"{role}.{generation}.{ext}" for role, ext in zip(_ROLES, ("usearch", "npy", "npy", "json"), strict=True)}
         with atomic_output_path(target / names["vectors"]) as tmp:
             self.vectors.save_ann(tmp)
         _save_array(target / names["embeds"], self.vectors.embeds)
@@ -195,7 +195,8 @@ class Gallery:
             raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
         record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
         source = str(folder / INDEX_FILE)
-        require_keys(record, ["export_manifest_sha256", "dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"], source=source)
+        required = ["export_manifest_sha256", "dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"]
+        require_keys(record, required, source=source)
         if export_sha256 is not None and record["export_manifest_sha256"] != export_sha256:
             raise ContractError(
                 f"index {folder} was built with another encoder (export manifest sha256 "

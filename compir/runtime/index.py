@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compir.errors import ContractError
+
+if TYPE_CHECKING:
+    from usearch.index import Index
 
 DTYPES = ("f32", "f16", "i8")
 DEFAULT_DTYPE = "f16"
@@ -58,7 +61,7 @@ class VectorIndex:
         self.search_mode = search_mode
         self.keys = np.zeros((0,), dtype=np.uint64)
         self.embeds = np.zeros((0, ndim), dtype=np.float32)
-        self._ann: Any = None  # usearch.index.Index, built or restored on demand
+        self._ann: Index | None = None  # built or restored on demand
         self._ann_is_view = False
 
     def __len__(self) -> int:
@@ -137,7 +140,7 @@ class VectorIndex:
         ann.expansion_search = self.hnsw.expansion_search  # type: ignore[misc]  # usearch has a setter; its stub misses it
         self._ann, self._ann_is_view = ann, view
 
-    def _ensure_ann(self):  # type: ignore[no-untyped-def]
+    def _ensure_ann(self) -> Index:
         if self._ann is None:
             from usearch.index import Index
 
@@ -154,9 +157,9 @@ class VectorIndex:
             self._ann, self._ann_is_view = ann, False
         return self._ann
 
-    def _writable_ann(self):  # type: ignore[no-untyped-def]
+    def _writable_ann(self) -> Index:
         # usearch crashes the process when a memory-mapped view is modified: copy it in first.
-        if self._ann_is_view:
+        if self._ann is not None and self._ann_is_view:
             self._ann = self._ann.copy()
             self._ann_is_view = False
         return self._ensure_ann()

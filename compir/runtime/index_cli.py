@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.build import build_index
+from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.encoder import Encoder
 from compir.runtime.index import DEFAULT_DTYPE, DTYPES, HnswConfig
 
@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2
     hnsw = HnswConfig(connectivity=args.connectivity, expansion_add=args.expansion_add, expansion_search=args.expansion_search)
-    encoder = Encoder.from_export(args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False)
+    encoder = Encoder.from_export(
+        args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
+    )
     report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
                          workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file

@@ -8,15 +8,18 @@ similarity) cannot live in the ANN index, so it re-orders the top-N instead. To 
 2. register a factory: ``register_reranker("neucore", factory)``, where
    ``factory(encoder, manifest, variant) -> Reranker | None`` builds it from the export's
    ``reranker`` graph or its artifacts (``None`` = not applicable to this export);
-3. :func:`load_reranker` imports compir's own re-rankers (:mod:`compir.runtime.rerankers`) and
-   tries every registered factory; the Retriever's ``has_reranker`` is True
+3. :func:`compir.runtime.rerankers.load_reranker` (which registers compir's own re-rankers on
+   import) tries every registered factory; the Retriever's ``has_reranker`` is True
    once one returns a reranker, and ``search(..., rerank=True)`` then re-orders the top
    ``top_n`` (default :data:`DEFAULT_TOP_N`) candidates.
+
+This module is the interface only and imports no re-ranker: implementations import it, never
+the other way round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -65,23 +68,10 @@ _FACTORIES: dict[str, RerankerFactory] = {}
 
 
 def register_reranker(name: str, factory: RerankerFactory) -> None:
-    """Make ``factory`` a candidate for :func:`load_reranker` (later names replace earlier ones)."""
+    """Make ``factory`` a candidate for :func:`compir.runtime.rerankers.load_reranker` (later names replace earlier ones)."""
     _FACTORIES[name] = factory
 
 
-def registered_rerankers() -> Sequence[str]:
-    return tuple(_FACTORIES)
-
-
-def load_reranker(encoder: Encoder) -> Reranker | None:
-    """The first registered reranker that applies to the encoder's export, or None.
-
-    compir's own re-rankers (:mod:`compir.runtime.rerankers`: NEUCORE, MMRef) register on import.
-    """
-    import compir.runtime.rerankers  # noqa: F401
-
-    for factory in _FACTORIES.values():
-        reranker = factory(encoder, encoder.manifest, encoder.variant)
-        if reranker is not None:
-            return reranker
-    return None
+def registered_rerankers() -> dict[str, RerankerFactory]:
+    """The registered factories by name, in registration order (a copy)."""
+    return dict(_FACTORIES)

@@ -34,7 +34,8 @@ from compir.errors import InputError
 from compir.images import load_image
 from compir.runtime.encoder import Encoder, TextEncoding
 from compir.runtime.gallery import Gallery
-from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery, load_reranker
+from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
+from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
@@ -138,7 +139,7 @@ class Retriever:
         vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
         composed = [row for row, (_, feats) in enumerate(resolved) if feats is not None]
         if composed:
-            image_features = np.stack([resolved[row][1] for row in composed])  # type: ignore[misc]
+            image_features = np.stack([feats for _, feats in resolved if feats is not None])  # rows in `composed` order
             vectors[composed] = self.encoder.compose(image_features, text_features[composed])
         with self._lock:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
@@ -148,11 +149,11 @@ class Retriever:
     def add_items(self, items: Mapping[str, str | bytes | os.PathLike[str] | Image.Image]) -> list[str]:
         """Encode and add (or replace) items; their images are copied into the index folder."""
         ids = [validate_item_id(item_id) for item_id in items]
-        images = [load_image(source, name=item_id) for item_id, source in items.items()]  # type: ignore[arg-type]
+        images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
             paths = []
-            for source, image in zip(items.values(), images):
+            for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
             self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
@@ -199,7 +200,7 @@ class Retriever:
                 uploads.append((row, _decode_reference(reference)))
         if uploads:
             features = self.encoder.encode_images([image for _, image in uploads]).image_features
-            for (row, _), row_features in zip(uploads, features):
+            for (row, _), row_features in zip(uploads, features, strict=True):
                 resolved[row] = (None, row_features)
         return resolved
 
@@ -216,7 +217,7 @@ class Retriever:
         with self._lock:
             # A text evicted meanwhile (a cache smaller than the batch) is encoded again, alone.
             entries = [self._texts.get(text) for text in texts]
-        return [entry if entry is not None else self._encode_text(text, {}) for text, entry in zip(texts, entries)]
+        return [entry if entry is not None else self._encode_text(text, {}) for text, entry in zip(texts, entries, strict=True)]
 
     def _encode_text(self, text: str, timings: dict[str, float]) -> _Text:
         with self._lock:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from compir.errors import InputError
-from compir.manifest import PreprocessSpec
+from compir.manifest import PreprocessSpec, rgb_values
 
 # The tiny backbone with the TG-CIR composer: at the same step budget it beats the combiner
 # (`tiny`) by ~9 R@1 on the synthetic benchmark (README, methods ablation).
 DEFAULT_MODEL = "tiny-tgcir"
+# The loss term CIRModel adds to its head's (text-only search: captions vs gallery vectors).
+CAPTION_LOSS = "caption"
 # open_clip's defaults (OPENAI_DATASET_MEAN / STD); pretrained tags may override them.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,7 +45,7 @@ class ModelConfig:
     clip_name: str = ""  # open_clip model name the architecture came from ("" = inline)
     head: str = "combiner"
     head_options: dict[str, Any] = field(default_factory=dict)
-    # Weight of each named loss term (the head's terms plus the loop's "caption" term).
+    # Weight of each named loss term: the head's terms plus CAPTION_LOSS (checked by loss_terms()).
     loss_weights: dict[str, float] = field(default_factory=lambda: {"composed": 1.0})
     preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's defaults
     description: str = ""
@@ -68,8 +70,8 @@ class ModelConfig:
             image_size=self.image_size,
             resize_mode=str(pre.get("resize_mode", "shortest")),
             interpolation=str(pre.get("interpolation", "bicubic")),
-            mean=tuple(float(x) for x in pre.get("mean", _CLIP_MEAN)),  # type: ignore[arg-type]
-            std=tuple(float(x) for x in pre.get("std", _CLIP_STD)),  # type: ignore[arg-type]
+            mean=rgb_values(pre.get("mean", _CLIP_MEAN), field_name="mean"),
+            std=rgb_values(pre.get("std", _CLIP_STD), field_name="std"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,3 +186,18 @@ def _validate(config: ModelConfig, source: str) -> None:
         raise InputError(f"{source}: embed_dim must be positive")
     if not config.loss_weights or all(w <= 0 for w in config.loss_weights.values()):
         raise InputError(f"{source}: loss_weights must give at least one term a positive weight")
+    terms = loss_terms(config.head)
+    unknown = sorted(set(config.loss_weights) - set(terms))
+    if unknown:
+        raise InputError(f"{source}: loss_weights names unknown term(s) {unknown}; head {config.head!r} trains {list(terms)}")
+    try:
+        config.preprocess_spec()
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from exc
+
+
+def loss_terms(head: str) -> tuple[str, ...]:
+    """The loss terms a model with composition head ``head`` trains: the head's plus :data:`CAPTION_LOSS`."""
+    from compir.train.heads import head_class  # torch: only once a config is resolved, never for `--help`
+
+    return (*head_class(head).loss_terms, CAPTION_LOSS)

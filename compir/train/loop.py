@@ -24,45 +24,19 @@ from compir.data.load import detect_format, load_split
 from compir.data.synthetic import synth_config_of
 from compir.errors import InputError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
-from compir.train.config import DEFAULT_MODEL, resolve_model_config
+from compir.train.config import resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
+from compir.train.options import AMP_MODES, TrainOptions
+from compir.train.precision import TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+# After this many steps the run prints its measured throughput and the steps its budget will give.
+_THROUGHPUT_REPORT_STEP = 10
 
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything a run depends on (recorded in ``train_log.json``)."""
-
-    data: Path
-    out_dir: Path
-    model: str = DEFAULT_MODEL  # built-in config name, config JSON path or open_clip model name
-    pretrained: str | None = None  # open_clip tag or local open_clip weights file
-    epochs: int | None = None  # None with no minutes: 10
-    minutes: float | None = None  # wall-clock budget for the whole run (training + validation)
-    batch_size: int = 128  # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 40
-    grad_clip: float = 1.0
-    backbone_lr_scale: float = 1.0
-    seed: int = 0
-    resume: Path | None = None
-    freeze_image: bool = False
-    freeze_text: bool = False
-    amp: str = "auto"  # auto: bf16 on CPU and on CUDA that has it, else fp16
-    steps_per_epoch: int | None = None  # default: synthetic = train split size / batch; real = one pass
-    siblings: int | None = None  # synthetic data: edits per reference in a batch
-    val_split: str = "val"
-    val_queries: int | None = None  # evaluate on the first N validation queries only
-    workers: int = 2  # DataLoader workers for real datasets
-    device: str = "auto"
-    data_format: str = "auto"
-    progress: bool = True
+__all__ = ["AMP_MODES", "TrainOptions", "TrainResult", "train"]  # the options live in compir.train.options (torch-free)
 
 
 @dataclass(frozen=True)
@@ -84,6 +58,12 @@ def train(options: TrainOptions) -> TrainResult:
     """Train a model on ``options.data`` and write the run folder (rank 0)."""
     if options.amp not in AMP_MODES:
         raise InputError(f"--amp must be one of {', '.join(AMP_MODES)}, got {options.amp!r}")
+    for name in ("steps", "epochs"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name} must be >= 1, got {value}")
+    if options.minutes is not None and options.minutes <= 0:
+        raise InputError(f"--minutes must be positive, got {options.minutes}")
     ctx = setup_distributed(options.device)
     try:
         return _Run(options, ctx).run()
@@ -112,7 +92,10 @@ class _Run:
         )
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.amp_dtype = _amp_dtype(options.amp, ctx.device)
+        self.amp = choose_amp(options.amp, ctx.device)
+        self.amp_dtype = self.amp.dtype
+        # A resumed run keeps the precision it would pick again; a trial runs on a fresh run only.
+        self._trial: dict[torch.dtype | None, list[float]] | None = {} if self.amp.trial and resumed is None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.wrapped: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -120,7 +103,7 @@ class _Run:
             else self.model
         )
         self.source = self._source()
-        self.epochs = options.epochs if options.epochs is not None else (None if options.minutes else 10)
+        self.epochs = options.epochs if options.epochs is not None else (None if options.minutes or options.steps else 10)
         self.val = load_split(options.data, split=options.val_split, fmt=options.data_format) if ctx.is_main else None
         if self.val is not None and options.val_queries:
             self.val = dataclasses.replace(self.val, queries=self.val.queries[: options.val_queries])
@@ -151,8 +134,11 @@ class _Run:
             print(
                 f"compir train: {self.model.config.name} ({count_parameters(self.model) / 1e6:.1f}M parameters, "
                 f"{trainable / 1e6:.1f}M trainable) on {self.ctx.device} x{self.ctx.world_size}, "
-                f"amp={self.amp_dtype or 'off'}, {len(self.source)} steps/epoch, batch {o.batch_size}"
+                f"amp={self.amp.label}, {len(self.source)} steps/epoch, batch {o.batch_size}"
             )
+            print(f"precision: {self.amp.reason}")
+            if self.amp.warning:
+                print(f"warning: {self.amp.warning}")
         start_step, run_started, cpu_started = self.step, time.monotonic(), time.process_time()
         started = run_started - self.elapsed  # a resumed run continues its schedule and budget
         while not self._done(started):
@@ -181,6 +167,8 @@ class _Run:
         parts = []
         if self.epochs is not None:
             parts.append(self.step / max(1, self.epochs * len(self.source)))
+        if self.options.steps is not None:
+            parts.append(self.step / self.options.steps)
         if self.options.minutes:
             parts.append(broadcast_value(time.monotonic() - started, self.ctx) / (60.0 * self.options.minutes))
         return max(parts)
@@ -190,20 +178,59 @@ class _Run:
 
     def _train_epoch(self, started: float) -> None:
         self.wrapped.train()
-        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not (self.options.progress and self.ctx.is_main))
+        show = self.options.progress and self.ctx.is_main
+        bar = tqdm(total=len(self.source), desc=f"epoch {self.epoch + 1}", unit="step", disable=not show)
         tick = time.monotonic()
         for index, batch in enumerate(self.source.epoch(self.epoch)):
             progress = self._progress(started)
             if progress >= 1.0:
                 break
             lr = set_lr(self.optimizer, lr_factor(step=self.step, progress=progress, warmup_steps=self.options.warmup_steps))
-            terms = self._step(batch.to(self.ctx.device))
+            terms = self._timed_step(batch.to(self.ctx.device))
             self.step += 1
             bar.update(1)
             if index % 5 == 0:
                 rate = (index + 1) / max(1e-9, time.monotonic() - tick)
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in terms.items()}, "lr": f"{lr:.1e}", "it/s": f"{rate:.2f}"})
+            if self.step == _THROUGHPUT_REPORT_STEP and self.ctx.is_main:
+                self._report_throughput(time.monotonic() - tick, index + 1, started)
         bar.close()
+
+    def _report_throughput(self, seconds: float, steps: int, started: float) -> None:
+        """Print the measured step rate early, and what the time budget will give at that rate."""
+        rate = steps / max(1e-9, seconds)
+        line = f"throughput: {rate:.2f} steps/s ({seconds / steps:.2f} s/step, amp={self.amp.label})"
+        if self.options.minutes:
+            left = 60.0 * self.options.minutes - (time.monotonic() - started)
+            # Validation takes its share of the budget too; this is the training-only projection.
+            projected = self.step + int(rate * left)
+            line += f"; about {projected} steps fit the {self.options.minutes:g}-minute budget"
+            expected = self.options.expected_steps
+            if expected and projected < 0.75 * expected:
+                line += (f"\nwarning: this machine trains far fewer steps than the recipe assumes ({projected} of "
+                         f"~{expected}): expect lower recall; give more --minutes or use a fixed --steps {expected}")
+        tqdm.write(line)
+
+    def _timed_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One step; during a precision trial, in the plan's dtype and timed (then the faster dtype is kept)."""
+        if self._trial is None:
+            return self._step(batch)
+        dtype = TRIAL_PLAN[self.step]
+        self.amp_dtype = dtype
+        started = time.perf_counter()
+        terms = self._step(batch)
+        seconds = time.perf_counter() - started
+        if dtype in TRIAL_PLAN[: self.step]:  # not this dtype's warm-up step
+            self._trial.setdefault(dtype, []).append(seconds)
+        if self.step + 1 == len(TRIAL_PLAN):
+            decision = decide_trial(self._trial)
+            keep_bf16 = broadcast_value(float(decision.dtype is not None), self.ctx) > 0.5  # every process: rank 0's choice
+            if keep_bf16 != (decision.dtype is not None):
+                decision = AmpDecision(torch.bfloat16 if keep_bf16 else None, "auto: as rank 0's trial decided")
+            self.amp, self.amp_dtype, self._trial = decision, decision.dtype, None
+            if self.ctx.is_main:
+                tqdm.write(f"precision: {self.amp.reason}")
+        return terms
 
     def _step(self, batch: TrainBatch) -> dict[str, float]:
         weights = self.model.config.loss_weights
@@ -240,7 +267,8 @@ class _Run:
                 "best_score": self.best_score, "history": self.history, "options": _jsonable(asdict(self.options)),
             }
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch, optimizer_state=state)
+            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch,
+                            optimizer_state=state)
             if improved:
                 save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
             log = {"options": state["options"], "history": self.history}
@@ -249,16 +277,6 @@ class _Run:
             summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())
             tqdm.write(f"epoch {self.epoch} step {self.step}: val {summary}{best_mark}")
         barrier(self.ctx)
-
-
-def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "off":
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or device.type == "cpu":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

@@ -140,7 +140,7 @@ def caption_vectors(model: Any, split: CirSplit, *, batch_size: int = 128) -> di
             chunk = items[start : start + batch_size]
             ids = tokenize([text for _, text in chunk], context_length=model.context_length)
             embeds = model.encode_text(ids)[0].float().numpy()
-            for (name, _), vector in zip(chunk, embeds):
+            for (name, _), vector in zip(chunk, embeds, strict=True):
                 out.setdefault(name, []).append(vector)
     return {name: np.stack(vs) for name, vs in out.items()}
 
@@ -219,7 +219,8 @@ def train_mmref(
         keep = {q.reference for q in queries} | {t for q in queries for t in q.targets}
         train_split = dataclasses.replace(train_split, queries=queries, gallery=tuple(n for n in train_split.gallery if n in keep))
     encoded = encode_for_stage2(model, train_split, progress=progress)
-    captions = caption_vectors(model, dataclasses.replace(train_split, captions={n: c for n, c in train_split.captions.items() if n in encoded.image_row}))
+    encoded_captions = {n: c for n, c in train_split.captions.items() if n in encoded.image_row}
+    captions = caption_vectors(model, dataclasses.replace(train_split, captions=encoded_captions))
     identities = collect_identities(encoded, caption_vectors=captions, max_identities=max_identities)
     references, projection = fit_references(identities, steps=steps, seed=seed, progress=progress)
     val = load_split(data, split="val")

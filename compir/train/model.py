@@ -23,7 +23,7 @@ from torch import nn
 from compir.contracts import atomic_write_bytes
 from compir.errors import InputError
 from compir.manifest import PreprocessSpec
-from compir.train.config import ModelConfig
+from compir.train.config import CAPTION_LOSS, ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
 from compir.train.losses import symmetric_contrastive_loss
@@ -114,7 +114,7 @@ class CIRModel(nn.Module):
         if reference_index is not None:
             reference_features = reference_features[reference_index]
         batch = input_ids.shape[0]
-        use_captions = caption_ids is not None and self.config.loss_weights.get("caption", 0.0) > 0
+        use_captions = caption_ids is not None and self.config.loss_weights.get(CAPTION_LOSS, 0.0) > 0
         texts = torch.cat([input_ids, caption_ids]) if use_captions and caption_ids is not None else input_ids
         text_embeds, text_features, _ = self.encode_text(texts)  # (B or 2B, ...)
         scale = self.logit_scale()
@@ -123,7 +123,7 @@ class CIRModel(nn.Module):
         )
         if use_captions:
             gallery = self.head.gallery_embeds(target_features)
-            losses["caption"] = symmetric_contrastive_loss(text_embeds[batch:], gallery, scale)
+            losses[CAPTION_LOSS] = symmetric_contrastive_loss(text_embeds[batch:], gallery, scale)
         return losses
 
     def freeze_towers(self, *, image: bool = False, text: bool = False) -> None:

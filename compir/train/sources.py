@@ -150,7 +150,7 @@ class SplitDataset(torch.utils.data.Dataset):
             path: Path = self.split.image_path(name)
         except KeyError as exc:
             raise DatasetError(str(exc)) from exc
-        return self.transform(load_image(path))  # type: ignore[no-any-return]
+        return self.transform(load_image(path))
 
 
 class SplitSource:

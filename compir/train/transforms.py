@@ -30,7 +30,7 @@ def train_transform(preprocess: PreprocessSpec) -> ImageTransform:
 def _open_clip_transform(preprocess: PreprocessSpec, *, is_train: bool) -> ImageTransform:
     from open_clip.transform import image_transform
 
-    return image_transform(  # type: ignore[no-any-return]
+    return image_transform(
         preprocess.image_size,
         is_train=is_train,
         mean=preprocess.mean,

@@ -83,7 +83,7 @@ def make_calibrator(batches: Sequence[dict[str, np.ndarray]], *, cache_file: Pat
     if not torch.cuda.is_available():
         raise ContractError("int8 calibration needs CUDA (torch.cuda is not available on this machine)")
 
-    class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+    class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._batches = list(batches)

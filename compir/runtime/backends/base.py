@@ -68,7 +68,7 @@ def _check_tensor(graph: GraphSpec, kind: str, spec: TensorSpec, dtype: str, sha
         raise ContractError(f"{where}: the manifest says {spec.dtype}, the graph has {dtype}")
     if len(shape) != len(spec.shape):
         raise ContractError(f"{where}: the manifest says shape {list(spec.shape)}, the graph has {list(shape)}")
-    for axis, (want, have) in enumerate(zip(spec.shape, shape)):
+    for axis, (want, have) in enumerate(zip(spec.shape, shape, strict=True)):
         fixed = isinstance(have, int) and not isinstance(have, bool) and have >= 0
         if isinstance(want, int) and fixed and want != have:
             raise ContractError(f"{where}: axis {axis} is {want} in the manifest but {have} in the graph")

@@ -74,7 +74,7 @@ class OrtSession:
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else [o.name for o in self.spec.outputs]
         values = self._session.run(names, dict(feeds))
-        return {name: np.asarray(value) for name, value in zip(names, values)}
+        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
 
 
 class OrtBackend:

@@ -1,4 +1,5 @@
-"""compir's stage-2 re-rankers (NEUCORE, MMRef), registered with :mod:`compir.runtime.rerank`.
+"""compir's stage-2 re-rankers (NEUCORE, MMRef), registered with :mod:`compir.runtime.rerank`,
+and :func:`load_reranker`, which picks the re-ranker for an export among every registered one.
 
 Importing this package registers the factory ``"methods"``: it reads the export's
 ``rerankers.json`` (written by :mod:`compir.export.rerankers`) and chains the stages whose
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compir.manifest import ExportManifest
-from compir.runtime.rerank import RerankCandidates, Reranker, RerankQuery, register_reranker
+from compir.runtime.rerank import RerankCandidates, Reranker, RerankQuery, register_reranker, registered_rerankers
 from compir.runtime.rerankers.mmref import MMRefStage
 from compir.runtime.rerankers.neucore import NeucoreStage
 from compir.runtime.rerankers.settings import pooled_vectors, reranker_settings
@@ -59,3 +60,12 @@ def load_methods_reranker(encoder: Encoder, manifest: ExportManifest, variant: s
 
 
 register_reranker("methods", load_methods_reranker)
+
+
+def load_reranker(encoder: Encoder) -> Reranker | None:
+    """The first registered reranker that applies to the encoder's export, or None."""
+    for factory in registered_rerankers().values():
+        reranker = factory(encoder, encoder.manifest, encoder.variant)
+        if reranker is not None:
+            return reranker
+    return None

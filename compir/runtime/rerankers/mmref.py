@@ -38,12 +38,12 @@ class MMRefStage:
         logits = _matmul(projected, self.references_t) / self.temperature
         weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
         weights /= weights.sum(axis=-1, keepdims=True)
-        return weights / np.maximum(np.linalg.norm(weights, axis=-1, keepdims=True), 1e-12)  # type: ignore[no-any-return]
+        return weights / np.maximum(np.linalg.norm(weights, axis=-1, keepdims=True), 1e-12)
 
     def refine(self, query_embeds: np.ndarray, candidate_vectors: np.ndarray, first_stage: np.ndarray) -> np.ndarray:
         """query (D,), candidates (N, D), first-stage cosine (N,) -> refined scores (N,)."""
         similarity = self.coordinates(candidate_vectors) @ self.coordinates(query_embeds[None])[0]
-        return (1.0 - self.weight) * first_stage + self.weight * similarity  # type: ignore[no-any-return]
+        return (1.0 - self.weight) * first_stage + self.weight * similarity
 
 
 # Products above this many multiply-adds make OpenBLAS start its thread pool; for a top-N
@@ -57,5 +57,5 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for (N, K) x (K, M), computed in row chunks small enough to stay single-threaded."""
     rows = max(1, _SINGLE_THREAD_MACS // max(1, b.shape[0] * b.shape[1]))
     if len(a) <= rows:
-        return a @ b  # type: ignore[no-any-return]
+        return a @ b
     return np.concatenate([a[start : start + rows] @ b for start in range(0, len(a), rows)])

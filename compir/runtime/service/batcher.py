@@ -139,7 +139,7 @@ class DynamicBatcher(Generic[Item, Result]):
             for item, future in live:
                 self._run_alone(item, future)
             return
-        for (_, future), result in zip(live, results):
+        for (_, future), result in zip(live, results, strict=True):
             future.set_result(result)
 
     def _run_alone(self, item: Item, future: Future[Result]) -> None:

@@ -140,7 +140,7 @@ class ServiceEngine:
             for query in queries:
                 self.check_reference(query.reference)
             results = self.retriever.search_batch(payload, k=k)
-        return [list(hits[: q.k]) for q, hits in zip(queries, results)]
+        return [list(hits[: q.k]) for q, hits in zip(queries, results, strict=True)]
 
     def _search_batch(self, queries: Sequence[SearchQuery]) -> list[SearchAnswer]:
         start = time.perf_counter()

@@ -60,7 +60,7 @@ async def add_items(
         raise InputError(f"got {len(ids)} ids for {len(files)} files; give one id per file or none")
     names = ids or [PurePath(f.filename or "").stem for f in files]
     items: dict[str, bytes] = {}
-    for name, upload in zip(names, files):
+    for name, upload in zip(names, files, strict=True):
         field = f"files[{upload.filename or len(items)}]"
         validate_item_id(name)
         if name in items:
