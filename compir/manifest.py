@@ -93,13 +93,16 @@ class VariantSpec:
 
     ``parity`` holds the figures measured at export time per graph role (max abs diff against
     torch for fp32; cosine to fp32 for the others); ``accuracy`` the recall cost on the
-    evaluation split (``recall_at_10_drop``, ``mean_cosine_to_fp32``, ...).
+    evaluation split (``recall_at_10_drop``, ``mean_cosine_to_fp32``, ...); ``quantization`` how
+    the variant was made (recipe name and the quantizer's options, e.g. ``reduce_range``), so a
+    reader knows which CPU classes it was chosen for.
     """
 
     name: str
     graphs: dict[str, GraphSpec]
     parity: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, float] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def graph(self, role: str) -> GraphSpec:
         if role not in self.graphs:
@@ -251,6 +254,7 @@ class ExportManifest:
                     },
                     parity={k: float(x) for k, x in v.get("parity", {}).items()},
                     accuracy={k: float(x) for k, x in v.get("accuracy", {}).items()},
+                    quantization=dict(v.get("quantization", {})),
                 )
                 for name, v in raw["variants"].items()
             }

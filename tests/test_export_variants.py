@@ -8,15 +8,19 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
+from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE
 from compir.manifest import load_manifest
 
 _PROBE = """
 import sys
 import numpy as np
 import onnxruntime as ort
+from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE
 from compir.manifest import load_manifest
 folder = sys.argv[1]
 manifest = load_manifest(folder)
@@ -81,3 +85,57 @@ def test_accuracy_cost_is_recorded_per_variant(tiny_export_all: Path) -> None:
         assert 0.99 <= figures["gallery_cosine_to_fp32"] <= 1.0 + 1e-9
         assert set(variant.parity) == set(variant.graphs) and min(variant.parity.values()) >= 0.99
     assert manifest.variant("fp16").accuracy["mean_cosine_to_fp32"] > 0.9999
+    # How each variant was made is recorded; the int8 recipes compute the same on AVX2 and VNNI CPUs
+    # (test_int8_weights_cannot_saturate_avx2_kernels), so these thresholds hold on both classes.
+    assert manifest.variant("fp32").quantization == {} and manifest.variant("fp16").quantization == {}
+    assert manifest.variant("int8-dynamic").quantization["recipe"] == INT8_DYNAMIC_RECIPE["recipe"]
+    assert manifest.variant("int8-static").quantization["recipe"] == INT8_STATIC_RECIPE["recipe"]
+
+
+def test_recorded_accuracy_is_what_the_runtime_scores(tiny_export_all: Path, synth_data: Path) -> None:
+    # The manifest's recall is measured through the runtime (numpy preprocessing, its tokenizer, the
+    # split graphs), so `compir eval EXPORT --variant V` reproduces it exactly.
+    from compir.evaluate import evaluate_path
+
+    manifest = load_manifest(tiny_export_all)
+    for name in ("fp32", "int8-dynamic"):
+        result = evaluate_path(tiny_export_all, data=synth_data, split="test", variant=name, batch_size=64, progress=False)
+        report = result.reports["composed"]
+        for key, value in report.metrics.items():
+            assert manifest.variant(name).accuracy[key] == pytest.approx(value, abs=1e-9), (name, key)
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("role", ["image_encoder", "text_encoder", "composer", "query_encoder"])
+def test_int8_static_is_symmetric_qdq_that_tensorrt_parses(tiny_export_all: Path, role: str) -> None:
+    # TensorRT's QuantizeLinear / DequantizeLinear take only int8 with zero zero-points (onnx-tensorrt's
+    # operator docs); asymmetric uint8 activations made the graph unparsable.
+    path = tiny_export_all / "int8-static" / f"{role}.onnx"
+    model = onnx.load(str(path))
+    values = _initializers(path)
+    qdq = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq, role
+    for node in qdq:
+        assert len(node.input) == 3 and node.input[2] in values, (node.name, "zero point must be an explicit initializer")
+        zero_point = values[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), (node.name, zero_point.dtype, zero_point)
+    assert not [node.op_type for node in model.graph.node if node.op_type in ("DynamicQuantizeLinear", "QLinearMatMul", "MatMulInteger")]
+
+
+@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-static"])
+def test_int8_weights_cannot_saturate_avx2_kernels(tiny_export_all: Path, variant: str) -> None:
+    # Without VNNI, onnxruntime's x86-64 int8 kernels add pairs of u8 activation x s8 weight products
+    # in int16 with saturation; with 7-bit weights (reduce_range) 2 * 255 * 64 = 32,640 fits, so the
+    # variant computes the same on AVX2 as on VNNI machines.
+    manifest = load_manifest(tiny_export_all)
+    recipe = manifest.variant(variant).quantization
+    assert recipe["reduce_range"] is True and recipe["recipe"] and recipe["weight_type"] == "QInt8"
+    for graph in manifest.variant(variant).graphs.values():
+        values = _initializers(tiny_export_all / graph.file).values()
+        int8_weights = [value for value in values if value.dtype == np.int8 and value.size > 1]
+        assert int8_weights, graph.role
+        assert max(int(np.abs(value.astype(np.int32)).max()) for value in int8_weights) <= 64, graph.role
+        assert 2 * 255 * 64 <= np.iinfo(np.int16).max

@@ -89,13 +89,14 @@ def _onnx(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"wrote {args.out} (embed dim {manifest.embed_dim}, opset {manifest.opset})")
-    print("| variant | worst parity | R@10 | R@10 drop | query cos to fp32 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | recipe | worst parity | R@10 | R@10 drop | query cos to fp32 |")
+    print("|---|---|---:|---:|---:|---:|")
     for variant in manifest.variants.values():
         worst = max(variant.parity.values()) if variant.name == "fp32" else min(variant.parity.values())
         acc = variant.accuracy
         cells = [_cell(acc, "R@10", "{:.2f}"), _cell(acc, "recall_at_10_drop", "{:+.2f}"), _cell(acc, "mean_cosine_to_fp32", "{:.5f}")]
-        print(f"| {variant.name} | {worst:.3g} | " + " | ".join(cells) + " |")
+        recipe = variant.quantization.get("recipe", "-")
+        print(f"| {variant.name} | {recipe} | {worst:.3g} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -8,32 +8,20 @@ Reduced-precision variants are compared to the fp32 graph by the cosine of their
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from compir.errors import ContractError
 from compir.export.graphs import GraphDef, run_torch, select_batch
+from compir.runtime.backends.ort import open_session
+
+__all__ = ["FP32_TOLERANCE", "check_fp32_parity", "mean_cosine", "open_session", "run_session"]
 
 FP32_TOLERANCE = 1e-4
 
 
-def open_session(path: Path, *, threads: int = 0, spinning: bool = True) -> ort.InferenceSession:
-    """A CPU onnxruntime session (``threads=0``: onnxruntime's default). ``spinning=False`` stops
-    idle pool threads from busy-waiting (they would starve other compute sharing the cores)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ContractError(f"onnxruntime cannot load {path}: {exc}") from exc
-
-
-def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [out.name for out in session.get_outputs()]
     wanted = {inp.name for inp in session.get_inputs()}
     values = session.run(names, {name: array for name, array in feeds.items() if name in wanted})

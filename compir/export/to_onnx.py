@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -91,18 +93,14 @@ def export_onnx(
         fp32_outputs: dict[str, dict[str, np.ndarray]] = {}
         for name in tqdm(chosen, desc="export variants", unit="variant"):
             paths[name] = {role: tmp / name / f"{role}.onnx" for role in GRAPH_ORDER}
+            recipe: dict[str, Any] = {}
             if name == "fp32":
                 parity = _export_fp32(defs, paths[name], feeds=parity_feeds, opset=opset, tolerance=tolerance)
                 fp32_outputs = {role: run_session(open_session(path), parity_feeds[role]) for role, path in paths[name].items()}
             else:
-                _convert(name, source=paths["fp32"], target=paths[name], calibration=all_feeds)
+                recipe = _convert(name, source=paths["fp32"], target=paths[name], calibration=all_feeds)
                 parity = _variant_parity(name, paths[name], feeds=parity_feeds, reference=fp32_outputs)
-            specs[name] = _variant_spec(name, paths[name], root=tmp, parity=parity)
-        if split is not None:
-            from compir.export.accuracy import measure_accuracy
-
-            figures = measure_accuracy(paths, split=split, preprocess=loaded.preprocess, context_length=context_length)
-            specs = {name: VariantSpec(name=name, graphs=s.graphs, parity=s.parity, accuracy=figures[name]) for name, s in specs.items()}
+            specs[name] = _variant_spec(name, paths[name], root=tmp, parity=parity, quantization=recipe)
         embed_dim = specs["fp32"].graph(IMAGE_ENCODER).output("image_embeds").shape[-1]
         manifest = ExportManifest(
             model_config=loaded.config.to_dict(),
@@ -127,6 +125,13 @@ def export_onnx(
             compir_version=__version__,
         )
         save_manifest(tmp, manifest)
+        if split is not None:
+            # Through the runtime (numpy preprocessing, its tokenizer, the split graphs): the path users run.
+            from compir.export.accuracy import measure_accuracy
+
+            figures = measure_accuracy(tmp, variants=list(specs), split=split)
+            specs = {name: replace(spec, accuracy=figures[name]) for name, spec in specs.items()}
+            save_manifest(tmp, replace(manifest, variants=specs))
         # Stage-2 re-rankers trained for this checkpoint (sidecars beside it); a no-op without them.
         from compir.export.rerankers import add_rerankers
 
@@ -166,14 +171,19 @@ def _export_fp32(
     return parity
 
 
-def _convert(name: str, *, source: dict[str, Path], target: dict[str, Path], calibration: dict[str, dict[str, np.ndarray]]) -> None:
+def _convert(
+    name: str, *, source: dict[str, Path], target: dict[str, Path], calibration: dict[str, dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Write variant ``name`` of every graph; returns its quantization recipe (empty for fp16)."""
+    recipe: dict[str, Any] = {}
     for role in GRAPH_ORDER:
         if name == "fp16":
             convert_fp16(source[role], target[role])
         elif name == "int8-dynamic":
-            quantize_int8_dynamic(source[role], target[role])
+            recipe = quantize_int8_dynamic(source[role], target[role])
         else:
-            quantize_int8_static(source[role], target[role], calibration=_batches(calibration[role], size=8))
+            recipe = quantize_int8_static(source[role], target[role], calibration=_batches(calibration[role], size=8))
+    return recipe
 
 
 def _batches(feeds: dict[str, np.ndarray], *, size: int) -> list[dict[str, np.ndarray]]:
@@ -198,14 +208,14 @@ def _variant_parity(
     return parity
 
 
-def _variant_spec(name: str, paths: dict[str, Path], *, root: Path, parity: dict[str, float]) -> VariantSpec:
+def _variant_spec(name: str, paths: dict[str, Path], *, root: Path, parity: dict[str, float], quantization: dict[str, Any]) -> VariantSpec:
     graphs = {}
     for role, path in paths.items():
         inputs, outputs = read_io(path)
         graphs[role] = GraphSpec(
             role=role, file=path.relative_to(root).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs
         )
-    return VariantSpec(name=name, graphs=graphs, parity=parity)
+    return VariantSpec(name=name, graphs=graphs, parity=parity, quantization=quantization)
 
 
 def _eval_split(root: str | Path, split: str) -> CirSplit:

@@ -9,6 +9,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,9 +42,42 @@ FP16_KEEP_FP32 = (
     "Transpose",
 )
 
-# Graph inputs with integer ids (token ids) are never quantized; only weights of MatMul / Gemm /
-# Conv / Attention carry the int8 saving.
-_INT8_OPS = ["MatMul", "Gemm", "Conv"]
+# int8 recipes, recorded in the manifest per variant. onnxruntime's x86-64 integer kernels take
+# u8 activations and s8 weights (s8 activations are shifted to u8) and, without VNNI (AVX2 only),
+# add pairs of u8*s8 products in int16 with saturation (vpmaddubsw): 2 * 255 * 127 overflows
+# int16, so full-range weights give wrong sums there (mean cosine 0.92 to fp32 measured on an
+# AVX2 Zen 3) and right ones on VNNI. reduce_range quantizes weights to 7 bits (|w| <= 64), and
+# 2 * 255 * 64 = 32,640 fits: no saturation on any x86-64 class, by construction, for about one
+# bit of weight precision (per-channel scales win most of it back). onnxruntime's own guidance
+# for CPUs without VNNI (quantize_static's docstring; quantization docs, "When to use reduce-range").
+# Only MatMul / Gemm with constant weights are quantized (MatMulConstBOnly): the attention
+# matmuls (query x key, softmax x value) stay fp32, their inputs have no weight to save.
+INT8_DYNAMIC_RECIPE: dict[str, Any] = {
+    "recipe": "u8s8-7bit-weights",
+    "quantizer": "onnxruntime.quantization.quantize_dynamic",
+    "op_types_to_quantize": ["MatMul", "Gemm"],  # ConvInteger has no int8-weight CPU kernel
+    "weight_type": "QInt8",
+    "activation_type": "QUInt8",  # dynamic: per-batch asymmetric u8 (DynamicQuantizeLinear)
+    "per_channel": True,
+    "reduce_range": True,
+    "extra_options": {"MatMulConstBOnly": True, "WeightSymmetric": True},
+}
+# Static Q/DQ for onnxruntime and TensorRT alike: TensorRT's QuantizeLinear / DequantizeLinear
+# accept only int8 with zero zero-points, so activations and weights are symmetric QInt8
+# (onnxruntime's recommendation for TensorRT) and biases stay fp32 (QuantizeBias off: an int32
+# bias DequantizeLinear is not TensorRT's). Weights again 7-bit for AVX2 (see above).
+INT8_STATIC_RECIPE: dict[str, Any] = {
+    "recipe": "s8s8-symmetric-qdq-7bit-weights",
+    "quantizer": "onnxruntime.quantization.quantize_static",
+    "quant_format": "QDQ",
+    "op_types_to_quantize": ["MatMul", "Gemm", "Conv"],
+    "weight_type": "QInt8",
+    "activation_type": "QInt8",
+    "per_channel": True,
+    "reduce_range": True,
+    "calibrate_method": "MinMax",
+    "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True, "QuantizeBias": False},
+}
 
 
 def convert_fp16(source: Path, target: Path) -> None:
@@ -55,43 +89,52 @@ def convert_fp16(source: Path, target: Path) -> None:
     _save(converted, target)
 
 
-def quantize_int8_dynamic(source: Path, target: Path) -> None:
-    """int8 weights (per channel), activation scales computed per batch at run time."""
+def quantize_int8_dynamic(source: Path, target: Path) -> dict[str, Any]:
+    """int8 weights (per channel, 7-bit), activation scales computed per batch at run time.
+
+    Returns the recipe (:data:`INT8_DYNAMIC_RECIPE`) for the manifest."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    recipe = INT8_DYNAMIC_RECIPE
     with _preprocessed(source) as prepared, atomic_output_path(target) as tmp:
         quantize_dynamic(
             str(prepared),
             str(tmp),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],  # ConvInteger has no int8-weight CPU kernel
-            per_channel=True,
+            weight_type=QuantType[recipe["weight_type"]],
+            op_types_to_quantize=list(recipe["op_types_to_quantize"]),
+            per_channel=recipe["per_channel"],
+            reduce_range=recipe["reduce_range"],
+            extra_options=dict(recipe["extra_options"]),
         )
+    return dict(recipe)
 
 
-def quantize_int8_static(source: Path, target: Path, *, calibration: Sequence[dict[str, np.ndarray]]) -> None:
-    """int8 weights and activations (QDQ format) with scales calibrated on real inputs.
+def quantize_int8_static(source: Path, target: Path, *, calibration: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """int8 weights and activations (symmetric Q/DQ, zero points 0) with scales calibrated on real inputs.
 
     ``calibration`` is a list of feed dicts (one batch each) of this graph's inputs, e.g. gallery
-    images and real modification texts.
+    images and real modification texts. Returns the recipe (:data:`INT8_STATIC_RECIPE`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not calibration:
         raise ContractError(f"static int8 quantization of {source.name} needs calibration batches; pass --calibration-data")
+    recipe = INT8_STATIC_RECIPE
     with _preprocessed(source) as prepared, atomic_output_path(target) as tmp:
         quantize_static(
             str(prepared),
             str(tmp),
             _FeedReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(_INT8_OPS),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            quant_format=QuantFormat[recipe["quant_format"]],
+            op_types_to_quantize=list(recipe["op_types_to_quantize"]),
+            per_channel=recipe["per_channel"],
+            reduce_range=recipe["reduce_range"],
+            activation_type=QuantType[recipe["activation_type"]],
+            weight_type=QuantType[recipe["weight_type"]],
+            calibrate_method=CalibrationMethod[recipe["calibrate_method"]],
+            extra_options=dict(recipe["extra_options"]),
         )
+    return {**recipe, "calibration_batches": len(calibration)}
 
 
 def _feed_reader_base() -> type:

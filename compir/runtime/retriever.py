@@ -67,13 +67,15 @@ class Retriever:
 
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
-                  providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False) -> Retriever:
+                  providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False,
+                  text_cache_size: int = 1024) -> Retriever:
         """Open an export folder and an index built with its image encoder (ContractError if it was
-        built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it."""
+        built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it;
+        ``text_cache_size=0`` encodes every query's text (e.g. to time it)."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
         gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view)
         encoder.warmup()
-        return cls(encoder, gallery, reranker=load_reranker(encoder))
+        return cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
 
     # ---- introspection ------------------------------------------------------------------------
     def __len__(self) -> int:

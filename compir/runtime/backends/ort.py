@@ -24,28 +24,41 @@ from compir.runtime.backends.providers import (
     session_providers,
 )
 
-__all__ = ["DEFAULT_PROVIDERS", "OrtBackend", "OrtSession", "resolve_providers"]
+__all__ = ["DEFAULT_PROVIDERS", "OrtBackend", "OrtSession", "open_session", "resolve_providers"]
 
 # ONNX Runtime type strings -> manifest dtype names.
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
+def open_session(
+    path: Path, *, providers: Sequence[ProviderEntry] = ("CPUExecutionProvider",), threads: int = 0, spinning: bool = True,
+    what: str = "graph",
+) -> Any:
+    """An onnxruntime InferenceSession of the graph at ``path``: compir's one session factory
+    (the runtime's sessions, export parity / accuracy / calibration and the benchmarks).
+
+    ``threads=0``: onnxruntime's default pool size. ``spinning=False`` stops idle pool threads from
+    busy-waiting (they would starve other compute sharing the cores). ContractError if it cannot load.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # TensorRT EP fallbacks are reported through info(), not stderr
+    try:
+        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ContractError(f"{what} {path} cannot be loaded by onnxruntime ({exc}); re-export it") from exc
+
+
 class OrtSession:
     """One InferenceSession whose I/O was checked against the manifest."""
 
     def __init__(self, path: Path, spec: GraphSpec, *, providers: Sequence[ProviderEntry], threads: int = 0, spinning: bool = True) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # TensorRT EP fallbacks are reported through info(), not stderr
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-            raise ContractError(f"{spec.role} graph {path} cannot be loaded by onnxruntime ({exc}); re-export it") from exc
+        self._session = open_session(path, providers=providers, threads=threads, spinning=spinning, what=f"{spec.role} graph")
         self.spec = spec
         self.providers: list[str] = list(self._session.get_providers())
         check_io(
