@@ -64,8 +64,10 @@ def test_search_cli_prints_hits_and_timings(tiny_export: Path, tiny_index: Path,
     assert compir_main(["search", str(tiny_export), str(tiny_index), "--reference-image", item, "--text", "x"]) == 2
     assert f"reference_image {item!r} is not a file" in capsys.readouterr().err
     image = Gallery.load(tiny_index, encoder=None).image_path(item)
-    assert search_main([*argv, "--reference-image", str(image)]) == 0
-    assert item in [h["item_id"] for h in json.loads(capsys.readouterr().out)["hits"]]  # an upload does not exclude the item
+    everything = [str(tiny_export), str(tiny_index), "--text", "make it red", "-k", "100000", "--json"]  # k clamps to the gallery
+    assert search_main([*everything, "--reference-image", str(image)]) == 0
+    hits = [h["item_id"] for h in json.loads(capsys.readouterr().out)["hits"]]
+    assert item in hits and len(hits) == len(Gallery.load(tiny_index, encoder=None))  # an upload does not exclude the item
     with pytest.raises(SystemExit):  # argparse: not allowed with argument --reference-image
         search_main([str(tiny_export), str(tiny_index), "--reference-image", str(image), "--reference-id", item, "--text", "x"])
     assert compir_main(["search", str(tiny_export), str(tiny_index), "--text", "x", "-k", "0"]) == 2
