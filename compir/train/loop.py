@@ -94,8 +94,9 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.amp = choose_amp(options.amp, ctx.device)
         self.amp_dtype = self.amp.dtype
-        # A resumed run keeps the precision it would pick again; a trial runs on a fresh run only.
-        self._trial: dict[torch.dtype | None, list[float]] | None = {} if self.amp.trial and resumed is None else None
+        # Step timings per dtype while a precision trial runs (its first len(TRIAL_PLAN) steps; a resumed run too).
+        self._trial: dict[torch.dtype | None, list[float]] | None = {} if self.amp.trial else None
+        self._trial_step = 0
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.wrapped: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -215,14 +216,15 @@ class _Run:
         """One step; during a precision trial, in the plan's dtype and timed (then the faster dtype is kept)."""
         if self._trial is None:
             return self._step(batch)
-        dtype = TRIAL_PLAN[self.step]
+        dtype = TRIAL_PLAN[self._trial_step]
         self.amp_dtype = dtype
         started = time.perf_counter()
         terms = self._step(batch)
         seconds = time.perf_counter() - started
-        if dtype in TRIAL_PLAN[: self.step]:  # not this dtype's warm-up step
+        if dtype in TRIAL_PLAN[: self._trial_step]:  # not this dtype's warm-up step
             self._trial.setdefault(dtype, []).append(seconds)
-        if self.step + 1 == len(TRIAL_PLAN):
+        self._trial_step += 1
+        if self._trial_step == len(TRIAL_PLAN):
             decision = decide_trial(self._trial)
             keep_bf16 = broadcast_value(float(decision.dtype is not None), self.ctx) > 0.5  # every process: rank 0's choice
             if keep_bf16 != (decision.dtype is not None):
