@@ -18,8 +18,8 @@ EPILOG = """examples:
   compir index build exports/tiny --images photos/ --out indexes/photos --dtype i8 --batch-size 128 --workers 8
   compir index build exports/tiny --images photos/ --out indexes/photos --copy-images --overwrite
   compir index build exports/tiny --images photos/ --out indexes/photos --expansion-search 512   # more recall, slower walk
-  compir index build exports/tiny --images photos/ --out indexes/photos --backend milvus --milvus-uri gallery.db   # Milvus Lite
-  compir index build exports/tiny --images photos/ --out indexes/photos --backend milvus --milvus-uri http://milvus:19530 \
+  compir index build exports/tiny --images photos/ --out indexes/photos --index-backend milvus --milvus-uri gallery.db   # Milvus Lite
+  compir index build exports/tiny --images photos/ --out indexes/photos --milvus-uri http://milvus:19530 \
       --collection photos --copy-images   # a Milvus server that several `compir serve` share
 """
 
@@ -36,10 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
     build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
-    build.add_argument("--backend", choices=BACKENDS, default="usearch",
-                       help="where the items live: usearch files in --out, or a Milvus collection (default: %(default)s)")
-    build.add_argument("--milvus-uri", help="with --backend milvus: a Milvus Lite file (*.db) or a server (http://host:19530)")
-    build.add_argument("--collection", default=DEFAULT_COLLECTION, help="with --backend milvus: collection name (default: %(default)s)")
+    # --backend already picks the encoder runtime (onnxruntime / tensorrt), hence --index-backend.
+    build.add_argument("--index-backend", choices=BACKENDS, default=None,
+                       help="where the items live: usearch files in --out, or a Milvus collection "
+                            "(default: milvus when --milvus-uri is given, else usearch)")
+    build.add_argument("--milvus-uri", help="Milvus Lite file (*.db, embedded) or server (http://host:19530): the items go there")
+    build.add_argument("--collection", default=DEFAULT_COLLECTION, help="Milvus collection name (default: %(default)s)")
     hnsw = HnswConfig()
     build.add_argument("--connectivity", type=int, default=hnsw.connectivity, help="HNSW links per node (Milvus: M) (default: %(default)s)")
     build.add_argument("--expansion-add", type=int, default=hnsw.expansion_add,
@@ -59,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2
     hnsw = HnswConfig(connectivity=args.connectivity, expansion_add=args.expansion_add, expansion_search=args.expansion_search)
-    if (args.backend == "milvus") != (args.milvus_uri is not None):
-        print("compir index: --backend milvus and --milvus-uri go together", file=sys.stderr)
+    if (args.index_backend or ("milvus" if args.milvus_uri else "usearch")) == "milvus" and not args.milvus_uri:
+        print("compir index: --index-backend milvus needs --milvus-uri (a Milvus Lite *.db file or http://host:19530)", file=sys.stderr)
+        return 2
+    if args.index_backend == "usearch" and args.milvus_uri:
+        print("compir index: --milvus-uri is for --index-backend milvus", file=sys.stderr)
         return 2
     milvus = MilvusConfig.from_hnsw(args.milvus_uri, collection=args.collection, hnsw=hnsw) if args.milvus_uri else None
     encoder = Encoder.from_export(

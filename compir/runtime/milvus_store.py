@@ -53,6 +53,7 @@ MAX_PATH_CHARS = 4096
 MAX_TOPK = 16_384  # Milvus's limit on one search's k: a larger k is clamped to it
 _UPSERT_BYTES = 32 << 20  # per request, under gRPC's 64 MiB message limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_ENCODER_PROPERTY = "compir.encoder"  # collection property: the fingerprint digest of the encoder that filled it
 _CLIENTS: dict[str, Any] = {}  # one client per URI and process (Milvus Lite allows one opener per file)
 _CLIENTS_LOCK = threading.Lock()
 
@@ -117,7 +118,7 @@ class MilvusStore:
             _call(client.drop_collection, name, what=f"drop collection {name!r}", uri=config.uri)
         from pymilvus import DataType, MilvusClient
 
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=_description(encoder))
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=4 * MAX_ID_CHARS)  # bytes: 4 per UTF-8 char
         schema.add_field("embed", DataType.FLOAT_VECTOR, dim=ndim)
         schema.add_field("features", DataType.FLOAT_VECTOR, dim=math.prod(feature_shape))
@@ -127,7 +128,7 @@ class MilvusStore:
         index.add_index(field_name="embed", index_type=config.index_type, metric_type="COSINE", params=config.index_params)
         index.add_index(field_name="features", index_type="FLAT", metric_type="L2")
         _call(client.create_collection, name, schema=schema, index_params=index, consistency_level="Strong",
-              what=f"create collection {name!r}", uri=config.uri)
+              properties={_ENCODER_PROPERTY: encoder.digest}, what=f"create collection {name!r}", uri=config.uri)
         return cls(config, ndim=ndim, feature_shape=feature_shape, client=client)
 
     @classmethod
@@ -145,13 +146,13 @@ class MilvusStore:
         name = config.collection
         if not _call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
             raise ContractError(f"{source}: Milvus at {config.uri} has no collection {name!r} (dropped?); "
-                                "rebuild it with `compir index build ... --backend milvus`")
+                                "rebuild it with `compir index build ... --index-backend milvus`")
         described = _call(client.describe_collection, name, what=f"describe collection {name!r}", uri=config.uri)
         dims = {f["name"]: int(f.get("params", {}).get("dim", 0)) for f in described["fields"]}
         if dims.get("embed") != ndim or dims.get("features") != math.prod(feature_shape):
             raise ContractError(f"{source}: collection {name!r} at {config.uri} holds vectors of {dims.get('embed')} and "
                                 f"{dims.get('features')} dims, index.json says {ndim} and {math.prod(feature_shape)}; rebuild the index")
-        if encoder is not None and described.get("description") != _description(encoder):
+        if encoder is not None and described.get("properties", {}).get(_ENCODER_PROPERTY) != encoder.digest:
             raise ContractError(f"{source}: collection {name!r} at {config.uri} was rebuilt with another encoder since this "
                                 "index.json was written; rebuild the index for this export")
         _call(client.load_collection, name, what=f"load collection {name!r}", uri=config.uri)
@@ -200,9 +201,6 @@ class MilvusStore:
 
     # ---- mutation ----------------------------------------------------------------------------
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
-        long = [path for path in paths if len(path.encode("utf-8")) > MAX_PATH_CHARS]
-        if long:
-            raise InputError(f"image path {long[0][:60]!r}... is longer than {MAX_PATH_CHARS} bytes, Milvus's limit here; nothing added")
         replaced = self._query(ids=list(ids), output_fields=["path"])
         flat = np.asarray(features, dtype=np.float32).reshape(len(ids), -1)
         vectors = np.asarray(embeds, dtype=np.float32)
@@ -256,10 +254,6 @@ class MilvusStore:
         if missing:
             raise unknown_item(missing[0], self.count())
         return found
-
-
-def _description(encoder: EncoderFingerprint) -> str:
-    return f"compir gallery; encoder {encoder.digest}"
 
 
 def _connect(uri: str) -> Any:
