@@ -98,6 +98,11 @@ class Gallery:
         path = Path(stored)
         return path if path.is_absolute() or self.folder is None else self.folder / path
 
+    def features_of(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), *F) float32 cached ``image_features`` of gallery items, looked up by id
+        (InputError for an unknown one), so a caller never holds a row that a removal may shift."""
+        return np.asarray(self.features[[self.row(item_id) for item_id in ids]], dtype=np.float32).reshape(len(ids), *self.feature_shape)
+
     def search(self, queries: np.ndarray, *, k: int, exclude: Sequence[str | None] = ()) -> list[list[tuple[str, float]]]:
         """(Q, D) -> per query up to ``k`` (item id, cosine), best first; ``exclude[q]`` is left out."""
         extra = 1 if any(exclude) else 0

@@ -212,7 +212,7 @@ class Retriever:
             with self._lock:
                 if reference_id not in self.gallery:
                     raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
-                return reference_id, np.asarray(self.gallery.features[self.gallery.row(reference_id)], dtype=np.float32)
+                return reference_id, self.gallery.features_of([reference_id])[0]
         if reference_image is None:
             return None, None
         with _timed(timings, "decode"):
@@ -283,10 +283,9 @@ class Retriever:
         if not top:
             return found
         with self._lock:
-            rows = [self.gallery.row(item) for item, _ in top]
             candidates = RerankCandidates(
                 item_ids=tuple(item for item, _ in top),
-                image_features=np.asarray(self.gallery.features[rows], dtype=np.float32),
+                image_features=self.gallery.features_of([item for item, _ in top]),
                 image_paths=tuple(self.gallery.image_path(item) for item, _ in top),
                 scores=np.asarray([s for _, s in top], dtype=np.float32),
             )
