@@ -364,7 +364,11 @@ def start(spec: RaySpec, *, address: str = LOCAL, host: str = "127.0.0.1", port:
         if address == LOCAL:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
         else:
-            ray.init(address=address, logging_level="warning")
+            try:
+                ray.init(address=address, logging_level="warning")
+            except (ConnectionError, RuntimeError) as exc:
+                raise InputError(f"cannot join the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
+                                 "or give a bare --ray to start a Ray on this machine") from exc
     # One GPU per replica where the cluster has GPUs and the encoders would use one.
     gpus = 1.0 if spec.wants_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     owner = start_owner(spec)
