@@ -133,6 +133,8 @@ def test_ray_options_are_checked_before_anything_starts(monkeypatch, capsys):
         with pytest.raises(InputError, match="--autoscale"):
             ray_serve.Scale(autoscale=ray_serve.Scale.parse_autoscale(bad))
     assert ray_serve.Scale(autoscale=(1, 4)).options() == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    with pytest.raises(InputError, match="cannot reach the Ray cluster"):  # not minutes of Ray's own retries
+        ray_serve._check_reachable(f"ray://127.0.0.1:{_free_port()}")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(InputError, match=r'pip install "compir\[ray\]"'):
         serve_main(["export", "index", "--ray"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import socket
 import sys
 import threading
 import time
@@ -351,6 +352,7 @@ def start(spec: RaySpec, *, address: str = LOCAL, host: str = "127.0.0.1", port:
         if address == LOCAL:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
         else:
+            _check_reachable(address)
             try:
                 ray.init(address=address, logging_level="warning")
             except (ConnectionError, RuntimeError) as exc:
@@ -363,6 +365,19 @@ def start(spec: RaySpec, *, address: str = LOCAL, host: str = "127.0.0.1", port:
     serve.run(build_application(spec, owner, gpus_per_replica=gpus), name=APP_NAME, route_prefix="/",
               logging_config={"enable_access_log": False})
     return f"http://{host}:{port}"
+
+
+def _check_reachable(address: str) -> None:
+    """InputError unless ``[ray://]host:port`` accepts a connection: Ray itself retries an
+    unreachable GCS for minutes. ``auto`` (the cluster this machine runs) is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
+                         "or give a bare --ray to start a Ray on this machine") from exc
 
 
 def owner_handle() -> Any:
