@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compir.errors import ContractError, InputError
+from compir.errors import ContractError, DuplicateItemError, InputError
 from compir.manifest import EncoderFingerprint, PreprocessSpec
 from compir.runtime.gallery import Gallery
 from compir.runtime.index import VectorIndex
@@ -115,6 +115,16 @@ def test_ids_add_update_remove(new_gallery: Callable[..., Gallery]) -> None:
         gallery.image_path("item3")
     with pytest.raises(InputError, match="unique"):
         gallery.add(["x", "x"], embeds=clustered(2), features=np.zeros((2, 4, DIM), np.float32), paths=["", ""])
+
+
+def test_add_without_replace_refuses_existing_ids_and_adds_nothing(new_gallery: Callable[..., Gallery]) -> None:
+    gallery = new_gallery(10)
+    with pytest.raises(DuplicateItemError, match=r"already in the gallery: \['item2'\]"):
+        gallery.add(["new", "item2"], embeds=clustered(2, seed=5), features=np.zeros((2, 4, DIM), np.float32),
+                    paths=["", ""], replace=False)
+    assert len(gallery) == 10 and "new" not in gallery
+    gallery.add(["new"], embeds=clustered(1, seed=5), features=np.zeros((1, 4, DIM), np.float32), paths=[""], replace=False)
+    assert len(gallery) == 11 and gallery.ids[-1] == "new"
 
 
 def test_k_is_clamped_and_reference_excluded(new_gallery: Callable[..., Gallery]) -> None:

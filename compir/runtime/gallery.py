@@ -43,7 +43,7 @@ from compir.contracts import (
     sha256_bytes,
     write_contract,
 )
-from compir.errors import ContractError, InputError
+from compir.errors import ContractError, DuplicateItemError, InputError
 from compir.manifest import EncoderFingerprint
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig, VectorIndex
 from compir.runtime.store import BACKENDS, IMAGES_DIR, GalleryStore
@@ -138,10 +138,15 @@ class Gallery:
         return self.store.describe()
 
     # ---- mutation ----------------------------------------------------------------------------
-    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
-        """Add items; an id already present is replaced (its old row is removed first)."""
+    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str],
+            replace: bool = True) -> None:
+        """Add items; an id already present is replaced (its old row is removed first), or with
+        ``replace=False`` refused as a DuplicateItemError and nothing added: the check and the add
+        are one call, so two writers of one gallery cannot both add the same new id."""
         if len(set(ids)) != len(ids):
             raise InputError("item ids in one call must be unique")
+        if not replace:
+            refuse_existing(self, ids)
         if features.shape[1:] != self.feature_shape:
             raise ContractError(f"image features have shape {features.shape[1:]}, the index stores {self.feature_shape}")
         if embeds.ndim != 2 or embeds.shape != (len(ids), self.ndim) or features.shape[0] != len(ids) or len(paths) != len(ids):
@@ -256,3 +261,12 @@ def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None
     if encoder is not None and built != encoder:
         raise ContractError(f"index {folder} was built with another encoder ({'; '.join(built.differences(encoder))}); {rebuild}")
     return built
+
+
+def refuse_existing(gallery: Gallery, ids: Sequence[str]) -> None:
+    """DuplicateItemError naming the ids (the first five) that ``gallery`` already holds."""
+    existing = [item for item in ids if item in gallery]
+    if existing:
+        raise DuplicateItemError(
+            f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
+            "remove them first, or add with replace=true to replace them")

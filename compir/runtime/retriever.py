@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from compir.errors import DuplicateItemError, InputError
+from compir.errors import InputError
 from compir.images import ImageSource, load_image
 from compir.runtime.encoder import Encoder, TextEncoding
-from compir.runtime.gallery import Gallery
+from compir.runtime.gallery import Gallery, refuse_existing
 from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
 from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
@@ -173,22 +173,17 @@ class Retriever:
         images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
-            if not replace:  # again under the lock: another writer may have added one meanwhile
-                self._refuse_existing(ids)
             paths = []
             for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
-            self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
+            # refused again inside the add: another writer may have added one meanwhile
+            self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths, replace=replace)
         return ids
 
     def _refuse_existing(self, ids: Sequence[str]) -> None:
         with self._lock:
-            existing = [item for item in ids if item in self.gallery]
-        if existing:
-            raise DuplicateItemError(
-                f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
-                "remove them first, or add with replace=true to replace them")
+            refuse_existing(self.gallery, ids)
 
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove items by id; unknown ids are an InputError and nothing is removed."""

@@ -163,9 +163,9 @@ class GalleryOwner:
         with self._lock.write():
             return self._gallery.store_image(data, suffix=suffix)
 
-    def add(self, ids: list[str], embeds: np.ndarray, features: np.ndarray, paths: list[str]) -> None:
+    def add(self, ids: list[str], embeds: np.ndarray, features: np.ndarray, paths: list[str], replace: bool) -> None:
         with self._lock.write():
-            self._gallery.add(ids, embeds=embeds, features=features, paths=paths)
+            self._gallery.add(ids, embeds=embeds, features=features, paths=paths, replace=replace)
 
     def remove(self, ids: list[str]) -> int:
         with self._lock.write():
@@ -219,8 +219,9 @@ class GalleryProxy:
     def store_image(self, data: bytes, *, suffix: str) -> str:
         return str(self._call("store_image", data, suffix))
 
-    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
-        self._call("add", list(ids), np.asarray(embeds), np.asarray(features), list(paths))
+    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str],
+            replace: bool = True) -> None:
+        self._call("add", list(ids), np.asarray(embeds), np.asarray(features), list(paths), replace)
 
     def remove(self, ids: Sequence[str]) -> int:
         return int(self._call("remove", list(ids)))
