@@ -25,13 +25,23 @@ _TGCIR = {"name": "tgcir", "global_tokens": 1, "local_tokens": 2, "hidden_dim": 
 _COMBINER = {"name": "combiner", "projection_dim": 64, "hidden_dim": 64, "dropout": 0.1}
 
 
+# HF tower family -> (its tokenizer family, open_clip's pooler for it), as open_clip's configs pair them.
+_HF_TOWERS = {
+    "xlm-roberta": ("xlm-roberta", "mean_pooler"),  # xlm-roberta-base-ViT-B-32, xlm-roberta-large-ViT-H-14
+    "bert": ("bert", "cls_pooler"),  # a BERT tower: the CLS pooler drops token 0 from the token states
+    "roberta": ("roberta", "mean_pooler"),  # roberta-ViT-B-32
+    "mt5": ("mt5", "mean_pooler"),  # mt5-base-ViT-B-32, mt5-xl-ViT-H-14 (the encoder of an encoder-decoder)
+    "nllb": ("xlm-roberta", "cls_pooler"),  # nllb-clip-* (M2M100's encoder; its real tokenizer is sentencepiece too)
+}
+
+
 def _config(family: str, root: Path) -> dict[str, Any]:
     """A compir model config JSON: a tiny plain ViT and the text tower of ``family``, as open_clip's
     own configs of that family write it (pointed at local folders)."""
-    if family in ("xlm-roberta", "bert"):  # like xlm-roberta-base-ViT-B-32 / a BERT tower with its CLS pooler
+    if family in _HF_TOWERS:
+        tokenizer_family, pooler = _HF_TOWERS[family]
         tower = str(build_text_tower(root / f"{family}-model", family))
-        tokenizer = str(build_tokenizer(root / f"{family}-tokenizer", family))
-        pooler = "mean_pooler" if family == "xlm-roberta" else "cls_pooler"
+        tokenizer = str(build_tokenizer(root / f"{family}-tokenizer", tokenizer_family))
         text_cfg: dict[str, Any] = {"hf_model_name": tower, "hf_tokenizer_name": tokenizer, "hf_pooler_type": pooler,
                                     "hf_proj_type": "linear", "context_length": 24}
         return {"open_clip": {"embed_dim": 32, "vision_cfg": _VISION, "text_cfg": text_cfg}, "head": _TGCIR,
@@ -73,6 +83,23 @@ def test_text_family_trains_exports_and_serves(family: str, synth_data: Path, tm
     assert compir_main(["search", str(export), str(index), "--reference-id", item, "--text", "make it red", "--json", "-k", "3"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits["hits"] if isinstance(hits, dict) else hits) == 3
+
+
+@pytest.mark.parametrize("family", ["roberta", "mt5", "nllb"])
+def test_other_hf_tower_architectures_export_with_parity(family: str, tmp_path: Path) -> None:
+    import torch
+
+    from compir.export.to_onnx import export_onnx
+    from compir.train.checkpoint import save_checkpoint
+    from compir.train.config import resolve_model_config
+    from compir.train.model import CIRModel
+
+    config = tmp_path / f"{family}.json"
+    config.write_text(json.dumps(_config(family, tmp_path)), encoding="utf-8")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "model.pt", model=CIRModel(resolve_model_config(config)), metrics={}, step=0, epoch=0)
+    manifest = export_onnx(tmp_path / "model.pt", out_dir=tmp_path / "export", calibration_count=4)
+    assert max(manifest.variant("fp32").parity.values()) <= 1e-4
 
 
 def test_a_text_tower_that_cannot_be_found_is_one_line(tmp_path: Path) -> None:
