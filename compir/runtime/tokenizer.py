@@ -223,7 +223,8 @@ class HfTokenizer:
         _check_batch(texts)
         for text in texts:
             _check_length(text)
-        encodings = self._backend.encode_batch([clean_text(text, mode=self.spec.clean) for text in texts])
+        # One call per text: encode_batch would start the library's thread pool, which a forking server then warns about.
+        encodings = [self._backend.encode(clean_text(text, mode=self.spec.clean)) for text in texts]
         batch = np.array([encoding.ids for encoding in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
         if self.spec.strip_sep_id >= 0:
             batch[batch == self.spec.strip_sep_id] = 0
