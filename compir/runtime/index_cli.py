@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from compir.runtime.build import build_index
+from compir.runtime.build_ray import DEFAULT_RAY_BATCH_SIZE
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.encoder import Encoder
 from compir.runtime.index import DEFAULT_DTYPE, DTYPES, HnswConfig
@@ -16,6 +17,8 @@ EPILOG = """examples:
   compir index build exports/tiny --images photos/ --out indexes/photos --dtype i8 --batch-size 128 --workers 8
   compir index build exports/tiny --images photos/ --out indexes/photos --copy-images --overwrite
   compir index build exports/tiny --images photos/ --out indexes/photos --expansion-search 512   # more recall, slower walk
+  compir index build exports/tiny --images photos/ --out indexes/photos --ray                  # Ray Data on this machine's cores
+  compir index build exports/big --images /shared/photos --out /shared/idx --ray head:6379 --ray-actors 8 --shards /shared/shards
 """
 
 
@@ -40,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = build.add_argument_group("Ray Data (pip install \"compir[ray]\")")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="decode in Ray tasks and encode in a pool of Ray actors: on the cluster at ADDRESS, "
+                          "or without one on a local Ray started with this machine's cores")
+    ray.add_argument("--ray-actors", type=int, default=None,
+                     help="encoder actors (default: one per GPU; on CPUs one per node, holding half its cores)")
+    ray.add_argument("--ray-batch-size", type=int, default=DEFAULT_RAY_BATCH_SIZE,
+                     help="images per Ray block: one decode task, one actor call, one shard (default: %(default)s)")
+    ray.add_argument("--shards", default=None,
+                     help="new folder to keep the Parquet shards (id, path, embeds, features) in; default: temporary, removed")
     return parser
 
 
@@ -49,11 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2
     hnsw = HnswConfig(connectivity=args.connectivity, expansion_add=args.expansion_add, expansion_search=args.expansion_search)
-    encoder = Encoder.from_export(
-        args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
-    )
-    report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, progress=not args.quiet)
+    if args.ray is not None:
+        from compir.runtime.build_ray import build_index_ray
+
+        report = build_index_ray(
+            args.export_dir, images=args.images, out=args.out, address=args.ray or None, actors=args.ray_actors,
+            ray_batch_size=args.ray_batch_size, batch_size=args.batch_size, backend=args.backend, providers=providers_from(args),
+            variant=args.variant, dtype=args.dtype, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
+            shards=args.shards, progress=not args.quiet,
+        )
+    else:
+        encoder = Encoder.from_export(
+            args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
+        )
+        report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
+                             workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
+                             progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "
