@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="index folder to create")
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
-    build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
+    build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s; with --ray, Ray tasks decode)")
     hnsw = HnswConfig()
     build.add_argument("--connectivity", type=int, default=hnsw.connectivity, help="HNSW links per node (default: %(default)s)")
     build.add_argument("--expansion-add", type=int, default=hnsw.expansion_add, help="HNSW build breadth (default: %(default)s)")
@@ -47,11 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="decode in Ray tasks and encode in a pool of Ray actors: on the cluster at ADDRESS, "
                           "or without one on a local Ray started with this machine's cores")
-    ray.add_argument("--ray-actors", type=int, default=None,
+    ray.add_argument("--ray-actors", type=int, default=None, metavar="N",
                      help="encoder actors (default: one per GPU; on CPUs one per node, holding half its cores)")
-    ray.add_argument("--ray-batch-size", type=int, default=DEFAULT_RAY_BATCH_SIZE,
+    ray.add_argument("--ray-batch-size", type=int, default=DEFAULT_RAY_BATCH_SIZE, metavar="N",
                      help="images per Ray block: one decode task, one actor call, one shard (default: %(default)s)")
-    ray.add_argument("--shards", default=None,
+    ray.add_argument("--shards", default=None, metavar="DIR",
                      help="new folder to keep the Parquet shards (id, path, embeds, features) in; default: temporary, removed")
     return parser
 
