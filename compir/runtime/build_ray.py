@@ -81,8 +81,9 @@ def build_index_ray(
     Parquet shards are kept; by default they go to a temporary folder beside ``out``, removed after.
     The report's ``seconds`` count from the first task to the saved index (not Ray's start-up).
     """
-    if min(ray_batch_size, batch_size, actors or 1) < 1:
+    if min(ray_batch_size, batch_size, 1 if actors is None else actors) < 1:
         raise InputError("--ray-batch-size, --batch-size and --ray-actors must be >= 1")
+    ray = import_ray()
     manifest = load_manifest(export_dir)  # a bad export is refused before Ray starts
     target = IndexTarget(encoder=manifest.encoder_fingerprint(), ndim=manifest.embed_dim,
                          feature_shape=image_feature_shape(manifest, variant), dtype=dtype, hnsw=hnsw)
@@ -91,14 +92,13 @@ def build_index_ray(
     files = list_images(root)
     ids = [item_id_for(path, root) for path in files]
     keep_shards = shards is not None
+    if shards is not None and Path(shards).exists() and any(Path(shards).iterdir()):
+        raise InputError(f"shard folder {shards} is not empty; name a new one (its files would be loaded too)")
     shard_dir = Path(shards) if shards is not None else Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.shards.", dir=_parent(out)))
-    if keep_shards and shard_dir.exists() and any(shard_dir.iterdir()):
-        raise InputError(f"shard folder {shard_dir} is not empty; name a new one (its files would be loaded too)")
-    ray = import_ray()
     started = not ray.is_initialized()
-    if started:
-        _init(ray, address)
     try:
+        if started:
+            _init(ray, address)
         start = time.perf_counter()
         if files:
             _run_pipeline(ray, export_dir=Path(export_dir).resolve(), spec=manifest.preprocess, files=files, ids=ids,
@@ -123,7 +123,10 @@ def _parent(out: str | Path) -> Path:
 def _init(ray: Any, address: str | None) -> None:
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InputError(f"cannot join the Ray cluster at {address!r}: {exc}") from exc
     else:  # a fresh local Ray, even where RAY_ADDRESS names another
         ray.init(address="local", num_cpus=os.cpu_count() or 1, **quiet)
 
@@ -238,7 +241,8 @@ def _shard_batches(
     rows = table.column("row").to_numpy()
     unique, first = np.unique(rows, return_index=True)
     if not np.array_equal(unique, np.arange(len(files))):
-        raise ContractError(f"the shards in {shards} hold {len(unique)} of the {len(files)} images; rerun the build")
+        raise ContractError(f"the shards in {shards} hold {len(unique)} of the {len(files)} images; on a cluster of several "
+                            "machines, name a --shards folder that every node sees")
     table = table.take(first)
     if table.column("item_id").to_pylist() != list(ids):
         raise ContractError(f"the shards in {shards} do not belong to this image folder; name a new --shards folder")
