@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +24,10 @@ from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import IMAGES_DIR, Gallery
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
 from compir.runtime.preprocess import preprocess_image
+from compir.runtime.store import GalleryStore
+
+if TYPE_CHECKING:
+    from compir.runtime.milvus_store import MilvusConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -63,12 +68,15 @@ def build_index(
     copy_images: bool = False,
     overwrite: bool = False,
     hnsw: HnswConfig = HnswConfig(),
+    milvus: MilvusConfig | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Encode every image under ``images`` into a new index folder ``out`` (written atomically).
 
     Item ids are relative paths without suffix. Image paths are recorded absolute, or copied into
-    ``out/images`` with ``copy_images`` (a self-contained, movable index).
+    ``out/images`` with ``copy_images`` (a self-contained, movable index). With ``milvus`` the
+    items go into that Milvus collection (created; an existing one is replaced only with
+    ``overwrite``) and ``out`` holds index.json naming it (``dtype`` and ``hnsw`` are usearch's).
     """
     root = Path(images).resolve()
     files = list_images(root)
@@ -78,7 +86,8 @@ def build_index(
         EncodedBatch(batch_ids, batch_paths, *_encoded(encoder, pixels), errors)
         for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers)
     )
-    target = IndexTarget(encoder=encoder.fingerprint, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw)
+    target = IndexTarget(encoder=encoder.fingerprint, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw,
+                         milvus=milvus)
     return write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
                        progress=progress, start=start)
 
@@ -92,6 +101,7 @@ class IndexTarget:
     feature_shape: tuple[int, ...]
     dtype: str = DEFAULT_DTYPE
     hnsw: HnswConfig = HnswConfig()
+    milvus: MilvusConfig | None = None  # the items go into this Milvus collection (dtype and hnsw are usearch's)
 
 
 @dataclass(frozen=True)
@@ -121,8 +131,14 @@ def write_index(
     start = time.perf_counter() if start is None else start
     skipped: list[tuple[str, str]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        store: GalleryStore | None = None
+        if target.milvus is not None:
+            from compir.runtime.milvus_store import MilvusStore
+
+            store = MilvusStore.create(target.milvus, ndim=target.ndim, feature_shape=target.feature_shape,
+                                       encoder=target.encoder, overwrite=overwrite)
         gallery = Gallery(encoder=target.encoder, ndim=target.ndim, feature_shape=target.feature_shape, dtype=target.dtype,
-                          hnsw=target.hnsw, folder=tmp)
+                          hnsw=target.hnsw, folder=tmp, store=store)
         bar = tqdm(total=total, desc="indexing", unit="img", disable=not progress)
         for batch in batches:
             skipped.extend(batch.errors)

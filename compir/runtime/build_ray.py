@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from compir.manifest import PreprocessSpec, load_manifest
 from compir.runtime.build import BuildReport, EncodedBatch, IndexTarget, decode_for_encoder, item_id_for, list_images, write_index
 from compir.runtime.encoder import Encoder, image_feature_shape
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
+
+if TYPE_CHECKING:
+    from compir.runtime.milvus_store import MilvusConfig
 
 DEFAULT_RAY_BATCH_SIZE = 256  # images per Ray block: one decode task, one actor call, one shard file
 RAY_EXTRA = 'pip install "compir[ray]"'
@@ -69,6 +72,7 @@ def build_index_ray(
     copy_images: bool = False,
     overwrite: bool = False,
     hnsw: HnswConfig = HnswConfig(),
+    milvus: MilvusConfig | None = None,
     shards: str | Path | None = None,
     progress: bool = True,
 ) -> BuildReport:
@@ -77,7 +81,8 @@ def build_index_ray(
     Joins the running Ray of this process if there is one, else the cluster at ``address``, else
     starts a local Ray on this machine's cores (and shuts down what it started). ``actors``:
     encoder actors (default: one per GPU, or on CPUs one per node holding half its cores).
-    ``batch_size``: images per encoder call inside an actor. ``shards``: a new folder where the
+    ``batch_size``: images per encoder call inside an actor. ``milvus``: the items go into that
+    collection, as with :func:`~compir.runtime.build.build_index`. ``shards``: a new folder where the
     Parquet shards are kept; by default they go to a temporary folder beside ``out``, removed after.
     The report's ``seconds`` count from the first task to the saved index (not Ray's start-up).
     """
@@ -86,7 +91,7 @@ def build_index_ray(
     ray = import_ray()
     manifest = load_manifest(export_dir)  # a bad export is refused before Ray starts
     target = IndexTarget(encoder=manifest.encoder_fingerprint(), ndim=manifest.embed_dim,
-                         feature_shape=image_feature_shape(manifest, variant), dtype=dtype, hnsw=hnsw)
+                         feature_shape=image_feature_shape(manifest, variant), dtype=dtype, hnsw=hnsw, milvus=milvus)
     check_output_dir(out, overwrite=overwrite)
     root = Path(images).resolve()
     files = list_images(root)

@@ -92,8 +92,7 @@ class Retriever:
 
     @property
     def backend_info(self) -> dict[str, Any]:
-        return {**self.encoder.backend_info(), "index_dtype": self.gallery.vectors.dtype,
-                "exact_search": self.gallery.vectors.uses_exact()}
+        return {**self.encoder.backend_info(), **self.gallery.describe()}
 
     @property
     def has_reranker(self) -> bool:
@@ -212,7 +211,7 @@ class Retriever:
             with self._lock:
                 if reference_id not in self.gallery:
                     raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
-                return reference_id, np.asarray(self.gallery.features[self.gallery.row(reference_id)], dtype=np.float32)
+                return reference_id, self.gallery.features_of([reference_id])[0]
         if reference_image is None:
             return None, None
         with _timed(timings, "decode"):
@@ -283,10 +282,10 @@ class Retriever:
         if not top:
             return found
         with self._lock:
-            rows = [self.gallery.row(item) for item, _ in top]
+            ids = [item for item, _ in top]
             candidates = RerankCandidates(
-                item_ids=tuple(item for item, _ in top),
-                image_features=np.asarray(self.gallery.features[rows], dtype=np.float32),
+                item_ids=tuple(ids),
+                image_features=self.gallery.features_of(ids),
                 image_paths=tuple(self.gallery.image_path(item) for item, _ in top),
                 scores=np.asarray([s for _, s in top], dtype=np.float32),
             )
