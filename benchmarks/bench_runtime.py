@@ -9,7 +9,8 @@
 (d) Gallery indexing, images/s: ``compir index build`` (thread-pool decoding, batched
     onnxruntime, HNSW build and atomic save included) against the training stack's path (torch
     DataLoader with workers + open_clip's eval transform + ``CIRModel.encode_image``, encoding
-    only). Goal: >= 1.5x.
+    only). Goal: >= 1.5x. Then ``compir index build --ray`` (Ray Data, local Ray, same cores) against
+    it, and a projection to N machines: benchmarks/ray_indexing.py.
 The models are randomly initialised CIRModels (compir train's default; full runs add ``small``)
 exported to ONNX fp32: speed does not depend on the weights. Gallery images are 320x240 JPEG photos-like
 images, so decoding costs what it costs on real data.
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import BenchResult, Panel, bar_chart, markdown_table
+from benchmarks import ray_indexing
+from benchmarks.common import BenchResult, Panel, bar_chart, machine_info, markdown_table
 from compir.runtime.types import STAGES
 
 NAME = "runtime"
@@ -140,6 +142,18 @@ def _runtime_indexing(export_dir: Path, images: Path, out: Path, *, batch_size: 
     return report.seconds
 
 
+def _ray_rows(export_dir: Path, work: Path, *, count: int, repeats: int, single_images_per_s: float) -> dict[str, Any]:
+    """Ray Data indexing of 32 and 4 x ``count`` photos (see benchmarks/ray_indexing.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return {"skipped": 'ray is not installed: pip install "compir[ray]"'}
+    _write_photos(work / "ray-small", 32)
+    _write_photos(work / "ray-images", 4 * count)
+    return ray_indexing.measure(export_dir, small=work / "ray-small", large=work / "ray-images", work=work / "ray",
+                                repeats=max(3, repeats), single_images_per_s=single_images_per_s)
+
+
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
     # Indexing is measured for the default model and, in full runs, for the larger ``small``
     # (where both paths spend most of their time in the same matrix products); the latency split
@@ -163,6 +177,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
             runtime_rate, torch_rate = count / statistics.median(runtime_s), count / statistics.median(torch_s)
             indexing[config] = {"images": count, "workers": workers, "runtime_images_per_s": runtime_rate, "torch_images_per_s": torch_rate,
                                 "speedup": runtime_rate / torch_rate, "runtime_runs_s": runtime_s, "torch_runs_s": torch_s}
+        ray_figures = _ray_rows(exports[configs[0]], work, count=count, repeats=repeats,
+                                single_images_per_s=indexing[configs[0]]["runtime_images_per_s"])
         config = configs[-1]
         latency = _latency(exports[config], work / config / "index", files[-1], queries=queries)
     modes = [m for m in latency if isinstance(latency[m], dict)]
@@ -178,13 +194,14 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         f"Indexing {count} photos (median of {repeats} runs): `compir index build` (onnxruntime, thread-pool decoding, HNSW build and "
         f"save included) against a torch DataLoader ({workers} workers) + CIRModel.encode_image (encoding only). Goal >= 1.5x.",
         markdown_table(["model", "compir images/s", "torch images/s", "speed-up"], index_rows),
+        ray_indexing.table(ray_figures, cpu=str(machine_info()["cpu"])),
     ])
     plot = bar_chart(out_dir / "runtime.png", panels=[
         Panel("query latency by stage (ms)", {mode: {s: latency[mode]["stages_ms"][s] for s in STAGES} for mode in modes}, "ms"),
         Panel("gallery indexing", {name: {"compir runtime": v["runtime_images_per_s"], "torch DataLoader": v["torch_images_per_s"]}
                                    for name, v in indexing.items()}, "images/s"),
     ])
-    figures = {"model": config, "latency": latency, "indexing": indexing,
+    figures = {"model": config, "latency": latency, "indexing": indexing, "ray_indexing": ray_figures,
                "goal_cached_within_10pct": float(latency["cached_overhead_ratio"]) <= 1.10,
                "goal_indexing_1_5x": {name: v["speedup"] >= 1.5 for name, v in indexing.items()}}
     return BenchResult(name=NAME, figures=figures, table=table, plots=(plot,))

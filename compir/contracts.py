@@ -116,15 +116,21 @@ def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(target.parent)
 
 
+def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """``path``, after checking that a new folder may be written there (before long work starts)."""
+    target = Path(path)
+    if target.exists() and not overwrite and any(target.iterdir()):
+        raise ContractError(f"{target} already exists and is not empty; pass --overwrite to replace it")
+    return target
+
+
 @contextmanager
 def atomic_output_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
 
     A failure (a parity check, a crash) leaves no half-written folder behind.
     """
-    target = Path(path)
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise ContractError(f"{target} already exists and is not empty; pass --overwrite to replace it")
+    target = check_output_dir(path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from compir.contracts import atomic_output_dir, sha256_bytes
 from compir.errors import InputError
 from compir.images import load_image
+from compir.manifest import EncoderFingerprint, PreprocessSpec
 from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import IMAGES_DIR, Gallery
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
@@ -80,28 +82,88 @@ def build_index(
     files = list_images(root)
     ids = [item_id_for(path, root) for path in files]
     start = time.perf_counter()
+    batches = (
+        EncodedBatch(batch_ids, batch_paths, *_encoded(encoder, pixels), errors)
+        for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers)
+    )
+    target = IndexTarget(encoder=encoder.fingerprint, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw,
+                         milvus=milvus)
+    return write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
+                       progress=progress, start=start)
+
+
+@dataclass(frozen=True)
+class IndexTarget:
+    """What the new gallery is bound to and how it stores vectors."""
+
+    encoder: EncoderFingerprint
+    ndim: int
+    feature_shape: tuple[int, ...]
+    dtype: str = DEFAULT_DTYPE
+    hnsw: HnswConfig = HnswConfig()
+    milvus: MilvusConfig | None = None  # the items go into this Milvus collection (dtype and hnsw are usearch's)
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Encoded items in file order, and the files before or among them that failed to decode."""
+
+    ids: list[str]
+    paths: list[Path]
+    image_embeds: np.ndarray  # (B, D)
+    image_features: np.ndarray  # (B, *F)
+    errors: list[tuple[str, str]]  # (file, reason)
+
+
+def write_index(
+    batches: Iterable[EncodedBatch],
+    *,
+    target: IndexTarget,
+    out: str | Path,
+    total: int,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    start: float | None = None,
+) -> BuildReport:
+    """Add encoded batches to a new gallery and save it into ``out`` (atomically): the one way an
+    index folder is filled, whether the vectors come from this process or from Ray shards."""
+    start = time.perf_counter() if start is None else start
     skipped: list[tuple[str, str]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         store: GalleryStore | None = None
-        if milvus is not None:
+        if target.milvus is not None:
             from compir.runtime.milvus_store import MilvusStore
 
-            store = MilvusStore.create(milvus, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape,
-                                       encoder=encoder.fingerprint, overwrite=overwrite)
-        gallery = Gallery(encoder=encoder.fingerprint, ndim=encoder.embed_dim,
-                          feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw, folder=tmp, store=store)
-        bar = tqdm(total=len(files), desc="indexing", unit="img", disable=not progress)
-        for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers):
-            skipped.extend(errors)
-            if batch_ids:
-                encoded = encoder.encode_pixels(pixels)
-                stored = [_stored_path(path, tmp, copy_images) for path in batch_paths]
-                gallery.add(batch_ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=stored)
-            bar.update(len(batch_ids) + len(errors))
+            store = MilvusStore.create(target.milvus, ndim=target.ndim, feature_shape=target.feature_shape,
+                                       encoder=target.encoder, overwrite=overwrite)
+        gallery = Gallery(encoder=target.encoder, ndim=target.ndim, feature_shape=target.feature_shape, dtype=target.dtype,
+                          hnsw=target.hnsw, folder=tmp, store=store)
+        bar = tqdm(total=total, desc="indexing", unit="img", disable=not progress)
+        for batch in batches:
+            skipped.extend(batch.errors)
+            if batch.ids:
+                stored = [_stored_path(path, tmp, copy_images) for path in batch.paths]
+                gallery.add(batch.ids, embeds=batch.image_embeds, features=batch.image_features, paths=stored)
+            bar.update(len(batch.ids) + len(batch.errors))
         bar.close()
         gallery.save(tmp)
-    report = BuildReport(out_dir=Path(out), count=len(gallery), skipped=tuple(skipped), seconds=time.perf_counter() - start)
-    return report
+    return BuildReport(out_dir=Path(out), count=len(gallery), skipped=tuple(skipped), seconds=time.perf_counter() - start)
+
+
+def decode_for_encoder(path: Path, spec: PreprocessSpec) -> np.ndarray | str:
+    """One image file -> ``pixel_values`` (3, S, S), or the reason it cannot be read (names the file)."""
+    try:
+        return preprocess_image(load_image(path), spec)
+    except InputError as exc:
+        return str(exc)
+
+
+def _encoded(encoder: Encoder, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(pixels):
+        return np.zeros((0, encoder.embed_dim), np.float32), np.zeros((0, *encoder.feature_shape), np.float32)
+    encoded = encoder.encode_pixels(pixels)
+    return encoded.image_embeds, encoded.image_features
 
 
 def _decoded_batches(
@@ -115,14 +177,8 @@ def _decoded_batches(
     """
     spec = encoder.manifest.preprocess
 
-    def prepare(path: Path) -> np.ndarray | str:
-        try:
-            return preprocess_image(load_image(path), spec)
-        except InputError as exc:
-            return str(exc)
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = _ahead(pool, prepare, files, window=2 * batch_size)
+        results = _ahead(pool, partial(decode_for_encoder, spec=spec), files, window=2 * batch_size)
         batch_ids: list[str] = []
         batch_paths: list[Path] = []
         arrays: list[np.ndarray] = []

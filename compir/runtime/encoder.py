@@ -49,7 +49,7 @@ class Encoder:
         self._image = backend.open(self._graph(IMAGE_ENCODER))
         self._text = backend.open(self._graph(TEXT_ENCODER))
         self._composer = backend.open(self._graph(COMPOSER))
-        self.feature_shape = _static_tail(self._graph(IMAGE_ENCODER).output("image_features"))
+        self.feature_shape = image_feature_shape(manifest, self.variant)
         self._check_dims()
 
     @classmethod
@@ -61,12 +61,14 @@ class Encoder:
         providers: Sequence[str] | None = None,
         variant: str | None = None,
         spinning: bool = True,
+        threads: int = 0,
     ) -> Encoder:
         """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs.
 
-        ``spinning=False`` for bulk work beside other threads (index builds): see OrtBackend."""
+        ``spinning=False`` for bulk work beside other threads (index builds): see OrtBackend;
+        ``threads`` caps onnxruntime's pool per graph (0: its default, one per core)."""
         manifest = load_manifest(export_dir)
-        opened = open_backend(backend, export_dir, providers=providers, spinning=spinning)
+        opened = open_backend(backend, export_dir, providers=providers, spinning=spinning, threads=threads)
         # Engines are parsed from one ONNX variant: its graph specs describe them.
         engine_variant = getattr(opened, "variant", None)
         if engine_variant is not None and variant not in (None, engine_variant):
@@ -128,6 +130,11 @@ class Encoder:
             tail = _static_tail(self._graph(role).output(name))
             if tail != (self.embed_dim,):
                 raise ContractError(f"{role} output {name!r} has shape (batch, {tail}), the manifest's embed_dim is {self.embed_dim}")
+
+
+def image_feature_shape(manifest: ExportManifest, variant: str | None = None) -> tuple[int, ...]:
+    """The per-image shape of ``image_features`` (what an index caches), read from the manifest alone."""
+    return _static_tail(manifest.graph(IMAGE_ENCODER, variant).output("image_features"))
 
 
 def _static_tail(spec: TensorSpec) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from compir.runtime.build import build_index
+from compir.runtime.build_ray import DEFAULT_RAY_BATCH_SIZE
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.encoder import Encoder
 from compir.runtime.index import DEFAULT_DTYPE, DTYPES, HnswConfig
@@ -21,6 +22,8 @@ EPILOG = """examples:
   compir index build exports/tiny --images photos/ --out indexes/photos --index-backend milvus --milvus-uri gallery.db   # Milvus Lite
   compir index build exports/tiny --images photos/ --out indexes/photos --milvus-uri http://milvus:19530 \
       --collection photos --copy-images   # a Milvus server that several `compir serve` share
+  compir index build exports/tiny --images photos/ --out indexes/photos --ray                  # Ray Data on this machine's cores
+  compir index build exports/big --images /shared/photos --out /shared/idx --ray head:6379 --ray-actors 8 --shards /shared/shards
 """
 
 
@@ -35,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="index folder to create")
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
-    build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
+    build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s; with --ray, Ray tasks decode)")
     # --backend already picks the encoder runtime (onnxruntime / tensorrt), hence --index-backend.
     build.add_argument("--index-backend", choices=BACKENDS, default=None,
                        help="where the items live: usearch files in --out, or a Milvus collection "
@@ -52,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = build.add_argument_group("Ray Data (pip install \"compir[ray]\")")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="decode in Ray tasks and encode in a pool of Ray actors: on the cluster at ADDRESS, "
+                          "or without one on a local Ray started with this machine's cores")
+    ray.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                     help="encoder actors (default: one per GPU; on CPUs one per node, holding half its cores)")
+    ray.add_argument("--ray-batch-size", type=int, default=DEFAULT_RAY_BATCH_SIZE, metavar="N",
+                     help="images per Ray block: one decode task, one actor call, one shard (default: %(default)s)")
+    ray.add_argument("--shards", default=None, metavar="DIR",
+                     help="new folder to keep the Parquet shards (id, path, embeds, features) in; default: temporary, removed")
     return parser
 
 
@@ -68,12 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compir index: --milvus-uri is for --index-backend milvus", file=sys.stderr)
         return 2
     milvus = MilvusConfig.from_hnsw(args.milvus_uri, collection=args.collection, hnsw=hnsw) if args.milvus_uri else None
-    encoder = Encoder.from_export(
-        args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
-    )
-    report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, milvus=milvus,
-                         progress=not args.quiet)
+    if args.ray is not None:
+        from compir.runtime.build_ray import build_index_ray
+
+        report = build_index_ray(
+            args.export_dir, images=args.images, out=args.out, address=args.ray or None, actors=args.ray_actors,
+            ray_batch_size=args.ray_batch_size, batch_size=args.batch_size, backend=args.backend, providers=providers_from(args),
+            variant=args.variant, dtype=args.dtype, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
+            milvus=milvus, shards=args.shards, progress=not args.quiet,
+        )
+    else:
+        encoder = Encoder.from_export(
+            args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
+        )
+        report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
+                             workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
+                             milvus=milvus, progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "

@@ -14,13 +14,16 @@ BACKENDS = ("onnxruntime", "tensorrt")
 __all__ = ["BACKENDS", "Backend", "GraphSession", "check_io", "open_backend"]
 
 
-def open_backend(name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None, spinning: bool = True) -> Backend:
-    """The backend called ``name`` for ``export_dir``; ``providers`` and ``spinning`` (idle pool
-    threads busy-wait: lower latency per call, CPU taken from other work) only apply to onnxruntime."""
+def open_backend(
+    name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None, spinning: bool = True, threads: int = 0
+) -> Backend:
+    """The backend called ``name`` for ``export_dir``; ``providers``, ``spinning`` (idle pool
+    threads busy-wait: lower latency per call, CPU taken from other work) and ``threads`` (pool
+    size, 0: one per core) only apply to onnxruntime."""
     if name == "onnxruntime":
         from compir.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(export_dir, providers=providers, spinning=spinning)
+        return OrtBackend(export_dir, providers=providers, spinning=spinning, threads=threads)
     if name == "tensorrt":
         from compir.runtime.backends.tensorrt import TensorRTBackend
 

@@ -1,0 +1,130 @@
+"""``compir index build --ray``: Ray Data indexing on a local Ray gives the single-process index."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compir.errors import ContractError
+from compir.runtime import build_ray
+from compir.runtime.gallery import Gallery
+from compir.runtime.index_cli import main as index_main
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """One local Ray for the module (its start-up costs seconds); builds join it instead of starting their own."""
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gallery_images(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 images (3 in a sub-folder) and 2 that cannot be decoded."""
+    images = tmp_path_factory.mktemp("ray-images") / "images"
+    (images / "nested").mkdir(parents=True)
+    for number, path in enumerate(sorted((synth_data / "images").glob("*.png"))[:12]):
+        shutil.copy(path, images / ("nested" if number % 4 == 0 else ".") / path.name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (images / "empty.jpg").write_bytes(b"")
+    return images
+
+
+@pytest.fixture(scope="module")
+def single_process_index(tiny_export: Path, gallery_images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    out = tmp_path_factory.mktemp("ray-reference") / "index"
+    argv = ["build", str(tiny_export), "--images", str(gallery_images), "--out", str(out), "--batch-size", "4", "--quiet"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert index_main(argv) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_ray_build_gives_the_single_process_index(
+    local_ray: Any, tiny_export: Path, gallery_images: Path, single_process_index: tuple[Path, str, str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    reference, reference_out, reference_err = single_process_index
+    out, shards = tmp_path / "index", tmp_path / "shards"
+    argv = ["build", str(tiny_export), "--images", str(gallery_images), "--out", str(out), "--batch-size", "4", "--quiet",
+            "--ray", "--ray-batch-size", "5", "--ray-actors", "1", "--shards", str(shards)]
+    assert index_main(argv) == 0
+    captured = capsys.readouterr()
+    # Reported exactly as the single-process build reports: the same skipped lines, the same summary.
+    assert "indexed 12 images" in captured.out and "skipped 2 unreadable" in captured.out
+    assert _without_rate(captured.out, out) == _without_rate(reference_out, reference)
+    assert [line for line in captured.err.splitlines() if line.startswith("skipped:")] == reference_err.splitlines()
+    _assert_same_gallery(out, reference)
+    assert len(list(shards.glob("*.parquet"))) == 3  # 14 files in blocks of 5, kept where asked
+    with pytest.raises(ContractError, match="already exists"):  # refused before any work
+        index_main(argv)
+
+
+def test_a_crashed_encoder_actor_has_its_batch_retried(
+    local_ray: Any, tiny_export: Path, gallery_images: Path, single_process_index: tuple[Path, str, str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    marker = tmp_path / "crashed"
+
+    class CrashOnce(build_ray._EncodeRows):
+        """The first call of the first actor kills its process (as an OOM kill or a lost node would)."""
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(build_ray, "_EncodeRows", CrashOnce)
+    out = tmp_path / "index"
+    report = build_ray.build_index_ray(tiny_export, images=gallery_images, out=out, actors=1, ray_batch_size=5, batch_size=4,
+                                       providers=["cpu"], progress=False)
+    assert marker.exists(), "the actor never crashed: the test tested nothing"
+    assert report.count == 12 and len(report.skipped) == 2
+    _assert_same_gallery(out, single_process_index[0])
+
+
+def test_ray_without_the_extra_names_it(tiny_export: Path, gallery_images: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "class Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'ray':\n"
+        "            raise ImportError(name=name)\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+        "from compir.cli import main\n"
+        f"sys.exit(main(['index', 'build', {str(tiny_export)!r}, '--images', {str(gallery_images)!r}, "
+        f"'--out', {str(tmp_path / 'index')!r}, '--ray']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ['compir index: error: --ray needs Ray Data, which is not installed (ray): '
+                                                  'pip install "compir[ray]"']
+    assert not list(tmp_path.iterdir())  # nothing started, nothing left behind
+
+
+def _assert_same_gallery(built: Path, reference: Path) -> None:
+    ray_gallery, single = Gallery.load(built, encoder=None), Gallery.load(reference, encoder=None)
+    assert ray_gallery.ids == single.ids and ray_gallery.paths == single.paths
+    assert ray_gallery.vectors.keys.tolist() == single.vectors.keys.tolist()
+    np.testing.assert_allclose(ray_gallery.vectors.embeds, single.vectors.embeds, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ray_gallery.features, single.features, rtol=0, atol=1e-6)
+    assert ray_gallery.encoder == single.encoder
+
+
+def _without_rate(text: str, folder: Path) -> str:
+    return re.sub(r"\([\d.]+ images/s\)", "(N images/s)", text).replace(str(folder), "INDEX")
