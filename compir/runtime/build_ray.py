@@ -19,9 +19,7 @@ the images and the shard folder must be at paths every node sees (a shared file 
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -37,23 +35,13 @@ from compir.manifest import PreprocessSpec, load_manifest
 from compir.runtime.build import BuildReport, EncodedBatch, IndexTarget, decode_for_encoder, item_id_for, list_images, write_index
 from compir.runtime.encoder import Encoder, image_feature_shape
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
+from compir.runtime.ray_cluster import import_ray, join_ray
 
 if TYPE_CHECKING:
     from compir.runtime.milvus_store import MilvusConfig
 
 DEFAULT_RAY_BATCH_SIZE = 256  # images per Ray block: one decode task, one actor call, one shard file
-RAY_EXTRA = 'pip install "compir[ray]"'
 _DECODE_WORKER_BYTES = 320 * 2**20  # a decode worker's own memory, ~210 MiB measured, with Ray's 1.25x margin
-
-
-def import_ray() -> Any:
-    """The ``ray`` module with Ray Data, or InputError naming the extra to install."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (the [data] part of the extra)
-    except ImportError as exc:
-        raise InputError(f"--ray needs Ray Data, which is not installed ({exc.name}): {RAY_EXTRA}") from exc
-    return ray
 
 
 def build_index_ray(
@@ -88,7 +76,7 @@ def build_index_ray(
     """
     if min(ray_batch_size, batch_size, 1 if actors is None else actors) < 1:
         raise InputError("--ray-batch-size, --batch-size and --ray-actors must be >= 1")
-    ray = import_ray()
+    ray = import_ray("data")
     manifest = load_manifest(export_dir)  # a bad export is refused before Ray starts
     target = IndexTarget(encoder=manifest.encoder_fingerprint(), ndim=manifest.embed_dim,
                          feature_shape=image_feature_shape(manifest, variant), dtype=dtype, hnsw=hnsw, milvus=milvus)
@@ -103,7 +91,7 @@ def build_index_ray(
     started = not ray.is_initialized()
     try:
         if started:
-            _init(ray, address)
+            join_ray(ray, address)
         start = time.perf_counter()
         if files:
             _run_pipeline(ray, export_dir=Path(export_dir).resolve(), spec=manifest.preprocess, files=files, ids=ids,
@@ -123,17 +111,6 @@ def _parent(out: str | Path) -> Path:
     parent = Path(out).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     return parent
-
-
-def _init(ray: Any, address: str | None) -> None:
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if address:
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise InputError(f"cannot join the Ray cluster at {address!r}: {exc}") from exc
-    else:  # a fresh local Ray, even where RAY_ADDRESS names another
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, **quiet)
 
 
 def _run_pipeline(

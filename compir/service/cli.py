@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from compir.runtime.cli_args import add_runtime_args, providers_from
+from compir.runtime.ray_cluster import LOCAL, RAY_EXTRA
 from compir.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
-from compir.service.ray_serve import EXTRA_HINT, LOCAL
 
 EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=ServiceConfig.worker_threads,
                         help="threads that decode uploads and run unbatched searches")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ray = parser.add_argument_group(f"Ray Serve (needs: {EXTRA_HINT})")
+    ray = parser.add_argument_group(f"Ray Serve (needs: {RAY_EXTRA})")
     ray.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
                      help="serve on Ray Serve: bare --ray starts a Ray on this machine; ADDRESS (auto, ray://host:10001) joins one")
     scale = ray.add_mutually_exclusive_group()

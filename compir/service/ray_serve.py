@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import socket
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compir.errors import CompirError, InputError
 from compir.runtime.backends.providers import GPU_PROVIDERS
+from compir.runtime.ray_cluster import LOCAL, import_ray, join_ray
 from compir.service.batcher import BatchCounter, BatchStats, Item, Result, run_batch
 from compir.service.config import ServiceConfig, resolve_batching
 
@@ -49,18 +49,12 @@ if TYPE_CHECKING:
 APP_NAME = "compir"
 OWNER = "compir-gallery-owner"  # the owner actor's name, in namespace APP_NAME
 REPLICA_HEADER = "x-compir-replica"  # which HTTP replica answered (responses from --ray only)
-EXTRA_HINT = 'pip install "compir[ray]"'
-LOCAL = "local"  # --ray without an address: start a Ray on this machine
 
 
 def import_serve() -> tuple[ModuleType, ModuleType]:
     """(ray, ray.serve), or an InputError naming the extra to install."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError as exc:
-        raise InputError(f"--ray needs Ray Serve, which is not installed ({exc}); install it with: {EXTRA_HINT}") from exc
-    return ray, serve
+    ray = import_ray("serve")
+    return ray, ray.serve
 
 
 @dataclass(frozen=True)
@@ -350,15 +344,7 @@ def start(spec: RaySpec, *, address: str = LOCAL, host: str = "127.0.0.1", port:
     every replica is up. :func:`stop` undeploys it."""
     ray, serve = import_serve()
     if not ray.is_initialized():
-        if address == LOCAL:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning", log_to_driver=False)
-        else:
-            _check_reachable(address)
-            try:
-                ray.init(address=address, logging_level="warning")
-            except (ConnectionError, RuntimeError) as exc:
-                raise InputError(f"cannot join the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
-                                 "or give a bare --ray to start a Ray on this machine") from exc
+        join_ray(ray, address, num_cpus=num_cpus)
     # One GPU per replica where the cluster has GPUs and the encoders would use one.
     gpus = 1.0 if spec.wants_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     owner = start_owner(spec)
@@ -366,19 +352,6 @@ def start(spec: RaySpec, *, address: str = LOCAL, host: str = "127.0.0.1", port:
     serve.run(build_application(spec, owner, gpus_per_replica=gpus), name=APP_NAME, route_prefix="/",
               logging_config={"enable_access_log": False})
     return f"http://{host}:{port}"
-
-
-def _check_reachable(address: str) -> None:
-    """InputError unless ``[ray://]host:port`` accepts a connection: Ray itself retries an
-    unreachable GCS for minutes. ``auto`` (the cluster this machine runs) is left to Ray."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        raise InputError(f"cannot reach the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
-                         "or give a bare --ray to start a Ray on this machine") from exc
 
 
 def owner_handle() -> Any:

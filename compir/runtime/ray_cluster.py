@@ -1,0 +1,59 @@
+"""Joining or starting a Ray, for the optional Ray front ends (``index build --ray``, ``serve --ray``).
+
+Ray is an optional extra: it is imported here, inside the functions, never at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from compir.errors import InputError
+
+RAY_EXTRA = 'pip install "compir[ray]"'
+LOCAL = "local"  # --ray without an address: start a Ray on this machine
+
+
+def import_ray(part: str) -> Any:
+    """The ``ray`` module with its ``part`` ("data" or "serve") importable, or an InputError
+    naming the extra to install."""
+    try:
+        import importlib
+
+        import ray
+
+        importlib.import_module(f"ray.{part}")
+    except ImportError as exc:
+        what = {"data": "Ray Data", "serve": "Ray Serve"}.get(part, f"ray.{part}")
+        raise InputError(f"--ray needs {what}, which is not installed ({exc.name}): {RAY_EXTRA}") from exc
+    return ray
+
+
+def join_ray(ray: Any, address: str | None, *, num_cpus: int | None = None) -> None:
+    """Start a fresh Ray on this machine (``address`` None or ``"local"``; even where RAY_ADDRESS
+    names another) or join the cluster at ``address``; an InputError naming it where that fails."""
+    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "configure_logging": True}
+    if not address or address == LOCAL:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, log_to_driver=False, **quiet)
+        return
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InputError(f"cannot join the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
+                         "or give a bare --ray to start a Ray on this machine") from exc
+
+
+def _check_reachable(address: str) -> None:
+    """InputError unless ``[ray://]host:port`` accepts a connection: Ray itself retries an
+    unreachable GCS for minutes. ``auto`` (the cluster this machine runs) is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
+                         "or give a bare --ray to start a Ray on this machine") from exc
