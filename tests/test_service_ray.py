@@ -17,6 +17,7 @@ import pytest
 from compir.errors import InputError
 from compir.runtime.encoder import Encoder
 from compir.runtime.retriever import Retriever
+from compir.runtime import ray_cluster
 from compir.service import ray_serve
 from compir.service.cli import main as serve_main
 from compir.service.config import BatchingConfig, ServiceConfig
@@ -134,7 +135,7 @@ def test_ray_options_are_checked_before_anything_starts(monkeypatch, capsys):
             ray_serve.Scale(autoscale=ray_serve.Scale.parse_autoscale(bad))
     assert ray_serve.Scale(autoscale=(1, 4)).options() == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
     with pytest.raises(InputError, match="cannot reach the Ray cluster"):  # not minutes of Ray's own retries
-        ray_serve._check_reachable(f"ray://127.0.0.1:{_free_port()}")
+        ray_cluster.join_ray(None, f"ray://127.0.0.1:{_free_port()}")  # refused before ray.init is needed
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(InputError, match=r'pip install "compir\[ray\]"'):
         serve_main(["export", "index", "--ray"])
