@@ -39,6 +39,11 @@ BATCH_AXIS = "batch"
 # or extend a graph (quantizers, optimizers) stay under it too. ``compir export onnx --external-data-mb``.
 EXTERNAL_DATA_BYTES = 1 << 30
 
+
+def external_data_path(graph: Path) -> Path:
+    """Where the export writes the external data of the graph file ``graph``: ``<file name>.data`` beside it."""
+    return graph.with_name(f"{graph.name}.data")
+
 _DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 
 

@@ -15,7 +15,7 @@ from compir.export.external_data import external_files
 from compir.manifest import GRAPH_ROLES, load_manifest
 from compir.runtime.encoder import Encoder
 
-EXTERNAL_VARIANTS = ("fp32", "fp16", "int8-dynamic")
+EXTERNAL_VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,16 @@ def test_negative_external_data_threshold_is_refused(micro_checkpoint: Path, tmp
     assert compir_main(["export", "onnx", str(micro_checkpoint), "--out", str(tmp_path / "x"), "--external-data-mb", "-1"]) == 2
     assert "--external-data-mb must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_calibration_cache_is_keyed_by_the_external_weights_too(external_export: Path, tmp_path: Path) -> None:
+    """TensorRT trusts a calibration cache: new weights in the data file must not reuse the old one."""
+    from compir.export.trt.calibrator import calibration_digest
+
+    for name in ("composer.onnx", "composer.onnx.data"):
+        shutil.copyfile(external_export / "fp32" / name, tmp_path / name)
+    batches = [{"image_features": np.zeros((2, 4), np.float32)}]
+    before = calibration_digest(tmp_path / "composer.onnx", batches)
+    data = tmp_path / "composer.onnx.data"
+    data.write_bytes(data.read_bytes()[::-1])
+    assert calibration_digest(tmp_path / "composer.onnx", batches) != before

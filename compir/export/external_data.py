@@ -15,9 +15,9 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from compir.contracts import atomic_output_path
-from compir.manifest import EXTERNAL_DATA_BYTES
+from compir.manifest import EXTERNAL_DATA_BYTES, external_data_path
 
-__all__ = ["EXTERNAL_DATA_BYTES", "data_file", "external_files", "has_external_data", "save_graph", "tensor_bytes"]
+__all__ = ["EXTERNAL_DATA_BYTES", "external_data_path", "external_files", "has_external_data", "save_graph", "tensor_bytes"]
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -37,16 +37,11 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def data_file(graph: Path) -> Path:
-    """Where the external data of ``graph`` goes: ``<graph file name>.data`` beside it."""
-    return graph.with_name(f"{graph.name}.data")
-
-
 def save_graph(model: onnx.ModelProto, target: Path, *, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
-    """Write ``model`` to ``target``, its tensors into :func:`data_file` when they exceed ``external_data_bytes``.
+    """Write ``model`` to ``target``, its tensors into :func:`~compir.manifest.external_data_path` when they exceed ``external_data_bytes``.
 
     Writing external data moves the tensors out of ``model``: do not use it afterwards."""
-    data = data_file(target)
+    data = external_data_path(target)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_path(target) as tmp:

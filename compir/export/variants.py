@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from compir.errors import ContractError
-from compir.export.external_data import EXTERNAL_DATA_BYTES, data_file, has_external_data, save_graph
+from compir.export.external_data import EXTERNAL_DATA_BYTES, external_data_path, has_external_data, save_graph
 
 VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
@@ -186,7 +186,7 @@ class _preprocessed:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         prepared = _Prepared(Path(self._tmp.name) / self._source.name, external=has_external_data(self._source))
-        data = data_file(prepared.path)
+        data = external_data_path(prepared.path)
         options = {"save_as_external_data": True, "all_tensors_to_one_file": True, "external_data_location": data.name}
         options = options if prepared.external else {}
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
