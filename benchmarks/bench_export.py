@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import BenchResult, Panel, bar_chart, markdown_table
+from benchmarks.common import BenchResult, Panel, bar_chart, interleaved_runs, markdown_table
 
 NAME = "export"
 DESCRIPTION = "composed-query latency (batch 1) / throughput (batch 32) and recall: torch eager vs onnxruntime fp32/fp16/int8"
@@ -128,15 +128,7 @@ def _ort_call(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object
 
 def _interleaved(calls: dict[str, Callable[[], object]], *, rounds: int) -> dict[str, float]:
     """Median seconds per call of each backend; one call of each per round, after a warm-up."""
-    for call in calls.values():
-        call()
-    runs: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            runs[name].append(time.perf_counter() - start)
-    return {name: float(np.median(values)) for name, values in runs.items()}
+    return {name: float(np.median(values)) for name, values in interleaved_runs(calls, rounds=rounds).items()}
 
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
@@ -157,7 +149,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     export_dir = work / "export"
     started = time.perf_counter()
     manifest = export_onnx(
-        checkpoint, out_dir=export_dir, variants=BACKENDS[1:], calibration_data=data, eval_data=data, eval_split="test", overwrite=True
+        checkpoint, out_dir=export_dir, variants=BACKENDS[1:], calibration_data=data, eval_data=data, eval_split="test", overwrite=True,
+        fused=True,  # the latency rows time the fused query_encoder graph
     )
     export_seconds = time.perf_counter() - started
 

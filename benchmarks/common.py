@@ -66,6 +66,20 @@ def time_runs(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
     return Timing(tuple(runs))
 
 
+def interleaved_runs(calls: Mapping[str, Callable[[], object]], *, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call per round, one call of each per round (so load from other processes on a
+    shared machine hits them alike), after one warm-up call each."""
+    for call in calls.values():
+        call()
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            runs[name].append(time.perf_counter() - start)
+    return runs
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; floats get 2 decimals (3 significant digits below 1)."""
 

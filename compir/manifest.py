@@ -34,6 +34,15 @@ REQUIRED_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER)
 # The one named dynamic axis of every graph input and output (axis 0); every other axis is fixed.
 # Export writes it, TensorRT profiles and onnxruntime's TensorRT provider size it.
 BATCH_AXIS = "batch"
+# Graphs whose weights exceed this keep them in one ONNX external data file beside the graph
+# (``<role>.onnx.data``): well under the 2 GiB a protobuf message holds, so that the tools which copy
+# or extend a graph (quantizers, optimizers) stay under it too. ``compir export onnx --external-data-mb``.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def external_data_path(graph: Path) -> Path:
+    """Where the export writes the external data of the graph file ``graph``: ``<file name>.data`` beside it."""
+    return graph.with_name(f"{graph.name}.data")
 
 _DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 
@@ -58,14 +67,31 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class DataFileSpec:
+    """An ONNX external data file (a big graph's weights; beside its graph, where onnxruntime looks)."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class GraphSpec:
-    """One ONNX graph file of an export variant, with its I/O contract and checksum."""
+    """One ONNX graph file of an export variant, with its I/O contract and checksum; ``external_data``
+    lists the files holding its weights when they do not fit in the graph file (past 2 GiB)."""
 
     role: str
     file: str
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    external_data: tuple[DataFileSpec, ...] = ()
+
+    @property
+    def content_sha256(self) -> str:
+        """Checksum of the whole graph: the file's, or, with external data, one over every file's."""
+        if not self.external_data:
+            return self.sha256
+        return sha256_bytes(" ".join([self.sha256, *(data.sha256 for data in self.external_data)]).encode("ascii"))
 
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name, what=f"{self.role} input")
@@ -82,6 +108,7 @@ class GraphSpec:
                 sha256=str(raw["sha256"]),
                 inputs=tuple(TensorSpec.from_dict(t, source=source) for t in raw["inputs"]),
                 outputs=tuple(TensorSpec.from_dict(t, source=source) for t in raw["outputs"]),
+                external_data=tuple(DataFileSpec(file=str(d["file"]), sha256=str(d["sha256"])) for d in raw.get("external_data", ())),
             )
         except (KeyError, TypeError) as exc:
             raise ContractError(f"{source}: malformed graph entry ({exc})") from exc
@@ -236,7 +263,7 @@ class ExportManifest:
         """What an index built with this export is bound to (see :class:`EncoderFingerprint`)."""
         reference = self.variants.get("fp32") or self.variant()
         return EncoderFingerprint(
-            image_encoder_sha256=reference.graph(IMAGE_ENCODER).sha256,
+            image_encoder_sha256=reference.graph(IMAGE_ENCODER).content_sha256,
             preprocess=self.preprocess,
             embed_dim=self.embed_dim,
             metric=self.metric,
@@ -319,6 +346,8 @@ def load_manifest(export_dir: str | Path, *, verify_files: bool = True) -> Expor
         for variant in manifest.variants.values():
             for graph in variant.graphs.values():
                 verify_sha256(folder / graph.file, graph.sha256, what=f"{variant.name} {graph.role} graph")
+                for data in graph.external_data:
+                    verify_sha256(folder / data.file, data.sha256, what=f"{variant.name} {graph.role} graph's external data")
         for name, artifact in manifest.artifacts.items():
             verify_sha256(folder / artifact.file, artifact.sha256, what=f"artifact {name!r}")
         verify_sha256(folder / manifest.tokenizer.vocab_file, manifest.tokenizer.vocab_sha256, what="tokenizer vocab")

@@ -108,7 +108,7 @@ def test_tgcir_checkpoint_exports_with_fp32_parity(model, tmp_path):
 
     checkpoint = tmp_path / "tgcir.pt"
     save_checkpoint(checkpoint, model=model.eval(), metrics={}, step=0, epoch=0)
-    manifest = export_onnx(checkpoint, out_dir=tmp_path / "export", calibration_count=4)
+    manifest = export_onnx(checkpoint, out_dir=tmp_path / "export", calibration_count=4, fused=True)
     fp32 = manifest.variant("fp32")
     assert manifest.head == "tgcir" and max(fp32.parity.values()) <= 1e-4
     assert fp32.graph("image_encoder").output("image_features").shape == ("batch", 5, 64)

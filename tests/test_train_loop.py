@@ -19,6 +19,7 @@ def test_fixture_run_writes_best_last_and_log(tiny_run, tiny_checkpoint):
     assert log["options"]["model"] == "micro" and len(log["history"]) == tiny_run.epochs == 1
     last = load_checkpoint(folder / "last.pt")
     assert last.step == tiny_run.steps == 150 and last.optimizer_state and "optimizer" in last.optimizer_state
+    assert (folder / "last.pt").stat().st_size > 2.5 * tiny_checkpoint.stat().st_size  # AdamW's two moments per weight
     assert load_checkpoint(tiny_checkpoint).optimizer_state is None  # best.pt: weights only
 
 
@@ -46,10 +47,15 @@ def test_cli_trains_and_reports(synth_data, tmp_path, capsys):
     code = main([
         "--data", str(synth_data), "--model", "micro", "--out", str(tmp_path / "cli"), "--epochs", "1",
         "--steps-per-epoch", "2", "--batch-size", "16", "--val-queries", "16", "--no-progress", "--amp", "off",
+        "--no-optimizer-state",
     ])
     assert code == 0
     out = capsys.readouterr().out
     assert "best checkpoint:" in out and (tmp_path / "cli" / "best.pt").is_file()
+    # --no-optimizer-state: last.pt keeps the loop state for --resume but not AdamW's moments (best.pt's size).
+    last = load_checkpoint(tmp_path / "cli" / "last.pt")
+    assert last.optimizer_state is not None and "optimizer" not in last.optimizer_state and last.optimizer_state["history"]
+    assert (tmp_path / "cli" / "last.pt").stat().st_size < 1.2 * (tmp_path / "cli" / "best.pt").stat().st_size
 
 
 def test_frozen_tower_does_not_change(synth_data, tmp_path):

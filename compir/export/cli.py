@@ -7,11 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from compir.engines import DEFAULT_BATCHES, PRECISIONS
+from compir.errors import InputError
+from compir.manifest import EXTERNAL_DATA_BYTES
 
 EPILOG = """examples:
   compir export onnx runs/tiny/best.pt --out exports/tiny
   compir export onnx runs/tiny/best.pt --out exports/tiny --variants fp32,int8-static \\
       --calibration-data data/synth --eval-data data/synth --overwrite
+  compir export onnx runs/vitl/best.pt --out exports/vitl --variants fp32,int8-dynamic --fused
+  compir export onnx runs/tiny/best.pt --out exports/tiny-ext --external-data-mb 0   (every graph with external data)
   compir export engine exports/tiny --precision fp16 --opt-batch 8 --max-batch 64 --timing-cache trt.cache
   compir export engine exports/tiny --precision int8 --variant int8-static   (on the Jetson itself; needs no torch)
   compir export engine exports/tiny --precision int8 --calibration-data data/synth   (calibrates: needs CUDA torch)
@@ -45,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--eval-data", type=Path, default=None, help="dataset root: record each variant's recall and its drop vs fp32")
     onnx.add_argument("--eval-split", default="test", help="split of --eval-data (default test)")
     onnx.add_argument("--tolerance", type=float, default=1e-4, help="fp32 parity: max abs difference to torch (default 1e-4)")
+    onnx.add_argument(
+        "--fused", action="store_true",
+        help="also write the fused query_encoder graph (image + text encoder + composer in one; as big as the model; "
+        "the runtime runs the split graphs and does not need it)",
+    )
+    onnx.add_argument(
+        "--external-data-mb", type=float, default=EXTERNAL_DATA_BYTES / 2**20,
+        help="graphs whose weights exceed this many MiB keep them in <role>.onnx.data beside the graph (ONNX external data, "
+        "checksummed in the manifest; protobuf caps a graph file at 2 GiB); default %(default).0f",
+    )
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
     engine = commands.add_parser(
@@ -86,6 +100,8 @@ def _onnx(args: argparse.Namespace) -> int:
         eval_split=args.eval_split,
         opset=args.opset,
         tolerance=args.tolerance,
+        fused=args.fused,
+        external_data_bytes=_mebibytes(args.external_data_mb),
         overwrite=args.overwrite,
     )
     print(f"wrote {args.out} (embed dim {manifest.embed_dim}, opset {manifest.opset})")
@@ -98,6 +114,12 @@ def _onnx(args: argparse.Namespace) -> int:
         recipe = variant.quantization.get("recipe", "-")
         print(f"| {variant.name} | {recipe} | {worst:.3g} | " + " | ".join(cells) + " |")
     return 0
+
+
+def _mebibytes(value: float) -> int:
+    if value < 0:
+        raise InputError(f"--external-data-mb must be >= 0, got {value:g}")
+    return int(value * 2**20)
 
 
 def _cell(figures: dict[str, float], key: str, fmt: str) -> str:

@@ -8,6 +8,7 @@ I/O contract the manifest records is then read back from the ONNX file: one sour
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import onnx
 import torch
 from torch import nn
 
-from compir.contracts import atomic_output_path
+from compir.contracts import sha256_file
 from compir.errors import ContractError
 from compir.export.attention import export_ready
-from compir.manifest import BATCH_AXIS, COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, TensorSpec
+from compir.export.external_data import EXTERNAL_DATA_BYTES, external_files, save_graph
+from compir.manifest import BATCH_AXIS, COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, DataFileSpec, GraphSpec, TensorSpec
 
 _ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
@@ -69,12 +71,14 @@ _WRAPPERS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
 GRAPH_ORDER = tuple(role for role, *_ in _WRAPPERS)
 
 
-def graph_defs(model: Any) -> list[GraphDef]:
-    """The four graphs of a CIR model (in :data:`GRAPH_ORDER`), each wrapping the model in eval mode."""
+def graph_defs(model: Any, *, fused: bool = True) -> list[GraphDef]:
+    """The graphs of a CIR model (in :data:`GRAPH_ORDER`), each wrapping the model in eval mode;
+    ``fused=False`` leaves out the fused ``query_encoder``."""
     model.eval()
     return [
         GraphDef(role=role, module=_Method(model, method).eval(), input_names=inputs, output_names=outputs)
         for role, method, inputs, outputs in _WRAPPERS
+        if fused or role != QUERY_ENCODER
     ]
 
 
@@ -92,19 +96,28 @@ def run_torch(defn: GraphDef, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
     return {name: out.detach().float().numpy() for name, out in zip(defn.output_names, outputs, strict=True)}
 
 
-def export_graph(defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
-    """Trace ``defn`` on ``feeds`` (batch > 1) into ``path`` with a dynamic ``batch`` axis everywhere."""
+def export_graph(
+    defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, opset: int, external_data_bytes: int = EXTERNAL_DATA_BYTES
+) -> None:
+    """Trace ``defn`` on ``feeds`` (batch > 1) into ``path`` with a dynamic ``batch`` axis everywhere.
+
+    Weights past ``external_data_bytes`` go to an external data file beside ``path``
+    (:mod:`compir.export.external_data`); the check reads the written files, so no second copy of
+    the graph is held in memory for it."""
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in defn.input_names)
     axes = {name: {0: BATCH_AXIS} for name in (*defn.input_names, *defn.output_names)}
     static_shapes = {name: out.shape for name, out in run_torch(defn, feeds).items()}
-    with atomic_output_path(path) as tmp, warnings.catch_warnings():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A folder of its own: past 2 GiB torch writes one external file per tensor beside the graph.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as scratch, warnings.catch_warnings():
+        traced = Path(scratch) / path.name
         # The TorchScript exporter is deprecated but traces open_clip's models robustly (the
         # dynamo exporter trips over data-dependent argmax pooling on some torch releases).
         warnings.simplefilter("ignore")
         torch.onnx.export(
             export_ready(defn.module),  # parity is then checked against the unmodified module
             args,
-            str(tmp),
+            str(traced),
             input_names=list(defn.input_names),
             output_names=list(defn.output_names),
             dynamic_axes=axes,
@@ -112,10 +125,11 @@ def export_graph(defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, op
             do_constant_folding=True,
             dynamo=False,
         )
-        model = onnx.load(str(tmp))
-        _pin_output_shapes(model, static_shapes)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
+        model = onnx.load(str(traced))
+    _pin_output_shapes(model, static_shapes)
+    save_graph(model, path, external_data_bytes=external_data_bytes)
+    del model
+    onnx.checker.check_model(str(path))  # by path: works past 2 GiB and with external data
 
 
 def _pin_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -134,11 +148,36 @@ def _pin_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 def read_io(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The graph's inputs and outputs (name, dtype, shape with named dynamic axes) from the file."""
-    model = onnx.load(str(path), load_external_data=False)
+    return _io(onnx.load(str(path), load_external_data=False), path)
+
+
+def _io(model: onnx.ModelProto, path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     initializers = {init.name for init in model.graph.initializer}
     inputs = tuple(_spec(v, path) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_spec(v, path) for v in model.graph.output)
     return inputs, outputs
+
+
+def graph_spec(role: str, path: Path, *, root: Path) -> GraphSpec:
+    """The manifest entry of the graph file at ``path`` (under the export folder ``root``): its I/O
+    contract, checksum and the checksums of its external data files."""
+    model = onnx.load(str(path), load_external_data=False)
+    inputs, outputs = _io(model, path)
+    data = [path.parent / name for name in external_files(model)]
+    return GraphSpec(
+        role=role,
+        file=path.relative_to(root).as_posix(),
+        sha256=sha256_file(path),
+        inputs=inputs,
+        outputs=outputs,
+        external_data=tuple(DataFileSpec(file=f.relative_to(root).as_posix(), sha256=_data_sha256(f, graph=path)) for f in data),
+    )
+
+
+def _data_sha256(path: Path, *, graph: Path) -> str:
+    if not path.is_file():
+        raise ContractError(f"{graph} refers to external data {path.name} that is not beside it")
+    return sha256_file(path)
 
 
 def _spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:

@@ -27,7 +27,7 @@ import torch
 
 from compir.contracts import atomic_write_bytes, sha256_file, write_contract
 from compir.errors import ContractError
-from compir.export.graphs import GraphDef, export_graph, read_io
+from compir.export.graphs import GraphDef, export_graph, graph_spec
 from compir.export.parity import FP32_TOLERANCE, check_fp32_parity
 from compir.export.samples import load_samples
 from compir.manifest import RERANKER, ArtifactSpec, ExportManifest, GraphSpec, load_manifest, save_manifest
@@ -118,9 +118,7 @@ def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch
     path = folder / "fp32" / f"{RERANKER}.onnx"
     export_graph(defn, feeds=feeds, path=path, opset=opset)
     worst = check_fp32_parity(defn, path=path, feeds=feeds, tolerance=tolerance)
-    inputs, outputs = read_io(path)
-    spec = GraphSpec(role=RERANKER, file=path.relative_to(folder).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs)
-    return spec, worst
+    return graph_spec(RERANKER, path, root=folder), worst
 
 
 def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:

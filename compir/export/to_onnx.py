@@ -6,6 +6,10 @@ Layout (see :mod:`compir.manifest`)::
     vocab.bpe.txt.gz         the tokenizer's vocabulary, checksummed: CLIP's BPE merges, or
     tokenizer.json           a Hugging Face tokenizer as open_clip runs it (SigLIP, HF text towers)
     <variant>/<role>.onnx    fp32 / fp16 / int8-dynamic / int8-static graphs
+    <variant>/<role>.onnx.data  a big graph's weights (ONNX external data, past ``external_data_bytes``)
+
+The split graphs (image encoder, text encoder, composer) are what the runtime runs; the fused
+``query_encoder`` (all three in one graph: as big as the model) is written only with ``fused=True``.
 
 The folder is written to a temporary sibling and renamed at the end, so a failing parity check
 (or any other error) leaves nothing behind.
@@ -25,11 +29,12 @@ from compir import __version__
 from compir.contracts import atomic_output_dir, sha256_file
 from compir.data.types import CirSplit
 from compir.errors import ContractError
-from compir.export.graphs import GRAPH_ORDER, GraphDef, export_graph, graph_defs, graph_inputs, read_io, run_torch, select_batch
+from compir.export.external_data import EXTERNAL_DATA_BYTES
+from compir.export.graphs import GraphDef, export_graph, graph_defs, graph_inputs, graph_spec, run_torch, select_batch
 from compir.export.parity import FP32_TOLERANCE, check_fp32_parity, mean_cosine, open_session, run_session
 from compir.export.samples import Samples, load_samples
 from compir.export.variants import VARIANTS, convert_fp16, quantize_int8_dynamic, quantize_int8_static
-from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, TokenizerSpec, VariantSpec, load_manifest, save_manifest
+from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, TokenizerSpec, VariantSpec, load_manifest, save_manifest
 
 PARITY_SAMPLES = 4  # parity runs at batch 1 and batch 4
 MIN_VARIANT_COSINE = 0.95  # below this a reduced-precision graph is broken, not merely lossy
@@ -48,6 +53,8 @@ def export_onnx(
     eval_split: str = "test",
     opset: int = 17,
     tolerance: float = FP32_TOLERANCE,
+    fused: bool = False,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
     overwrite: bool = False,
 ) -> ExportManifest:
     """Export a checkpoint's graphs to ONNX, check them against torch, write the manifest.
@@ -55,6 +62,8 @@ def export_onnx(
     ``calibration_data``: a dataset root or an image folder whose images (and query texts) feed the
     parity checks and static int8 calibration; rendered synthetic scenes when None.
     ``eval_data``: a dataset root; each variant's recall on ``eval_split`` is recorded.
+    ``fused``: also write the fused ``query_encoder`` graph (the runtime does not use it).
+    ``external_data_bytes``: graphs whose weights exceed this are written with ONNX external data.
     Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
     broken variant; InputError-free: every input here is a file the user named.
     """
@@ -74,7 +83,8 @@ def export_onnx(
         data_dir=calibration_data,
         count=max(calibration_count, PARITY_SAMPLES),
     )
-    defs = graph_defs(model)
+    defs = graph_defs(model, fused=fused)
+    roles = [d.role for d in defs]
     all_feeds = _feeds_per_graph(defs, samples)
     parity_feeds = {role: select_batch(feeds, range(PARITY_SAMPLES)) for role, feeds in all_feeds.items()}
     split = _eval_split(eval_data, eval_split) if eval_data is not None else None
@@ -90,13 +100,17 @@ def export_onnx(
         paths: dict[str, dict[str, Path]] = {}
         fp32_outputs: dict[str, dict[str, np.ndarray]] = {}
         for name in tqdm(chosen, desc="export variants", unit="variant"):
-            paths[name] = {role: tmp / name / f"{role}.onnx" for role in GRAPH_ORDER}
+            paths[name] = {role: tmp / name / f"{role}.onnx" for role in roles}
             recipe: dict[str, Any] = {}
             if name == "fp32":
-                parity = _export_fp32(defs, paths[name], feeds=parity_feeds, opset=opset, tolerance=tolerance)
+                parity = _export_fp32(
+                    defs, paths[name], feeds=parity_feeds, opset=opset, tolerance=tolerance, external_data_bytes=external_data_bytes
+                )
                 fp32_outputs = {role: run_session(open_session(path), parity_feeds[role]) for role, path in paths[name].items()}
             else:
-                recipe = _convert(name, source=paths["fp32"], target=paths[name], calibration=all_feeds)
+                recipe = _convert(
+                    name, source=paths["fp32"], target=paths[name], calibration=all_feeds, external_data_bytes=external_data_bytes
+                )
                 parity = _variant_parity(name, paths[name], feeds=parity_feeds, reference=fp32_outputs)
             specs[name] = _variant_spec(name, paths[name], root=tmp, parity=parity, quantization=recipe)
         embed_dim = specs["fp32"].graph(IMAGE_ENCODER).output("image_embeds").shape[-1]
@@ -161,27 +175,40 @@ def _feeds_per_graph(defs: list[GraphDef], samples: Samples) -> dict[str, dict[s
 
 
 def _export_fp32(
-    defs: list[GraphDef], paths: dict[str, Path], *, feeds: dict[str, dict[str, np.ndarray]], opset: int, tolerance: float
+    defs: list[GraphDef],
+    paths: dict[str, Path],
+    *,
+    feeds: dict[str, dict[str, np.ndarray]],
+    opset: int,
+    tolerance: float,
+    external_data_bytes: int,
 ) -> dict[str, float]:
     parity: dict[str, float] = {}
     for defn in defs:
-        export_graph(defn, feeds=feeds[defn.role], path=paths[defn.role], opset=opset)
+        export_graph(defn, feeds=feeds[defn.role], path=paths[defn.role], opset=opset, external_data_bytes=external_data_bytes)
         parity[defn.role] = check_fp32_parity(defn, path=paths[defn.role], feeds=feeds[defn.role], tolerance=tolerance)
     return parity
 
 
 def _convert(
-    name: str, *, source: dict[str, Path], target: dict[str, Path], calibration: dict[str, dict[str, np.ndarray]]
+    name: str,
+    *,
+    source: dict[str, Path],
+    target: dict[str, Path],
+    calibration: dict[str, dict[str, np.ndarray]],
+    external_data_bytes: int,
 ) -> dict[str, Any]:
     """Write variant ``name`` of every graph; returns its quantization recipe (empty for fp16)."""
     recipe: dict[str, Any] = {}
-    for role in GRAPH_ORDER:
+    for role in target:
         if name == "fp16":
-            convert_fp16(source[role], target[role])
+            convert_fp16(source[role], target[role], external_data_bytes=external_data_bytes)
         elif name == "int8-dynamic":
-            recipe = quantize_int8_dynamic(source[role], target[role])
+            recipe = quantize_int8_dynamic(source[role], target[role], external_data_bytes=external_data_bytes)
         else:
-            recipe = quantize_int8_static(source[role], target[role], calibration=_batches(calibration[role], size=8))
+            recipe = quantize_int8_static(
+                source[role], target[role], calibration=_batches(calibration[role], size=8), external_data_bytes=external_data_bytes
+            )
     return recipe
 
 
@@ -208,12 +235,7 @@ def _variant_parity(
 
 
 def _variant_spec(name: str, paths: dict[str, Path], *, root: Path, parity: dict[str, float], quantization: dict[str, Any]) -> VariantSpec:
-    graphs = {}
-    for role, path in paths.items():
-        inputs, outputs = read_io(path)
-        graphs[role] = GraphSpec(
-            role=role, file=path.relative_to(root).as_posix(), sha256=sha256_file(path), inputs=inputs, outputs=outputs
-        )
+    graphs = {role: graph_spec(role, path, root=root) for role, path in paths.items()}
     return VariantSpec(name=name, graphs=graphs, parity=parity, quantization=quantization)
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from compir.contracts import atomic_output_path
 from compir.errors import ContractError
+from compir.export.external_data import EXTERNAL_DATA_BYTES, external_data_path, has_external_data, save_graph
 
 VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
@@ -80,26 +82,29 @@ INT8_STATIC_RECIPE: dict[str, Any] = {
 }
 
 
-def convert_fp16(source: Path, target: Path) -> None:
+def convert_fp16(source: Path, target: Path, *, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
     """fp16 weights and activations, fp32 I/O, numerically sensitive ops kept in fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(source))
+    model = onnx.load(str(source))  # with its external data, if any
+    # Converted in place (the same tensors): one copy of the graph in memory, not two.
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32))
-    _save(converted, target)
+    del model
+    save_graph(converted, target, external_data_bytes=external_data_bytes)
 
 
-def quantize_int8_dynamic(source: Path, target: Path) -> dict[str, Any]:
+def quantize_int8_dynamic(source: Path, target: Path, *, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
     """int8 weights (per channel, 7-bit), activation scales computed per batch at run time.
 
     Returns the recipe (:data:`INT8_DYNAMIC_RECIPE`) for the manifest."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     recipe = INT8_DYNAMIC_RECIPE
-    with _preprocessed(source) as prepared, atomic_output_path(target) as tmp:
+    with _preprocessed(source) as prepared, _written(target, external_data_bytes=external_data_bytes) as tmp:
         quantize_dynamic(
-            str(prepared),
+            str(prepared.path),
             str(tmp),
+            use_external_data_format=prepared.external,
             weight_type=QuantType[recipe["weight_type"]],
             op_types_to_quantize=list(recipe["op_types_to_quantize"]),
             per_channel=recipe["per_channel"],
@@ -109,7 +114,9 @@ def quantize_int8_dynamic(source: Path, target: Path) -> dict[str, Any]:
     return dict(recipe)
 
 
-def quantize_int8_static(source: Path, target: Path, *, calibration: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+def quantize_int8_static(
+    source: Path, target: Path, *, calibration: Sequence[dict[str, np.ndarray]], external_data_bytes: int = EXTERNAL_DATA_BYTES
+) -> dict[str, Any]:
     """int8 weights and activations (symmetric Q/DQ, zero points 0) with scales calibrated on real inputs.
 
     ``calibration`` is a list of feed dicts (one batch each) of this graph's inputs, e.g. gallery
@@ -120,11 +127,12 @@ def quantize_int8_static(source: Path, target: Path, *, calibration: Sequence[di
     if not calibration:
         raise ContractError(f"static int8 quantization of {source.name} needs calibration batches; pass --calibration-data")
     recipe = INT8_STATIC_RECIPE
-    with _preprocessed(source) as prepared, atomic_output_path(target) as tmp:
+    with _preprocessed(source) as prepared, _written(target, external_data_bytes=external_data_bytes) as tmp:
         quantize_static(
-            str(prepared),
+            str(prepared.path),
             str(tmp),
             _FeedReader(calibration),
+            use_external_data_format=prepared.external,
             quant_format=QuantFormat[recipe["quant_format"]],
             op_types_to_quantize=list(recipe["op_types_to_quantize"]),
             per_channel=recipe["per_channel"],
@@ -157,28 +165,47 @@ class _FeedReader(_feed_reader_base()):  # type: ignore[misc]  # a base resolved
         self._iter = iter(self._batches)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A prepared graph; ``external``: its weights are in an external data file beside it."""
+
+    path: Path
+    external: bool
+
+
 class _preprocessed:
-    """Symbolic shape inference + graph optimisation before quantization (onnxruntime's advice)."""
+    """Symbolic shape inference + graph optimisation before quantization (onnxruntime's advice).
+
+    A graph with external data is prepared (and then quantized) with external data too."""
 
     def __init__(self, source: Path) -> None:
         self._source = source
         self._tmp = tempfile.TemporaryDirectory(prefix="compir-quant-")
 
-    def __enter__(self) -> Path:
+    def __enter__(self) -> _Prepared:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        prepared = Path(self._tmp.name) / self._source.name
+        prepared = _Prepared(Path(self._tmp.name) / self._source.name, external=has_external_data(self._source))
+        data = external_data_path(prepared.path)
+        options = {"save_as_external_data": True, "all_tensors_to_one_file": True, "external_data_location": data.name}
+        options = options if prepared.external else {}
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
         try:
-            quant_pre_process(str(self._source), str(prepared), skip_symbolic_shape=False)
+            quant_pre_process(str(self._source), str(prepared.path), skip_symbolic_shape=False, **options)
         except Exception:  # symbolic shape inference fails on some graphs; plain ONNX inference suffices
-            quant_pre_process(str(self._source), str(prepared), skip_symbolic_shape=True)
+            data.unlink(missing_ok=True)
+            quant_pre_process(str(self._source), str(prepared.path), skip_symbolic_shape=True, **options)
         return prepared
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
 
 
-def _save(model: onnx.ModelProto, target: Path) -> None:
-    with atomic_output_path(target) as tmp:
-        onnx.save(model, str(tmp))
+@contextmanager
+def _written(target: Path, *, external_data_bytes: int) -> Iterator[Path]:
+    """A scratch path for a quantizer's output, then saved to ``target`` (its external data named
+    after ``target``, or none when the quantized graph is small enough)."""
+    with tempfile.TemporaryDirectory(prefix="compir-quantized-") as scratch:
+        written = Path(scratch) / target.name
+        yield written
+        save_graph(onnx.load(str(written)), target, external_data_bytes=external_data_bytes)

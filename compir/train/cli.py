@@ -20,9 +20,10 @@ EPILOG = """examples:
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
 
-The run folder gets best.pt (best validation score), last.pt (with optimizer state, for
---resume) and train_log.json. Synthetic data is re-rendered fresh every epoch; real datasets
-(CIRR, FashionIQ, Shoes) are read from disk.
+The run folder gets best.pt (best validation score, weights only), last.pt (with AdamW's state
+for an exact --resume: 3x the size of best.pt; --no-optimizer-state leaves it out) and
+train_log.json. Synthetic data is re-rendered fresh every epoch; real datasets (CIRR, FashionIQ,
+Shoes) are read from disk.
 """
 
 

@@ -2,7 +2,8 @@
 precision, validation recall every epoch, best / last checkpoints, resume, DDP, a time budget.
 
 A run folder holds ``best.pt`` (best validation score, weights only), ``last.pt`` (latest epoch,
-with optimizer state for ``--resume``) and ``train_log.json`` (options and per-epoch metrics).
+with optimizer state for ``--resume`` unless ``--no-optimizer-state``: 3x best.pt with it) and
+``train_log.json`` (options and per-epoch metrics).
 """
 
 from __future__ import annotations
@@ -265,9 +266,11 @@ class _Run:
             improved = score > self.best_score or not (self.out_dir / "best.pt").is_file()
             self.best_score = max(score, self.best_score)
             state = {
-                "optimizer": self.optimizer.state_dict(), "elapsed_s": time.monotonic() - started,
+                "elapsed_s": time.monotonic() - started,
                 "best_score": self.best_score, "history": self.history, "options": _jsonable(asdict(self.options)),
             }
+            if self.options.optimizer_state:  # AdamW's two moments per weight: last.pt at 3x best.pt
+                state["optimizer"] = self.optimizer.state_dict()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch,
                             optimizer_state=state)

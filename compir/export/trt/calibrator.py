@@ -20,7 +20,7 @@ from compir.errors import ContractError
 from compir.export.graphs import graph_inputs, select_batch
 from compir.export.parity import open_session, run_session
 from compir.export.samples import Samples
-from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER
+from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, external_data_path
 
 
 def calibration_feeds(graphs: dict[str, Path], samples: Samples, *, roles: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -51,6 +51,9 @@ def calibration_digest(onnx_path: Path, batches: Sequence[dict[str, np.ndarray]]
     ONNX file and the same calibration batches.
     """
     digest = hashlib.sha256(sha256_file(onnx_path).encode("ascii"))
+    weights = external_data_path(onnx_path)  # a big graph's weights live beside it, not in the file
+    if weights.is_file():
+        digest.update(sha256_file(weights).encode("ascii"))
     for batch in batches:
         for name in sorted(batch):
             array = np.ascontiguousarray(batch[name])

@@ -32,6 +32,7 @@ from compir.export.trt.profiles import calibration_batch, calibration_shapes, co
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
 
 DEFAULT_ENGINE_DIR = "engines"
+# Every role the variant has: the fused query_encoder only when the export was made with --fused.
 DEFAULT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER)
 CALIBRATION_BATCH = 8
 
@@ -76,7 +77,7 @@ def build_engines(
     *,
     options: BuildOptions,
     variant: str = "fp32",
-    roles: Sequence[str] = DEFAULT_ROLES,
+    roles: Sequence[str] | None = None,
     calibration_data: str | Path | None = None,
     calibration_count: int = 64,
     out_dir: str | Path | None = None,
@@ -93,6 +94,7 @@ def build_engines(
     folder = Path(export_dir)
     manifest = load_manifest(folder)
     spec = manifest.variant(variant)
+    roles = [role for role in DEFAULT_ROLES if role in spec.graphs] if roles is None else list(roles)
     device = detect_device()
     graphs = {role: folder / spec.graph(role).file for role in roles}
     if options.precision == "int8" and variant != "int8-static" and options.calibration_batches is None:
@@ -111,7 +113,7 @@ def build_engines(
                 file=f"{role}.plan",
                 sha256=sha256_bytes(plan),
                 onnx_file=graph.file,
-                onnx_sha256=graph.sha256,
+                onnx_sha256=graph.content_sha256,
                 precision=options.precision,
                 profile=profile,
                 device=device,
