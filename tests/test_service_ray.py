@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from compir.errors import InputError
+from compir.runtime import ray_cluster
 from compir.runtime.encoder import Encoder
 from compir.runtime.retriever import Retriever
-from compir.runtime import ray_cluster
 from compir.service import ray_serve
 from compir.service.cli import main as serve_main
 from compir.service.config import BatchingConfig, ServiceConfig
