@@ -110,13 +110,11 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
     from compir.runtime.backends.ort import OrtBackend
     from compir.runtime.encoder import Encoder
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.text import tokenize
 
     export_dir, export_seconds = _export(name, work)
     manifest = load_manifest(export_dir)
     model = load_checkpoint(work / f"{name}.pt").model.eval()
-    context = manifest.tokenizer.context_length
-    samples = load_samples(preprocess=manifest.preprocess, context_length=context, count=BATCH)
+    samples = load_samples(preprocess=manifest.preprocess, tokenizer=model.tokenizer, count=BATCH)
     px, ids = samples.pixel_values, samples.input_ids
     graphs = {v: {part: export_dir / manifest.graph(f"{part}_encoder", v).file for part in ("image", "text")} for v in BACKENDS[1:]}
 
@@ -133,7 +131,7 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
         return {
             "image": run(lambda: model.encode_image(pt)),
             "text": run(lambda: model.encode_text(it)),
-            "query": run(lambda: model.encode_query(pt[:1], tokenize([QUERY_TEXT], context_length=context))),
+            "query": run(lambda: model.encode_query(pt[:1], model.tokenizer([QUERY_TEXT]))),
         }
 
     def ort_calls(variant: str, batch: int, threads: int) -> dict[str, Callable[[], object]]:

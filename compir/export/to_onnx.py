@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from compir import __version__
-from compir.contracts import atomic_output_dir, sha256_file
+from compir.contracts import atomic_output_dir
 from compir.data.types import CirSplit
 from compir.errors import ContractError
 from compir.export.external_data import EXTERNAL_DATA_BYTES
