@@ -1,8 +1,9 @@
 """Every open_clip vision tower family, end to end through the CLI, and how weights are loaded.
 
 The matrix: a tiny random configuration of each family (ViT, ViT with QuickGELU, OpenAI's
-ModifiedResNet, a timm ConvNeXt) goes ``compir train`` (2 steps) -> ``compir export onnx`` (fp32,
-parity <= 1e-4 against torch) -> ``compir index build`` -> ``compir search`` -> ``compir eval``.
+ModifiedResNet, a timm ConvNeXt) goes ``compir train`` (2 steps) -> ``compir export onnx`` (fp32 with
+parity <= 1e-4 against torch; fp16, int8-dynamic and int8-static with cosine >= 0.99 to fp32) ->
+``compir index build`` -> ``compir search`` -> ``compir eval``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from compir.cli import main as compir_main
 from compir.errors import InputError
+from compir.export.variants import VARIANTS
 from compir.train.config import resolve_model_config
 from compir.train.model import CIRModel, resolve_activation
 from compir.train.towers import encode_vision, vision_family
@@ -72,11 +74,13 @@ def test_family_trains_exports_indexes_searches_and_evaluates(
     assert f"backbone: vision tower {expected_family} " in header and f"width {width})" in header
     assert ("activation QuickGELU" in header) == (family == "vit-quickgelu")
 
-    assert compir_main(["export", "onnx", str(run / "best.pt"), "--out", str(export), "--variants", "fp32",
+    assert compir_main(["export", "onnx", str(run / "best.pt"), "--out", str(export), "--variants", ",".join(VARIANTS),
                         "--calibration-data", str(family_data), "--calibration-count", "4"]) == 0
     manifest = json.loads((export / "manifest.json").read_text())
-    parity = manifest["variants"]["fp32"]["parity"]
+    parity = manifest["variants"]["fp32"]["parity"]  # max abs difference to torch
     assert set(parity) >= {"image_encoder", "text_encoder", "composer"} and max(parity.values()) <= 1e-4
+    for variant in VARIANTS[1:]:  # mean cosine of each graph's embedding to fp32
+        assert min(manifest["variants"][variant]["parity"].values()) >= 0.99, (variant, manifest["variants"][variant]["parity"])
     patches = next(o for o in manifest["variants"]["fp32"]["graphs"]["image_encoder"]["outputs"] if o["name"] == "patch_features")
     assert patches["shape"] == ["batch", tokens, width]
 
