@@ -191,5 +191,5 @@ def _write(path: Path, record: dict[str, Any]) -> Path:
 
 
 def test_coca_is_a_one_line_input_error() -> None:
-    with pytest.raises(InputError, match="CoCa models are not supported"):
+    with pytest.raises(InputError, match=r"CoCa models \(towers plus a captioning decoder\) are not supported"):
         CIRModel(resolve_model_config("coca_ViT-B-32"))

@@ -225,8 +225,8 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
     arch = copy.deepcopy(config.clip_cfg)
     if "multimodal_cfg" in arch:
         raise InputError(
-            f"{config.name}: CoCa models are not supported (their captioning decoder is no retrieval encoder; "
-            "use a CLIP-style model of the same tower, e.g. ViT-B-32)"
+            f"{config.name}: CoCa models (towers plus a captioning decoder) are not supported; "
+            "use a CLIP model of the same size (e.g. ViT-B-32, ViT-L-14)"
         )
     vision_cfg = {**arch["vision_cfg"], "output_tokens": True}
     text_cfg = {**arch["text_cfg"], "output_tokens": True}
