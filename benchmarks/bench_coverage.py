@@ -8,9 +8,10 @@ reads the image tokens): ``compir train`` (1 step) -> ``compir export onnx`` (fp
 -> ``compir index build`` -> ``compir search``. Random weights: nothing is downloaded; a tower that
 needs a download to be built (Hugging Face text towers: their config) fails here for that reason.
 
-Each name ends as ``pass``, ``refused`` (a one-line compir error naming why, e.g. CoCa) or
-``FAIL`` (an unexpected exception: a traceback for the user, a bug). Full: all names;
-``--quick``: the first name of each family.
+Each name ends as ``pass``, ``unverified`` (every stage ran but open_clip's tokenizer, a Hugging
+Face one, cannot be loaded offline to compare token ids), ``refused`` (a one-line compir error
+naming why, e.g. CoCa) or ``FAIL`` (an unexpected exception: a traceback for the user, a bug, or
+token ids that differ from open_clip's). Full: all names; ``--quick``: the first name of each family.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def family(arch: dict[str, Any]) -> str:
     if "hf_model_name" in text:
         words = "hf-text"
     elif "hf_tokenizer_name" in text:
-        words = "text+tokenizer:" + str(text["hf_tokenizer_name"]).split("/")[-1]
+        words = "hf-tokenizer"  # open_clip's own text tower, a Hugging Face tokenizer (SigLIP, CLIPA, ...)
     else:
         words = "clip"
     return f"{tower}/{words}"
@@ -166,7 +167,7 @@ def _compare_tokens(name: str, export: Path) -> tuple[str, str]:
     try:
         theirs = open_clip.get_tokenizer(name)(_SAMPLES, context_length=ours.shape[1]).numpy()
     except Exception as exc:  # a Hugging Face tokenizer that would need a download
-        return "pass", f"tokens not compared: open_clip's tokenizer does not load offline ({type(exc).__name__})"
+        return "unverified", f"tokens not compared: open_clip's tokenizer does not load offline ({type(exc).__name__})"
     if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
         wanted = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name", "CLIP BPE")
         return "FAIL", f"tokens: the runtime's ids differ from open_clip's tokenizer ({wanted})"
