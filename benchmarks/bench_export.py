@@ -74,12 +74,13 @@ def _model_and_data(work: Path, *, quick: bool) -> tuple[Path, Path, dict[str, A
 
 
 def _query_inputs(split: Any, preprocess: Any, context_length: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    from compir.export.samples import pixels, token_ids
+    from compir.export.samples import pixels
+    from compir.train.text import tokenize  # the benchmarked default model uses CLIP BPE
 
     queries = split.queries[:count]
     return (
         pixels([split.image_path(q.reference) for q in queries], preprocess=preprocess),
-        token_ids([q.text for q in queries], context_length=context_length),
+        tokenize([q.text for q in queries], context_length=context_length).numpy(),
     )
 
 

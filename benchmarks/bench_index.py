@@ -7,6 +7,12 @@ held-out queries from the same mixture. Ground truth is the exact top-10 by cosi
 - exact: batched numpy matmul + argpartition over the whole gallery (BLAS on all cores);
 - usearch: f16 storage, connectivity 16, expansion_add 128, a sweep over expansion_search;
 - faiss: IndexHNSWFlat (f32, inner product), M 16, efConstruction 128, a sweep over efSearch.
+- milvus (when the milvus extra is installed): compir's Milvus store on Milvus Lite (an embedded
+  file), HNSW M 16, efConstruction 128 (Milvus Lite builds it with faiss IndexHNSWFlat, f32, per
+  segment of <= 100k rows), a sweep over ef, and FLAT (Milvus Lite's brute force); queries go
+  through pymilvus over gRPC as in serving. Its gallery is the first 100k vectors at most
+  (COMPIR_BENCH_INDEX_MILVUS_VECTORS=N; 0 leaves Milvus out), compared with exact and usearch on
+  the same vectors.
 Goal: usearch recall@10 >= 0.98 at >= 20x the exact queries/s. faiss and usearch are compared
 at equal recall (the fastest sweep point of each that reaches 0.95 / 0.98 / 0.99).
 Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k; COMPIR_BENCH_INDEX_VECTORS=N sets N;
@@ -15,6 +21,7 @@ COMPIR_BENCH_INDEX_FAISS=0 leaves faiss out (its 1M build takes as long as usear
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -27,13 +34,15 @@ from benchmarks.common import BenchResult, Panel, bar_chart, markdown_table
 from compir.runtime.index import HnswConfig
 
 NAME = "index"
-DESCRIPTION = "usearch f16 vs exact numpy vs faiss HNSW: recall@10 and queries/s on clustered 512-d vectors"
+DESCRIPTION = "usearch f16 vs exact numpy vs faiss HNSW vs Milvus Lite: recall@10 and queries/s on clustered 512-d vectors"
 DIM = 512
 K = 10
 SWEEP = (16, 24, 32, 48, 64, 128, 256, 512)  # 1M clustered vectors need ef > 128 for recall 0.98
 RECALL_LEVELS = (0.95, 0.98, 0.99)
 SIZE_VARIABLE = "COMPIR_BENCH_INDEX_VECTORS"  # overrides the gallery size (e.g. on a shared machine)
 FAISS_VARIABLE = "COMPIR_BENCH_INDEX_FAISS"  # "0": usearch against exact only
+MILVUS_VARIABLE = "COMPIR_BENCH_INDEX_MILVUS_VECTORS"  # Milvus Lite gallery size (default: up to 100k); "0": no Milvus rows
+MILVUS_MAX = 100_000
 
 
 def clustered_vectors(count: int, *, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -113,6 +122,77 @@ def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: in
     return {"build_s": build_s, "sweep": sweep}
 
 
+def _milvus(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int, *, folder: Path) -> dict[str, Any]:
+    """compir's MilvusStore on a Milvus Lite file: HNSW (ef sweep) and FLAT, same vectors as ``truth``."""
+    from compir.manifest import EncoderFingerprint, PreprocessSpec
+    from compir.runtime.milvus_store import MilvusConfig, MilvusStore
+
+    preprocess = PreprocessSpec(image_size=32, resize_mode="shortest", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    encoder = EncoderFingerprint(image_encoder_sha256="0" * 64, preprocess=preprocess, embed_dim=DIM, metric="cos")
+    ids = [str(i) for i in range(len(base))]
+    features = np.zeros((len(base), 1), np.float32)  # one float: the bench measures the vector search, not feature storage
+    results: dict[str, Any] = {"vectors": len(base)}
+    folder.mkdir(parents=True, exist_ok=True)
+    hnsw = HnswConfig()
+    for kind, config in [("hnsw", MilvusConfig.from_hnsw(str(folder / "bench.db"), collection="bench_hnsw", hnsw=hnsw)),
+                         ("flat", MilvusConfig(str(folder / "bench.db"), collection="bench_flat", index_type="FLAT",
+                                               index_params={}, search_params={}))]:
+        store = MilvusStore.create(config, ndim=DIM, feature_shape=(1,), encoder=encoder, overwrite=True)
+        start = time.perf_counter()
+        store.add(ids, embeds=base, features=features, paths=[""] * len(base))
+        store.commit(folder)
+        if kind == "hnsw":
+            _wait_for_graph(store, queries, truth)
+        build_s = time.perf_counter() - start
+        sweep = []
+        for ef in SWEEP if kind == "hnsw" else (0,):
+            if kind == "hnsw":
+                store.config = MilvusConfig.from_hnsw(config.uri, collection=config.collection,
+                                                      hnsw=HnswConfig(hnsw.connectivity, hnsw.expansion_add, ef))
+            hits, seconds = _timed(functools.partial(store.search, queries, k=K), repeats)
+            found = np.asarray([[int(item) for item, _ in row] + [-1] * (K - len(row)) for row in hits], dtype=np.int64)
+            sweep.append({"setting": ef, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
+        results[kind] = {"build_s": build_s, "sweep": sweep}
+    return results
+
+
+def _wait_for_graph(store: Any, queries: np.ndarray, truth: np.ndarray, *, limit_s: float = 900.0) -> None:
+    """Milvus Lite builds HNSW graphs in a background thread after a flush and searches rows not
+    indexed yet exactly, and no API tells when it is done. At ef 16 a graph misses some true
+    neighbours, brute force none: wait until recall at ef 16 is below 0.999 and three searches
+    5 s apart agree on speed (within 15 %)."""
+    config = store.config
+    store.config = type(config)(config.uri, config.collection, config.index_type, config.index_params, {"ef": 16})
+    seconds: list[float] = []
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        hits = store.search(queries, k=K)
+        seconds.append(time.perf_counter() - start)
+        found = np.asarray([[int(item) for item, _ in row] + [-1] * (K - len(row)) for row in hits], dtype=np.int64)
+        last = seconds[-3:]
+        if recall_at_k(found, truth) < 0.999 and len(last) == 3 and max(last) <= 1.15 * min(last):
+            break
+        time.sleep(5)
+    store.config = config
+
+
+def _milvus_rows(milvus: dict[str, Any], usearch: dict[str, Any], exact_qps: float) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Table rows and figures: Milvus HNSW at each recall level against usearch and exact (same vectors), and FLAT."""
+    rows, figures = [], {}
+    for level in RECALL_LEVELS:
+        ours, theirs = at_recall(milvus["hnsw"]["sweep"], level), at_recall(usearch["sweep"], level)
+        figures[f"recall>={level}"] = {"milvus_hnsw": ours, "usearch": theirs}
+        rows.append([f"HNSW, recall >= {level}",
+                     f"{ours['qps']:,.0f} q/s (ef {ours['setting']}, R {ours['recall']:.3f})" if ours else "not reached",
+                     f"{ours['qps'] / exact_qps:.1f}x" if ours else "-",
+                     f"{theirs['qps']:,.0f} q/s (ef {theirs['setting']})" if theirs else "not reached",
+                     f"{ours['qps'] / theirs['qps']:.3f}x" if ours and theirs else "-"])
+    flat = milvus["flat"]["sweep"][0]
+    rows.append(["FLAT (brute force)", f"{flat['qps']:,.0f} q/s (R {flat['recall']:.3f})", f"{flat['qps'] / exact_qps:.1f}x", "-", "-"])
+    return rows, figures
+
+
 def _faiss_skipped() -> dict[str, Any]:
     """The shape of :func:`_faiss`'s figures with nothing measured (the tables say "skipped")."""
     sweep = [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP]
@@ -123,6 +203,15 @@ def at_recall(sweep: list[dict[str, Any]], level: float) -> dict[str, Any] | Non
     """The fastest sweep point whose recall reaches ``level`` (None if none does)."""
     reaching = [point for point in sweep if point["recall"] >= level]
     return max(reaching, key=lambda point: point["qps"]) if reaching else None
+
+
+def _has_milvus() -> bool:
+    try:
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
@@ -151,11 +240,31 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
                      f"{theirs['qps']:,.0f} q/s (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs
                      else ("skipped" if faiss.get("skipped") else "not reached"),
                      f"{ours['qps'] / theirs['qps']:.2f}x" if ours and theirs else "-"])
+    milvus_count = min(count, int(os.environ.get(MILVUS_VARIABLE, MILVUS_MAX)))
+    milvus_table = ""
+    if milvus_count > 0 and _has_milvus():
+        sub, sub_truth, sub_exact_qps, sub_usearch = base, truth, exact_qps, usearch
+        if milvus_count < count:  # exact and usearch again, on the same vectors as Milvus
+            sub = base[:milvus_count]
+            sub_truth, sub_exact_s = _timed(lambda: exact_top_k(sub, queries), repeats)
+            sub_exact_qps, sub_usearch = n_queries / sub_exact_s, _usearch(sub, queries, sub_truth, repeats)
+        milvus = _milvus(sub, queries, sub_truth, repeats, folder=out_dir / "milvus-lite")
+        milvus_rows, milvus_figures = _milvus_rows(milvus, sub_usearch, sub_exact_qps)
+        figures_milvus = {"lite": milvus, "exact_qps": sub_exact_qps, "usearch_f16": sub_usearch, "at_equal_recall": milvus_figures}
+        milvus_table = "\n\n".join([
+            f"Milvus Lite (embedded, over gRPC), {milvus_count:,} of these vectors: build+index HNSW {milvus['hnsw']['build_s']:.1f} s, "
+            f"FLAT {milvus['flat']['build_s']:.1f} s; exact numpy on them {sub_exact_qps:,.1f} q/s.",
+            markdown_table(["Milvus Lite", "queries/s", "vs exact", "usearch f16 (same vectors)", "Milvus / usearch"], milvus_rows),
+            markdown_table(["ef", "Milvus HNSW recall", "Milvus q/s"],
+                           [[p["setting"], f"{p['recall']:.4f}", f"{p['qps']:,.0f}"] for p in milvus["hnsw"]["sweep"]]),
+        ])
+    else:
+        figures_milvus = {"skipped": True}
     goal = comparison["recall>=0.98"]["usearch_speedup_vs_exact"]
     figures = {
         "vectors": count, "dim": DIM, "queries": n_queries, "k": K,
         "exact": {"qps": exact_qps, "seconds": exact_s},
-        "usearch_f16": usearch, "faiss_hnsw_flat": faiss, "at_equal_recall": comparison,
+        "usearch_f16": usearch, "faiss_hnsw_flat": faiss, "at_equal_recall": comparison, "milvus": figures_milvus,
         "goal_recall_0.98_at_20x_exact": bool(goal is not None and goal >= 20.0),
     }
     sweep_rows = [[point["setting"], f"{point['recall']:.4f}", f"{point['qps']:,.0f}", f"{f['recall']:.4f}", f"{f['qps']:,.0f}"]
@@ -165,6 +274,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         f"Build: usearch f16 {usearch['build_s']:.1f} s ({usearch['memory_mb']:.0f} MB), faiss HNSWFlat {faiss['build_s']:.1f} s.",
         markdown_table(["recall@10", "usearch f16", "vs exact", "faiss HNSW", "usearch / faiss"], rows),
         markdown_table(["ef", "usearch recall", "usearch q/s", "faiss recall", "faiss q/s"], sweep_rows),
+        *([milvus_table] if milvus_table else []),
     ])
     plot = bar_chart(out_dir / "index.png", panels=[
         Panel("queries/s by search breadth (ef)", {

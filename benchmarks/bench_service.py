@@ -5,7 +5,9 @@ Setup: a small synthetic dataset, an untrained ``tiny`` model (throughput does n
 weights) exported to ONNX fp32, an index of the dataset's images. Each request is a composed
 query with an uploaded 64x64 PNG reference (decode + image encode + compose + search; query
 texts repeat, so the runtime's text cache answers most text encodes, as it would in service).
-The server is ``compir serve`` in its own process on 127.0.0.1; clients are threads with one
+The server is ``compir serve`` in its own process on 127.0.0.1 (and, with the ray extra installed,
+``compir serve --ray --replicas 2``: a local Ray Serve app, 2 HTTP replicas and the gallery owner,
+batching off as on a CPU by default); clients are threads with one
 keep-alive httpx connection each. Every configuration runs ``repeats`` times, the modes taking
 turns; the median run's figures are reported. Full: 16 clients x 100 requests per run; --quick: 96 requests per run.
 
@@ -33,10 +35,12 @@ import numpy as np
 from benchmarks.common import BenchResult, Panel, bar_chart, line_chart, markdown_table
 
 NAME = "service"
-DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, vs the in-process Python API; "
-               "server RSS over a soak of 20,000 uploads")
+DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, Ray Serve (2 replicas), "
+               "vs the in-process Python API; server RSS over a soak of 20,000 uploads")
 CONCURRENCY = (1, 4, 16)
 MODES = ("python in-process", "http, batching off", "http, batching on")
+RAY_MODE = "ray serve, 2 replicas"
+RAY_REPLICAS = 2
 K = 10
 SOAK_REQUESTS = {False: 20_000, True: 2_000}  # by quick
 SOAK_CLIENTS = 16
@@ -135,15 +139,17 @@ def _free_port() -> int:
 class _Server:
     """``compir serve`` in a child process (its return code and output are checked)."""
 
-    def __init__(self, export: Path, index: Path, *, batching: bool) -> None:
+    def __init__(self, export: Path, index: Path, *, batching: bool, ray: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(self.port),
                    "--log-level", "warning", "--max-k", str(K)]
         command += ["--batching", "on" if batching else "off"]
+        if ray:
+            command += ["--ray", "--replicas", str(RAY_REPLICAS)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 240.0) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -176,7 +182,10 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
     servers = {MODES[1]: _Server(export, index, batching=False), MODES[2]: _Server(export, index, batching=True)}
-    results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in MODES}
+    if ray_available():
+        servers[RAY_MODE] = _Server(export, index, batching=False, ray=True)
+    modes = [MODES[0], *servers]
+    results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in modes}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -184,13 +193,13 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
             sessions = {mode: [httpx.Client(base_url=s.url, timeout=60) for _ in range(clients)] for mode, s in servers.items()}
             calls = {MODES[0]: _python_call(retriever, queries)}
             calls.update({mode: _http_call(sessions[mode], queries) for mode in servers})
-            runs: dict[str, list[tuple[float, np.ndarray]]] = {mode: [] for mode in MODES}
-            for mode in MODES:
+            runs: dict[str, list[tuple[float, np.ndarray]]] = {mode: [] for mode in modes}
+            for mode in modes:
                 _drive(clients, min(total, 4 * clients), calls[mode])  # warm-up: connections, caches
             for _ in range(repeats):
-                for mode in MODES:
+                for mode in modes:
                     runs[mode].append(_drive(clients, total, calls[mode]))
-            for mode in MODES:
+            for mode in modes:
                 results[mode][clients] = _summary(runs[mode], total)
             for client in (c for group in sessions.values() for c in group):
                 client.close()
@@ -199,6 +208,13 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
         for server in servers.values():
             server.stop()
     return results, batch_stats
+
+
+def ray_available() -> bool:
+    """Whether the ``ray`` extra (Ray Serve) is installed, so the Ray Serve rows can run."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
 
 
 def _python_call(retriever: Any, queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
@@ -324,6 +340,16 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         f"(batching off, {memory['rps']:.0f} requests/s), RSS sampled {SOAK_SAMPLES} times: "
         f"{memory['rss_start_mb']:.0f} MiB ready, {memory['rss_half_mb']:.0f} half-way, {memory['rss_end_mb']:.0f} at the end."
     )
+    if RAY_MODE in by_mode:
+        ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} x{by_mode[RAY_MODE][c]['rps'] / by_mode[MODES[1]][c]['rps']:.2f}"
+                           for c in CONCURRENCY)
+        notes += (f" Ray Serve: `compir serve --ray --replicas {RAY_REPLICAS}` (a local Ray started by the command; "
+                  f"{RAY_REPLICAS} HTTP replicas with their own encoders, one gallery-owner actor for the index; batching off), "
+                  f"requests/s against `compir serve` with batching off: {ratios}. Its replicas share this machine's cores "
+                  "with each other and with the clients, so here they measure Serve's overhead (proxy hop, owner calls), "
+                  "not the scaling that replicas on separate machines give.")
+    else:
+        notes += ' Ray Serve rows skipped: the ray extra is not installed (pip install "compir[ray]").'
     figures = {"requests_per_run": total, "repeats": repeats, "k": K,
                "results": {m: {str(c): f for c, f in r.items()} for m, r in by_mode.items()},
                "batching_stats": batch_stats, "batch_cost": batch_cost, "memory_soak": memory}

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("compir.evaluate", "evaluate a checkpoint or an export folder", "compir eval runs/tiny/best.pt --data data/synth"),
     "export": ("compir.export.cli", "ONNX graphs + manifest; TensorRT engines", "compir export onnx runs/tiny/best.pt --out exports/tiny"),
     "index": (
-        "compir.runtime.index_cli", "build a usearch gallery index",
+        "compir.runtime.index_cli", "build a gallery index (usearch or Milvus)",
         "compir index build exports/tiny --images data/synth/images --out indexes/tiny",
     ),
     "search": (

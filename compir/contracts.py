@@ -27,7 +27,8 @@ MANIFEST_SCHEMA = 1
 ENGINES_FORMAT = "compir.engines"
 ENGINES_SCHEMA = 1
 INDEX_FORMAT = "compir.index"
-INDEX_SCHEMA = 2  # 2: bound to an encoder fingerprint; 1: to the export manifest's sha256
+INDEX_SCHEMA = 3  # 3: a Milvus-backed index (usearch ones are still written as 2); 2: bound to an encoder fingerprint;
+# 1: to the export manifest's sha256
 
 MANIFEST_FILE = "manifest.json"
 ENGINES_FILE = "engines.json"

@@ -131,16 +131,22 @@ def rgb_values(values: Any, *, field_name: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """CLIP BPE tokenizer settings; ``vocab_file`` is copied into the export folder."""
+    """Tokenizer settings; ``vocab_file`` is copied into the export folder.
 
-    kind: str  # "clip_bpe"
+    ``kind``: ``clip_bpe`` (CLIP's BPE, ``vocab_file`` its gzipped merges) or ``hf`` (a Hugging Face
+    ``tokenizer.json`` run by the ``tokenizers`` library, padding and truncation included; open_clip's
+    ``HFTokenizer``). An id of -1 means the tokenizer has no such token.
+    """
+
+    kind: str  # "clip_bpe" | "hf"
     vocab_file: str
     vocab_sha256: str
     context_length: int
     sot_id: int
     eot_id: int
     pad_id: int
-    clean: str = "lower"
+    clean: str = "lower"  # open_clip's text cleaning: "lower" | "whitespace" | "canonicalize"
+    strip_sep_id: int = -1  # hf: this id is replaced by 0 after tokenizing (open_clip's strip_sep_token)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_copied_export_is_self_contained_and_matches_torch(
     manifest = load_manifest(copy)
     loaded = load_checkpoint(tiny_checkpoint)
     samples = load_samples(
-        preprocess=manifest.preprocess, context_length=manifest.tokenizer.context_length, data_dir=synth_data, count=5, seed=3
+        preprocess=manifest.preprocess, tokenizer=loaded.model.tokenizer, data_dir=synth_data, count=5, seed=3
     )
     session = ort.InferenceSession(str(copy / manifest.graph("query_encoder").file), providers=["CPUExecutionProvider"])
     (onnx_query,) = session.run(["query_embeds"], {"pixel_values": samples.pixel_values, "input_ids": samples.input_ids})
@@ -111,7 +111,7 @@ def test_graph_of_perturbed_weights_fails_parity(micro_checkpoint: Path, tmp_pat
     from compir.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(micro_checkpoint).model
-    samples = load_samples(preprocess=model.preprocess, context_length=16, count=4)
+    samples = load_samples(preprocess=model.preprocess, tokenizer=model.tokenizer, count=4)
     text = next(d for d in graph_defs(model) if d.role == "text_encoder")
     feeds = {"input_ids": samples.input_ids}
     path = tmp_path / "text_encoder.onnx"

@@ -14,6 +14,7 @@ from compir.export.samples import load_samples
 from compir.export.trt.calibrator import calibration_digest, calibration_feeds, check_batches, split_batches
 from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
 from compir.manifest import TensorSpec, load_manifest
+from compir.runtime.tokenizer import load_tokenizer
 
 
 def test_profile_covers_every_input_of_every_graph(tiny_export_all: Path) -> None:
@@ -41,7 +42,8 @@ def test_profile_refuses_what_it_cannot_size(tiny_export_all: Path) -> None:
 
 def test_calibration_feeds_are_real_and_batched(tiny_export_all: Path, synth_data: Path) -> None:
     manifest = load_manifest(tiny_export_all)
-    samples = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=synth_data, count=20)
+    tokenizer = load_tokenizer(tiny_export_all, manifest.tokenizer)
+    samples = load_samples(preprocess=manifest.preprocess, tokenizer=tokenizer, data_dir=synth_data, count=20)
     assert len(set(samples.image_names)) == 20 and all(t.strip() for t in samples.texts)
     graphs = {role: tiny_export_all / g.file for role, g in manifest.variant("fp32").graphs.items()}
     feeds = calibration_feeds(graphs, samples, roles=["composer", "query_encoder"])
@@ -57,17 +59,18 @@ def test_samples_from_an_image_folder_and_rendered(tmp_path: Path, tiny_export_a
     from PIL import Image
 
     manifest = load_manifest(tiny_export_all)
+    tokenizer = load_tokenizer(tiny_export_all, manifest.tokenizer)
     for index in range(3):
         Image.new("RGB", (40 + index, 30), (index * 80, 20, 200)).save(tmp_path / f"photo{index}.jpg")
-    folder = load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=tmp_path, count=8)
+    folder = load_samples(preprocess=manifest.preprocess, tokenizer=tokenizer, data_dir=tmp_path, count=8)
     assert folder.pixel_values.shape == (3, 3, 32, 32) and folder.input_ids.shape == (3, 16)
-    rendered = load_samples(preprocess=manifest.preprocess, context_length=16, count=4)
+    rendered = load_samples(preprocess=manifest.preprocess, tokenizer=tokenizer, count=4)
     assert rendered.source == "rendered synthetic scenes" and rendered.pixel_values.shape == (4, 3, 32, 32)
     assert (rendered.input_ids[:, 0] == manifest.tokenizer.sot_id).all()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ContractError, match="holds no dataset and no images"):
-        load_samples(preprocess=manifest.preprocess, context_length=16, data_dir=empty)
+        load_samples(preprocess=manifest.preprocess, tokenizer=tokenizer, data_dir=empty)
 
 
 def test_calibration_batch_matches_the_calibration_profile() -> None:

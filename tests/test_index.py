@@ -1,21 +1,25 @@
-"""The gallery index: usearch (f32/f16/i8) and exact search, item ids, persistence, atomic saves."""
+"""The gallery index: usearch (f32/f16/i8) and exact search, item ids, persistence, atomic saves.
+The behaviour every backend shares runs on usearch and on Milvus Lite (the ``new_gallery`` fixture)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from compir.errors import ContractError, InputError
+from compir.errors import ContractError, DuplicateItemError, InputError
 from compir.manifest import EncoderFingerprint, PreprocessSpec
 from compir.runtime.gallery import Gallery
 from compir.runtime.index import VectorIndex
+from compir.runtime.store import BACKENDS, GalleryStore
 
 DIM = 32
 PREPROCESS = PreprocessSpec(image_size=32, resize_mode="shortest", interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -30,12 +34,40 @@ def clustered(count: int, *, dim: int = DIM, clusters: int = 40, seed: int = 0) 
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_gallery(count: int, *, dtype: str = "f16", search_mode: str = "auto", folder: Path | None = None, seed: int = 0) -> Gallery:
-    gallery = Gallery(encoder=ENCODER, ndim=DIM, feature_shape=(4, DIM), dtype=dtype, search_mode=search_mode, folder=folder)
+def make_gallery(count: int, *, dtype: str = "f16", search_mode: str = "auto", folder: Path | None = None, seed: int = 0,
+                 store: GalleryStore | None = None) -> Gallery:
+    gallery = Gallery(encoder=ENCODER, ndim=DIM, feature_shape=(4, DIM), dtype=dtype, search_mode=search_mode, folder=folder, store=store)
     vectors = clustered(count, seed=seed)
     gallery.add([f"item{i}" for i in range(count)], embeds=vectors,
                 features=np.repeat(vectors[:, None, :], 4, axis=1), paths=[f"/images/{i}.png" for i in range(count)])
     return gallery
+
+
+_collections = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One Milvus Lite file per module (its start is the slow part); each gallery gets a collection."""
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    return str(tmp_path_factory.mktemp("milvus") / "galleries.db")
+
+
+@pytest.fixture(params=BACKENDS)
+def new_gallery(request: pytest.FixtureRequest) -> Callable[..., Gallery]:
+    """``make_gallery`` on each backend: usearch, or a fresh collection in the module's Milvus Lite file."""
+    if request.param == "usearch":
+        return make_gallery
+    from compir.runtime.milvus_store import MilvusConfig, MilvusStore
+
+    uri = request.getfixturevalue("milvus_uri")
+
+    def make(count: int, *, folder: Path | None = None, seed: int = 0) -> Gallery:
+        config = MilvusConfig(uri, collection=f"gallery_{next(_collections)}")
+        return make_gallery(count, folder=folder, seed=seed,
+                            store=MilvusStore.create(config, ndim=DIM, feature_shape=(4, DIM), encoder=ENCODER))
+
+    return make
 
 
 def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -65,30 +97,46 @@ def test_usearch_recall_against_exact(dtype: str, floor: float) -> None:
     assert np.abs(scores - true).max() < (0.02 if dtype == "i8" else 2e-3)
 
 
-def test_ids_add_update_remove() -> None:
-    gallery = make_gallery(50)
+def test_ids_add_update_remove(new_gallery: Callable[..., Gallery]) -> None:
+    gallery = new_gallery(50)
     target = clustered(1, seed=77)
     gallery.add(["item3"], embeds=target, features=np.zeros((1, 4, DIM), np.float32), paths=["new.png"])
-    assert len(gallery) == 50
+    assert len(gallery) == 50 and gallery.ids[-1] == "item3"  # a replaced id moves to the end, as if added again
     assert gallery.search(target, k=1)[0][0][0] == "item3"
-    assert gallery.features[gallery.row("item3")].sum() == 0 and gallery.paths[gallery.row("item3")] == "new.png"
+    assert gallery.features_of(["item3"]).sum() == 0 and gallery.image_path("item3") == Path("new.png")
+    np.testing.assert_array_equal(gallery.features_of(["item5"])[0], np.repeat(clustered(50)[5:6], 4, axis=0))
     assert gallery.remove(["item3", "item4", "nope"]) == 2
     assert "item3" not in gallery and len(gallery) == 48
+    assert gallery.ids == [f"item{i}" for i in range(50) if i not in (3, 4)]
     assert all(hit != "item3" for hit, _ in gallery.search(target, k=48)[0])
     with pytest.raises(InputError, match="unknown item id 'item3'"):
-        gallery.row("item3")
+        gallery.features_of(["item3"])
+    with pytest.raises(InputError, match="unknown item id 'item3'"):
+        gallery.image_path("item3")
     with pytest.raises(InputError, match="unique"):
         gallery.add(["x", "x"], embeds=clustered(2), features=np.zeros((2, 4, DIM), np.float32), paths=["", ""])
 
 
-def test_k_is_clamped_and_reference_excluded() -> None:
-    gallery = make_gallery(7)
-    query = gallery.vectors.embeds[:1].copy()
+def test_add_without_replace_refuses_existing_ids_and_adds_nothing(new_gallery: Callable[..., Gallery]) -> None:
+    gallery = new_gallery(10)
+    with pytest.raises(DuplicateItemError, match=r"already in the gallery: \['item2'\]"):
+        gallery.add(["new", "item2"], embeds=clustered(2, seed=5), features=np.zeros((2, 4, DIM), np.float32),
+                    paths=["", ""], replace=False)
+    assert len(gallery) == 10 and "new" not in gallery
+    gallery.add(["new"], embeds=clustered(1, seed=5), features=np.zeros((1, 4, DIM), np.float32), paths=[""], replace=False)
+    assert len(gallery) == 11 and gallery.ids[-1] == "new"
+
+
+def test_k_is_clamped_and_reference_excluded(new_gallery: Callable[..., Gallery]) -> None:
+    gallery = new_gallery(7)
+    query = clustered(7)[:1]  # item0's own vector
     hits = gallery.search(query, k=100)[0]
-    assert len(hits) == 7 and hits[0][0] == "item0"
+    assert len(hits) == 7 and hits[0][0] == "item0" and hits[0][1] == pytest.approx(1.0, abs=1e-3)
     hits = gallery.search(query, k=100, exclude=["item0"])[0]
     assert len(hits) == 6 and "item0" not in {h for h, _ in hits}
-    empty = Gallery(encoder=ENCODER, ndim=DIM, feature_shape=(4, DIM))
+    two = gallery.search(np.concatenate([query, clustered(7)[1:2]]), k=2, exclude=["item0", None])
+    assert [len(hits) for hits in two] == [2, 2] and "item0" not in {h for h, _ in two[0]} and two[1][0][0] == "item1"
+    empty = new_gallery(0)
     assert empty.search(query, k=5) == [[]]
 
 
@@ -116,8 +164,12 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted(["index.json", *(f["file"] for f in record["files"].values())])
 
 
-def test_index_built_with_another_encoder_is_refused(tmp_path: Path) -> None:
-    make_gallery(10, folder=tmp_path).save()
+def test_index_built_with_another_encoder_is_refused(tmp_path: Path, new_gallery: Callable[..., Gallery]) -> None:
+    saved = new_gallery(10, folder=tmp_path)
+    saved.save()
+    reopened = Gallery.load(tmp_path, encoder=ENCODER)
+    assert reopened.ids == saved.ids and reopened.backend == saved.backend
+    assert reopened.search(clustered(10)[2:3], k=1)[0][0][0] == "item2"
     other_graph = dataclasses.replace(ENCODER, image_encoder_sha256="b" * 64)
     with pytest.raises(ContractError, match="built with another encoder .image encoder graph sha256 aaaaaaaaaaaa"):
         Gallery.load(tmp_path, encoder=other_graph)
@@ -125,7 +177,7 @@ def test_index_built_with_another_encoder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ContractError, match="built with another encoder .preprocessing"):
         Gallery.load(tmp_path, encoder=other_size)
     record = json.loads((tmp_path / "index.json").read_text())
-    assert record["schema_version"] == 2 and record["encoder"]["fingerprint"] == ENCODER.digest
+    assert record["schema_version"] == (2 if saved.backend == "usearch" else 3) and record["encoder"]["fingerprint"] == ENCODER.digest
     record["encoder"]["embed_dim"] = DIM + 1  # edited by hand: the digest no longer matches its fields
     (tmp_path / "index.json").write_text(json.dumps(record))
     with pytest.raises(ContractError, match="does not match its fields"):

@@ -1,8 +1,13 @@
-"""The torch-free CLIP BPE tokenizer against open_clip's, on a generated corpus and with hypothesis."""
+"""The torch-free tokenizers against open_clip's, on a generated corpus and with hypothesis: CLIP BPE,
+and every Hugging Face tokenizer family open_clip configs name (SigLIP, SigLIP2, CLIPA, the HF text
+towers), each through open_clip's own ``get_tokenizer`` on a local stand-in (tests/fixtures/text_towers.py)."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +16,8 @@ from hypothesis import strategies as st
 
 from compir.errors import ContractError, InputError
 from compir.manifest import TokenizerSpec
-from compir.runtime.tokenizer import MAX_TEXT_CHARS, ClipTokenizer
+from compir.runtime.tokenizer import MAX_TEXT_CHARS, ClipTokenizer, HfTokenizer, load_tokenizer
+from tests.fixtures.text_towers import build_tokenizer
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer", reason="parity needs open_clip")
 
@@ -115,3 +121,87 @@ def test_damaged_vocab_is_refused(tmp_path) -> None:
     broken.write_bytes(b"not gzip at all")
     with pytest.raises(ContractError, match="damaged"):
         ClipTokenizer(broken, TOKENIZER.spec)
+
+
+# (tokenizer family, open_clip text_cfg entries) as open_clip's own configs of that family write them.
+HF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "siglip": ("siglip", {"tokenizer_kwargs": {"clean": "canonicalize"}, "context_length": 64}),  # ViT-*-SigLIP (T5 vocab)
+    "siglip-16": ("siglip", {"tokenizer_kwargs": {"clean": "canonicalize"}, "context_length": 16}),  # ViT-SO400M-14-SigLIP
+    "siglip2": ("siglip2", {"tokenizer_kwargs": {"clean": "canonicalize"}, "context_length": 64}),  # ViT-*-SigLIP2 (Gemma)
+    "clipa": ("bert", {"tokenizer_kwargs": {"strip_sep_token": True}, "context_length": 32}),  # ViT-*-CLIPA (bert-base-uncased)
+    "mt5-worldwide": ("mt5", {"tokenizer_kwargs": {"clean": "canonicalize"}, "context_length": 77}),  # ViT-L-14-worldwide
+    "mt5": ("mt5", {}),  # mt5-base-ViT-B-32 (default clean "whitespace", 77 tokens)
+    "xlm-roberta": ("xlm-roberta", {}),  # xlm-roberta-*-ViT-*, ViT-*-worldwide (xlm-v)
+    "roberta": ("roberta", {}),  # roberta-ViT-B-32
+    "bert": ("bert", {}),  # a BERT tower (cls pooler)
+}
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("transformers", reason="HF tokenizers need transformers")
+    root = tmp_path_factory.mktemp("hf-tokenizers")
+    return {family: build_tokenizer(root / family, family) for family in {family for family, _ in HF_CASES.values()}}
+
+
+def _hf_pair(case: str, folders: dict[str, Path], out: Path) -> tuple[HfTokenizer, object]:
+    """(the runtime tokenizer read from an export-style folder, open_clip.get_tokenizer of the same config)."""
+    import open_clip
+
+    from compir.train.model import _register_architecture
+    from compir.train.text import TextTokenizer
+
+    family, entries = HF_CASES[case]
+    arch = {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"hf_tokenizer_name": str(folders[family]), **entries}}
+    reference = open_clip.get_tokenizer(_register_architecture(arch))
+    ours = TextTokenizer.of(arch, context_length=entries.get("context_length", 77))
+    settings = ours.settings()
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_file, vocab_sha = ours.write_vocab(out)
+    assert vocab_sha == settings["vocab_sha256"]
+    tokenizer = load_tokenizer(out, TokenizerSpec(vocab_file=vocab_file, **settings))
+    assert isinstance(tokenizer, HfTokenizer)
+    return tokenizer, reference
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_corpus_matches_open_clip(case: str, hf_folders: dict[str, Path], tmp_path: Path) -> None:
+    tokenizer, reference = _hf_pair(case, hf_folders, tmp_path)
+    corpus = _corpus(1000, seed=2)
+    ours = tokenizer(corpus)
+    theirs = reference(corpus).numpy()  # type: ignore[operator]
+    mismatched = [corpus[i] for i in np.nonzero((ours != theirs).any(axis=1))[0]]
+    assert not mismatched, mismatched[:5]
+    assert ours.shape == (1000, tokenizer.context_length)
+    overlong = sum(len(tokenizer.encode(text)) > tokenizer.context_length for text in corpus)
+    assert overlong > 10  # the corpus really exercises truncation
+
+
+@pytest.fixture(scope="module")
+def siglip2_pair(hf_folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[HfTokenizer, object]:
+    return _hf_pair("siglip2", hf_folders, tmp_path_factory.mktemp("siglip2-export"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=120))
+def test_any_text_matches_open_clip_siglip2(siglip2_pair: tuple[HfTokenizer, object], text: str) -> None:
+    tokenizer, reference = siglip2_pair
+    np.testing.assert_array_equal(tokenizer([text]), reference([text]).numpy())  # type: ignore[operator]
+
+
+def test_hf_blank_texts_and_strip_sep(hf_folders: dict[str, Path], tmp_path: Path) -> None:
+    tokenizer, _ = _hf_pair("clipa", hf_folders, tmp_path)
+    assert tokenizer.is_blank("") and tokenizer.is_blank(" \t\n\u3000") and tokenizer.is_blank("&nbsp;")
+    assert not tokenizer.is_blank(" a ")
+    assert tokenizer.spec.strip_sep_id == 3 and not (tokenizer(["make it red"]) == 3).any()  # [SEP] -> 0, as open_clip
+
+
+def test_hf_tokenizer_file_from_another_export_is_refused(hf_folders: dict[str, Path], tmp_path: Path) -> None:
+    tokenizer, _ = _hf_pair("siglip2", hf_folders, tmp_path / "a")
+    with pytest.raises(ContractError, match="pads/truncates to 64/64 tokens, the manifest says 32"):
+        HfTokenizer(tmp_path / "a" / "tokenizer.json", replace(tokenizer.spec, context_length=32))
+    (tmp_path / "a" / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ContractError, match="damaged"):
+        HfTokenizer(tmp_path / "a" / "tokenizer.json", tokenizer.spec)
+    with pytest.raises(ContractError, match="checksum|sha256"):
+        load_tokenizer(tmp_path / "a", tokenizer.spec)

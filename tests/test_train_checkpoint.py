@@ -10,7 +10,7 @@ from compir.errors import ContractError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
 from compir.train.config import resolve_model_config
 from compir.train.model import CIRModel
-from compir.train.text import tokenizer_settings
+from compir.train.text import TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_round_trip_rebuilds_an_identical_model(saved):
     assert not loaded.model.training
     assert (loaded.step, loaded.epoch, loaded.metrics, loaded.optimizer_state) == (7, 2, {"R@1": 12.5}, {"lr": 0.1})
     assert loaded.config == model.config and loaded.preprocess == model.preprocess
-    assert loaded.tokenizer == tokenizer_settings(context_length=16)
+    assert loaded.tokenizer == TextTokenizer(context_length=16).settings()
     assert len(loaded.sha256) == 64
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from compir.errors import InputError
 from compir.train.config import ModelConfig, list_model_configs, resolve_model_config
 from compir.train.heads import build_head, head_names
 from compir.train.model import CIRModel
-from compir.train.text import tokenize, tokenizer_settings, vocab_path
+from compir.train.text import TextTokenizer, tokenize, vocab_path
 from compir.train.transforms import eval_transform, pixels_to_tensor
 
 
@@ -99,7 +99,7 @@ def test_head_registry_builds_combiner_and_rejects_unknowns():
 
 
 def test_tokenizer_matches_its_recorded_settings():
-    settings = tokenizer_settings(context_length=8)
+    settings = TextTokenizer(context_length=8).settings()
     ids = tokenize(["a very long modification text that overflows the context"], context_length=8)
     assert ids.shape == (1, 8) and ids.dtype == torch.int64
     assert ids[0, 0] == settings["sot_id"] and ids[0, -1] == settings["eot_id"]

@@ -126,7 +126,7 @@ def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch
 def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:
     """Real rows: sample texts' token states, sample images as references, other samples as candidates."""
     model = loaded.model.eval()
-    samples = load_samples(preprocess=loaded.preprocess, context_length=model.context_length, data_dir=calibration_data,
+    samples = load_samples(preprocess=loaded.preprocess, tokenizer=model.tokenizer, data_dir=calibration_data,
                            count=_PARITY_ROWS)
     with torch.no_grad():
         _, features, _ = model.encode_image(torch.from_numpy(samples.pixel_values))

@@ -8,9 +8,10 @@ parity figures are only meaningful on the distribution the model will see.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class Samples:
 def load_samples(
     *,
     preprocess: PreprocessSpec,
-    context_length: int,
+    tokenizer: Callable[[Sequence[str]], Any],
     data_dir: str | Path | None = None,
     count: int = 32,
     seed: int = 0,
@@ -67,7 +68,7 @@ def load_samples(
     texts = [texts[i % len(texts)] for i in range(len(names))]
     return Samples(
         pixel_values=pixels(images, preprocess=preprocess),
-        input_ids=token_ids(texts, context_length=context_length),
+        input_ids=np.asarray(tokenizer(texts), dtype=np.int64),  # the model's or the export's tokenizer
         image_names=tuple(names),
         texts=tuple(texts),
         source=source,
@@ -81,12 +82,6 @@ def pixels(images: Sequence[ImageSource], *, preprocess: PreprocessSpec) -> np.n
     transform = eval_transform(preprocess)
     tensors = [transform(load_image(image)) for image in images]
     return torch.stack(tensors).numpy().astype(np.float32)
-
-
-def token_ids(texts: Sequence[str], *, context_length: int) -> np.ndarray:
-    from compir.train.text import tokenize
-
-    return tokenize(list(texts), context_length=context_length).numpy().astype(np.int64)
 
 
 def _from_folder(root: Path, count: int, *, seed: int) -> tuple[list[ImageSource], list[str], list[str]]:

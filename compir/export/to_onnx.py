@@ -3,7 +3,8 @@
 Layout (see :mod:`compir.manifest`)::
 
     manifest.json            graphs, I/O contracts, preprocessing, tokenizer, parity, accuracy
-    vocab.bpe.txt.gz         the tokenizer's BPE vocabulary (copied, checksummed)
+    vocab.bpe.txt.gz         the tokenizer's vocabulary, checksummed: CLIP's BPE merges, or
+    tokenizer.json           a Hugging Face tokenizer as open_clip runs it (SigLIP, HF text towers)
     <variant>/<role>.onnx    fp32 / fp16 / int8-dynamic / int8-static graphs
 
 The folder is written to a temporary sibling and renamed at the end, so a failing parity check
@@ -12,7 +13,6 @@ The folder is written to a temporary sibling and renamed at the end, so a failin
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +31,6 @@ from compir.export.samples import Samples, load_samples
 from compir.export.variants import VARIANTS, convert_fp16, quantize_int8_dynamic, quantize_int8_static
 from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, TokenizerSpec, VariantSpec, load_manifest, save_manifest
 
-VOCAB_FILE = "vocab.bpe.txt.gz"
 PARITY_SAMPLES = 4  # parity runs at batch 1 and batch 4
 MIN_VARIANT_COSINE = 0.95  # below this a reduced-precision graph is broken, not merely lossy
 # The embedding each graph is judged by when comparing variants.
@@ -60,7 +59,6 @@ def export_onnx(
     broken variant; InputError-free: every input here is a file the user named.
     """
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.text import vocab_path
 
     chosen = _check_variants(variants)
     if opset < 17:
@@ -68,9 +66,11 @@ def export_onnx(
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
     context_length = int(loaded.tokenizer["context_length"])
+    if model.tokenizer.context_length != context_length or model.tokenizer.kind != loaded.tokenizer.get("kind", "clip_bpe"):
+        raise ContractError(f"{checkpoint}: its tokenizer record {loaded.tokenizer} does not match its model config")
     samples = load_samples(
         preprocess=loaded.preprocess,
-        context_length=context_length,
+        tokenizer=model.tokenizer,
         data_dir=calibration_data,
         count=max(calibration_count, PARITY_SAMPLES),
     )
@@ -80,13 +80,11 @@ def export_onnx(
     split = _eval_split(eval_data, eval_split) if eval_data is not None else None
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        vocab = vocab_path()
-        shutil.copyfile(vocab, tmp / VOCAB_FILE)
-        vocab_sha = sha256_file(tmp / VOCAB_FILE)
+        vocab_file, vocab_sha = model.tokenizer.write_vocab(tmp)
         if loaded.tokenizer.get("vocab_sha256") not in (None, vocab_sha):
             raise ContractError(
-                f"{checkpoint} was trained with another BPE vocabulary (sha256 {str(loaded.tokenizer['vocab_sha256'])[:12]}...) "
-                f"than this open_clip ships ({vocab_sha[:12]}...); export with the open_clip version it was trained with"
+                f"{checkpoint} was trained with another tokenizer vocabulary (sha256 {str(loaded.tokenizer['vocab_sha256'])[:12]}...) "
+                f"than the one found now ({vocab_sha[:12]}...); export with the open_clip / tokenizer files it was trained with"
             )
         specs: dict[str, VariantSpec] = {}
         paths: dict[str, dict[str, Path]] = {}
@@ -110,13 +108,14 @@ def export_onnx(
             preprocess=loaded.preprocess,
             tokenizer=TokenizerSpec(
                 kind=str(loaded.tokenizer["kind"]),
-                vocab_file=VOCAB_FILE,
+                vocab_file=vocab_file,
                 vocab_sha256=vocab_sha,
                 context_length=context_length,
                 sot_id=int(loaded.tokenizer["sot_id"]),
                 eot_id=int(loaded.tokenizer["eot_id"]),
                 pad_id=int(loaded.tokenizer["pad_id"]),
                 clean=str(loaded.tokenizer.get("clean", "lower")),
+                strip_sep_id=int(loaded.tokenizer.get("strip_sep_id", -1)),
             ),
             variants=specs,
             default_variant="fp32",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +22,10 @@ from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import IMAGES_DIR, Gallery
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
 from compir.runtime.preprocess import preprocess_image
+from compir.runtime.store import GalleryStore
+
+if TYPE_CHECKING:
+    from compir.runtime.milvus_store import MilvusConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -61,12 +66,15 @@ def build_index(
     copy_images: bool = False,
     overwrite: bool = False,
     hnsw: HnswConfig = HnswConfig(),
+    milvus: MilvusConfig | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Encode every image under ``images`` into a new index folder ``out`` (written atomically).
 
     Item ids are relative paths without suffix. Image paths are recorded absolute, or copied into
-    ``out/images`` with ``copy_images`` (a self-contained, movable index).
+    ``out/images`` with ``copy_images`` (a self-contained, movable index). With ``milvus`` the
+    items go into that Milvus collection (created; an existing one is replaced only with
+    ``overwrite``) and ``out`` holds index.json naming it (``dtype`` and ``hnsw`` are usearch's).
     """
     root = Path(images).resolve()
     files = list_images(root)
@@ -74,8 +82,14 @@ def build_index(
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = []
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        store: GalleryStore | None = None
+        if milvus is not None:
+            from compir.runtime.milvus_store import MilvusStore
+
+            store = MilvusStore.create(milvus, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape,
+                                       encoder=encoder.fingerprint, overwrite=overwrite)
         gallery = Gallery(encoder=encoder.fingerprint, ndim=encoder.embed_dim,
-                          feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw, folder=tmp)
+                          feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw, folder=tmp, store=store)
         bar = tqdm(total=len(files), desc="indexing", unit="img", disable=not progress)
         for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers):
             skipped.extend(errors)

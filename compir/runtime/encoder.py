@@ -19,7 +19,7 @@ from compir.manifest import COMPOSER, IMAGE_ENCODER, TEXT_ENCODER, ExportManifes
 from compir.runtime.backends import Backend, GraphSession, open_backend
 from compir.runtime.backends.base import numpy_dtype
 from compir.runtime.preprocess import check_spec, preprocess_batch
-from compir.runtime.tokenizer import ClipTokenizer
+from compir.runtime.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Encoder:
         self.manifest_sha256 = manifest_sha256(export_dir)
         self.fingerprint = manifest.encoder_fingerprint()  # what an index built with this encoder is bound to
         check_spec(manifest.preprocess)
-        self.tokenizer = ClipTokenizer.from_export(export_dir, manifest.tokenizer)
+        self.tokenizer = load_tokenizer(export_dir, manifest.tokenizer)
         self._image = backend.open(self._graph(IMAGE_ENCODER))
         self._text = backend.open(self._graph(TEXT_ENCODER))
         self._composer = backend.open(self._graph(COMPOSER))

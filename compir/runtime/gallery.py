@@ -1,15 +1,18 @@
 """The index folder: gallery items (string ids), their vectors, cached image features and image
-paths, saved atomically and bound to the export that encoded them.
+paths, bound to the export that encoded them, in one of two backends (``index.json`` says which).
 
-Layout of ``INDEX_DIR`` (generation ``g`` increases with every save)::
+Layout of ``INDEX_DIR``::
 
-    index.json             format "compir.index": encoder fingerprint, dtype, count, files + sha256
-    vectors.<g>.usearch    usearch HNSW graph (cosine; f32 / f16 / i8 storage)
-    embeds.<g>.npy         (N, D) float32 gallery vectors (exact search, rebuilding the graph)
-    features.<g>.npy       (N, *F) float32 ``image_features``: a query whose reference is a gallery
-                           item is composed from these, with no image encode
-    items.<g>.json         item ids, integer keys, image paths (relative = inside the folder)
-    images/                images added at run time, named by content hash, so they persist
+    index.json    format "compir.index": encoder fingerprint, embed_dim, feature_shape, count, and
+                  the backend's part: usearch files + sha256 (schema 2), or Milvus URI, collection
+                  and index parameters (``"backend": "milvus"``, schema 3)
+    ...           usearch: the generation files (:mod:`compir.runtime.usearch_store`)
+    images/       images added at run time, named by content hash, so they persist
+
+The items themselves live in a :class:`~compir.runtime.store.GalleryStore`: usearch files in the
+folder (the default; :mod:`compir.runtime.usearch_store`) or a Milvus collection
+(:mod:`compir.runtime.milvus_store`). :class:`Gallery` adds what every backend shares: the encoder
+binding, the reference left out of its own hits, checks on what is added, uploaded images.
 
 The index is bound to the encoder's :class:`~compir.manifest.EncoderFingerprint` (image-encoder
 graph checksum, preprocessing, embed_dim, metric): what determines its vectors, so a re-export of
@@ -17,14 +20,13 @@ the same checkpoint keeps it valid and a different image encoder is refused. Sch
 the export manifest's sha256 instead; such an index opens with the export whose manifest has
 exactly those bytes and is rewritten as schema 2 on its next save.
 
-A save writes generation ``g+1`` beside ``g`` (each file atomically) and then replaces
-``index.json``: that rename is the commit. A crash at any point before it leaves the previous
-index whole; files of older generations are deleted only after the commit.
+A save commits the store (usearch: the next generation of files beside the current one; Milvus:
+a flush) and then replaces ``index.json``: that rename is the commit. A crash at any point
+before it leaves the previous index whole.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,27 +37,23 @@ from compir.contracts import (
     INDEX_FILE,
     INDEX_FORMAT,
     INDEX_SCHEMA,
-    atomic_output_path,
     atomic_write_bytes,
-    check_header,
     read_contract,
     require_keys,
     sha256_bytes,
-    sha256_file,
-    verify_sha256,
     write_contract,
 )
-from compir.errors import ContractError, InputError
+from compir.errors import ContractError, DuplicateItemError, InputError
 from compir.manifest import EncoderFingerprint
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig, VectorIndex
+from compir.runtime.store import BACKENDS, IMAGES_DIR, GalleryStore
+from compir.runtime.usearch_store import RECORD_KEYS, UsearchStore
 
-ITEMS_FORMAT = "compir.index.items"
-IMAGES_DIR = "images"
-_ROLES = ("vectors", "embeds", "features", "items")
+__all__ = ["IMAGES_DIR", "Gallery", "read_index_record"]
 
 
 class Gallery:
-    """Items of one index folder, in row order; ``vectors`` searches them."""
+    """The items of one index folder; ``store`` holds them (a new usearch store unless given)."""
 
     def __init__(
         self,
@@ -67,32 +65,59 @@ class Gallery:
         hnsw: HnswConfig = HnswConfig(),
         search_mode: str = "auto",
         folder: str | Path | None = None,
+        store: GalleryStore | None = None,
     ) -> None:
         self.encoder = encoder  # None only for a schema-1 index opened without its export
+        self.ndim = ndim
         self.feature_shape = tuple(feature_shape)
         self.folder = Path(folder) if folder is not None else None
-        self.vectors = VectorIndex(ndim=ndim, dtype=dtype, hnsw=hnsw, search_mode=search_mode)
-        self.ids: list[str] = []
-        self.paths: list[str] = []
-        self.features = np.zeros((0, *self.feature_shape), dtype=np.float32)
-        self._rows: dict[str, int] = {}
-        self._next_key = 0
-        self._generation = 0
+        self.store: GalleryStore = store if store is not None else UsearchStore(
+            ndim=ndim, feature_shape=self.feature_shape, dtype=dtype, hnsw=hnsw, search_mode=search_mode)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.store.count()
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._rows
+        return isinstance(item_id, str) and self.store.contains(item_id)
+
+    @property
+    def backend(self) -> str:
+        return self.store.backend
+
+    @property
+    def ids(self) -> list[str]:
+        """Item ids in the order they were added."""
+        return self.store.item_ids()
+
+    # ---- usearch rows (in-memory arrays; a Milvus gallery has none) ---------------------------
+    @property
+    def vectors(self) -> VectorIndex:
+        return self._usearch().vectors
+
+    @property
+    def features(self) -> np.ndarray:
+        """(N, *F) image features in row order (usearch); any backend: :meth:`features_of`."""
+        return self._usearch().features
+
+    @property
+    def paths(self) -> list[str]:
+        return self._usearch().paths
+
+    def row(self, item_id: str) -> int:
+        return self._usearch().row(item_id)
+
+    def _usearch(self) -> UsearchStore:
+        if not isinstance(self.store, UsearchStore):
+            raise ContractError(f"a {self.backend} gallery has no in-memory rows; use features_of() / image_path()")
+        return self.store
 
     # ---- lookup ----------------------------------------------------------------------------
-    def row(self, item_id: str) -> int:
-        if item_id not in self._rows:
-            raise InputError(f"unknown item id {item_id!r} (the index holds {len(self)} items)")
-        return self._rows[item_id]
+    def features_of(self, ids: Sequence[str]) -> np.ndarray:
+        """(len(ids), *F) float32 cached image features; InputError naming an unknown id."""
+        return self.store.features_of(ids)
 
     def image_path(self, item_id: str) -> Path | None:
-        stored = self.paths[self.row(item_id)]
+        stored = self.store.paths_of([item_id])[0]
         if not stored:
             return None
         path = Path(stored)
@@ -101,43 +126,38 @@ class Gallery:
     def search(self, queries: np.ndarray, *, k: int, exclude: Sequence[str | None] = ()) -> list[list[tuple[str, float]]]:
         """(Q, D) -> per query up to ``k`` (item id, cosine), best first; ``exclude[q]`` is left out."""
         extra = 1 if any(exclude) else 0
-        rows, scores = self.vectors.search(queries, k=k + extra)
+        found = self.store.search(np.ascontiguousarray(queries, dtype=np.float32), k=k + extra)
         results: list[list[tuple[str, float]]] = []
-        for q in range(rows.shape[0]):
+        for q, hits in enumerate(found):
             skip = exclude[q] if q < len(exclude) else None
-            hits = [(self.ids[r], float(s)) for r, s in zip(rows[q], scores[q], strict=True) if self.ids[r] != skip]
-            results.append(hits[:k])
+            results.append([hit for hit in hits if hit[0] != skip][:k])
         return results
 
+    def describe(self) -> dict[str, Any]:
+        """The backend's facts a service reports (index dtype or Milvus collection, ...)."""
+        return self.store.describe()
+
     # ---- mutation ----------------------------------------------------------------------------
-    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
-        """Add items; an id already present is replaced (its old row is removed first)."""
+    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str],
+            replace: bool = True) -> None:
+        """Add items; an id already present is replaced (its old row is removed first), or with
+        ``replace=False`` refused as a DuplicateItemError and nothing added: the check and the add
+        are one call, so two writers of one gallery cannot both add the same new id."""
         if len(set(ids)) != len(ids):
             raise InputError("item ids in one call must be unique")
+        if not replace:
+            refuse_existing(self, ids)
         if features.shape[1:] != self.feature_shape:
             raise ContractError(f"image features have shape {features.shape[1:]}, the index stores {self.feature_shape}")
-        self.remove([item for item in ids if item in self._rows])
-        keys = np.arange(self._next_key, self._next_key + len(ids), dtype=np.uint64)
-        self.vectors.add(keys, embeds)
-        self._next_key += len(ids)
-        self.features = np.concatenate([self.features, np.asarray(features, dtype=np.float32)])
-        self.ids.extend(ids)
-        self.paths.extend(paths)
-        self._reindex()
+        if embeds.ndim != 2 or embeds.shape != (len(ids), self.ndim) or features.shape[0] != len(ids) or len(paths) != len(ids):
+            raise ContractError(f"expected ({len(ids)}, {self.ndim}) embeddings and {len(ids)} features and paths, "
+                                f"got {embeds.shape}, {features.shape[0]} and {len(paths)}")
+        if ids:
+            self.store.add(ids, embeds=embeds, features=features, paths=paths)
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove the given ids (unknown ones are ignored); returns how many were removed."""
-        rows = sorted({self._rows[item] for item in ids if item in self._rows})
-        if not rows:
-            return 0
-        self.vectors.remove_rows(np.asarray(rows))
-        keep = np.ones(len(self), dtype=bool)
-        keep[rows] = False
-        self.features = self.features[keep]
-        self.ids = [item for item, kept in zip(self.ids, keep, strict=True) if kept]
-        self.paths = [path for path, kept in zip(self.paths, keep, strict=True) if kept]
-        self._reindex()
-        return len(rows)
+        return self.store.remove(ids)
 
     def store_image(self, data: bytes, *, suffix: str) -> str:
         """Copy an image into ``images/`` (named by content hash); returns its relative path."""
@@ -149,12 +169,9 @@ class Gallery:
             atomic_write_bytes(target, data)
         return relative
 
-    def _reindex(self) -> None:
-        self._rows = {item: row for row, item in enumerate(self.ids)}
-
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | Path | None = None) -> Path:
-        """Write the next generation of files, then commit by replacing ``index.json``."""
+        """Commit the store (usearch: the next generation of files), then replace ``index.json``."""
         target = Path(folder) if folder is not None else self.folder
         if target is None:
             raise ContractError("no index folder to save to")
@@ -162,30 +179,18 @@ class Gallery:
             raise ContractError("this index (schema 1) was opened without its export, so it cannot be bound to an encoder; "
                                 "open it with its export (Retriever.from_dirs) or rebuild it with `compir index build`")
         target.mkdir(parents=True, exist_ok=True)
-        generation = self._generation + 1
-        names = {role: f"{role}.{generation}.{ext}" for role, ext in zip(_ROLES, ("usearch", "npy", "npy", "json"), strict=True)}
-        with atomic_output_path(target / names["vectors"]) as tmp:
-            self.vectors.save_ann(tmp)
-        _save_array(target / names["embeds"], self.vectors.embeds)
-        _save_array(target / names["features"], self.features)
-        items = {"format": ITEMS_FORMAT, "schema_version": 1, "ids": self.ids,
-                 "keys": [int(key) for key in self.vectors.keys], "paths": self.paths}
-        atomic_write_bytes(target / names["items"], json.dumps(items).encode("utf-8"))
+        backend_fields = self.store.commit(target)
         body: dict[str, Any] = {
             "encoder": {"fingerprint": self.encoder.digest, **self.encoder.to_dict()},
-            "dtype": self.vectors.dtype,
-            "count": len(self),
-            "embed_dim": self.vectors.ndim,
+            "count": len(self),  # at this save (a shared Milvus collection changes between saves)
+            "embed_dim": self.ndim,
             "feature_shape": list(self.feature_shape),
             "metric": "cos",
-            "generation": generation,
-            "next_key": self._next_key,
-            "hnsw": vars(self.vectors.hnsw),
-            "files": {role: {"file": name, "sha256": sha256_file(target / name)} for role, name in names.items()},
+            **backend_fields,
         }
-        write_contract(target / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA, body=body)
-        self._generation, self.folder = generation, target
-        _remove_stale(target, keep=set(names.values()), referenced=set(self.paths))
+        write_contract(target / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=self.store.schema_version, body=body)
+        self.folder = target
+        self.store.committed(target)
         return target
 
     @classmethod
@@ -202,38 +207,19 @@ class Gallery:
         """Read an index folder built with ``encoder`` (ContractError naming what differs if it was
         built with another; None skips the check). ``manifest_sha256`` (the export's
         ``manifest.json`` checksum) opens a schema-1 index, which recorded only that.
-        ``view=True`` memory-maps vectors and features (large galleries)."""
+        ``view=True`` memory-maps a usearch index's vectors and features (large galleries); a
+        Milvus index connects to its collection (ContractError if it cannot)."""
         folder = Path(folder)
         record, bound = read_index_record(folder, encoder=encoder, manifest_sha256=manifest_sha256)
-        source = str(folder / INDEX_FILE)
-        files = {role: folder / record["files"][role]["file"] for role in _ROLES if role in record["files"]}
-        if set(files) != set(_ROLES):
-            raise ContractError(f"{source}: files must list {_ROLES}")
-        if verify:
-            for role, path in files.items():
-                verify_sha256(path, record["files"][role]["sha256"], what=f"index {role} file")
-        gallery = cls(
-            encoder=bound,
-            ndim=int(record["embed_dim"]),
-            feature_shape=tuple(int(x) for x in record["feature_shape"]),
-            dtype=str(record["dtype"]),
-            hnsw=HnswConfig(**record.get("hnsw", {})),
-            search_mode=search_mode,
-            folder=folder,
-        )
-        items = check_header(_read_json(files["items"]), fmt=ITEMS_FORMAT, schema_version=1, source=str(files["items"]))
-        embeds = np.load(files["embeds"], mmap_mode="r" if view else None, allow_pickle=False)
-        features = np.load(files["features"], mmap_mode="r" if view else None, allow_pickle=False)
-        count = int(record["count"])
-        if not (len(items["ids"]) == len(items["keys"]) == len(items["paths"]) == count == embeds.shape[0] == features.shape[0]):
-            raise ContractError(f"{folder}: item, vector and feature counts disagree with index.json; rebuild the index")
-        gallery.ids, gallery.paths = list(items["ids"]), list(items["paths"])
-        gallery.vectors.keys = np.asarray(items["keys"], dtype=np.uint64)
-        gallery.vectors.embeds, gallery.features = embeds, features
-        gallery.vectors.attach_ann(files["vectors"], view=view)
-        gallery._next_key, gallery._generation = int(record["next_key"]), int(record["generation"])
-        gallery._reindex()
-        return gallery
+        store: GalleryStore
+        if record.get("backend", "usearch") == "milvus":
+            from compir.runtime.milvus_store import MilvusStore
+
+            store = MilvusStore.open(record, encoder=bound, source=str(folder / INDEX_FILE))
+        else:
+            store = UsearchStore.open(folder, record, view=view, search_mode=search_mode, verify=verify)
+        return cls(encoder=bound, ndim=int(record["embed_dim"]), feature_shape=tuple(int(x) for x in record["feature_shape"]),
+                   folder=folder, store=store)
 
 
 def read_index_record(
@@ -244,8 +230,12 @@ def read_index_record(
     if not folder.is_dir():
         raise ContractError(f"index folder {folder} does not exist; build it with `compir index build`")
     record = read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)
-    required = ["dtype", "count", "embed_dim", "feature_shape", "generation", "next_key", "files"]
-    require_keys(record, required, source=str(folder / INDEX_FILE))
+    source = str(folder / INDEX_FILE)
+    backend = record.get("backend", "usearch")
+    if backend not in BACKENDS:
+        raise ContractError(f"{source}: backend {backend!r} is not one of {BACKENDS}")
+    backend_keys = ["milvus"] if backend == "milvus" else RECORD_KEYS
+    require_keys(record, ["count", "embed_dim", "feature_shape", *backend_keys], source=source)
     return record, _check_binding(record, encoder=encoder, manifest_sha256=manifest_sha256, folder=folder)
 
 
@@ -273,27 +263,10 @@ def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None
     return built
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with atomic_output_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContractError(f"{path} is damaged ({exc}); rebuild the index") from exc
-
-
-def _remove_stale(folder: Path, *, keep: set[str], referenced: set[str]) -> None:
-    """Best effort: older generations, leftover temp files, images no item refers to any more."""
-    for path in folder.iterdir():
-        stale_data = path.name.split(".")[0] in _ROLES and path.name not in keep
-        if path.is_file() and (stale_data or path.name.endswith(".tmp")):
-            path.unlink(missing_ok=True)
-    images = folder / IMAGES_DIR
-    if images.is_dir():
-        for path in images.iterdir():
-            if f"{IMAGES_DIR}/{path.name}" not in referenced:
-                path.unlink(missing_ok=True)
-
+def refuse_existing(gallery: Gallery, ids: Sequence[str]) -> None:
+    """DuplicateItemError naming the ids (the first five) that ``gallery`` already holds."""
+    existing = [item for item in ids if item in gallery]
+    if existing:
+        raise DuplicateItemError(
+            f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
+            "remove them first, or add with replace=true to replace them")

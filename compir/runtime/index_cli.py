@@ -1,4 +1,4 @@
-"""``compir index``: build a usearch gallery index from a folder of images."""
+"""``compir index``: build a gallery index (usearch, or a Milvus collection) from a folder of images."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ from compir.runtime.build import build_index
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.encoder import Encoder
 from compir.runtime.index import DEFAULT_DTYPE, DTYPES, HnswConfig
+from compir.runtime.milvus_store import DEFAULT_COLLECTION, MilvusConfig
+from compir.runtime.store import BACKENDS
 
 EPILOG = """examples:
   compir index build exports/tiny --images data/synth/images --out indexes/tiny
   compir index build exports/tiny --images photos/ --out indexes/photos --dtype i8 --batch-size 128 --workers 8
   compir index build exports/tiny --images photos/ --out indexes/photos --copy-images --overwrite
   compir index build exports/tiny --images photos/ --out indexes/photos --expansion-search 512   # more recall, slower walk
+  compir index build exports/tiny --images photos/ --out indexes/photos --index-backend milvus --milvus-uri gallery.db   # Milvus Lite
+  compir index build exports/tiny --images photos/ --out indexes/photos --milvus-uri http://milvus:19530 \
+      --collection photos --copy-images   # a Milvus server that several `compir serve` share
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compir index", description="Build a gallery index (usearch, cosine).",
+    parser = argparse.ArgumentParser(prog="compir index", description="Build a gallery index (usearch or Milvus, cosine).",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="encode a folder of images into an index folder",
@@ -31,11 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="vector storage (default: %(default)s)")
     build.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default: %(default)s)")
     build.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
+    # --backend already picks the encoder runtime (onnxruntime / tensorrt), hence --index-backend.
+    build.add_argument("--index-backend", choices=BACKENDS, default=None,
+                       help="where the items live: usearch files in --out, or a Milvus collection "
+                            "(default: milvus when --milvus-uri is given, else usearch)")
+    build.add_argument("--milvus-uri", help="Milvus Lite file (*.db, embedded) or server (http://host:19530): the items go there")
+    build.add_argument("--collection", default=DEFAULT_COLLECTION, help="Milvus collection name (default: %(default)s)")
     hnsw = HnswConfig()
-    build.add_argument("--connectivity", type=int, default=hnsw.connectivity, help="HNSW links per node (default: %(default)s)")
-    build.add_argument("--expansion-add", type=int, default=hnsw.expansion_add, help="HNSW build breadth (default: %(default)s)")
+    build.add_argument("--connectivity", type=int, default=hnsw.connectivity, help="HNSW links per node (Milvus: M) (default: %(default)s)")
+    build.add_argument("--expansion-add", type=int, default=hnsw.expansion_add,
+                       help="HNSW build breadth (Milvus: efConstruction) (default: %(default)s)")
     build.add_argument("--expansion-search", type=int, default=hnsw.expansion_search,
-                       help="HNSW search breadth, saved with the index: recall vs speed (default: %(default)s)")
+                       help="HNSW search breadth (Milvus: ef), saved with the index: recall vs speed (default: %(default)s)")
     add_runtime_args(build)
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
@@ -49,11 +61,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2
     hnsw = HnswConfig(connectivity=args.connectivity, expansion_add=args.expansion_add, expansion_search=args.expansion_search)
+    if (args.index_backend or ("milvus" if args.milvus_uri else "usearch")) == "milvus" and not args.milvus_uri:
+        print("compir index: --index-backend milvus needs --milvus-uri (a Milvus Lite *.db file or http://host:19530)", file=sys.stderr)
+        return 2
+    if args.index_backend == "usearch" and args.milvus_uri:
+        print("compir index: --milvus-uri is for --index-backend milvus", file=sys.stderr)
+        return 2
+    milvus = MilvusConfig.from_hnsw(args.milvus_uri, collection=args.collection, hnsw=hnsw) if args.milvus_uri else None
     encoder = Encoder.from_export(
         args.export_dir, backend=args.backend, providers=providers_from(args), variant=args.variant, spinning=False
     )
     report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
-                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, progress=not args.quiet)
+                         workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw, milvus=milvus,
+                         progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from compir.errors import DuplicateItemError, InputError
+from compir.errors import InputError
 from compir.images import ImageSource, load_image
 from compir.runtime.encoder import Encoder, TextEncoding
-from compir.runtime.gallery import Gallery
+from compir.runtime.gallery import Gallery, refuse_existing
 from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
 from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
@@ -92,8 +92,7 @@ class Retriever:
 
     @property
     def backend_info(self) -> dict[str, Any]:
-        return {**self.encoder.backend_info(), "index_dtype": self.gallery.vectors.dtype,
-                "exact_search": self.gallery.vectors.uses_exact()}
+        return {**self.encoder.backend_info(), **self.gallery.describe()}
 
     @property
     def has_reranker(self) -> bool:
@@ -174,22 +173,17 @@ class Retriever:
         images = [load_image(source, name=item_id) for item_id, source in items.items()]
         encoded = self.encoder.encode_images(images)
         with self._lock:
-            if not replace:  # again under the lock: another writer may have added one meanwhile
-                self._refuse_existing(ids)
             paths = []
             for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
-            self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths)
+            # refused again inside the add: another writer may have added one meanwhile
+            self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths, replace=replace)
         return ids
 
     def _refuse_existing(self, ids: Sequence[str]) -> None:
         with self._lock:
-            existing = [item for item in ids if item in self.gallery]
-        if existing:
-            raise DuplicateItemError(
-                f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "
-                "remove them first, or add with replace=true to replace them")
+            refuse_existing(self.gallery, ids)
 
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove items by id; unknown ids are an InputError and nothing is removed."""
@@ -212,7 +206,7 @@ class Retriever:
             with self._lock:
                 if reference_id not in self.gallery:
                     raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
-                return reference_id, np.asarray(self.gallery.features[self.gallery.row(reference_id)], dtype=np.float32)
+                return reference_id, self.gallery.features_of([reference_id])[0]
         if reference_image is None:
             return None, None
         with _timed(timings, "decode"):
@@ -283,10 +277,10 @@ class Retriever:
         if not top:
             return found
         with self._lock:
-            rows = [self.gallery.row(item) for item, _ in top]
+            ids = [item for item, _ in top]
             candidates = RerankCandidates(
-                item_ids=tuple(item for item, _ in top),
-                image_features=np.asarray(self.gallery.features[rows], dtype=np.float32),
+                item_ids=tuple(ids),
+                image_features=self.gallery.features_of(ids),
                 image_paths=tuple(self.gallery.image_path(item) for item, _ in top),
                 scores=np.asarray([s for _, s in top], dtype=np.float32),
             )

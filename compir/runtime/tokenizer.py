@@ -1,14 +1,16 @@
-"""Torch-free CLIP BPE tokenizer: exactly open_clip's token ids, from the export's vocab file.
+"""Torch-free tokenizers: exactly open_clip's token ids, from the export's vocab file.
 
-Pure Python (``regex`` + ``ftfy``); settings (context length, special ids, cleaning) come from
-the manifest's :class:`compir.manifest.TokenizerSpec`.
+Two kinds, as the manifest's :class:`compir.manifest.TokenizerSpec` says (:func:`load_tokenizer`):
+:class:`ClipTokenizer` (CLIP's BPE, pure Python: ``regex`` + ``ftfy``) and :class:`HfTokenizer`
+(a ``tokenizer.json`` run by the ``tokenizers`` library: SigLIP, SigLIP2, CLIPA and the Hugging
+Face text towers; open_clip's ``HFTokenizer`` cleaning and ``strip_sep_token`` around it).
 
 Text handling (what the Retriever relies on):
 - text is cleaned like open_clip (ftfy, html unescape twice, whitespace collapsed, lowercased for
   ``clean="lower"``); :meth:`ClipTokenizer.is_blank` tells whether that leaves no token to encode
   (empty, whitespace, control characters, a byte-order mark, ``&nbsp;``);
-- text longer than the context is truncated like open_clip: the first ``context_length`` ids are
-  kept and the last one is replaced by the end-of-text id;
+- text longer than the context is truncated like open_clip: CLIP keeps the first ``context_length``
+  ids and replaces the last one by the end-of-text id; ``hf`` truncates as its tokenizer.json says;
 - text above :data:`MAX_TEXT_CHARS` characters is refused with InputError before any BPE work,
   so a megabyte of text cannot stall a server worker.
 """
@@ -21,6 +23,7 @@ import string
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Protocol
 
 import ftfy
 import numpy as np
@@ -51,6 +54,29 @@ def _byte_alphabet() -> dict[int, str]:
             table[byte] = chr(256 + extra)
             extra += 1
     return table  # insertion order = CLIP's vocab order: printable bytes first
+
+
+class Tokenizer(Protocol):
+    """What the runtime asks of a tokenizer (both kinds)."""
+
+    spec: TokenizerSpec
+    context_length: int
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def is_blank(self, text: str) -> bool: ...
+
+
+def load_tokenizer(export_dir: str | Path, spec: TokenizerSpec) -> Tokenizer:
+    """The tokenizer of an export folder, by the manifest's kind; its vocab checksum is verified first."""
+    kinds: dict[str, type[ClipTokenizer] | type[HfTokenizer]] = {"clip_bpe": ClipTokenizer, "hf": HfTokenizer}
+    if spec.kind not in kinds:
+        raise ContractError(f"manifest tokenizer: kind {spec.kind!r} is not supported ({' or '.join(map(repr, kinds))})")
+    path = Path(export_dir) / spec.vocab_file
+    verify_sha256(path, spec.vocab_sha256, what="tokenizer vocab")
+    return kinds[spec.kind](path, spec)
 
 
 def _basic_clean(text: str) -> str:
@@ -89,17 +115,9 @@ class ClipTokenizer:
                 "the export folder mixes files from different exports"
             )
 
-    @classmethod
-    def from_export(cls, export_dir: str | Path, spec: TokenizerSpec) -> ClipTokenizer:
-        """The tokenizer of an export folder; its vocab checksum is verified first."""
-        path = Path(export_dir) / spec.vocab_file
-        verify_sha256(path, spec.vocab_sha256, what="tokenizer vocab")
-        return cls(path, spec)
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without start/end markers, no truncation."""
-        if len(text) > MAX_TEXT_CHARS:
-            raise InputError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+        _check_length(text)
         ids: list[int] = []
         for piece in _PATTERN.findall(clean_text(text, mode=self.spec.clean)):
             ids.extend(self._bpe("".join(self._bytes[b] for b in piece.encode("utf-8"))))
@@ -107,8 +125,7 @@ class ClipTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> (B, context_length) int64, padded with ``pad_id``, truncated like open_clip."""
-        if isinstance(texts, str):
-            raise TypeError("pass a sequence of texts, not a single string")
+        _check_batch(texts)
         length = self.context_length
         batch = np.full((len(texts), length), self.spec.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
@@ -162,3 +179,67 @@ def _read_merges(path: Path) -> list[str]:
     if len(merges) != _MERGES:
         raise ContractError(f"tokenizer vocab {path} has {len(merges)} merges, expected {_MERGES}")
     return merges
+
+
+class HfTokenizer:
+    """A Hugging Face ``tokenizer.json`` as open_clip's ``HFTokenizer`` runs it: open_clip's cleaning,
+    then the backend's own normalizer, pre-tokenizer, model, special tokens, padding and truncation
+    (recorded in the file by the export), then ``strip_sep_id`` -> 0. ``tokenizer(texts)`` -> (B, L) int64.
+    """
+
+    def __init__(self, tokenizer_file: str | Path, spec: TokenizerSpec) -> None:
+        if spec.kind != "hf":
+            raise ContractError(f"manifest tokenizer: kind {spec.kind!r} is not 'hf'")
+        if spec.clean not in ("lower", "whitespace", "canonicalize"):
+            raise ContractError(f"manifest tokenizer: clean mode {spec.clean!r} is not supported")
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError as exc:  # a core dependency; only a broken install lacks it
+            raise ContractError("this export uses a Hugging Face tokenizer: pip install tokenizers") from exc
+        self.spec = spec
+        self.context_length = spec.context_length
+        try:
+            self._backend: Any = Backend.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises its own Exception subclass
+            raise ContractError(f"tokenizer file {tokenizer_file} is damaged ({str(exc)[:200]}); re-export the model") from exc
+        truncation, padding = self._backend.truncation or {}, self._backend.padding or {}
+        if truncation.get("max_length") != self.context_length or padding.get("length") != self.context_length:
+            raise ContractError(
+                f"tokenizer file {tokenizer_file} pads/truncates to {padding.get('length')}/{truncation.get('max_length')} "
+                f"tokens, the manifest says {self.context_length}; the export folder mixes files from different exports"
+            )
+        # A plain copy without padding/truncation/special tokens gives what the text alone becomes.
+        self._plain: Any = Backend.from_str(self._backend.to_str())
+        self._plain.no_padding()
+        self._plain.no_truncation()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens, no truncation."""
+        _check_length(text)
+        return list(self._plain.encode(clean_text(text, mode=self.spec.clean), add_special_tokens=False).ids)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (B, context_length) int64, padded and truncated like open_clip's HFTokenizer."""
+        _check_batch(texts)
+        for text in texts:
+            _check_length(text)
+        # One call per text: encode_batch would start the library's thread pool, which a forking server then warns about.
+        encodings = [self._backend.encode(clean_text(text, mode=self.spec.clean)) for text in texts]
+        batch = np.array([encoding.ids for encoding in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
+        if self.spec.strip_sep_id >= 0:
+            batch[batch == self.spec.strip_sep_id] = 0
+        return batch
+
+    def is_blank(self, text: str) -> bool:
+        """True when the text alone gives no token id (the query would be special tokens only)."""
+        return not self.encode(text[:MAX_TEXT_CHARS])
+
+
+def _check_length(text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+
+
+def _check_batch(texts: Sequence[str]) -> None:
+    if isinstance(texts, str):
+        raise TypeError("pass a sequence of texts, not a single string")

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+_Query = TypeVar("_Query", contravariant=True)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,74 @@ class BatchStats:
     @property
     def mean_batch(self) -> float:
         return self.items / self.batches if self.batches else 0.0
+
+
+class Batcher(Protocol[_Query, Result]):
+    """What the service needs of a batcher: :class:`DynamicBatcher` here, or one on Ray Serve's
+    ``@serve.batch`` (:mod:`compir.service.ray_serve`)."""
+
+    def submit(self, item: _Query) -> Future[Result]: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def stats(self) -> BatchStats: ...
+
+
+class BatcherFactory(Protocol):
+    """``factory(batch_fn, max_batch=..., wait_ms=...)`` -> a :class:`Batcher` running ``batch_fn``."""
+
+    def __call__(self, batch_fn: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int, wait_ms: float) -> Batcher[Any, Any]: ...
+
+
+class BatchCounter:
+    """Thread-safe :class:`BatchStats` counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches = 0
+        self._items = 0
+        self._max_seen = 0
+        self._fallbacks = 0
+
+    def record(self, size: int) -> None:
+        with self._lock:
+            self._batches += 1
+            self._items += size
+            self._max_seen = max(self._max_seen, size)
+
+    def record_fallback(self) -> None:
+        with self._lock:
+            self._fallbacks += 1
+
+    def stats(self) -> BatchStats:
+        with self._lock:
+            return BatchStats(self._batches, self._items, self._max_seen, self._fallbacks)
+
+
+def run_batch(batch_fn: Callable[[Sequence[Item]], Sequence[Result]], items: Sequence[Item],
+              counter: BatchCounter) -> list[Result | Exception]:
+    """``batch_fn(items)``, one result per item; when the batch raises, every item is run alone so
+    each gets its own result or its own exception (returned, not raised)."""
+    counter.record(len(items))
+    try:
+        results = list(batch_fn(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        return list(results)
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+    counter.record_fallback()
+    alone: list[Result | Exception] = []
+    for item in items:
+        try:
+            alone.append(batch_fn([item])[0])
+        except Exception as exc:  # handed to the caller, who decides how to report it
+            alone.append(exc)
+    return alone
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -59,10 +128,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self._batch_fn = batch_fn
         self._queue: queue.Queue[tuple[Item, Future[Result]] | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._batches = 0
-        self._items = 0
-        self._max_seen = 0
-        self._fallbacks = 0
+        self._counter = BatchCounter()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -90,8 +156,7 @@ class DynamicBatcher(Generic[Item, Result]):
         return self._thread.is_alive() and not self._closed
 
     def stats(self) -> BatchStats:
-        with self._lock:
-            return BatchStats(self._batches, self._items, self._max_seen, self._fallbacks)
+        return self._counter.stats()
 
     def _run(self) -> None:
         while True:
@@ -122,28 +187,9 @@ class DynamicBatcher(Generic[Item, Result]):
         live = [(item, future) for item, future in pending if future.set_running_or_notify_cancel()]
         if not live:
             return
-        with self._lock:
-            self._batches += 1
-            self._items += len(live)
-            self._max_seen = max(self._max_seen, len(live))
-        try:
-            results = list(self._batch_fn([item for item, _ in live]))
-            if len(results) != len(live):
-                raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
-        except Exception as exc:
-            if len(live) == 1:
-                live[0][1].set_exception(exc)
-                return
-            with self._lock:
-                self._fallbacks += 1
-            for item, future in live:
-                self._run_alone(item, future)
-            return
+        results = run_batch(self._batch_fn, [item for item, _ in live], self._counter)
         for (_, future), result in zip(live, results, strict=True):
-            future.set_result(result)
-
-    def _run_alone(self, item: Item, future: Future[Result]) -> None:
-        try:
-            future.set_result(self._batch_fn([item])[0])
-        except Exception as exc:  # handed to the caller, who decides how to report it
-            future.set_exception(exc)
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

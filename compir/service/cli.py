@@ -9,10 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
+from compir.service.ray_serve import EXTRA_HINT, LOCAL
 
 EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
@@ -23,6 +25,11 @@ EPILOG = """examples:
   curl -H 'content-type: application/json' -d '{"text": "a red circle", "k": 5}' \\
        http://127.0.0.1:8000/search/text
   curl -F files=@new.png http://127.0.0.1:8000/gallery/items
+
+  # the same API on Ray Serve: 2 HTTP replicas (encoders) and one gallery owner (the index)
+  compir serve exports/tiny indexes/tiny --ray --replicas 2          # starts a Ray on this machine
+  compir serve exports/tiny indexes/tiny --ray=auto --autoscale 1:8  # joins the running Ray cluster
+  (put --ray after EXPORT_DIR INDEX_DIR, or write --ray=ADDRESS: a bare --ray takes the next word as ADDRESS)
 """
 
 
@@ -51,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=ServiceConfig.worker_threads,
                         help="threads that decode uploads and run unbatched searches")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = parser.add_argument_group(f"Ray Serve (needs: {EXTRA_HINT})")
+    ray.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                     help="serve on Ray Serve: bare --ray starts a Ray on this machine; ADDRESS (auto, ray://host:10001) joins one")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="HTTP replicas, each with its own encoders (default 2)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="let Serve scale the HTTP replicas between MIN and MAX")
     return parser
 
 
@@ -62,8 +75,13 @@ def config_from_args(args: argparse.Namespace, *, backend_info: dict[str, Any]) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.ray is None and (args.replicas is not None or args.autoscale is not None):
+        parser.error("--replicas and --autoscale scale a Ray Serve deployment: add --ray")
+    if args.ray is not None:
+        return _serve_on_ray(args)
 
     import uvicorn
 
@@ -92,6 +110,29 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(--api-key or COMPIR_API_KEY)", file=sys.stderr)
     uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    from compir.manifest import load_manifest, manifest_sha256
+    from compir.runtime.gallery import read_index_record
+    from compir.service import ray_serve
+
+    ray_serve.import_serve()  # the missing extra is named before anything slow starts
+    autoscale = ray_serve.Scale.parse_autoscale(args.autoscale) if args.autoscale is not None else None
+    scale = ray_serve.Scale(replicas=args.replicas if args.replicas is not None else 2, autoscale=autoscale)
+    # A mismatched export and index are refused here, in a second, not by a replica after Ray starts.
+    manifest = load_manifest(args.export_dir)
+    read_index_record(Path(args.index_dir), encoder=manifest.encoder_fingerprint(), manifest_sha256=manifest_sha256(args.export_dir))
+    providers = providers_from(args)
+    spec = ray_serve.RaySpec(
+        export_dir=str(Path(args.export_dir).resolve()), index_dir=str(Path(args.index_dir).resolve()),
+        config=config_from_args(args, backend_info={}), batching_mode=args.batching,  # resolved on each replica
+        backend=args.backend, providers=tuple(providers) if providers else None, variant=args.variant, scale=scale,
+    )
+    if not spec.config.api_key and not _is_loopback(args.host):
+        print(f"compir serve: warning: {args.host} is reachable from other machines and no API key is set "
+              "(--api-key or COMPIR_API_KEY)", file=sys.stderr)
+    return ray_serve.serve_forever(spec, address=args.ray, host=args.host, port=args.port)
 
 
 def _is_loopback(host: str) -> bool:

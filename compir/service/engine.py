@@ -20,7 +20,7 @@ from PIL import Image
 
 from compir.errors import InputError
 from compir.runtime.types import Hit
-from compir.service.batcher import DynamicBatcher
+from compir.service.batcher import Batcher, BatcherFactory, DynamicBatcher
 from compir.service.config import ServiceConfig
 
 if TYPE_CHECKING:
@@ -89,17 +89,18 @@ class ReadWriteLock:
 
 
 class ServiceEngine:
-    """Owns the retriever for the lifetime of a server; ``close()`` stops the batcher."""
+    """Owns the retriever for the lifetime of a server; ``close()`` stops the batcher.
 
-    def __init__(self, retriever: Retriever, *, config: ServiceConfig) -> None:
+    ``batcher`` makes the dynamic batcher (when ``config.batching`` enables one): a thread of this
+    process by default, Ray Serve's ``@serve.batch`` on a Ray Serve replica."""
+
+    def __init__(self, retriever: Retriever, *, config: ServiceConfig, batcher: BatcherFactory = DynamicBatcher) -> None:
         self.retriever = retriever
         self.config = config
         self._lock = ReadWriteLock()
-        self._batcher: DynamicBatcher[SearchQuery, SearchAnswer] | None = None
+        self._batcher: Batcher[SearchQuery, SearchAnswer] | None = None
         if config.batching.enabled:
-            self._batcher = DynamicBatcher(
-                self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms
-            )
+            self._batcher = batcher(self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms)
 
     def warm_up(self) -> None:
         """One composed query through every graph, so the first client does not pay for session start-up."""

@@ -5,7 +5,7 @@ Layout (a dict, loaded with ``weights_only=True`` so a checkpoint cannot run cod
     format, schema_version, compir_version,
     model_config      ModelConfig.to_dict() (architecture, head, loss weights, preprocessing)
     preprocess        PreprocessSpec fields (what the export copies into its manifest)
-    tokenizer         kind, context_length, sot_id, eot_id, pad_id, clean, vocab_sha256
+    tokenizer         TextTokenizer.settings(): kind, context_length, sot_id, eot_id, pad_id, clean, vocab_sha256[, strip_sep_id]
     state_dict        unwrapped (never DDP-prefixed) model weights
     metrics, step, epoch
     optimizer_state   optional: optimizer / scheduler / loop state for --resume
@@ -30,7 +30,6 @@ from compir.errors import CompirError, ContractError
 from compir.manifest import PreprocessSpec
 from compir.train.config import ModelConfig
 from compir.train.model import CIRModel
-from compir.train.text import tokenizer_settings
 
 _REQUIRED = ["model_config", "preprocess", "tokenizer", "state_dict", "metrics", "step", "epoch"]
 
@@ -75,7 +74,7 @@ def save_checkpoint(
         "compir_version": __version__,
         "model_config": inner.config.to_dict(),
         "preprocess": dataclasses.asdict(inner.preprocess),
-        "tokenizer": tokenizer_settings(context_length=inner.context_length),
+        "tokenizer": inner.tokenizer.settings(),
         "state_dict": {key: value.detach().cpu() for key, value in inner.state_dict().items()},
         "metrics": {str(k): float(v) for k, v in metrics.items()},
         "step": int(step),

@@ -19,7 +19,6 @@ from compir.data.types import CirSplit
 from compir.images import load_image
 from compir.metrics import EvalReport, evaluate_split
 from compir.train.model import CIRModel
-from compir.train.text import tokenize
 from compir.train.transforms import eval_transform
 
 QUERY_MODES = ("composed", "image_only", "text_only")
@@ -61,7 +60,7 @@ def encode_split(
 
     composed, text_only = [], []
     for chunk_q in _chunks(list(split.queries), batch_size, desc="encoding queries", progress=progress):
-        ids = tokenize([q.text for q in chunk_q], context_length=model.context_length).to(device)
+        ids = model.tokenizer([q.text for q in chunk_q]).to(device)
         text_embeds, text_features, _ = model.encode_text(ids)
         references = image_features_all[[row[q.reference] for q in chunk_q]].to(device)
         composed.append(model.compose(references, text_features).float().cpu())

@@ -118,12 +118,12 @@ class _Run:
             synth = synth_config_of(o.data)
             steps = o.steps_per_epoch or synthetic_steps_per_epoch(synth, batch_size=o.batch_size, world_size=ctx.world_size)
             return SyntheticSource(
-                synth, preprocess=model.preprocess, context_length=model.context_length, batch_size=o.batch_size,
+                synth, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=o.batch_size,
                 steps_per_epoch=steps, seed=o.seed, rank=ctx.rank, siblings=o.siblings,
             )
         split = load_split(o.data, split="train", fmt=fmt)
         return SplitSource(
-            split, preprocess=model.preprocess, context_length=model.context_length, batch_size=o.batch_size,
+            split, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=o.batch_size,
             seed=o.seed, rank=ctx.rank, world_size=ctx.world_size, workers=o.workers, steps_per_epoch=o.steps_per_epoch,
         )
 

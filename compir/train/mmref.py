@@ -50,7 +50,6 @@ from compir.train.neucore.stage2 import (
     save_sidecar,
     sidecar_path,
 )
-from compir.train.text import tokenize
 
 KIND = "mmref"
 MODALITIES = ("image", "caption", "query")
@@ -138,7 +137,7 @@ def caption_vectors(model: Any, split: CirSplit, *, batch_size: int = 128) -> di
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            ids = tokenize([text for _, text in chunk], context_length=model.context_length)
+            ids = model.tokenizer([text for _, text in chunk])
             embeds = model.encode_text(ids)[0].float().numpy()
             for (name, _), vector in zip(chunk, embeds, strict=True):
                 out.setdefault(name, []).append(vector)

@@ -28,6 +28,7 @@ from compir.train.config import CAPTION_LOSS, ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
 from compir.train.losses import symmetric_contrastive_loss
+from compir.train.text import TextTokenizer
 from compir.train.towers import encode_vision, vision_family, vision_token_width
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
@@ -50,11 +51,14 @@ class CIRModel(nn.Module):
         # Record the backbone's final preprocessing (a pretrained tag may set mean/std; the
         # config's own entries were passed to open_clip as overrides and win).
         self.config: ModelConfig = dataclasses.replace(config, preprocess=preprocess)
+        self.tokenizer = TextTokenizer.of(config.clip_cfg, context_length=config.context_length)
+        # Token ids that are padding for the heads (CLIP pads with 0, Hugging Face tokenizers their own id).
+        self.pad_id = int(self.tokenizer.settings()["pad_id"])
         self.head: CompositionHead = build_head(
             config.head,
             embed_dim=config.embed_dim,
             image_width=vision_token_width(backbone.visual),  # the built tower's token width (ResNet, timm: not vision_cfg's)
-            text_width=int(config.clip_cfg["text_cfg"]["width"]),
+            text_width=_text_width(self.backbone.text),
             options=dict(config.head_options),
         )
 
@@ -91,8 +95,9 @@ class CIRModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L) int64 -> text_embeds (B, D), text_features (head-defined), token_features (B, L, Wt)."""
-        pooled, tokens = self.backbone.text(input_ids)  # (B, E), (B, L, Wt)
-        features = self.head.text_features(pooled, tokens, input_ids)
+        pooled, tokens = self.backbone.text(input_ids)  # (B, E), (B, L, Wt); (B, L - 1, Wt) for a HF CLS pooler
+        padding = input_ids[:, input_ids.shape[1] - tokens.shape[1] :] == self.pad_id  # (B, L) aligned with tokens
+        features = self.head.text_features(pooled, tokens, padding)
         return self.head.text_embeds(features), features, tokens
 
     def compose(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -231,6 +236,8 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
     vision_cfg = {**arch["vision_cfg"], "output_tokens": True}
     text_cfg = {**arch["text_cfg"], "output_tokens": True}
     quick_gelu = bool(arch.get("quick_gelu", False))
+    if "hf_model_name" in text_cfg:  # a HF text tower is built from its config alone: no HF weights download
+        text_cfg["hf_model_pretrained"] = False
     name = config.clip_name or _register_architecture(arch)
     with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights:
         try:
@@ -246,9 +253,25 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
             )
         except RuntimeError as exc:
             raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {exc}") from exc
+        except OSError as exc:  # transformers cannot find a HF text tower's config (offline, or no such folder)
+            raise InputError(
+                f"cannot build open_clip model {config.name!r}: its Hugging Face text tower {text_cfg.get('hf_model_name')!r} "
+                f"is not a local folder, not in the Hugging Face cache and not downloadable from here ({type(exc).__name__})"
+            ) from exc
     final = open_clip.get_model_preprocess_cfg(model)
     preprocess = {key: final[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in final}
     return model, {k: [float(x) for x in v] if isinstance(v, (tuple, list)) else v for k, v in preprocess.items()}
+
+
+def _text_width(text_tower: Any) -> int:
+    """Width of the text tower's token states: a HF tower's config width (open_clip's HF configs
+    have no text_cfg.width), else open_clip's TextTransformer width."""
+    hf_config = getattr(text_tower, "config", None)
+    if hf_config is not None:
+        from open_clip.hf_configs import arch_dict
+
+        return int(getattr(hf_config, arch_dict[hf_config.model_type]["config_names"]["width"]))
+    return int(text_tower.width)
 
 
 _registered: set[str] = set()

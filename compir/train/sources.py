@@ -25,7 +25,7 @@ from compir.data.types import CirSplit
 from compir.errors import DatasetError, InputError
 from compir.images import load_image
 from compir.manifest import PreprocessSpec
-from compir.train.text import tokenize
+from compir.train.text import TextTokenizer
 from compir.train.transforms import eval_transform, pixels_to_tensor, train_transform
 
 
@@ -55,7 +55,7 @@ class SyntheticSource:
         synth: SynthConfig,
         *,
         preprocess: PreprocessSpec,
-        context_length: int,
+        tokenizer: TextTokenizer,
         batch_size: int,
         steps_per_epoch: int,
         seed: int,
@@ -64,7 +64,7 @@ class SyntheticSource:
     ) -> None:
         self.synth = synth
         self.preprocess = preprocess
-        self.context_length = context_length
+        self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
@@ -105,9 +105,9 @@ class SyntheticSource:
                 references.append(query.reference)
         return TrainBatch(
             reference_pixels=self._pixels(references),
-            input_ids=tokenize([q.text for q in queries], context_length=self.context_length),
+            input_ids=self.tokenizer([q.text for q in queries]),
             target_pixels=self._pixels([q.target for q in queries]),
-            caption_ids=tokenize([scene_caption(q.target) for q in queries], context_length=self.context_length),
+            caption_ids=self.tokenizer([scene_caption(q.target) for q in queries]),
             reference_index=torch.tensor([rows[q.reference.key] for q in queries], dtype=torch.long),
         )
 
@@ -121,12 +121,12 @@ class SyntheticSource:
 class SplitDataset(torch.utils.data.Dataset):
     """A real dataset's training queries (first target of each), images decoded from disk."""
 
-    def __init__(self, split: CirSplit, *, preprocess: PreprocessSpec, context_length: int, augment: bool = True) -> None:
+    def __init__(self, split: CirSplit, *, preprocess: PreprocessSpec, tokenizer: TextTokenizer, augment: bool = True) -> None:
         self.queries = [q for q in split.queries if q.targets]
         if not self.queries:
             raise DatasetError(f"split {split.name!r} under {split.root} has no labelled queries to train on")
         self.split = split
-        self.context_length = context_length
+        self.tokenizer = tokenizer
         self.transform = train_transform(preprocess) if augment else eval_transform(preprocess)
 
     def __len__(self) -> int:
@@ -136,10 +136,10 @@ class SplitDataset(torch.utils.data.Dataset):
         query = self.queries[index]
         target = query.targets[0]
         captions = self.split.captions.get(target, ())
-        caption_ids = tokenize([captions[0] if captions else ""], context_length=self.context_length)[0]
+        caption_ids = self.tokenizer([captions[0] if captions else ""])[0]
         return (
             self._image(query.reference),
-            tokenize([query.text], context_length=self.context_length)[0],
+            self.tokenizer([query.text])[0],
             self._image(target),
             caption_ids,
             bool(captions),
@@ -161,7 +161,7 @@ class SplitSource:
         split: CirSplit,
         *,
         preprocess: PreprocessSpec,
-        context_length: int,
+        tokenizer: TextTokenizer,
         batch_size: int,
         seed: int,
         rank: int = 0,
@@ -169,7 +169,7 @@ class SplitSource:
         workers: int = 2,
         steps_per_epoch: int | None = None,
     ) -> None:
-        self.dataset = SplitDataset(split, preprocess=preprocess, context_length=context_length)
+        self.dataset = SplitDataset(split, preprocess=preprocess, tokenizer=tokenizer)
         if len(self.dataset) < batch_size * world_size:
             raise InputError(
                 f"{len(self.dataset)} training queries are fewer than one batch ({batch_size} x {world_size} "

@@ -218,6 +218,7 @@ def _with_calibration(
     try:
         from compir.export.samples import load_samples
         from compir.export.trt.calibrator import calibration_feeds, split_batches
+        from compir.runtime.tokenizer import load_tokenizer
     except ImportError as exc:  # torch (samples, CUDA copies) or onnx is missing on this machine
         raise ContractError(
             f"int8 calibration from the fp32 graphs needs torch with CUDA and onnx here ({exc}); build from the "
@@ -226,7 +227,7 @@ def _with_calibration(
 
     samples = load_samples(
         preprocess=manifest.preprocess,
-        context_length=manifest.tokenizer.context_length,
+        tokenizer=load_tokenizer(folder, manifest.tokenizer),
         data_dir=calibration_data,
         count=count,
     )

@@ -43,8 +43,8 @@ class CompositionHead(nn.Module, abc.ABC):
         """pooled (B, E), patch tokens (B, P, Wi) -> head-defined image features."""
 
     @abc.abstractmethod
-    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """pooled (B, E), token states (B, L, Wt), input_ids (B, L) -> head-defined text features."""
+    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """pooled (B, E), token states (B, L, Wt), padding (B, L) bool (True: a pad token) -> head-defined text features."""
 
     @abc.abstractmethod
     def gallery_embeds(self, image_features: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class CombinerHead(CompositionHead):
     def image_features(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(pooled, dim=-1)
 
-    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         return F.normalize(pooled, dim=-1)
 
     def gallery_embeds(self, image_features: torch.Tensor) -> torch.Tensor:

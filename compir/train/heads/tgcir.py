@@ -121,13 +121,13 @@ class TgcirHead(CompositionHead):
             parts.append(self.image_local(tokens))
         return F.normalize(torch.cat(parts, dim=1), dim=-1)
 
-    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """pooled (B, E), words (B, L, Wt), ids (B, L) -> attribute tokens (B, K, D); padding is ignored."""
+    def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """pooled (B, E), words (B, L, Wt), padding (B, L) bool -> attribute tokens (B, K, D); padding is ignored."""
         parts = []
         if self.text_global is not None:
             parts.append(self.text_global(pooled))
         if self.text_local is not None:
-            bias = (input_ids == 0).to(tokens.dtype) * _MASKED  # pad id 0 (open_clip)
+            bias = padding.to(tokens.dtype) * _MASKED
             parts.append(self.text_local(tokens, bias))
         return F.normalize(torch.cat(parts, dim=1), dim=-1)
 

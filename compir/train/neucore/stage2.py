@@ -35,7 +35,6 @@ from compir.data.types import CirSplit
 from compir.errors import ContractError
 from compir.images import load_image
 from compir.metrics import EvalReport, evaluate_split
-from compir.train.text import tokenize
 from compir.train.transforms import eval_transform
 
 SIDECAR_FORMAT = "compir.reranker"
@@ -151,7 +150,7 @@ def encode_for_stage2(model: Any, split: CirSplit, *, batch_size: int = 64, prog
         features.append(image_features.float())
     all_features = torch.cat(features)
     row = {name: i for i, name in enumerate(names)}
-    ids = tokenize([q.text for q in split.queries], context_length=model.context_length)
+    ids = model.tokenizer([q.text for q in split.queries])
     composed, texts, tokens = [], [], []
     for start in tqdm(range(0, len(ids), batch_size), desc="stage 2: queries", disable=not progress, leave=False):
         chunk_ids = ids[start : start + batch_size]

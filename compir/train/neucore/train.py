@@ -41,7 +41,7 @@ from compir.train.neucore.stage2 import (
     save_sidecar,
     sidecar_path,
 )
-from compir.train.text import tokenize, tokenizer_settings
+from compir.train.text import CLIP_BPE, tokenize
 from compir.train.transforms import pixels_to_tensor
 
 KIND = "neucore"
@@ -88,7 +88,9 @@ def train_neucore(
     model = loaded.model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    settings = tokenizer_settings(context_length=model.context_length)
+    if model.tokenizer.kind != CLIP_BPE:  # its weak labels match CLIP BPE ids of queries and descriptions
+        raise InputError(f"NEUCORE needs a model with the CLIP BPE tokenizer; {model.config.name!r} uses {model.tokenizer.kind!r}")
+    settings = model.tokenizer.settings()
     scorer = NeucoreScorer(
         NeucoreConfig(
             text_width=int(model.config.clip_cfg["text_cfg"]["width"]),
@@ -100,7 +102,7 @@ def train_neucore(
     )
     synth = synth_config_of(data)
     source = SyntheticSource(
-        synth, preprocess=model.preprocess, context_length=model.context_length, batch_size=batch_size,
+        synth, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=batch_size,
         steps_per_epoch=steps, seed=seed + 1009,
     )
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
