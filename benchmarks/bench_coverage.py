@@ -224,8 +224,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
 
 
 def _isolated(name: str, *, work: Path, data: Path, images: Path) -> tuple[str, str]:
-    """:func:`check_name` in a forked process: a native crash (MobileCLIP2-S0's shrunk FastViT crashed
-    in torch's CPU backward in 4 of 5 runs here) is that name's finding, not the end of the run."""
+    """:func:`check_name` in a forked process: a native crash (the shrunk FastViTs of MobileCLIP*-S*
+    now and then crash in torch's CPU backward here) is that name's finding, not the end of the run."""
     context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         try:
