@@ -138,6 +138,7 @@ class _Run:
                 f"{trainable / 1e6:.1f}M trainable) on {self.ctx.device} x{self.ctx.world_size}, "
                 f"amp={self.amp.label}, {len(self.source)} steps/epoch, batch {o.batch_size}"
             )
+            print(f"backbone: {self.model.describe_backbone()}")
             print(f"precision: {self.amp.reason}")
             if self.amp.warning:
                 print(f"warning: {self.amp.warning}")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
+from compir.train.towers import encode_vision, vision_family, vision_token_width
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -36,13 +38,15 @@ class CIRModel(nn.Module):
     """Composed image retrieval model.
 
     ``pretrained``: an open_clip pretrained tag (downloads, for open_clip-named configs) or a
-    local file of open_clip weights; None trains from scratch. The head is always fresh.
+    local weights file (open_clip's format, or OpenAI's TorchScript release); None trains from
+    scratch. The activation follows the weights (:func:`resolve_activation`). The head is always fresh.
     """
 
     def __init__(self, config: ModelConfig, *, pretrained: str | None = None) -> None:
         super().__init__()
+        config, self.activation_note = resolve_activation(config, pretrained)
         backbone, preprocess = _create_backbone(config, pretrained=pretrained)
-        # open_clip's CustomTextCLIP: .visual and .text return (pooled, tokens) here.
+        # open_clip's CustomTextCLIP: .text returns (pooled, tokens); .visual through encode_vision.
         self.backbone: Any = backbone
         # Record the backbone's final preprocessing (a pretrained tag may set mean/std; the
         # config's own entries were passed to open_clip as overrides and win).
@@ -53,10 +57,19 @@ class CIRModel(nn.Module):
         self.head: CompositionHead = build_head(
             config.head,
             embed_dim=config.embed_dim,
-            image_width=int(config.clip_cfg["vision_cfg"]["width"]),
+            image_width=vision_token_width(backbone.visual),  # the built tower's token width (ResNet, timm: not vision_cfg's)
             text_width=_text_width(self.backbone.text),
             options=dict(config.head_options),
         )
+
+    def describe_backbone(self) -> str:
+        """One line for ``compir train``'s header: the vision tower family, its tokens and activation."""
+        visual = self.backbone.visual
+        tokens = {"vit": "patch tokens", "resnet": "the attention pool's input grid", "timm": "the trunk's final features"}
+        family = vision_family(visual)
+        activation = "QuickGELU" if self.config.clip_cfg.get("quick_gelu") else "GELU"
+        note = f" ({self.activation_note})" if self.activation_note else ""
+        return f"vision tower {family} (tokens: {tokens[family]}, width {vision_token_width(visual)}), activation {activation}{note}"
 
     @property
     def preprocess(self) -> PreprocessSpec:
@@ -76,7 +89,7 @@ class CIRModel(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> image_embeds (B, D), image_features (head-defined), patch_features (B, P, Wi)."""
-        pooled, patches = self.backbone.visual(pixel_values)  # (B, E), (B, P, Wi)
+        pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
         features = self.head.image_features(pooled, patches)
         return self.head.gallery_embeds(features), features, patches
 
@@ -139,6 +152,74 @@ class CIRModel(nn.Module):
             self.backbone.lock_text_tower()
 
 
+def resolve_activation(config: ModelConfig, pretrained: str | None) -> tuple[ModelConfig, str]:
+    """``config`` with the activation ``pretrained``'s weights were trained with, and why (one line).
+
+    OpenAI's CLIP weights (and every tag open_clip marks ``quick_gelu``) were trained with QuickGELU;
+    building them with GELU runs but silently degrades every feature. A pretrained tag decides by
+    open_clip's record of it, a local TorchScript archive (OpenAI's release format) means QuickGELU,
+    and otherwise (no weights, an open_clip-format file) the config's own choice stands: name a
+    ``-quickgelu`` model for such a file. The choice is stored in the config (so in checkpoints).
+    """
+    if pretrained is None:
+        return config, ""
+    quick = bool(config.clip_cfg.get("quick_gelu", False))
+    if Path(pretrained).is_file():
+        if not is_torchscript_archive(Path(pretrained)):
+            return config, ""
+        trained, why = True, "OpenAI TorchScript weights are QuickGELU-trained"
+    else:
+        import open_clip
+
+        tag = open_clip.get_pretrained_cfg(config.clip_name, pretrained) if config.clip_name else {}
+        if not tag:
+            known = open_clip.list_pretrained_tags_by_model(config.clip_name) if config.clip_name else []
+            raise InputError(
+                f"--pretrained {pretrained!r} is neither a file nor a pretrained tag of {config.clip_name or config.name!r}"
+                + (f" (tags: {', '.join(known)})" if known else " (only open_clip-named models have tags)")
+            )
+        trained = bool(tag.get("quick_gelu", False))
+        why = f"pretrained {pretrained!r} was trained with {'QuickGELU' if trained else 'GELU'}"
+    if trained != quick:
+        why += f"; the config's {'QuickGELU' if quick else 'GELU'} overridden"
+    return dataclasses.replace(config, clip_cfg={**config.clip_cfg, "quick_gelu": trained}), why
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """A ``torch.jit.save`` archive (OpenAI's CLIP releases) rather than a pickled state dict."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+# Entries of OpenAI's TorchScript state dicts that are settings, not weights.
+_OPENAI_SETTINGS = ("input_resolution", "context_length", "vocab_size")
+
+
+@contextlib.contextmanager
+def _weights_file(pretrained: str | None) -> Iterator[str | None]:
+    """``pretrained`` as open_clip's loader takes it: a TorchScript archive becomes a plain state dict.
+
+    open_clip loads files with ``torch.load(weights_only=True)``, which refuses TorchScript; the
+    archive's weights are read with ``torch.jit.load`` (TorchScript code, not pickled Python) and
+    handed over as a temporary state-dict file.
+    """
+    if pretrained is None or not Path(pretrained).is_file() or not is_torchscript_archive(Path(pretrained)):
+        yield pretrained
+        return
+    try:
+        state = torch.jit.load(pretrained, map_location="cpu").state_dict()
+    except RuntimeError as exc:
+        raise InputError(f"--pretrained {pretrained}: unreadable TorchScript archive ({str(exc).splitlines()[0]})") from exc
+    with tempfile.TemporaryDirectory(prefix="compir-weights-") as folder:
+        path = Path(folder) / "state_dict.pt"
+        torch.save({k: v.float() for k, v in state.items() if k not in _OPENAI_SETTINGS}, path)
+        del state
+        yield str(path)
+
+
 def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """open_clip.create_model for ``config``'s architecture with token outputs on both towers.
 
@@ -147,20 +228,28 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
     import open_clip
 
     arch = copy.deepcopy(config.clip_cfg)
+    if "multimodal_cfg" in arch:
+        raise InputError(
+            f"{config.name}: CoCa models (towers plus a captioning decoder) are not supported; "
+            "use a CLIP model of the same size (e.g. ViT-B-32, ViT-L-14)"
+        )
     vision_cfg = {**arch["vision_cfg"], "output_tokens": True}
     text_cfg = {**arch["text_cfg"], "output_tokens": True}
+    quick_gelu = bool(arch.get("quick_gelu", False))
     if "hf_model_name" in text_cfg:  # a HF text tower is built from its config alone: no HF weights download
         text_cfg["hf_model_pretrained"] = False
     name = config.clip_name or _register_architecture(arch)
-    with _quiet_open_clip(pretrained is None):
+    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights:
         try:
             model = open_clip.create_model(
                 name,
-                pretrained=pretrained,
+                pretrained=weights,
                 force_custom_text=True,  # text tower as a module that can return its token states
+                force_quick_gelu=quick_gelu,
                 force_preprocess_cfg=dict(config.preprocess) or None,
                 vision_cfg=vision_cfg,
                 text_cfg=text_cfg,
+                quick_gelu=quick_gelu,  # also off where the open_clip name says -quickgelu but the weights do not
             )
         except RuntimeError as exc:
             raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {exc}") from exc

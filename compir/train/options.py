@@ -33,7 +33,9 @@ class TrainOptions:
     out_dir: Path = field(default=Path("runs/train"), metadata=cli("run folder (default: %(default)s)", flag="--out"))
     model: str = field(default=DEFAULT_MODEL, metadata=cli(
         f"built-in config ({', '.join(list_model_configs())}), a config JSON file, or an open_clip model name (default: %(default)s)"))
-    pretrained: str | None = field(default=None, metadata=cli("open_clip pretrained tag (downloads) or a local open_clip weights file"))
+    pretrained: str | None = field(default=None, metadata=cli(
+        "open_clip pretrained tag (downloads) or a local weights file (open_clip's, or OpenAI's TorchScript .pt); "
+        "the activation follows the weights (QuickGELU for OpenAI's)"))
     epochs: int | None = field(default=None, metadata=cli("number of epochs (default: 10, or as many as --minutes / --steps allow)"))
     minutes: float | None = field(default=None, metadata=cli(
         "wall-clock budget for the whole run (training + validation); the learning-rate schedule spans it"))

@@ -1,0 +1,76 @@
+"""open_clip's vision towers, each as ``pixels -> (pooled (B, E), tokens (B, P, W))``.
+
+Heads that attend over image tokens (TG-CIR's token learner) need a token grid from every tower
+family open_clip ships; only its ViT returns one itself (``output_tokens``). Here:
+
+- ``vit``: open_clip's VisionTransformer; its own patch tokens (after ``ln_post``).
+- ``resnet``: ModifiedResNet (OpenAI's RN50, RN101, RN50x4, ...) has no patch tokens: the tokens are
+  the attention pool's input grid, the last stage's (B, C, H, W) feature map as (B, H*W, C).
+- ``timm``: a timm trunk (ConvNeXt, EVA, SigLIP's ViT, FastViT, ...): the trunk's final features,
+  a feature map flattened like the ResNet's or a token sequence without its prefix (class /
+  register) tokens.
+
+The pooled output is exactly what the tower's own ``forward`` returns (a test checks it), so
+pretrained weights keep their meaning. Functions, not wrapper modules: state-dict keys stay open_clip's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compir.errors import InputError
+
+VISION_FAMILIES = ("vit", "resnet", "timm")
+
+
+def vision_family(visual: Any) -> str:
+    """Which of :data:`VISION_FAMILIES` the open_clip vision tower ``visual`` is."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    if isinstance(visual, TimmModel):
+        return "timm"
+    raise InputError(f"open_clip vision tower {type(visual).__name__} is not supported (supported: {', '.join(VISION_FAMILIES)})")
+
+
+def vision_token_width(visual: Any) -> int:
+    """W, the width of the tokens :func:`encode_vision` returns for ``visual``."""
+    family = vision_family(visual)
+    if family == "vit":
+        # The pooled-side width: the transformer's, or the attentional pooler's output (CoCa-style towers).
+        return int(visual.proj.shape[0]) if visual.proj is not None else int(visual.transformer.width)
+    if family == "resnet":
+        return int(visual.attnpool.k_proj.in_features)  # ResNet feature channels (width * 32)
+    return int(visual.trunk.num_features)
+
+
+def encode_vision(visual: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) -> pooled (B, E) (the tower's own output) and tokens (B, P, W)."""
+    family = vision_family(visual)
+    if family == "vit":
+        pooled, tokens = visual(pixels)  # built with output_tokens=True
+        return pooled, tokens
+    if family == "resnet":
+        grid = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(pixels)))))  # (B, C, H, W)
+        return visual.attnpool(grid), grid.flatten(2).transpose(1, 2)
+    trunk = visual.trunk
+    features = trunk.forward_features(pixels)
+    pooled = visual.head(trunk.forward_head(features))  # = TimmModel.forward
+    return pooled, _timm_tokens(trunk, features)
+
+
+def _timm_tokens(trunk: Any, features: torch.Tensor) -> torch.Tensor:
+    if features.ndim == 4:
+        if getattr(trunk, "output_fmt", "NCHW") == "NHWC":  # Swin and friends keep channels last
+            return features.flatten(1, 2)
+        return features.flatten(2).transpose(1, 2)
+    if features.ndim == 3:
+        return features[:, int(getattr(trunk, "num_prefix_tokens", 0)) :]
+    raise InputError(f"timm tower {type(trunk).__name__} returns {features.ndim}-d features; compir needs a feature map or tokens")
