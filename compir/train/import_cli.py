@@ -55,5 +55,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {imported.path}: {imported.config.name}, combiner projection {imported.projection_dim}, "
           f"hidden {imported.hidden_dim}, preprocess {pre.resize_mode}"
           f"{f' {pre.target_ratio:g}' if pre.target_ratio is not None else ''} at {pre.image_size} px")
-    print(f"next: compir export onnx {imported.path} --out exports/{imported.path.stem}")
+    print(f"next: compir export onnx {imported.path} --out exports/clip4cir")
     return 0
