@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ ARCH = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+# A tiny ModifiedResNet (CLIP4Cir's RN50x4 family): 64 px -> a 2 x 2 grid into the attention pool.
+RESNET_ARCH = {**ARCH, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32, "patch_size": None}}
+ARCHS = {"vit": ARCH, "resnet": RESNET_ARCH}
 PROJECTION, HIDDEN = 4 * 32, 8 * 32  # their proportions (RN50x4: 640 -> 2560, 5120)
 TEXTS = ["is red and has no sleeves", "a larger one, in blue", "remove the circle", "make it darker"]
 
@@ -62,23 +66,38 @@ class Release:
     config: Path  # compir model config of the CLIP's architecture (what --model names)
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> Release:
+def _release(folder: Path, arch: dict[str, Any]) -> Release:
     """Files in CLIP4Cir's exact format: a CLIP (OpenAI / open_clip keys, QuickGELU) and a Combiner."""
-    folder = tmp_path_factory.mktemp("clip4cir-release")
     torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**ARCH, quick_gelu=True).eval()
+    clip = open_clip.model.CLIP(**arch, quick_gelu=True).eval()
     with torch.no_grad():  # CLIP's logit_scale and zero-initialised parts would hide a mapping error
         for param in clip.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    combiner = TheirCombiner(ARCH["embed_dim"], PROJECTION, HIDDEN).eval()
+            if param.is_floating_point():
+                param.add_(0.02 * torch.randn_like(param))
+    combiner = TheirCombiner(arch["embed_dim"], PROJECTION, HIDDEN).eval()
     with torch.no_grad():
         combiner.dynamic_scalar[3].bias.fill_(0.3)  # a gate away from 0.5, so swapped inputs would show
     torch.save({"epoch": 7, "CLIP": clip.state_dict()}, folder / "tuned_clip_best.pt")
     torch.save({"epoch": 7, "Combiner": combiner.state_dict()}, folder / "combiner.pt")
     config = folder / "tiny-clip.json"
-    config.write_text(json.dumps({"open_clip": ARCH}), encoding="utf-8")
+    config.write_text(json.dumps({"open_clip": arch}), encoding="utf-8")
     return Release(folder=folder, clip=clip, combiner=combiner, config=config)
+
+
+@pytest.fixture(scope="module")
+def vit_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return _release(tmp_path_factory.mktemp("clip4cir-vit"), ARCH)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def released(request: pytest.FixtureRequest, vit_release: Release, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    if request.param == "vit":
+        return vit_release
+    try:  # ModifiedResNet towers return tokens through compir.train.towers (issue 13, item 1)
+        import compir.train.towers  # noqa: F401
+    except ImportError:
+        pytest.skip("this compir cannot train ModifiedResNet towers yet")
+    return _release(tmp_path_factory.mktemp(f"clip4cir-{request.param}"), ARCHS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +110,10 @@ def imported(released: Release) -> Path:
     return out
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(released: Release) -> tuple[torch.Tensor, torch.Tensor]:
+    size = int(json.loads(released.config.read_text(encoding="utf-8"))["open_clip"]["vision_cfg"]["image_size"])
     generator = torch.Generator().manual_seed(1)
-    pixels = torch.randn(len(TEXTS), 3, 32, 32, generator=generator)
+    pixels = torch.randn(len(TEXTS), 3, size, size, generator=generator)
     return pixels, open_clip.tokenize(TEXTS, context_length=16)
 
 
@@ -111,7 +131,7 @@ def test_imported_checkpoint_equals_their_combiner_in_torch(released: Release, i
                                           "form": "clip4cir", "stage": "combiner"}
     assert (loaded.preprocess.resize_mode, loaded.preprocess.target_ratio) == ("targetpad", 1.25)
     assert loaded.config.clip_cfg["quick_gelu"] is True
-    pixels, ids = _inputs()
+    pixels, ids = _inputs(released)
     with torch.no_grad():
         ours = loaded.model.encode_query(pixels, ids).numpy()
     theirs = _their_query(released, pixels, ids)
@@ -131,7 +151,7 @@ def test_imported_checkpoint_equals_their_combiner_through_the_runtime(
     export_onnx(imported, out_dir=tmp_path / "export", calibration_count=4)
     encoder = Encoder.from_export(tmp_path / "export")
     assert encoder.manifest.preprocess.resize_mode == "targetpad" and encoder.manifest.preprocess.target_ratio == 1.25
-    pixels, ids = _inputs()
+    pixels, ids = _inputs(released)
     image = encoder.encode_pixels(pixels.numpy())
     text = encoder.encode_input_ids(encoder.tokenize(TEXTS))
     np.testing.assert_array_equal(encoder.tokenize(TEXTS), ids.numpy())
@@ -148,7 +168,8 @@ def _import(released: Release, tmp_path: Path, *, clip: Path | None = None, comb
                     model=model or str(released.config), out=tmp_path / "out.pt")
 
 
-def test_wrong_files_are_refused_with_what_is_wrong(released: Release, tmp_path: Path) -> None:
+def test_wrong_files_are_refused_with_what_is_wrong(vit_release: Release, tmp_path: Path) -> None:
+    released = vit_release
     folder = released.folder
     combiner = torch.load(folder / "combiner.pt", weights_only=True)["Combiner"]
     clip = torch.load(folder / "tuned_clip_best.pt", weights_only=True)["CLIP"]
@@ -172,7 +193,8 @@ def test_wrong_files_are_refused_with_what_is_wrong(released: Release, tmp_path:
         _import(released, tmp_path, clip=tmp_path / "nowhere.pt")
 
 
-def test_a_model_that_does_not_match_the_clip_is_named(released: Release, tmp_path: Path) -> None:
+def test_a_model_that_does_not_match_the_clip_is_named(vit_release: Release, tmp_path: Path) -> None:
+    released = vit_release
     wider = tmp_path / "wider.json"
     wider.write_text(json.dumps({"open_clip": {**ARCH, "vision_cfg": {**ARCH["vision_cfg"], "width": 96}}}), encoding="utf-8")
     with pytest.raises(InputError, match=r"visual\.\S+ has shape .* pass the --model it was trained with"):

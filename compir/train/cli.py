@@ -19,7 +19,7 @@ EPILOG = """examples:
   compir train --data data/cirr --model ViT-B-32 --pretrained openai --freeze-image --lr 1e-4
   compir train --data data/cirr --model ViT-B-32 --head tgcir --head-option local_tokens=8
   CLIP4Cir's two stages (their form of the combiner, their target-pad preprocessing):
-  compir train --data data/fiq --model RN50x4 --pretrained openai --resize-mode targetpad \
+  compir train --data data/fiq --model RN50x4 --pretrained openai --resize-mode targetpad \\
       --head-option form=clip4cir --head-option stage=clip --lr 2e-6 --out runs/stage1
   compir train --data data/fiq --init runs/stage1/best.pt --head-option stage=combiner --lr 2e-5 --out runs/stage2
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
