@@ -18,10 +18,9 @@ EPILOG = """examples:
   compir train --data data/synth --out runs/repro --steps 400 --amp off
   compir train --data data/cirr --model ViT-B-32 --pretrained openai --freeze-image --lr 1e-4
   compir train --data data/cirr --model ViT-B-32 --head tgcir --head-option local_tokens=8
-  CLIP4Cir's two stages (their form of the combiner, their target-pad preprocessing):
-  compir train --data data/fiq --model RN50x4 --pretrained openai --resize-mode targetpad \\
-      --head-option form=clip4cir --head-option stage=clip --lr 2e-6 --out runs/stage1
-  compir train --data data/fiq --init runs/stage1/best.pt --head-option stage=combiner --lr 2e-5 --out runs/stage2
+  CLIP4Cir's two stages (their combiner form, target-pad; they used --lr 2e-6, then 2e-5 for the combiner on frozen towers):
+  compir train --data fiq --model RN50x4 --pretrained openai --resize-mode targetpad --head-option form=clip4cir --head-option stage=clip
+  compir train --data fiq --init runs/train/best.pt --head-option stage=combiner --out runs/stage2
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
 

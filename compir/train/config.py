@@ -198,7 +198,9 @@ def _validate(config: ModelConfig, source: str) -> None:
         raise InputError(f"{source}: loss_weights names unknown term(s) {unknown}; head {config.head!r} trains {list(terms)}")
     try:
         problem = config.preprocess_spec().problem()
-    except (InputError, TypeError, ValueError) as exc:
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # e.g. a target_ratio that is not a number
         raise InputError(f"{source}: preprocess: {exc}") from exc
     if problem is not None:
         raise InputError(f"{source}: preprocess: {problem}")
