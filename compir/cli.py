@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "compir.train.rerankers_cli", "train stage-2 re-rankers (NEUCORE, MMRef) for a checkpoint",
         "compir rerankers runs/tiny/best.pt --data data/synth",
     ),
+    "import": (
+        "compir.train.import_cli", "import checkpoints trained elsewhere (CLIP4Cir)",
+        "compir import clip4cir --clip CLIP.pt --combiner COMBINER.pt --model RN50x4 --out runs/clip4cir/best.pt",
+    ),
     "eval": ("compir.evaluate", "evaluate a checkpoint or an export folder", "compir eval runs/tiny/best.pt --data data/synth"),
     "export": ("compir.export.cli", "ONNX graphs + manifest; TensorRT engines", "compir export onnx runs/tiny/best.pt --out exports/tiny"),
     "index": (

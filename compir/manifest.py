@@ -137,15 +137,57 @@ class VariantSpec:
         return self.graphs[role]
 
 
+RESIZE_MODES = ("shortest", "squash", "longest", "targetpad")
+INTERPOLATIONS = ("bicubic", "bilinear")
+CLIP4CIR_TARGET_RATIO = 1.25  # the ratio of CLIP4Cir's released models (their --target-ratio)
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Image preprocessing, identical to the training transform (open_clip's eval transform)."""
 
     image_size: int
-    resize_mode: str  # "shortest": resize the short side then center-crop; "squash": resize both sides
+    # "shortest": resize the short side then center-crop; "squash": resize both sides; "longest": fit
+    # the long side and pad; "targetpad": CLIP4Cir's (pad to ``target_ratio``, then as "shortest")
+    resize_mode: str
     interpolation: str  # "bicubic" | "bilinear"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # "targetpad" only: an image whose long/short side ratio is at least this is zero-padded (centred,
+    # black) to long / target_ratio on both sides first. None for every other mode (and omitted from
+    # fingerprints, so indexes built before this field existed stay valid).
+    target_ratio: float | None = None
+
+    def problem(self) -> str | None:
+        """What makes this spec unusable (one line), or None."""
+        if self.interpolation not in INTERPOLATIONS:
+            return f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}"
+        if self.resize_mode not in RESIZE_MODES:
+            return f"resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}"
+        if self.image_size <= 0 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            return f"invalid size/mean/std in {self}"
+        if (self.resize_mode == "targetpad") != (self.target_ratio is not None):
+            return f"target_ratio is set for, and only for, resize_mode 'targetpad' (got {self.resize_mode!r}, {self.target_ratio})"
+        if self.target_ratio is not None and not self.target_ratio >= 1.0:
+            return f"target_ratio must be >= 1 (long side / short side), got {self.target_ratio}"
+        return None
+
+    def target_padding(self, width: int, height: int) -> tuple[int, int]:
+        """"targetpad": the black border (left = right, top = bottom) CLIP4Cir's TargetPad adds to a
+        ``width`` x ``height`` image: none below ``target_ratio``, else towards long / target_ratio on
+        each axis (only the short axis grows; truncated with int() as theirs)."""
+        ratio = self.target_ratio
+        if ratio is None or max(width, height) / min(width, height) < ratio:
+            return 0, 0
+        scaled = max(width, height) / ratio
+        return max(int((scaled - width) / 2), 0), max(int((scaled - height) / 2), 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values; ``target_ratio`` only where it is set."""
+        fields = asdict(self)
+        if self.target_ratio is None:
+            del fields["target_ratio"]
+        return fields
 
 
 def rgb_values(values: Any, *, field_name: str) -> tuple[float, float, float]:
@@ -207,7 +249,7 @@ class EncoderFingerprint:
         return sha256_bytes(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "preprocess": self.preprocess.to_dict()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str) -> EncoderFingerprint:
@@ -227,7 +269,7 @@ class EncoderFingerprint:
         if self.image_encoder_sha256 != other.image_encoder_sha256:
             found.append(f"image encoder graph sha256 {self.image_encoder_sha256[:12]}... vs {other.image_encoder_sha256[:12]}...")
         if self.preprocess != other.preprocess:
-            found.append(f"preprocessing {asdict(self.preprocess)} vs {asdict(other.preprocess)}")
+            found.append(f"preprocessing {self.preprocess.to_dict()} vs {other.preprocess.to_dict()}")
         if self.embed_dim != other.embed_dim:
             found.append(f"embed_dim {self.embed_dim} vs {other.embed_dim}")
         if self.metric != other.metric:
@@ -271,7 +313,7 @@ class ExportManifest:
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "preprocess": self.preprocess.to_dict()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = MANIFEST_FILE) -> ExportManifest:
@@ -361,12 +403,14 @@ def manifest_sha256(export_dir: str | Path) -> str:
 
 
 def _preprocess_from_dict(raw: dict[str, Any]) -> PreprocessSpec:
+    ratio = raw.get("target_ratio")
     return PreprocessSpec(
         image_size=int(raw["image_size"]),
         resize_mode=str(raw["resize_mode"]),
         interpolation=str(raw["interpolation"]),
         mean=rgb_values(raw["mean"], field_name="mean"),
         std=rgb_values(raw["std"], field_name="std"),
+        target_ratio=None if ratio is None else float(ratio),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -96,3 +97,82 @@ def test_batch_equals_single_images() -> None:
     assert batch.shape == (4, 3, 224, 224)
     for row, image in enumerate(images):
         np.testing.assert_array_equal(batch[row], preprocess_image(image, spec))
+
+
+# CLIP4Cir's target-pad mode: elongated images (ratio >= target_ratio) get a centred black border first.
+TARGETPAD_SPECS = [
+    PreprocessSpec(image_size=224, resize_mode="targetpad", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD, target_ratio=1.25),
+    PreprocessSpec(image_size=40, resize_mode="targetpad", interpolation="bilinear", mean=CLIP_MEAN, std=CLIP_STD, target_ratio=1.0),
+    PreprocessSpec(image_size=48, resize_mode="targetpad", interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD, target_ratio=2.0),
+]
+
+
+def _clip4cir_targetpad_reference(spec: PreprocessSpec):  # type: ignore[no-untyped-def]
+    """CLIP4Cir's ``targetpad_transform`` as published (TargetPad, Resize, CenterCrop, ToTensor,
+    Normalize), written here independently of compir's code."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    def target_pad(image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if max(w, h) / min(w, h) < spec.target_ratio:
+            return image
+        scaled_max_wh = max(w, h) / spec.target_ratio
+        hp, vp = max(int((scaled_max_wh - w) / 2), 0), max(int((scaled_max_wh - h) / 2), 0)
+        return F.pad(image, [hp, vp, hp, vp], 0, "constant")
+
+    mode = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    return transforms.Compose([
+        target_pad, transforms.Resize(spec.image_size, interpolation=mode), transforms.CenterCrop(spec.image_size),
+        transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+@pytest.mark.parametrize("spec", TARGETPAD_SPECS, ids=lambda s: f"targetpad-{s.target_ratio}-{s.interpolation}-{s.image_size}")
+def test_targetpad_matches_clip4cir_and_the_training_transform(spec: PreprocessSpec) -> None:
+    from compir.train.transforms import eval_transform, train_transform
+
+    reference = _clip4cir_targetpad_reference(spec)
+    ours_torch, ours_train = eval_transform(spec), train_transform(spec)
+    worst = {}
+    for name, data in SOURCES:
+        image = load_image(data, name=name)
+        theirs = reference(image).numpy()
+        runtime = preprocess_image(image, spec)
+        training = ours_torch(image).numpy()
+        assert runtime.shape == theirs.shape == training.shape == (3, spec.image_size, spec.image_size), name
+        np.testing.assert_array_equal(training, theirs, err_msg=name)  # the torch path is theirs, bit for bit
+        np.testing.assert_array_equal(ours_train(image).numpy(), training, err_msg=name)  # no augmentation (theirs)
+        worst[name] = float(np.abs(runtime - theirs).max())
+    assert max(worst.values()) <= 1e-5, worst
+
+
+def test_targetpad_pads_only_elongated_images_with_a_centred_black_border() -> None:
+    spec = TARGETPAD_SPECS[0]
+    assert spec.target_padding(640, 480) == (0, 16)  # 1.33 >= 1.25: height -> 512
+    assert spec.target_padding(480, 640) == (16, 0)
+    assert spec.target_padding(500, 450) == (0, 0)  # 1.11 < 1.25: unchanged
+    assert spec.target_padding(500, 33) == (0, 183)
+    white = Image.new("RGB", (400, 100), (255, 255, 255))
+    pixels = preprocess_image(white, dataclasses.replace(spec, image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    rows = pixels[0].mean(axis=1)  # (32,) per image row
+    assert rows[0] < 0.05 and rows[-1] < 0.05 and rows[16] > 0.95  # black top and bottom, white centre
+    np.testing.assert_allclose(rows, rows[::-1], atol=1e-6)  # centred
+
+
+def test_targetpad_is_recorded_and_checked() -> None:
+    from compir.errors import ContractError
+    from compir.manifest import EncoderFingerprint
+    from compir.runtime.preprocess import check_spec
+
+    spec = TARGETPAD_SPECS[0]
+    fingerprint = EncoderFingerprint(image_encoder_sha256="0" * 64, preprocess=spec, embed_dim=8, metric="cos")
+    assert EncoderFingerprint.from_dict(fingerprint.to_dict(), source="test") == fingerprint
+    assert fingerprint.to_dict()["preprocess"]["target_ratio"] == 1.25
+    older = EncoderFingerprint(image_encoder_sha256="0" * 64, preprocess=SPECS[0], embed_dim=8, metric="cos")
+    assert "target_ratio" not in older.to_dict()["preprocess"]  # fingerprints of other modes keep their digest
+    for bad in (dataclasses.replace(spec, target_ratio=None), dataclasses.replace(spec, target_ratio=0.5),
+                dataclasses.replace(SPECS[0], target_ratio=1.25)):
+        with pytest.raises(ContractError, match="target_ratio"):
+            check_spec(bad)

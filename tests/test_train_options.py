@@ -96,3 +96,39 @@ def test_train_help_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "--batch-size" in result.stdout and "compir train --data data/synth" in result.stdout
+
+
+def test_head_flags_repeat_and_reach_the_model_config():
+    from compir.errors import InputError
+    from compir.train.config import configure_model, resolve_model_config
+
+    options = _options(["--data", "d", "--head", "tgcir", "--head-option", "local_tokens=3", "--head-option", "hidden_dim=64",
+                        "--resize-mode", "targetpad"])
+    assert (options.head, options.head_option, options.resize_mode) == ("tgcir", ("local_tokens=3", "hidden_dim=64"), "targetpad")
+    config = configure_model(resolve_model_config("micro"), head=options.head, head_options=options.head_option,
+                             resize_mode=options.resize_mode)
+    assert config.head == "tgcir" and config.head_options == {"local_tokens": 3, "hidden_dim": 64}
+    assert set(config.loss_weights) == {"composed", "teacher", "mask_constraint", "distill", "ortho", "matching", "caption"}
+    assert (config.preprocess_spec().resize_mode, config.preprocess_spec().target_ratio) == ("targetpad", 1.25)
+    combiner = configure_model(resolve_model_config("ViT-B-32"), head_options=["form=clip4cir"])
+    assert combiner.head_options == {"projection_dim": 2048, "hidden_dim": 4096, "dropout": 0.5, "form": "clip4cir"}
+    assert configure_model(resolve_model_config("tiny-tgcir"), head="combiner").loss_weights == {"composed": 1.0, "caption": 0.5}
+    for bad, message in ((["sizes=3"], "the combiner head has no such option; it takes projection_dim, hidden_dim, dropout"),
+                         (["dropout"], "expected KEY=VALUE")):
+        with pytest.raises(InputError, match=message):
+            configure_model(resolve_model_config("micro"), head_options=bad)
+    with pytest.raises(InputError, match="unknown composition head 'clip4cir'; available: combiner, tgcir"):
+        configure_model(resolve_model_config("micro"), head="clip4cir")
+
+
+def test_head_flags_with_resume_or_init_conflicts_are_one_line_errors(tmp_path, capsys):
+    from compir.cli import main
+
+    data = ["--data", str(tmp_path)]
+    for argv, message in ((["--resume", "r.pt", "--head", "tgcir"], "--resume continues a run as it was: drop --head"),
+                          (["--init", "i.pt", "--pretrained", "openai"], "--init loads all weights"),
+                          (["--init", "i.pt", "--model", "micro"], "--init takes the model config from the checkpoint")):
+        assert main(["train", *data, *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", *data, "--model", "micro", "--head-option", "form=theirs"]) == 2
+    assert "form must be one of ('compir', 'clip4cir'), got 'theirs'" in capsys.readouterr().err

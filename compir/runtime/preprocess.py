@@ -1,4 +1,5 @@
-"""Image preprocessing in PIL + numpy, identical to open_clip's eval transform.
+"""Image preprocessing in PIL + numpy, identical to open_clip's eval transform (and, for
+``resize_mode="targetpad"``, to CLIP4Cir's target-pad transform: see compir.train.transforms).
 
 Driven only by :class:`compir.manifest.PreprocessSpec`. Reproduces torchvision's arithmetic
 step by step (PIL resize with antialiasing, its output-size and centre-crop rounding, /255 and
@@ -17,17 +18,13 @@ from compir.errors import ContractError
 from compir.manifest import PreprocessSpec
 
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-RESIZE_MODES = ("shortest", "squash", "longest")
 
 
 def check_spec(spec: PreprocessSpec) -> None:
     """Raise ContractError unless the runtime implements ``spec`` exactly."""
-    if spec.interpolation not in _INTERPOLATION:
-        raise ContractError(f"manifest preprocess: interpolation {spec.interpolation!r} is not one of {sorted(_INTERPOLATION)}")
-    if spec.resize_mode not in RESIZE_MODES:
-        raise ContractError(f"manifest preprocess: resize_mode {spec.resize_mode!r} is not one of {RESIZE_MODES}")
-    if spec.image_size <= 0 or len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
-        raise ContractError(f"manifest preprocess: invalid size/mean/std in {spec}")
+    problem = spec.problem()
+    if problem is not None:
+        raise ContractError(f"manifest preprocess: {problem}")
 
 
 def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -36,7 +33,11 @@ def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     resample = _INTERPOLATION[spec.interpolation]
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if spec.resize_mode == "squash":
+    if spec.resize_mode == "targetpad":  # CLIP4Cir's: pad an elongated image towards target_ratio, then as "shortest"
+        array = _target_pad(np.asarray(image), spec)
+        image = _resize(Image.fromarray(array), _shortest_size((array.shape[1], array.shape[0]), size), resample)
+        array = _center_crop_or_pad(np.asarray(image), size)
+    elif spec.resize_mode == "squash":
         image = _resize(image, (size, size), resample)
         array = np.asarray(image)
     elif spec.resize_mode == "shortest":
@@ -87,3 +88,10 @@ def _center_crop_or_pad(array: np.ndarray, size: int) -> np.ndarray:
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
     return array[top : top + size, left : left + size]
+
+
+
+def _target_pad(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """CLIP4Cir's TargetPad on (H, W, 3): a centred black border (see PreprocessSpec.target_padding)."""
+    pad_w, pad_h = spec.target_padding(array.shape[1], array.shape[0])
+    return np.pad(array, ((pad_h, pad_h), (pad_w, pad_w), (0, 0))) if pad_w or pad_h else array

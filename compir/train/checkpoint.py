@@ -13,7 +13,6 @@ Layout (a dict, loaded with ``weights_only=True`` so a checkpoint cannot run cod
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import zipfile
@@ -31,6 +30,8 @@ from compir.manifest import PreprocessSpec
 from compir.train.config import ModelConfig
 from compir.train.model import CIRModel
 
+# What torch.load(weights_only=True) raises on a file that is not a torch.save archive of tensors.
+LOAD_ERRORS = (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError)
 _REQUIRED = ["model_config", "preprocess", "tokenizer", "state_dict", "metrics", "step", "epoch"]
 
 
@@ -73,7 +74,7 @@ def save_checkpoint(
         "schema_version": CHECKPOINT_SCHEMA,
         "compir_version": __version__,
         "model_config": inner.config.to_dict(),
-        "preprocess": dataclasses.asdict(inner.preprocess),
+        "preprocess": inner.preprocess.to_dict(),
         "tokenizer": inner.tokenizer.settings(),
         "state_dict": {key: value.detach().cpu() for key, value in inner.state_dict().items()},
         "metrics": {str(k): float(v) for k, v in metrics.items()},
@@ -119,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
 def _read_record(source: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+    except LOAD_ERRORS as exc:
         raise ContractError(
             f"checkpoint {source} is damaged or not a compir checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
             f"re-create it with `compir train`"

@@ -17,6 +17,10 @@ EPILOG = """examples:
   compir train --data data/synth --model micro --epochs 2 --batch-size 64
   compir train --data data/synth --out runs/repro --steps 400 --amp off
   compir train --data data/cirr --model ViT-B-32 --pretrained openai --freeze-image --lr 1e-4
+  compir train --data data/cirr --model ViT-B-32 --head tgcir --head-option local_tokens=8
+  CLIP4Cir's two stages (their combiner form, target-pad; they used --lr 2e-6, then 2e-5 for the combiner on frozen towers):
+  compir train --data fiq --model RN50x4 --pretrained openai --resize-mode targetpad --head-option form=clip4cir --head-option stage=clip
+  compir train --data fiq --init runs/train/best.pt --head-option stage=combiner --out runs/stage2
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
 
@@ -59,7 +63,9 @@ def _add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field[Any], hin
     choices = meta.get("choices")
     if typing.get_origin(kind) is typing.Literal:  # Literal["a", "b"] -> choices a, b
         choices, kind = typing.get_args(kind), type(typing.get_args(kind)[0])
-    if kind is bool:
+    if typing.get_origin(kind) is tuple and typing.get_args(kind) == (str, Ellipsis):  # a repeatable flag
+        kwargs.update(action=_Append, metavar=flag.lstrip("-").replace("-", "_").upper())
+    elif kind is bool:
         if spec.default is True:  # on unless --no-<name>
             flag = meta.get("flag") or "--no-" + spec.name.replace("_", "-")
             kwargs["action"] = "store_false"
@@ -72,8 +78,17 @@ def _add_flag(parser: argparse.ArgumentParser, spec: dataclasses.Field[Any], hin
         else:
             kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
     else:
-        raise TypeError(f"option {spec.name!r}: no flag for type {hint!r} (use bool, str, int, float, Path, Literal or X | None)")
+        raise TypeError(
+            f"option {spec.name!r}: no flag for type {hint!r} (use bool, str, int, float, Path, Literal, tuple[str, ...] or X | None)"
+        )
     parser.add_argument(flag, **kwargs)
+
+
+class _Append(argparse.Action):
+    """argparse's "append" into a tuple, so a repeatable flag's parsed default equals the dataclass's ``()``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        setattr(namespace, self.dest, (*getattr(namespace, self.dest, ()), values))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

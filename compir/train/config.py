@@ -7,6 +7,7 @@ A compir model config is a JSON file (the built-in ones live in ``compir/model_c
      "head": {"name": "combiner", ...head options...},
      "loss_weights": {"composed": 1.0, "caption": 0.5},
      "preprocess": {"mean": [...], "std": [...]}}                            # optional overrides
+                 # (also "resize_mode": shortest | squash | longest | targetpad, "target_ratio")
 
 ``open_clip`` is either an inline open_clip architecture or the name of one open_clip knows
 (then ``--pretrained TAG`` can download its weights). :func:`resolve_model_config` accepts a
@@ -17,14 +18,16 @@ default combiner head). The resolved config is stored whole in every checkpoint.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from compir.errors import InputError
-from compir.manifest import PreprocessSpec, rgb_values
+from compir.manifest import CLIP4CIR_TARGET_RATIO, PreprocessSpec, rgb_values
 
 # The tiny backbone with the TG-CIR composer: at the same step budget it beats the combiner
 # (`tiny`) by ~9 R@1 on the synthetic benchmark (README, methods ablation).
@@ -66,12 +69,15 @@ class ModelConfig:
     def preprocess_spec(self) -> PreprocessSpec:
         """The eval-time image preprocessing this model expects."""
         pre = self.preprocess
+        mode = str(pre.get("resize_mode", "shortest"))
+        ratio = pre.get("target_ratio", CLIP4CIR_TARGET_RATIO if mode == "targetpad" else None)
         return PreprocessSpec(
             image_size=self.image_size,
-            resize_mode=str(pre.get("resize_mode", "shortest")),
+            resize_mode=mode,
             interpolation=str(pre.get("interpolation", "bicubic")),
             mean=rgb_values(pre.get("mean", _CLIP_MEAN), field_name="mean"),
             std=rgb_values(pre.get("std", _CLIP_STD), field_name="std"),
+            target_ratio=None if ratio is None else float(ratio),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,9 +197,13 @@ def _validate(config: ModelConfig, source: str) -> None:
     if unknown:
         raise InputError(f"{source}: loss_weights names unknown term(s) {unknown}; head {config.head!r} trains {list(terms)}")
     try:
-        config.preprocess_spec()
+        problem = config.preprocess_spec().problem()
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # e.g. a target_ratio that is not a number
+        raise InputError(f"{source}: preprocess: {exc}") from exc
+    if problem is not None:
+        raise InputError(f"{source}: preprocess: {problem}")
 
 
 def loss_terms(head: str) -> tuple[str, ...]:
@@ -201,3 +211,68 @@ def loss_terms(head: str) -> tuple[str, ...]:
     from compir.train.heads import head_class  # torch: only once a config is resolved, never for `--help`
 
     return (*head_class(head).loss_terms, CAPTION_LOSS)
+
+
+def configure_model(
+    config: ModelConfig,
+    *,
+    head: str | None = None,
+    head_options: Sequence[str] = (),
+    resize_mode: str | None = None,
+) -> ModelConfig:
+    """``config`` with another composition head and/or head options and/or image resize mode
+    (``compir train --head tgcir --head-option local_tokens=8 --resize-mode targetpad``).
+
+    A new ``head`` starts from its defaults for this backbone (the combiner's CLIP4Cir proportions
+    on an open_clip model) and the head's default loss weights (plus the config's caption weight);
+    ``head_options`` are ``KEY=VALUE`` strings (values read as JSON where they parse: 8, 0.5, true),
+    checked against the head's constructor. Raises InputError naming an unknown head or option.
+    """
+    from compir.train.heads import head_class  # torch: only once a config is resolved, never for `--help`
+
+    changes: dict[str, Any] = {}
+    if head is not None and head != config.head:
+        cls = head_class(head)
+        defaults = _default_head_options(config.embed_dim) if head == "combiner" and config.clip_name else {}
+        weights = dict(cls.default_loss_weights)
+        if CAPTION_LOSS in config.loss_weights:
+            weights[CAPTION_LOSS] = config.loss_weights[CAPTION_LOSS]
+        changes.update(head=head, head_options=defaults, loss_weights=weights)
+    name = str(changes.get("head", config.head))
+    overrides = parse_head_options(head_options, head=name)
+    if overrides:
+        changes["head_options"] = {**changes.get("head_options", config.head_options), **overrides}
+    if resize_mode is not None and resize_mode != config.preprocess.get("resize_mode"):
+        preprocess = {k: v for k, v in config.preprocess.items() if k != "target_ratio"}
+        changes["preprocess"] = {**preprocess, "resize_mode": resize_mode}
+    if not changes:
+        return config
+    return ModelConfig.from_dict({**config.to_dict(), **changes}, source=f"model {config.name!r} with the given head/preprocess flags")
+
+
+def parse_head_options(pairs: Sequence[str], *, head: str) -> dict[str, Any]:
+    """``["local_tokens=8", "form=clip4cir"]`` -> ``{"local_tokens": 8, "form": "clip4cir"}``, each key
+    checked against the options ``head``'s constructor takes."""
+    from compir.train.heads import head_class
+
+    accepted = head_options_of(head_class(head))
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--head-option {pair!r}: expected KEY=VALUE (e.g. dropout=0.5)")
+        if key not in accepted:
+            raise InputError(f"--head-option {key!r}: the {head} head has no such option; it takes {', '.join(accepted)}")
+        try:
+            parsed[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parsed[key] = text  # a plain word: form=clip4cir
+    return parsed
+
+
+def head_options_of(cls: type[Any]) -> list[str]:
+    """The options (keyword parameters beyond the backbone's widths) a head class's constructor takes."""
+    skip = {"self", "embed_dim", "image_width", "text_width"}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name not in skip and p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -25,7 +25,7 @@ from compir.data.load import detect_format, load_split
 from compir.data.synthetic import synth_config_of
 from compir.errors import InputError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
-from compir.train.config import resolve_model_config
+from compir.train.config import DEFAULT_MODEL, ModelConfig, configure_model, resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
 from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.model import CIRModel, count_parameters
@@ -65,6 +65,7 @@ def train(options: TrainOptions) -> TrainResult:
             raise InputError(f"--{name} must be >= 1, got {value}")
     if options.minutes is not None and options.minutes <= 0:
         raise InputError(f"--minutes must be positive, got {options.minutes}")
+    _check_start(options)
     ctx = setup_distributed(options.device)
     try:
         return _Run(options, ctx).run()
@@ -84,7 +85,7 @@ class _Run:
             self.elapsed, self.best_score = float(state.get("elapsed_s", 0.0)), float(state.get("best_score", -1.0))
             self.history: list[dict[str, Any]] = list(state.get("history", []))
         else:
-            self.model = CIRModel(resolve_model_config(options.model), pretrained=options.pretrained)
+            self.model = _initial_model(options)
             state, self.step, self.epoch, self.elapsed, self.best_score, self.history = {}, 0, 0, 0.0, -1.0, []
         self.model.freeze_towers(image=options.freeze_image, text=options.freeze_text)
         self.model.to(ctx.device)
@@ -283,6 +284,40 @@ class _Run:
             summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())
             tqdm.write(f"epoch {self.epoch} step {self.step}: val {summary}{best_mark}")
         barrier(self.ctx)
+
+
+def _check_start(options: TrainOptions) -> None:
+    """--resume, --init and the flags that shape a new model exclude each other where they would conflict."""
+    shaping = [flag for flag, value in (("--head", options.head), ("--head-option", options.head_option),
+                                        ("--resize-mode", options.resize_mode), ("--pretrained", options.pretrained)) if value]
+    if options.resume is not None and (shaping or options.init is not None):
+        raise InputError(f"--resume continues a run as it was: drop {', '.join(shaping or ['--init'])} (or start a new run with --init)")
+    if options.init is not None:
+        if options.pretrained:
+            raise InputError("--init loads all weights from the checkpoint: drop --pretrained")
+        if options.model != DEFAULT_MODEL:
+            raise InputError("--init takes the model config from the checkpoint: drop --model")
+
+
+def _initial_model(options: TrainOptions) -> CIRModel:
+    """A new run's model: from --model (+ --pretrained), or from --init's checkpoint; --head, --head-option
+    and --resize-mode apply on top. From --init, a kept head keeps its weights, a new head starts fresh."""
+    def shaped(config: ModelConfig) -> ModelConfig:
+        return configure_model(config, head=options.head, head_options=options.head_option, resize_mode=options.resize_mode)
+
+    if options.init is None:
+        return CIRModel(shaped(resolve_model_config(options.model)), pretrained=options.pretrained)
+    start = load_checkpoint(options.init)
+    config = shaped(start.config)
+    model = CIRModel(config)
+    weights = start.model.state_dict()
+    if config.head != start.config.head:
+        weights = {key: value for key, value in weights.items() if not key.startswith("head.")}
+    try:
+        model.load_state_dict(weights, strict=config.head == start.config.head)
+    except RuntimeError as exc:
+        raise InputError(f"--init {options.init}: its weights do not fit the changed head options ({str(exc)[:300]})") from exc
+    return model
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

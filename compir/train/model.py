@@ -61,6 +61,16 @@ class CIRModel(nn.Module):
             text_width=_text_width(self.backbone.text),
             options=dict(config.head_options),
         )
+        if self.head.frozen_backbone:  # e.g. CLIP4Cir's second stage: the head learns on fixed features
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CIRModel:
+        """nn.Module.train, except that a frozen backbone stays in eval mode (fixed features: no
+        dropout, no batch-norm statistics updates)."""
+        super().train(mode)
+        if self.head.frozen_backbone:
+            self.backbone.eval()
+        return self
 
     def describe_backbone(self) -> str:
         """One line for ``compir train``'s header: the vision tower family, its tokens and activation."""
@@ -260,6 +270,8 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
             ) from exc
     final = open_clip.get_model_preprocess_cfg(model)
     preprocess = {key: final[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in final}
+    if "target_ratio" in config.preprocess:  # compir's own key ("targetpad"), which open_clip does not keep
+        preprocess["target_ratio"] = float(config.preprocess["target_ratio"])
     return model, {k: [float(x) for x in v] if isinstance(v, (tuple, list)) else v for k, v in preprocess.items()}
 
 

@@ -3,8 +3,8 @@ takes, and ``compir train`` builds its flags from it (:func:`compir.train.cli.bu
 
 Each field becomes ``--kebab-case`` (``batch_size`` -> ``--batch-size``; a ``flag`` in its metadata renames it),
 its type comes from the annotation (``int | None`` -> an optional int), its help text from :func:`cli` metadata. A
-boolean that defaults to True is turned off by ``--no-<name>``. A field added here gets its flag with no
-other change. Torch-free, so ``compir train --help`` answers at once.
+boolean that defaults to True is turned off by ``--no-<name>``; a ``tuple[str, ...]`` is a repeatable flag. A field
+added here gets its flag with no other change. Torch-free, so ``compir train --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compir.manifest import RESIZE_MODES
 from compir.train.config import DEFAULT_MODEL, list_model_configs
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -36,6 +37,15 @@ class TrainOptions:
     pretrained: str | None = field(default=None, metadata=cli(
         "open_clip pretrained tag (downloads) or a local weights file (open_clip's, or OpenAI's TorchScript .pt); "
         "the activation follows the weights (QuickGELU for OpenAI's)"))
+    head: str | None = field(default=None, metadata=cli(
+        "composition head on the model's backbone: combiner or tgcir (default: the model config's; combiner for an open_clip name)"))
+    head_option: tuple[str, ...] = field(default=(), metadata=cli(
+        "KEY=VALUE head option, repeatable (e.g. --head-option form=clip4cir --head-option stage=clip); unknown keys are refused"))
+    resize_mode: str | None = field(default=None, metadata=cli(
+        "image preprocessing (default: the model config's, else shortest); targetpad is CLIP4Cir's", choices=RESIZE_MODES))
+    init: Path | None = field(default=None, metadata=cli(
+        "start from this compir checkpoint's weights and model config (fresh optimizer and schedule; --head / --head-option "
+        "apply on top): e.g. CLIP4Cir's stage 2 after stage 1, or fine-tuning an imported checkpoint"))
     epochs: int | None = field(default=None, metadata=cli("number of epochs (default: 10, or as many as --minutes / --steps allow)"))
     minutes: float | None = field(default=None, metadata=cli(
         "wall-clock budget for the whole run (training + validation); the learning-rate schedule spans it"))

@@ -1,5 +1,6 @@
-"""Image transforms: open_clip's own, built from a PreprocessSpec, plus a fast path for
-images that are already at the model's size (the synthetic renderer draws them so)."""
+"""Image transforms: open_clip's own, built from a PreprocessSpec, CLIP4Cir's target-pad transform
+(``resize_mode="targetpad"``), plus a fast path for images that are already at the model's size
+(the synthetic renderer draws them so)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ def eval_transform(preprocess: PreprocessSpec) -> ImageTransform:
 
 
 def train_transform(preprocess: PreprocessSpec) -> ImageTransform:
-    """open_clip's training transform (random resized crop, scale 0.9-1) for real datasets."""
+    """open_clip's training transform (random resized crop, scale 0.9-1) for real datasets; with
+    "targetpad", the eval transform (CLIP4Cir trains without augmentation)."""
     return _open_clip_transform(preprocess, is_train=True)
 
 
 def _open_clip_transform(preprocess: PreprocessSpec, *, is_train: bool) -> ImageTransform:
+    if preprocess.resize_mode == "targetpad":  # open_clip has no such mode; CLIP4Cir trains without augmentation
+        return _target_pad_transform(preprocess)
     from open_clip.transform import image_transform
 
     return image_transform(
@@ -38,6 +42,37 @@ def _open_clip_transform(preprocess: PreprocessSpec, *, is_train: bool) -> Image
         resize_mode=preprocess.resize_mode,
         interpolation=preprocess.interpolation,
     )
+
+
+def _target_pad_transform(preprocess: PreprocessSpec) -> ImageTransform:
+    """CLIP4Cir's ``targetpad_transform``: TargetPad, Resize(short side), CenterCrop, ToTensor, Normalize."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    interpolation = InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else InterpolationMode.BILINEAR
+
+    return transforms.Compose([
+        _TargetPad(preprocess),
+        transforms.Resize(preprocess.image_size, interpolation=interpolation),
+        transforms.CenterCrop(preprocess.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(preprocess.mean, preprocess.std),
+    ])
+
+
+class _TargetPad:
+    """CLIP4Cir's TargetPad: a centred black border (see PreprocessSpec.target_padding); a class, so
+    data-loader workers can pickle it."""
+
+    def __init__(self, preprocess: PreprocessSpec) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        from torchvision.transforms import functional
+
+        pad_w, pad_h = self.preprocess.target_padding(*image.size)
+        padded: Image.Image = functional.pad(image, [pad_w, pad_h, pad_w, pad_h], fill=0, padding_mode="constant")
+        return padded
 
 
 def pixels_to_tensor(images: list[Image.Image], preprocess: PreprocessSpec) -> torch.Tensor:

@@ -26,6 +26,8 @@ class CompositionHead(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     # Names of the loss terms training_losses returns (the model config weighs them).
     loss_terms: ClassVar[tuple[str, ...]] = ()
+    # The weights a model config gets when it names no others for this head (``compir train --head``).
+    default_loss_weights: ClassVar[dict[str, float]] = {"composed": 1.0}
 
     def __init__(self, *, embed_dim: int, image_width: int, text_width: int, **options: Any) -> None:
         super().__init__()
@@ -37,6 +39,11 @@ class CompositionHead(nn.Module, abc.ABC):
     def output_dim(self) -> int:
         """D, the width of gallery, text and query vectors."""
         return self.embed_dim
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """True when this head trains on frozen backbone features (CIRModel then freezes the towers)."""
+        return False
 
     @abc.abstractmethod
     def image_features(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

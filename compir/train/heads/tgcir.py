@@ -82,6 +82,8 @@ class TgcirHead(CompositionHead):
     ``matching_temperature``."""
 
     loss_terms = ("composed", "teacher", "mask_constraint", "distill", "ortho", "matching")
+    # tiny-tgcir.json's weights (tuned on the synthetic benchmark), for `compir train --head tgcir`.
+    default_loss_weights = {"composed": 1.0, "teacher": 0.5, "mask_constraint": 0.1, "distill": 1.0, "ortho": 0.1, "matching": 1.0}
 
     def __init__(
         self,
