@@ -51,7 +51,7 @@ Ablation on the synthetic benchmark (README, methods; ``tiny-tgcir``, one seed, 
 of a 400-step schedule, fp32, AMD EPYC AVX-512 under heavy load): compir's earlier form (all five
 options the other way) val / test R@1 33.6 / 29.80, the authors' form 31.0 / 30.10, the authors' form
 with teacher soft labels 30.2 / 28.80, the authors' form without detached teacher inputs 26.2 / 27.20,
-with separate extractors 27.0 / 25.20.
+with separate extractors 27.0 / 25.20, with LayerNorm'd patch tokens 27.4 / 29.40.
 Within one seed's noise, nothing shows compir's variants better, so the authors' form is the default.
 """
 
