@@ -23,6 +23,9 @@ from compir.errors import ContractError, InputError
 if TYPE_CHECKING:
     from compir.metrics import EvalReport
 
+# FashionIQ galleries: the whole split of the category (CLIP4Cir's protocol, the default) or the
+# val queries' own images with the reference removed (TG-CIR's, to compare with its published figures).
+GALLERIES = ("split", "val-queries")
 MODE_LABELS = {"composed": "composed", "image_only": "image only", "text_only": "text only"}
 
 EPILOG = """examples:
@@ -30,6 +33,7 @@ EPILOG = """examples:
   compir eval runs/tiny/best.pt --data data/synth --split val --json val.json
   compir eval exports/tiny --data data/synth --variant int8-dynamic
   compir eval exports/tiny --data /datasets/cirr --split test1 --submission submit/   # CIRR test server files
+  compir eval runs/fiq/best.pt --data /datasets/fashioniq --split val --gallery val-queries   # TG-CIR's protocol
 """
 
 
@@ -88,10 +92,20 @@ def evaluate_path(
     backend: str = "onnxruntime",
     variant: str | None = None,
     progress: bool = True,
+    gallery: str = "split",
 ) -> EvalResult:
-    """Evaluate a checkpoint file or an export folder on ``split`` of the dataset under ``data``."""
+    """Evaluate a checkpoint file or an export folder on ``split`` of the dataset under ``data``.
+
+    ``gallery``: one of :data:`GALLERIES` ("val-queries": TG-CIR's FashionIQ gallery, FashionIQ only).
+    """
+    if gallery not in GALLERIES:
+        raise InputError(f"--gallery must be one of {', '.join(GALLERIES)}, got {gallery!r}")
     source = Path(path)
     dataset = load_split(data, split=split, fmt=fmt)
+    if gallery == "val-queries":
+        from compir.data.fashioniq import val_query_gallery
+
+        dataset = val_query_gallery(dataset)
     if not any(query.targets for query in dataset.queries):
         raise InputError(
             f"split {split!r} of {data} has no target labels (e.g. CIRR test1); evaluate on a labelled split, "
@@ -175,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="also write the reports to this JSON file")
     parser.add_argument("--submission", type=Path, metavar="DIR",
                         help="CIRR only: write the test server's recall / recall_subset JSON files into DIR instead of scoring")
+    parser.add_argument("--gallery", choices=GALLERIES, default="split",
+                        help="FashionIQ: rank against the whole split of the category (CLIP4Cir's protocol, default) or only "
+                             "the split's query images with the reference removed (val-queries: TG-CIR's protocol)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -193,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_path(
         args.source, data=args.data, split=args.split, fmt=args.fmt, batch_size=args.batch_size,
         baselines=not args.no_baselines, device=args.device, backend=args.backend, variant=args.variant,
-        progress=not args.no_progress,
+        progress=not args.no_progress, gallery=args.gallery,
     )
     print(result.format())
     if args.json:

@@ -15,10 +15,13 @@ Protocols:
 - ``synthetic``: CIRR's rules, plus the same metrics per ``seen`` / ``unseen`` and per
   ``kind=<kind>`` in the breakdown.
 - ``fashioniq``: R@10 / R@50 per category against the whole split *of that category*, the
-  reference NOT removed (CLIP4Cir's FashionIQ evaluation; note TG-CIR's own gallery differs);
+  reference NOT removed (CLIP4Cir's FashionIQ evaluation);
   ``R@10`` / ``R@50`` are the mean over categories, ``Avg`` their mean. Gallery names are
   category-qualified (``dress/B00...``, see :mod:`compir.data.fashioniq`) and ``Query.group`` is
   the category.
+- ``fashioniq-val-queries``: TG-CIR's FashionIQ evaluation, the same recalls against a gallery of
+  the split's query images only (each category's candidates and targets,
+  :func:`compir.data.fashioniq.val_query_gallery`), the reference removed from its own ranking.
 - ``shoes``: R@1/10/50 over the whole test gallery, the reference not removed (as FashionIQ).
 
 This module sits below :mod:`compir.data` (whose readers and baselines call it): it reads splits
@@ -202,7 +205,7 @@ def evaluate_split(
     index = _check_inputs(split, query_embeds, gallery_embeds, gallery_names)
     if split.protocol in ("cirr", "synthetic"):
         return _evaluate_cirr(split, query_embeds, gallery_embeds, index)
-    if split.protocol == "fashioniq":
+    if split.protocol in ("fashioniq", "fashioniq-val-queries"):
         return _evaluate_fashioniq(split, query_embeds, gallery_embeds, gallery_names)
     if split.protocol == "shoes":
         ranks = target_ranks(split.queries, query_embeds, gallery_embeds, index, remove_reference=False)
@@ -247,11 +250,12 @@ def _evaluate_fashioniq(split: EvalSplit, query_embeds: np.ndarray, gallery_embe
         columns = [i for i, category in enumerate(categories) if category == group]
         index = {gallery_names[c]: j for j, c in enumerate(columns)}  # the category's own gallery
         queries = [split.queries[i] for i in rows]
-        ranks = target_ranks(queries, query_embeds[rows], gallery_embeds[columns], index, remove_reference=False)
+        remove_reference = split.protocol == "fashioniq-val-queries"  # TG-CIR's rule; CLIP4Cir keeps it
+        ranks = target_ranks(queries, query_embeds[rows], gallery_embeds[columns], index, remove_reference=remove_reference)
         breakdown[group], sizes[group] = _recalls(ranks, FASHIONIQ_KS), len(rows)
     metrics = {f"R@{k}": float(np.mean([values[f"R@{k}"] for values in breakdown.values()])) for k in FASHIONIQ_KS}
     metrics["Avg"] = (metrics["R@10"] + metrics["R@50"]) / 2
-    return EvalReport("fashioniq", metrics, breakdown, len(split.queries), sizes)
+    return EvalReport(split.protocol, metrics, breakdown, len(split.queries), sizes)
 
 
 def _category_of(name: str) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from compir.data.fashioniq import val_query_gallery
 from compir.data.files import check_images, raise_image_problems
 from compir.data.load import detect_format, load_split
 from compir.data.submission import write_cirr_submission
-from compir.errors import DatasetError
+from compir.errors import DatasetError, InputError
 from compir.metrics import evaluate_split
 from tests.fixtures.data import write_cirr, write_fashioniq, write_json, write_shoes
 
@@ -174,3 +176,42 @@ def test_fashioniq_and_shoes_metrics_through_the_files(tmp_path):
     report = evaluate_split(shoes, query_embeds=np.array([[0.9, 0.1, 0.5]], dtype=np.float32),
                             gallery_embeds=np.eye(3, dtype=np.float32), gallery_names=list(shoes.gallery))
     assert report.metrics == {"R@1": 0.0, "R@10": 100.0, "R@50": 100.0}
+
+
+def test_fashioniq_val_queries_gallery_is_tgcirs_protocol(tmp_path):
+    names = [f"D{i}" for i in range(30)]
+    # 11 queries D0->D1, D2->D3, ..., D20->D21: the val-query images are D0..D21; D22..D29 are in the split only
+    records = [{"candidate": f"D{2 * i}", "target": f"D{2 * i + 1}", "captions": ["a", "b"]} for i in range(11)]
+    write_fashioniq(tmp_path, category="dress", split="val", records=records, names=names)
+    full = load_split(tmp_path, split="val")
+    tgcir = val_query_gallery(full)
+    assert tgcir.protocol == "fashioniq-val-queries" and full.protocol == "fashioniq"
+    assert tgcir.gallery == tuple(f"dress/D{i}" for i in range(22)) and len(full.gallery) == 30
+
+    def rows(gallery: tuple[str, ...]) -> np.ndarray:
+        scores = np.zeros((11, len(gallery)), dtype=np.float32)
+        column = {name: j for j, name in enumerate(gallery)}
+        for i in range(1, 11):
+            scores[i, column[f"dress/D{2 * i + 1}"]] = 1.0  # queries 1..10 find their target first
+        # query 0: its reference D0 and 9 val-query images ahead of its target D1, and the 8 split-only images too
+        planted = {"D0": 0.99, "D1": 0.5, **{f"D{i}": 0.9 for i in range(2, 11)}, **{f"D{i}": 0.95 for i in range(22, 30)}}
+        for name, score in planted.items():
+            if f"dress/{name}" in column:
+                scores[0, column[f"dress/{name}"]] = score
+        return scores
+
+    def recall10(split) -> float:
+        report = evaluate_split(split, query_embeds=rows(split.gallery), gallery_embeds=np.eye(len(split.gallery), dtype=np.float32),
+                                gallery_names=list(split.gallery))
+        assert report.protocol == split.protocol
+        return report.metrics["R@10"]
+
+    # CLIP4Cir: 18 images ahead of D1 (the reference kept) -> rank 19, a miss; TG-CIR: 9 ahead -> rank 10, a hit
+    assert recall10(full) == pytest.approx(100.0 * 10 / 11)
+    assert recall10(tgcir) == 100.0
+    # the reference removal is what makes it a hit: kept, it would be the 10th image ahead
+    kept = evaluate_split(dataclasses.replace(tgcir, protocol="fashioniq"), query_embeds=rows(tgcir.gallery),
+                          gallery_embeds=np.eye(22, dtype=np.float32), gallery_names=list(tgcir.gallery))
+    assert kept.metrics["R@10"] == pytest.approx(100.0 * 10 / 11)
+    with pytest.raises(InputError, match="val-queries"):
+        val_query_gallery(dataclasses.replace(full, protocol="cirr"))

@@ -77,3 +77,23 @@ def test_submission_for_an_unlabelled_cirr_split(source, tiny_checkpoint, tiny_e
         assert record["reference"] not in ranked and set(ranked) <= set(names)
         assert len(subset[str(record["pairid"])]) == 3 and record["reference"] not in subset[str(record["pairid"])]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_fashioniq_val_queries_gallery_through_the_cli(tiny_checkpoint, tmp_path, capsys):
+    from tests.fixtures.data import write_fashioniq
+
+    records = [{"candidate": "D0", "target": "D1", "captions": ["is red", "has long sleeves"]},
+               {"candidate": "D2", "target": "D3", "captions": ["is blue", "is shorter"]}]
+    write_fashioniq(tmp_path / "fiq", category="dress", split="val", records=records, names=[f"D{i}" for i in range(6)])
+    out_json = tmp_path / "fiq.json"
+    assert main([str(tiny_checkpoint), "--data", str(tmp_path / "fiq"), "--split", "val", "--gallery", "val-queries",
+                 "--no-baselines", "--no-progress", "--json", str(out_json)]) == 0
+    assert "fashioniq-val-queries protocol, 2 queries" in capsys.readouterr().out
+    composed = json.loads(out_json.read_text())["reports"]["composed"]
+    # 4 val-query images, each query's reference removed: 3 candidates, so R@10 is 100 whatever the model
+    assert composed["protocol"] == "fashioniq-val-queries" and composed["metrics"]["R@10"] == 100.0
+
+
+def test_val_queries_gallery_is_fashioniq_only(tiny_checkpoint, synth_data):
+    with pytest.raises(InputError, match="val-queries gallery is TG-CIR's FashionIQ protocol"):
+        evaluate_path(tiny_checkpoint, data=synth_data, split="val", gallery="val-queries", progress=False)

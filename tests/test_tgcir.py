@@ -72,12 +72,17 @@ def _grad_norms(model: CIRModel, term: str) -> dict[str, float]:
 @pytest.mark.parametrize(
     ("term", "reaches", "spares"),
     [
-        ("composed", {"student_gate", "image_local", "text_local", "image_global"}, {"teacher_remain", "teacher_replace"}),
-        ("teacher", {"teacher_remain", "teacher_replace", "image_local"}, {"student_gate"}),
+        ("composed", {"student_gate", "image_local", "text_local", "shared_local", "shared_global"},
+         {"teacher_remain", "teacher_replace", "local_weight"}),
+        # The teacher's reference and text inputs are detached (the authors' form): only the target's
+        # features (image side) and the teacher's own parameters learn from it.
+        ("teacher", {"teacher_remain", "teacher_replace", "local_weight", "image_local", "shared_local"},
+         {"student_gate", "text_local"}),
         ("distill", {"student_gate"}, {"teacher_remain", "teacher_replace"}),
-        ("mask_constraint", {"teacher_remain", "teacher_replace"}, {"student_gate"}),
-        ("ortho", {"image_local", "text_local", "image_global", "text_global"}, {"student_gate", "teacher_remain"}),
-        ("matching", {"student_gate", "image_local"}, {"teacher_remain", "teacher_replace"}),
+        ("mask_constraint", {"teacher_remain", "teacher_replace"}, {"student_gate", "text_local"}),
+        ("ortho", {"image_local", "text_local", "shared_local", "shared_global"}, {"student_gate", "teacher_remain"}),
+        # The soft labels (target-to-target similarity) are detached: only the student side learns.
+        ("matching", {"student_gate", "image_local", "text_local"}, {"teacher_remain", "teacher_replace", "local_weight"}),
     ],
 )
 def test_each_loss_term_moves_the_parameters_it_should(model, term, reaches, spares):
@@ -118,3 +123,72 @@ def test_tgcir_checkpoint_exports_with_fp32_parity(model, tmp_path):
     with torch.no_grad():
         expected = model.encode_query(reference, ids).numpy()
     assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def _head(**options: object) -> TgcirHead:
+    torch.manual_seed(0)
+    return TgcirHead(embed_dim=8, image_width=8, text_width=8, global_tokens=2, local_tokens=2, hidden_dim=8, **options)
+
+
+def _unit_tokens(seed: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_matching_soft_labels_are_target_to_target_similarity():
+    head = _head()
+    reference, text, target = _unit_tokens(1), _unit_tokens(2), _unit_tokens(3)
+    with torch.no_grad():
+        head.local_weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        got = head.training_losses(reference=reference, text=text, target=target, logit_scale=torch.tensor(10.0))["matching"]
+        # The authors' labels: the slot-weighted target tokens, flattened, against every batch target.
+        flat = torch.nn.functional.normalize((target * head.local_weight.view(1, -1, 1)).flatten(1), dim=-1)
+        labels = torch.softmax(flat @ flat.T / 0.1, dim=-1)
+        query = head.compose(reference, text)
+        gallery = head.gallery_embeds(target)
+        expected = torch.nn.functional.kl_div(torch.log_softmax(query @ gallery.T / 0.1, dim=-1), labels, reduction="batchmean")
+        # compir's earlier labels (the teacher query's similarities) give another value.
+        teacher_form = _head(matching_labels="teacher")
+        teacher_form.load_state_dict(head.state_dict())
+        other = teacher_form.training_losses(reference=reference, text=text, target=target, logit_scale=torch.tensor(10.0))
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(other["matching"]) - float(got)) > 1e-4
+
+
+def test_global_masks_are_shared_block_initialised_and_non_negative():
+    head = _head()
+    assert head.shared_global is not None and head.image_global is None and head.text_global is None
+    masks = head.shared_global.masks.detach()
+    assert torch.equal(masks[0, :4], torch.ones(4)) and torch.allclose(masks[0, 4:], torch.full((4,), 0.1))
+    assert torch.equal(masks[1, 4:], torch.ones(4))
+    with torch.no_grad():
+        head.shared_global.masks[0, 0] = -3.0  # a negative mask entry is cut to 0 (ReLU)
+        pooled = torch.ones(1, 8)
+        assert float(head.shared_global(pooled)[0, 0, 0]) == 0.0
+    separate = _head(shared_extractors=False)
+    assert separate.shared_global is None and separate.image_global is not None and separate.text_global is not None
+
+
+def test_image_tokens_before_the_final_layernorm_with_the_class_token(model):
+    assert model.head.wants_raw_image_tokens
+    reference, _, _ = _batch(model)
+    seen: list[torch.Tensor] = []
+    hook = model.head.image_local.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            _, _, patches = model.encode_image(reference)
+            pooled, expected_patches = model.backbone.visual(reference)
+    finally:
+        hook.remove()
+    grid = (model.config.image_size // 8) ** 2
+    assert seen[0].shape == (4, 1 + grid, 64)  # class token + patches, as the head reads them
+    # Not LayerNorm'd: open_clip's patch outputs are ln_post of these tokens (the third output is unchanged).
+    assert torch.allclose(model.backbone.visual.ln_post(seen[0][:, 1:]), expected_patches, atol=1e-5)
+    assert not torch.allclose(seen[0][:, 1:], expected_patches, atol=1e-3)
+    assert torch.equal(patches, expected_patches)
+
+
+def test_unknown_option_values_are_refused():
+    with pytest.raises(TypeError, match="matching_labels"):
+        _head(matching_labels="student")
+    with pytest.raises(TypeError, match="image_tokens"):
+        _head(image_tokens="cls")

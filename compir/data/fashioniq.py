@@ -18,11 +18,12 @@ against the whole split *of that category*, and the qualified name is how
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from compir.data.files import read_name_list, read_records, require_str
 from compir.data.types import CirSplit, Query
-from compir.errors import DatasetError
+from compir.errors import DatasetError, InputError
 
 CATEGORIES = ("dress", "shirt", "toptee")
 
@@ -100,3 +101,18 @@ def _queries(path: Path, category: str, image_paths: dict[str, Path]) -> list[Qu
             Query(query_id=f"{category}.{index}", reference=reference, text=join_captions(captions), targets=targets, group=category)
         )
     return queries
+
+
+def val_query_gallery(split: CirSplit) -> CirSplit:
+    """TG-CIR's FashionIQ gallery: only the images the split's queries name (candidates and targets).
+
+    Returns ``split`` with that gallery (in the split's order) and protocol
+    ``"fashioniq-val-queries"``, which also removes each query's reference from its own ranking
+    (:mod:`compir.metrics`). TG-CIR's published FashionIQ figures use it; CLIP4Cir's (the default,
+    ``"fashioniq"``) rank against the whole split of the category.
+    """
+    if split.protocol != "fashioniq":
+        raise InputError(f"the val-queries gallery is TG-CIR's FashionIQ protocol; split {split.name!r} is {split.protocol!r}")
+    named = {name for query in split.queries for name in (query.reference, *query.targets)}
+    gallery = tuple(name for name in split.gallery if name in named)
+    return dataclasses.replace(split, gallery=gallery, protocol="fashioniq-val-queries")

@@ -32,7 +32,8 @@ class CirSplit:
     """One split of a dataset: its queries, its gallery and where each image lies on disk.
 
     ``protocol`` selects the evaluation protocol: ``"cirr"``, ``"fashioniq"``, ``"shoes"`` or
-    ``"synthetic"`` (CIRR's rules plus seen / unseen and per-kind breakdowns).
+    ``"synthetic"`` (CIRR's rules plus seen / unseen and per-kind breakdowns), or
+    ``"fashioniq-val-queries"`` (TG-CIR's FashionIQ gallery, see :mod:`compir.metrics`).
     ``identities`` maps an image name to its object identity (MMRef); images absent from it
     are their own identity. ``captions`` maps an image name to descriptive texts where the
     dataset has them (synthetic scenes do), for text-to-image retrieval.

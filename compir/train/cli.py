@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import typing
@@ -23,6 +24,10 @@ EPILOG = """examples:
   compir train --data fiq --init runs/train/best.pt --head-option stage=combiner --out runs/stage2
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
+
+A model config with a "train" entry (tgcir-fashioniq, tgcir-cirr, tgcir-shoes: the paper's
+recipes) sets --lr, --backbone-lr-scale, --weight-decay and --batch-size unless given:
+  compir train --data /datasets/fashioniq --model tgcir-fashioniq --pretrained openai
 
 The run folder gets best.pt (best validation score, weights only), last.pt (with AdamW's state
 for an exact --resume: 3x the size of best.pt; --no-optimizer-state leaves it out) and
@@ -91,11 +96,35 @@ class _Append(argparse.Action):
         setattr(namespace, self.dest, (*getattr(namespace, self.dest, ()), values))
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The ``dest`` of every option the command line gives explicitly (whatever its value)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return set(vars(probe.parse_args(argv)))
+
+
+def with_recipe_settings(options: TrainOptions, given: set[str]) -> TrainOptions:
+    """``options`` with the model config's ``train`` settings (lr, weight decay, ...) where no flag gave them."""
+    if options.resume is not None:
+        return options
+    from compir.train.config import resolve_model_config
+
+    recipe = {name: value for name, value in resolve_model_config(options.model).train.items() if name not in given}
+    if not recipe:
+        return options
+    types = typing.get_type_hints(TrainOptions)
+    print(f"recipe settings of {options.model}: " + ", ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in recipe.items()))
+    return dataclasses.replace(options, **{name: types[name](value) for name, value in recipe.items()})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from compir.train.loop import train
 
-    result = train(TrainOptions(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainOptions)}))
+    options = TrainOptions(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainOptions)})
+    result = train(with_recipe_settings(options, given_flags(parser, argv)))
     if result.history:  # rank 0
         print(f"best checkpoint: {result.best_checkpoint}  ({json.dumps({k: round(v, 2) for k, v in result.best_metrics.items()})})")
         print(f"last checkpoint: {result.last_checkpoint}  ({result.steps} steps, {result.epochs} epochs, "

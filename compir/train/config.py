@@ -6,8 +6,12 @@ A compir model config is a JSON file (the built-in ones live in ``compir/model_c
      "open_clip": {"embed_dim": 128, "vision_cfg": {...}, "text_cfg": {...}}   # or "ViT-B-32"
      "head": {"name": "combiner", ...head options...},
      "loss_weights": {"composed": 1.0, "caption": 0.5},
-     "preprocess": {"mean": [...], "std": [...]}}                            # optional overrides
+     "preprocess": {"mean": [...], "std": [...]},                            # optional overrides
                  # (also "resize_mode": shortest | squash | longest | targetpad, "target_ratio")
+     "train": {"lr": 1e-4, "backbone_lr_scale": 0.1, "weight_decay": 0.01, "batch_size": 64}}  # optional
+
+``train`` holds the recipe's optimizer settings: ``compir train`` uses them where its flag is not
+given (a paper's recipe, e.g. ``tgcir-fashioniq``); the keys are :data:`TRAIN_SETTINGS`.
 
 ``open_clip`` is either an inline open_clip architecture or the name of one open_clip knows
 (then ``--pretrained TAG`` can download its weights). :func:`resolve_model_config` accepts a
@@ -34,6 +38,8 @@ from compir.manifest import CLIP4CIR_TARGET_RATIO, PreprocessSpec, rgb_values
 DEFAULT_MODEL = "tiny-tgcir"
 # The loss term CIRModel adds to its head's (text-only search: captions vs gallery vectors).
 CAPTION_LOSS = "caption"
+# The training options a model config's "train" entry may set (compir train's flags of the same name).
+TRAIN_SETTINGS = ("lr", "backbone_lr_scale", "weight_decay", "batch_size", "warmup_steps", "grad_clip")
 # open_clip's defaults (OPENAI_DATASET_MEAN / STD); pretrained tags may override them.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,6 +58,7 @@ class ModelConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: {"composed": 1.0})
     preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of open_clip's defaults
     description: str = ""
+    train: dict[str, float] = field(default_factory=dict)  # the recipe's optimizer settings (TRAIN_SETTINGS)
 
     @property
     def embed_dim(self) -> int:
@@ -96,6 +103,7 @@ class ModelConfig:
                 loss_weights={str(k): float(v) for k, v in raw.get("loss_weights", {"composed": 1.0}).items()},
                 preprocess=dict(raw.get("preprocess", {})),
                 description=str(raw.get("description", "")),
+                train={str(k): float(v) for k, v in raw.get("train", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{source}: malformed model config ({type(exc).__name__}: {exc})") from exc
@@ -160,6 +168,7 @@ def _from_file_record(record: Any, *, name: str, source: str) -> ModelConfig:
             "loss_weights": record.get("loss_weights", {"composed": 1.0}),
             "preprocess": record.get("preprocess", {}),
             "description": record.get("description", ""),
+            "train": record.get("train", {}),
         },
         source=source,
     )
@@ -196,6 +205,9 @@ def _validate(config: ModelConfig, source: str) -> None:
     unknown = sorted(set(config.loss_weights) - set(terms))
     if unknown:
         raise InputError(f"{source}: loss_weights names unknown term(s) {unknown}; head {config.head!r} trains {list(terms)}")
+    unknown_settings = sorted(set(config.train) - set(TRAIN_SETTINGS))
+    if unknown_settings:
+        raise InputError(f"{source}: 'train' names unknown setting(s) {unknown_settings}; known: {list(TRAIN_SETTINGS)}")
     try:
         problem = config.preprocess_spec().problem()
     except InputError as exc:

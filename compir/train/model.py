@@ -99,8 +99,13 @@ class CIRModel(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) -> image_embeds (B, D), image_features (head-defined), patch_features (B, P, Wi)."""
-        pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
-        features = self.head.image_features(pooled, patches)
+        if self.head.wants_raw_image_tokens and vision_family(self.backbone.visual) == "vit":
+            # TG-CIR as its authors: the ViT's tokens before the final LayerNorm, class token first
+            pooled, raw, patches = _visual_with_raw_tokens(self.backbone.visual, pixel_values)
+            features = self.head.image_features(pooled, raw)
+        else:  # every other tower: its own token grid (compir.train.towers)
+            pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
+            features = self.head.image_features(pooled, patches)
         return self.head.gallery_embeds(features), features, patches
 
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,6 +233,21 @@ def _weights_file(pretrained: str | None) -> Iterator[str | None]:
         torch.save({k: v.float() for k, v in state.items() if k not in _OPENAI_SETTINGS}, path)
         del state
         yield str(path)
+
+
+def _visual_with_raw_tokens(visual: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """open_clip's VisionTransformer forward, also returning its tokens before the final LayerNorm.
+
+    -> pooled (B, E), raw tokens (B, 1 + P, Wi) with the class token first, patch tokens (B, P, Wi)
+    exactly as ``visual(pixel_values)`` returns them.
+    """
+    if not all(hasattr(visual, name) for name in ("_embeds", "transformer", "_pool")):
+        raise InputError(f"this head needs a ViT image tower (open_clip VisionTransformer); got {type(visual).__name__}")
+    raw = visual.transformer(visual._embeds(pixel_values))  # (B, 1 + P, Wi)
+    pooled, patches = visual._pool(raw)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled, raw, patches
 
 
 def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn.Module, dict[str, Any]]:

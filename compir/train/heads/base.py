@@ -28,6 +28,9 @@ class CompositionHead(nn.Module, abc.ABC):
     loss_terms: ClassVar[tuple[str, ...]] = ()
     # The weights a model config gets when it names no others for this head (``compir train --head``).
     default_loss_weights: ClassVar[dict[str, float]] = {"composed": 1.0}
+    # True: image_features gets the vision transformer's tokens before its final LayerNorm, class
+    # token first (B, 1 + P, Wi); False: open_clip's normalised patch tokens (B, P, Wi).
+    wants_raw_image_tokens: bool = False
 
     def __init__(self, *, embed_dim: int, image_width: int, text_width: int, **options: Any) -> None:
         super().__init__()
@@ -47,7 +50,7 @@ class CompositionHead(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def image_features(self, pooled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """pooled (B, E), patch tokens (B, P, Wi) -> head-defined image features."""
+        """pooled (B, E), patch tokens (B, P, Wi) (see ``wants_raw_image_tokens``) -> head-defined image features."""
 
     @abc.abstractmethod
     def text_features(self, pooled: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
