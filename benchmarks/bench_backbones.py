@@ -13,11 +13,13 @@ on the same inputs (rendered scenes and their edit texts, 77-token context):
   stalls when other processes hold the cores, which would flatter onnxruntime);
 - int8's cosine to fp32 (image, text and query embeddings, mean over 32 inputs);
 - what the session options cost: fp32 at onnxruntime's basic / extended / all graph optimisation
-  levels (the runtime uses all) and the share of fp32 time spent in MatMul (onnxruntime's profiler).
+  levels (the runtime uses all) and the share of fp32 time spent in MatMul (onnxruntime's profiler);
+- fp32 after onnxruntime's transformer optimizer (LayerNorm / SkipLayerNorm / BiasGelu / attention
+  fusions into com.microsoft ops): its latency, what it fused and its distance to the plain graph.
+  The export does not apply it: on ViT-B-32 it fused no attention and was 4-7 % slower.
 
 Goals: fp32 >= 2x and int8 >= 3x torch at batch 1 (1 thread); int8 cosine to fp32 >= 0.99.
-A model that cannot be built or exported is skipped with its reason printed (ModifiedResNet
-backbones such as RN50 need compir's support for them).
+A model that cannot be built or exported is skipped with its reason printed.
 """
 
 from __future__ import annotations
@@ -84,6 +86,17 @@ def _session(path: Path, *, threads: int, level: str = "all", profile: str | Non
 
 def _runner(session: Any, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
+
+
+def _transformer_fused(path: Path, target: Path) -> tuple[Path, dict[str, int]]:
+    """The fp32 graph through onnxruntime's transformer optimizer (LayerNorm, SkipLayerNorm, BiasGelu, attention
+    fusions into com.microsoft contrib ops; CPU only, TensorRT cannot run them); (graph, fused op counts)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = optimize_model(str(path), model_type="clip", opt_level=0)  # heads / width read from the graph
+    counts = {op: int(n) for op, n in fused.get_fused_operator_statistics().items() if n}
+    fused.save_model_to_file(str(target))
+    return target, counts
 
 
 def _matmul_share(path: Path, feeds: dict[str, np.ndarray], *, prefix: str) -> float:
@@ -160,13 +173,22 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
             for part in PARTS if part in per_backend["fp32"]
         }
 
-    # Session options: fp32 at each graph level (1 thread, batch 1), and where its time goes.
+    # Session options: fp32 at each graph level (1 thread, batch 1), and where its time goes; and the graph
+    # after onnxruntime's transformer optimizer (not adopted by the export: no gain measured, see the README).
     levels: dict[str, dict[str, float]] = {}
+    fusions: dict[str, dict[str, Any]] = {}
     for part, feeds in (("image", {"pixel_values": px[:1]}), ("text", {"input_ids": ids[:1]})):
+        fused_path, counts = _transformer_fused(graphs["fp32"][part], work / f"{name}-{part}-fused.onnx")
         sessions = {level: _session(graphs["fp32"][part], threads=1, level=level) for level in ("basic", "extended", "all")}
+        sessions["fused"] = _session(fused_path, threads=1)
+        embeds_key = f"{part}_embeds"
+        reference, fused_out = (sessions[k].run([embeds_key], feeds)[0] for k in ("all", "fused"))
+        fusions[part] = {"ops": counts, "max_abs_to_fp32": float(np.abs(fused_out - reference).max())}
         runs = interleaved_runs({level: _runner(session, feeds) for level, session in sessions.items()}, rounds=max(rounds // 2, 3))
         levels[part] = {level: float(np.median(v)) * 1e3 for level, v in runs.items()}
         levels[part]["matmul_share"] = _matmul_share(graphs["fp32"][part], feeds, prefix=str(work / f"{name}-{part}"))
+        del sessions
+        fused_path.unlink()
 
     # int8's cost: cosine of its embeddings to fp32's on the same 32 inputs.
     embeds = {}
@@ -183,6 +205,7 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
         "min_ms": {s: {p: {b: float(np.min(v)) * 1e3 for b, v in parts.items()} for p, parts in t.items()} for s, t in timings.items()},
         "int8_cosine_to_fp32": cosine,
         "fp32_graph_levels_ms": levels,
+        "fp32_transformer_fusions": fusions,
     }
 
 
@@ -241,12 +264,21 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
               "speed-up b32", "int8 cos to fp32"]
     table = markdown_table(header, rows)
     level_rows = [
-        [name, part, *(f"{r['fp32_graph_levels_ms'][part][lvl]:.1f}" for lvl in ("basic", "extended", "all")),
-         f"{100 * r['fp32_graph_levels_ms'][part]['matmul_share']:.0f} %"]
+        [name, part, *(f"{r['fp32_graph_levels_ms'][part][lvl]:.1f}" for lvl in ("basic", "extended", "all", "fused")),
+         f"{100 * r['fp32_graph_levels_ms'][part]['matmul_share']:.0f} %",
+         ", ".join(f"{op} {n}" for op, n in r["fp32_transformer_fusions"][part]["ops"].items()) or "none",
+         f"{r['fp32_transformer_fusions'][part]['max_abs_to_fp32']:.1e}"]
         for name, r in results.items() for part in ("image", "text")
     ]
-    table += "\n\nfp32 at each onnxruntime graph optimisation level (batch 1, 1 thread, median ms) and the share in MatMul / Conv:\n\n"
-    table += markdown_table(["model", "part", "basic", "extended", "all (runtime)", "MatMul + Conv share"], level_rows)
+    table += (
+        "\n\nfp32 at each onnxruntime graph optimisation level (batch 1, 1 thread, median ms), after onnxruntime's "
+        "transformer optimizer (`optimize_model`, model_type clip; contrib ops, CPU only), and the share in MatMul / Conv:\n\n"
+    )
+    table += markdown_table(
+        ["model", "part", "basic", "extended", "all (runtime)", "transformer-fused", "MatMul + Conv share", "fused ops",
+         "fused max abs to fp32"],
+        level_rows,
+    )
     plots = []
     if results:
         plots.append(bar_chart(out_dir / "backbones.png", panels=[
