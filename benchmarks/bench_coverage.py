@@ -343,6 +343,21 @@ def _family_or_error(arch: dict[str, Any]) -> str:
         return f"unknown ({type(exc).__name__})"
 
 
+def add_arguments(group: Any) -> None:
+    """This benchmark's options (``compir bench coverage ...`` and ``python -m benchmarks.bench_coverage ...``)."""
+    group.add_argument("--offline-standins", choices=("auto", "on", "off"), default="auto",
+                       help="coverage: local stand-ins for Hub tokenizers / text towers (default auto: on where the Hub cannot be reached)")
+    group.add_argument("--hub-only", action="store_true", help="coverage: only the names whose tokenizer or text tower is a Hub id")
+    group.add_argument("--shard", default="1/1", metavar="I/N", type=_shard, help="coverage: every N-th name from the I-th (default 1/1)")
+
+
+def _shard(value: str) -> str:
+    parts = value.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected I/N with 1 <= I <= N, e.g. 1/3")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.bench_coverage``: this benchmark alone, with its options."""
     parser = argparse.ArgumentParser(
@@ -352,14 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "  python -m benchmarks.bench_coverage --offline-standins off  # Hub names refused when offline")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default: bench-results/)")
     parser.add_argument("--quick", action="store_true", help="the first name of each family only")
-    parser.add_argument("--offline-standins", choices=("auto", "on", "off"), default="auto",
-                        help="local stand-ins for Hub tokenizers / text towers (default auto: on where the Hub cannot be reached)")
-    parser.add_argument("--hub-only", action="store_true", help="only the names whose tokenizer or text tower is a Hub id")
-    parser.add_argument("--shard", default="1/1", metavar="I/N", help="every N-th name from the I-th (default 1/1)")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    parts = args.shard.split("/")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
-        parser.error(f"--shard {args.shard!r}: expected I/N with 1 <= I <= N, e.g. 1/3")
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(out_dir=args.out, quick=args.quick, offline_standins=args.offline_standins, hub_only=args.hub_only, shard=args.shard)
     suffix = "" if args.shard == "1/1" else "-" + args.shard.replace("/", "of")
