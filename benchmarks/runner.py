@@ -1,7 +1,8 @@
 """``compir bench``: find the benchmark modules, run them, write JSON + PNG + one report.md.
 
 Each ``benchmarks/bench_<name>.py`` exposes ``NAME``, ``DESCRIPTION`` and
-``run(*, out_dir, quick) -> BenchResult`` (see :mod:`benchmarks.common`). Results are written to
+``run(*, out_dir, quick) -> BenchResult`` (see :mod:`benchmarks.common`); one with options of its own
+also exposes ``add_arguments(group)`` (argparse) and takes them in ``run``. Results are written to
 ``<out>/<name>.json`` (format ``compir.bench``); ``report.md`` is rebuilt from every result JSON in
 the folder, so benchmarks run one at a time still end up in one report.
 """
@@ -31,6 +32,7 @@ EPILOG = """examples:
   compir bench --list                     # the benchmarks and what they measure
   compir bench synth --quick              # one benchmark, small sizes (seconds)
   compir bench --out bench-results        # all of them; JSON + PNG + report.md in bench-results/
+  compir bench coverage --offline-standins on --hub-only   # a benchmark's own options (listed below)
 """
 
 
@@ -76,12 +78,13 @@ def discover(folder: Path | None = None) -> dict[str, BenchModule]:
     return found
 
 
-def run_benchmark(bench: BenchModule, *, out_dir: Path, quick: bool, machine: dict[str, Any]) -> BenchResult:
-    """Run one benchmark and write ``<name>.json``; raises what the benchmark raises."""
+def run_benchmark(bench: BenchModule, *, out_dir: Path, quick: bool, machine: dict[str, Any],
+                  options: dict[str, Any] | None = None) -> BenchResult:
+    """Run one benchmark (with its own ``options``) and write ``<name>.json``; raises what the benchmark raises."""
     if bench.module is None:
         raise RuntimeError(f"benchmark {bench.name!r} cannot be imported: {bench.error}")
     start = time.perf_counter()
-    result = bench.module.run(out_dir=out_dir, quick=quick)
+    result = bench.module.run(out_dir=out_dir, quick=quick, **(options or {}))
     elapsed = time.perf_counter() - start
     if not isinstance(result, BenchResult):
         raise TypeError(f"benchmark {bench.name!r} returned {type(result).__name__}, not BenchResult")
@@ -145,7 +148,8 @@ def write_report(out_dir: Path, *, machine: dict[str, Any], failures: dict[str, 
     return path
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(benches: dict[str, BenchModule] | None = None) -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
+    """The parser, with each benchmark's own options in a group; and the option names (dests) per benchmark."""
     parser = argparse.ArgumentParser(
         prog="compir bench",
         description="Run compir's benchmarks (benchmarks/bench_*.py): JSON + PNG per benchmark and one report.md.",
@@ -157,12 +161,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run in seconds")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--dir", type=Path, default=None, help="folder of bench_*.py files (default: compir's benchmarks/)")
-    return parser
+    dests: dict[str, list[str]] = {}
+    for bench in (benches or {}).values():
+        add = getattr(bench.module, "add_arguments", None)
+        if add is not None:
+            group = parser.add_argument_group(f"{bench.name} options")
+            add(group)
+            dests[bench.name] = [action.dest for action in group._group_actions]
+    return parser, dests
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    benches = discover(args.dir)
+    first = argparse.ArgumentParser(add_help=False)  # --dir first: it says whose options to add
+    first.add_argument("--dir", type=Path, default=None)
+    benches = discover(first.parse_known_args(argv)[0].dir)
+    parser, dests = _parser(benches)
+    args = parser.parse_args(argv)
     if args.list:
         for bench in benches.values():
             print(f"{bench.name:<16} {bench.description or '(cannot import: ' + bench.error + ')'}")
@@ -171,10 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"compir bench: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(benches)}")
         return 2
-    return run_all(benches, names=args.names or list(benches), out_dir=Path(args.out), quick=args.quick)
+    options = {name: {dest: getattr(args, dest) for dest in names} for name, names in dests.items()}
+    return run_all(benches, names=args.names or list(benches), out_dir=Path(args.out), quick=args.quick, options=options)
 
 
-def run_all(benches: dict[str, BenchModule], *, names: Sequence[str], out_dir: Path, quick: bool) -> int:
+def run_all(benches: dict[str, BenchModule], *, names: Sequence[str], out_dir: Path, quick: bool,
+            options: dict[str, dict[str, Any]] | None = None) -> int:
     """Run ``names`` in order, write their JSONs and report.md; 1 if any failed, else 0."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
@@ -182,7 +198,7 @@ def run_all(benches: dict[str, BenchModule], *, names: Sequence[str], out_dir: P
     for name in names:
         print(f"== {name}", flush=True)
         try:
-            result = run_benchmark(benches[name], out_dir=out_dir, quick=quick, machine=machine)
+            result = run_benchmark(benches[name], out_dir=out_dir, quick=quick, machine=machine, options=(options or {}).get(name))
         except Exception:  # one failing benchmark is reported, the others still run
             failures[name] = traceback.format_exc()
             print(f"{name} FAILED:\n{failures[name]}", flush=True)

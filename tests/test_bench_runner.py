@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 from PIL import Image
 
@@ -22,6 +23,19 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     plot = bar_chart(out_dir / "toy.png", panels=panels)
     table = markdown_table(["k", "v"], [["x", 1.0]])
     return BenchResult(name=NAME, figures={"quick": quick, "x": 1.0}, table=table, plots=[plot], notes="toy notes")
+'''
+WITH_OPTIONS = '''
+from pathlib import Path
+from benchmarks.common import BenchResult
+
+NAME = "opts"
+DESCRIPTION = "a benchmark with its own option"
+
+def add_arguments(group):
+    group.add_argument("--colour", default="red", help="opts: a colour")
+
+def run(*, out_dir: Path, quick: bool, colour: str = "red") -> BenchResult:
+    return BenchResult(name=NAME, figures={"colour": colour}, table="", notes="")
 '''
 BROKEN = '''
 NAME = "broken"
@@ -57,6 +71,17 @@ def test_runner_writes_json_png_and_report_and_isolates_failures(tmp_path, capsy
     listed = capsys.readouterr().out
     assert "toy" in listed and "a toy benchmark" in listed and "cannot import" in listed
     assert main(["nope", "--dir", str(benches_dir), "--out", str(out)]) == 2
+
+
+def test_a_benchmarks_own_options_reach_its_run(tmp_path: Path) -> None:
+    benches_dir = tmp_path / "benches"
+    benches_dir.mkdir()
+    (benches_dir / "bench_opts.py").write_text(textwrap.dedent(WITH_OPTIONS))
+    (benches_dir / "bench_toy.py").write_text(textwrap.dedent(GOOD))
+    out = tmp_path / "out"
+    assert main(["opts", "toy", "--colour", "blue", "--dir", str(benches_dir), "--out", str(out)]) == 0
+    assert json.loads((out / "opts.json").read_text())["figures"] == {"colour": "blue"}
+    assert json.loads((out / "toy.json").read_text())["figures"]["x"] == 1.0  # toy takes no options and gets none
 
 
 def test_helpers_time_and_format():
