@@ -42,7 +42,9 @@ def join_ray(ray: Any, address: str | None, *, num_cpus: int | None = None) -> N
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise InputError(f"cannot join the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
+        # A cluster started with token authentication (recent Ray: on by default) refuses a client not set to it.
+        auth = "" if os.environ.get("RAY_AUTH_MODE") else "; a cluster with token authentication needs RAY_AUTH_MODE=token here"
+        raise InputError(f"cannot join the Ray cluster at --ray={address} ({exc}){auth}; start one (ray start --head) "
                          "or give a bare --ray to start a Ray on this machine") from exc
 
 
