@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from compir.concepts import concept_ids, mine_concepts
 from compir.data.types import CirSplit, Query
 from compir.metrics import evaluate_split
 from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
 from compir.train.neucore.stage2 import evaluate_scores, rerank_matrix
-from compir.train.neucore.train import _masked_bce, _presence
+from compir.train.neucore.train import concept_in_target_loss, concept_input_ids
 from compir.train.text import tokenize
 
 WIDTH, DIM, TOKENS, LENGTH = 16, 12, 3, 16
@@ -52,14 +53,24 @@ def test_scores_ignore_padding_and_depend_on_the_candidate(scorer):
     assert base.shape == (4,) and vectors.shape == (4,)
 
 
-def test_presence_labels_come_from_the_descriptions():
-    ids = tokenize(["add a red cube", "remove the circle"], context_length=LENGTH)
-    labels = _presence(ids, ["a small red square", "a large blue circle"])
-    red = int(tokenize(["red"], context_length=4)[0, 1])
-    circle = int(tokenize(["circle"], context_length=4)[0, 1])
-    assert labels[0][ids[0] == red].item() == 1.0 and labels[1][ids[1] == circle].item() == 1.0
-    cube = int(tokenize(["cube"], context_length=4)[0, 1])
-    assert labels[0][ids[0] == cube].item() == 0.0
+def test_concepts_are_content_phrases_of_the_text():
+    assert mine_concepts("Make it a red cube, and remove the circle.") == [("red", "cube"), ("circle",)]
+    assert mine_concepts("is darker and has long sleeves") == [("darker",), ("long", "sleeves")]
+    assert mine_concepts("make it so") == []
+
+
+def test_concept_ids_keep_exactly_the_tokens_of_the_concept_words(scorer):
+    text = "make it a red cube and remove the circle"
+    ids = concept_input_ids(lambda texts: tokenize(texts, context_length=LENGTH), scorer, [text])[0]
+    word = {w: int(tokenize([w], context_length=4)[0, 1]) for w in ("red", "cube", "circle", "make", "the")}
+    kept = set(ids[ids != 0].tolist())
+    assert kept == {word["red"], word["cube"], word["circle"]}
+    full = tokenize([text], context_length=LENGTH)[0]
+    assert torch.equal(ids[ids != 0], full[torch.isin(full, ids[ids != 0])])  # same positions as the full text
+    # A word of several tokens keeps all of them; a text without content words keeps every id.
+    many = concept_ids(np.array([1, 5, 6, 7, 2, 0]), "zzyzx it", lambda piece: 3 if piece == "zzyzx" else 1, first=1)
+    assert many.tolist() == [0, 5, 6, 7, 0, 0]
+    assert concept_ids(np.array([1, 5, 2]), "make", lambda piece: 1, first=1).tolist() == [1, 5, 2]
 
 
 def _grads(scorer: NeucoreScorer, loss: torch.Tensor) -> dict[str, float]:
@@ -68,13 +79,18 @@ def _grads(scorer: NeucoreScorer, loss: torch.Tensor) -> dict[str, float]:
     return {name: 0.0 if p.grad is None else float(p.grad.norm()) for name, p in scorer.named_parameters()}
 
 
-def test_image_level_mil_trains_alignment_not_fusion(scorer):
+def test_image_level_loss_wants_each_concept_in_its_own_target_and_trains_alignment_not_fusion(scorer):
     tokens, ids, reference, candidates = _inputs(4)
     out = scorer.run(tokens, ids, reference, candidates)
-    labels = torch.ones_like(out.reference_presence)
-    grads = _grads(scorer, _masked_bce(out.reference_presence, labels, out.concept_mask))
+    presence, mask = out.candidate_presence.view(2, 2, -1), out.concept_mask.view(2, 2, -1)[:, 0]
+    grads = _grads(scorer, concept_in_target_loss(presence, mask))
     assert grads["presence_scale"] > 0 and grads["text_projection.1.weight"] > 0 and grads["image_projection.1.weight"] > 0
     assert grads["block.update.0.weight"] == 0 and grads["score_head.0.weight"] == 0
+    # Shown by its own target more than by the other: a lower loss; padding positions do not count.
+    own = torch.full((2, 2, LENGTH), -5.0)
+    own[0, 0], own[1, 1] = 5.0, 5.0
+    assert concept_in_target_loss(own, mask) < 0.01 < concept_in_target_loss(own.flip(1), mask)
+    assert concept_in_target_loss(own, mask) == concept_in_target_loss(torch.where(mask.bool()[:, None], own, 99.0), mask)
 
 
 def test_sentence_level_loss_trains_the_shared_fusion_block(scorer):

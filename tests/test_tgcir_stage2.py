@@ -69,6 +69,7 @@ def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
     from compir.train.mmref import reference_coordinates
     from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
     from compir.train.neucore.stage2 import load_sidecar, sidecar_path
+    from compir.train.neucore.train import concept_input_ids
 
     retriever = Retriever.from_dirs(stage2["export"], stage2["index"])
     assert retriever.has_reranker and retriever.reranker is not None and retriever.reranker.name == "mmref+neucore"
@@ -91,7 +92,8 @@ def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
     reference = torch.from_numpy(gallery.features[gallery.row(item)])[None].expand(len(rows), -1, -1)
     with torch.no_grad():
         _, text_features, tokens = loaded.model.encode_text(torch.from_numpy(ids))
-        joint = scorer(tokens.expand(len(rows), -1, -1), torch.from_numpy(ids).expand(len(rows), -1), reference, candidates).numpy()
+        concepts = concept_input_ids(loaded.model.tokenizer, scorer, [text])  # the graph attends from the concepts only
+        joint = scorer(tokens.expand(len(rows), -1, -1), concepts.expand(len(rows), -1), reference, candidates).numpy()
         query = loaded.model.compose(reference[:1], text_features).numpy()
     refs, proj = mmref.state_dict["references"].numpy(), mmref.state_dict["projection"].numpy()
     pooled = gallery.features[rows].mean(axis=1)

@@ -14,6 +14,8 @@ from pathlib import Path
 EPILOG = """examples:
   compir rerankers runs/tiny/best.pt --data data/synth                 # both, default steps
   compir rerankers runs/tiny/best.pt --data data/synth --only mmref --steps 500
+  compir rerankers runs/fiq/best.pt --data data/fashioniq --only neucore    # FashionIQ / CIRR / Shoes files
+  compir rerankers runs/shoes/best.pt --data data/shoes --only neucore --val-split test   # Shoes has no val split
   compir export onnx runs/tiny/best.pt --out exports/tiny              # picks up the sidecars
 """
 
@@ -28,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", type=Path, help="a trained compir checkpoint (best.pt)")
-    parser.add_argument("--data", type=Path, required=True, help="the synthetic dataset it was trained on")
+    parser.add_argument("--data", type=Path, required=True, help="its dataset (synthetic, FashionIQ, CIRR or Shoes layout)")
     parser.add_argument("--only", choices=KINDS, help="train just one of them")
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps each (default: %(default)s)")
     parser.add_argument("--val-queries", type=int, default=None, help="validation queries for choosing the mix weight")
+    parser.add_argument("--val-split", default="val", help="split that chooses NEUCORE's mix weight (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compir.train.neucore.train import train_neucore
 
         neucore = train_neucore(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries,
-                                seed=args.seed, progress=progress)
+                                val_split=args.val_split, seed=args.seed, progress=progress)
         print(f"neucore: {neucore.path} (mix weight {neucore.weight} chosen on val; val {neucore.val_before} -> {neucore.val_after})")
     if args.only in (None, "mmref"):
         from compir.train.mmref import train_mmref

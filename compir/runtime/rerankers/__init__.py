@@ -41,7 +41,7 @@ class MethodsReranker:
         if self.mmref is not None:
             scores = self.mmref.refine(query.query_embeds, pooled_vectors(candidates.image_features), scores)
         if self.neucore is not None and query.reference_features is not None:
-            joint = self.neucore.scores(query.input_ids, query.reference_features, candidates.image_features)
+            joint = self.neucore.scores(query.text, query.input_ids, query.reference_features, candidates.image_features)
             scores = scores + self.neucore.weight * joint
         return scores.astype(np.float32)
 

@@ -1,14 +1,18 @@
 """NEUCORE's joint (reference, text, candidate) score at query time, from the export's
-``reranker`` graph; the text's token states come from the export's text encoder graph."""
+``reranker`` graph; the text's token states come from the export's text encoder graph, and the
+graph's ``input_ids`` keep only the positions of the text's mined concepts (:mod:`compir.concepts`),
+as in training."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from compir.concepts import concept_ids
 from compir.errors import ContractError
 from compir.manifest import RERANKER, TEXT_ENCODER, ExportManifest
 from compir.runtime.backends import GraphSession, open_backend
@@ -20,10 +24,11 @@ _TOKEN_CACHE = 256
 class NeucoreStage:
     name = "neucore"
 
-    def __init__(self, *, scorer: GraphSession, text: GraphSession, weight: float) -> None:
+    def __init__(self, *, scorer: GraphSession, text: GraphSession, weight: float, token_count: Callable[[str], int]) -> None:
         self.scorer = scorer
         self.text = text
         self.weight = float(weight)
+        self.token_count = token_count  # tokens of one whitespace piece alone
         self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @classmethod
@@ -38,7 +43,8 @@ class NeucoreStage:
             # An engine backend built without the reranker graph: score on onnxruntime instead.
             backend = open_backend("onnxruntime", export_dir)
             scorer, text = backend.open(graphs[RERANKER]), backend.open(graphs[TEXT_ENCODER])
-        return cls(scorer=scorer, text=text, weight=float(settings["weight"]))
+        tokenizer = encoder.tokenizer
+        return cls(scorer=scorer, text=text, weight=float(settings["weight"]), token_count=lambda piece: len(tokenizer.encode(piece)))
 
     def token_features(self, input_ids: np.ndarray) -> np.ndarray:
         """(L,) ids -> (L, Wt) token states (cached per text)."""
@@ -51,10 +57,11 @@ class NeucoreStage:
         self._tokens.move_to_end(key)
         return self._tokens[key]
 
-    def scores(self, input_ids: np.ndarray, reference_features: np.ndarray, candidate_features: np.ndarray) -> np.ndarray:
-        """One query against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
+    def scores(self, text: str, input_ids: np.ndarray, reference_features: np.ndarray, candidate_features: np.ndarray) -> np.ndarray:
+        """One query (``text`` and its (L,) ids) against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
         count = len(candidate_features)
         tokens = self.token_features(input_ids)
+        input_ids = concept_ids(input_ids, text, self.token_count, first=1)
         feeds = {
             "token_features": np.broadcast_to(tokens, (count, *tokens.shape)),
             "input_ids": np.broadcast_to(input_ids, (count, *input_ids.shape)),

@@ -7,14 +7,15 @@ Inputs are what an export already has at query time, so re-ranking needs no imag
   A token-set head (TG-CIR: K attribute tokens) gives K local regions per image; a head with
   vector features (the combiner, (N, D)) is read as K = 1.
 
-Concepts: every non-special word token of m (not SOT / EOT / padding), each with a learned
-salience in (0, 1), so stop words can learn to drop out without a hand-made word list (the
-synthetic texts and real captions use different vocabularies; a fixed stop list would fit neither).
+Concepts: the noun / attribute phrases mined from m (:mod:`compir.concepts`); ``input_ids``
+keeps their token positions and pads every other word (``concept_input_ids`` in training, the
+runtime's NeucoreStage at query time), so the graph attends from the non-padding, non-special
+positions. Each has a learned salience in (0, 1) on top.
 
 Alignment: each concept attends over the 2K regions of the concatenation [r; c] (a concept to
-add is found only in c). Weak multiple-instance labels train it: image level (is the concept's
-word in r's / in the target's description: its best-matching region in that image must say so)
-and sentence level (does the triple match: a softmax over the candidates).
+add is found only in c). Weak labels from the triplet train it: image level (a concept of m is
+expected in the target: its best-matching region in t must show it more than in the batch's
+other targets) and sentence level (does the triple match: a softmax over the candidates).
 
 Progressive fusion: starting from r's pooled regions, concepts are fused one at a time in text
 order by one shared ("unified execution") gated block; the final state is scored against c.

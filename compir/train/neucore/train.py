@@ -1,12 +1,19 @@
-"""Train NEUCORE on top of a frozen CIR checkpoint, with weak labels only, on synthetic data.
+"""Train NEUCORE on top of a frozen CIR checkpoint, with weak labels from the triplets only.
 
-Each step samples fresh training queries (grouped by reference, so a reference's other edits
-are in-batch hard negatives; held-out combinations never appear), encodes r, t and m with the
-frozen model, and scores every (r_i, m_i, t_j) pair of the batch:
+Any dataset compir reads trains it (synthetic, FashionIQ, CIRR, Shoes): each step takes a batch
+of training triplets (synthetic: fresh queries grouped by reference, so a reference's other edits
+are in-batch hard negatives; real layouts: a random batch of the train split's labelled queries),
+encodes r, t and m with the frozen model, and scores every (r_i, m_i, t_j) pair of the batch.
+The labels come from the triplet itself, never from hidden annotations (the synthetic scenes'
+descriptions are not read):
 
-- sentence level: a softmax over the batch's candidates must pick t_i (the pair matches);
-- image level (multiple-instance): a concept word of m is "in r" / "in t_j" when the word occurs
-  in that scene's description; the concept's best-matching region in that image must say so.
+- sentence level: the pair (r_i, m_i) matches t_i, not t_j: a softmax over the batch's
+  candidates must pick t_i;
+- image level (multiple-instance): a concept phrase named by m_i (:mod:`compir.concepts`) is
+  expected in t_i; its best-matching region in t_i must show it more than in any other t_j of
+  the batch (a softmax over the candidates per concept token). No absolute negative is set
+  for t_j (another target may show the concept too; only its pair does not match), and none
+  for r (whether r already shows a concept is not in the triplet: "make the red one blue").
 
 The mix weight of the final score ``first-stage cosine + weight * neucore score`` is chosen on
 the validation split (never the test split); weight 0 means NEUCORE did not help there.
@@ -15,6 +22,7 @@ the validation split (never the test split); weight 0 means NEUCORE did not help
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +33,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from compir.concepts import concept_ids
 from compir.data.load import detect_format, load_split
-from compir.data.synth_scene import render_scene_array, scene_caption
+from compir.data.synth_scene import render_scene_array
 from compir.data.synthetic import synth_config_of
+from compir.data.types import CirSplit
 from compir.errors import InputError
+from compir.images import load_image
 from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
 from compir.train.neucore.stage2 import (
     EncodedSplit,
@@ -41,12 +52,20 @@ from compir.train.neucore.stage2 import (
     save_sidecar,
     sidecar_path,
 )
-from compir.train.text import CLIP_BPE, tokenize
-from compir.train.transforms import pixels_to_tensor
+from compir.train.text import CLIP_BPE
+from compir.train.transforms import eval_transform, pixels_to_tensor
 
 KIND = "neucore"
 WEIGHT_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
-_LONG_CONTEXT = 77  # whole scene descriptions, for the presence labels
+
+
+@dataclass(frozen=True)
+class Triplets:
+    """One training batch: reference and target pixels (B, 3, S, S) and the modification texts."""
+
+    reference: torch.Tensor
+    target: torch.Tensor
+    texts: list[str]
 
 
 @dataclass(frozen=True)
@@ -70,25 +89,24 @@ def train_neucore(
     mil_weight: float = 0.5,
     top_n: int = 50,
     val_queries: int | None = None,
+    val_split: str = "val",
     weight: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> NeucoreResult:
-    """Train a NEUCORE re-ranker for ``checkpoint`` on the synthetic dataset at ``data``; write its
-    sidecar (default ``<checkpoint>.neucore.pt``) and return where and how well it did on val.
+    """Train a NEUCORE re-ranker for ``checkpoint`` on the dataset at ``data`` (any format compir
+    reads); write its sidecar (default ``<checkpoint>.neucore.pt``) and return where and how well
+    it did on ``val_split``.
 
-    ``weight``: the mix weight; None chooses it on the validation split (:data:`WEIGHT_GRID`)."""
+    ``weight``: the mix weight; None chooses it on ``val_split`` (:data:`WEIGHT_GRID`)."""
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.sources import SyntheticSource
 
-    if detect_format(data) != "synthetic":
-        raise InputError(f"{data}: NEUCORE's weak labels come from scene descriptions; train it on a synthetic dataset")
     torch.manual_seed(seed)
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    if model.tokenizer.kind != CLIP_BPE:  # its weak labels match CLIP BPE ids of queries and descriptions
+    if model.tokenizer.kind != CLIP_BPE:  # concepts map to word-aligned BPE positions; padding is id 0
         raise InputError(f"NEUCORE needs a model with the CLIP BPE tokenizer; {model.config.name!r} uses {model.tokenizer.kind!r}")
     settings = model.tokenizer.settings()
     scorer = NeucoreScorer(
@@ -100,18 +118,14 @@ def train_neucore(
             eot_id=int(settings["eot_id"]),
         )
     )
-    synth = synth_config_of(data)
-    source = SyntheticSource(
-        synth, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=batch_size,
-        steps_per_epoch=steps, seed=seed + 1009,
-    )
+    sample = _sampler(model, data, batch_size=batch_size, seed=seed)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng([seed, 1009])
     bar = tqdm(range(steps), desc="neucore", unit="step", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        losses = _step_losses(model, scorer, source.sample_queries(rng), mil_weight=mil_weight)
+        losses = _step_losses(model, scorer, sample(rng), mil_weight=mil_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(scorer.parameters(), 1.0)
@@ -119,10 +133,13 @@ def train_neucore(
         if step % 10 == 0:
             bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()})
     scorer.eval()
-    val = load_split(data, split="val")
+    val = load_split(data, split=val_split)
     if val_queries:
         val = dataclasses.replace(val, queries=val.queries[:val_queries])
     encoded = encode_for_stage2(model, val, progress=progress)
+    with torch.no_grad():
+        concepts = concept_input_ids(model.tokenizer, scorer, [q.text for q in val.queries])
+    encoded = dataclasses.replace(encoded, input_ids=concepts.numpy())  # the graph attends from the concepts only
     weight, before, after = choose_weight(encoded, scorer, top_n=top_n, fixed=weight)
     path = Path(out) if out is not None else sidecar_path(checkpoint, KIND)
     save_sidecar(
@@ -132,37 +149,82 @@ def train_neucore(
     return NeucoreResult(path=path, weight=weight, val_before=before, val_after=after, steps=steps)
 
 
-def _step_losses(model: Any, scorer: NeucoreScorer, queries: list[Any], *, mil_weight: float) -> dict[str, torch.Tensor]:
-    batch = len(queries)
+def _sampler(model: Any, data: str | Path, *, batch_size: int, seed: int) -> Callable[[np.random.Generator], Triplets]:
+    """A function drawing one training batch of ``data``: synthetic queries are rendered fresh,
+    a real layout's train split is read from its files."""
     size = model.config.image_size
-    images = [Image.fromarray(render_scene_array(s, size=size)) for s in [q.reference for q in queries] + [q.target for q in queries]]
-    ids = tokenize([q.text for q in queries], context_length=model.context_length)
+    if detect_format(data) == "synthetic":
+        from compir.train.sources import SyntheticSource
+
+        source = SyntheticSource(synth_config_of(data), preprocess=model.preprocess, tokenizer=model.tokenizer,
+                                 batch_size=batch_size, steps_per_epoch=1, seed=seed + 1009)
+
+        def synthetic(rng: np.random.Generator) -> Triplets:
+            queries = source.sample_queries(rng)
+            pixels = pixels_to_tensor([Image.fromarray(render_scene_array(s, size=size))
+                                       for s in [q.reference for q in queries] + [q.target for q in queries]], model.preprocess)
+            return Triplets(pixels[: len(queries)], pixels[len(queries) :], [q.text for q in queries])
+
+        return synthetic
+    split = load_split(data, split="train")
+    labelled = [q for q in split.queries if q.targets]
+    if len(labelled) < 2:
+        raise InputError(f"{data}: NEUCORE needs at least 2 labelled training queries (in-batch candidates); found {len(labelled)}")
+    count = min(batch_size, len(labelled))
+    transform = eval_transform(model.preprocess)
+
+    def real(rng: np.random.Generator) -> Triplets:
+        chosen = [labelled[int(i)] for i in rng.choice(len(labelled), size=count, replace=False)]
+        return Triplets(_pixels(split, [q.reference for q in chosen], transform),
+                        _pixels(split, [q.targets[0] for q in chosen], transform), [q.text for q in chosen])
+
+    return real
+
+
+def _pixels(split: CirSplit, names: list[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    return torch.stack([transform(load_image(split.image_path(name), name=name)) for name in names])
+
+
+def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: NeucoreScorer, texts: list[str]) -> torch.Tensor:
+    """(B, L) ids of ``texts`` with every position outside a mined concept set to padding: the
+    graph's ``input_ids`` (it attends from the non-padding, non-special positions)."""
+    ids = tokenizer(texts)
+
+    def token_count(piece: str) -> int:
+        return int(scorer.concept_mask(tokenizer([piece]))[0].sum())
+
+    first = 1 if int(ids[0, 0]) == scorer.config.sot_id else 0
+    rows = [concept_ids(row.numpy(), text, token_count, first=first) for row, text in zip(ids, texts, strict=True)]
+    return torch.from_numpy(np.stack(rows))
+
+
+def _step_losses(model: Any, scorer: NeucoreScorer, batch: Triplets, *, mil_weight: float) -> dict[str, torch.Tensor]:
+    count = len(batch.texts)
+    ids = model.tokenizer(batch.texts)
+    concepts = concept_input_ids(model.tokenizer, scorer, batch.texts)
     with torch.no_grad():
-        _, features, _ = model.encode_image(pixels_to_tensor(images, model.preprocess))
+        _, features, _ = model.encode_image(torch.cat([batch.reference, batch.target]))
         _, _, tokens = model.encode_text(ids)
-    reference, target = features[:batch].float(), features[batch:].float()
+    reference, target = features[:count].float(), features[count:].float()
     # Every (query i, candidate j) pair: rows i * B + j.
-    rows = torch.arange(batch).repeat_interleave(batch)
-    cols = torch.arange(batch).repeat(batch)
-    out = scorer.run(tokens.float()[rows], ids[rows], reference[rows], target[cols])
-    sentence = F.cross_entropy(out.scores.view(batch, batch), torch.arange(batch))
-    in_reference = _presence(ids, [scene_caption(q.reference) for q in queries])  # (B, L)
-    # The candidate side's label: is query i's concept word in candidate j's description?
-    candidate_labels = _presence(ids[rows], [scene_caption(queries[int(j)].target) for j in cols])
-    mask = out.concept_mask
-    mil = _masked_bce(out.reference_presence, in_reference[rows], mask) + _masked_bce(out.candidate_presence, candidate_labels, mask)
+    rows = torch.arange(count).repeat_interleave(count)
+    cols = torch.arange(count).repeat(count)
+    out = scorer.run(tokens.float()[rows], concepts[rows], reference[rows], target[cols])
+    sentence = F.cross_entropy(out.scores.view(count, count), torch.arange(count))
+    mil = concept_in_target_loss(out.candidate_presence.view(count, count, -1), out.concept_mask.view(count, count, -1)[:, 0])
     return {"total": sentence + mil_weight * mil, "sentence": sentence.detach(), "mil": mil.detach()}
 
 
-def _presence(ids: torch.Tensor, descriptions: list[str]) -> torch.Tensor:
-    """(N, L) 1.0 where token ids[n, l] occurs in the tokenized descriptions[n]."""
-    described = tokenize(descriptions, context_length=_LONG_CONTEXT)  # (N, 77)
-    return (ids.unsqueeze(-1) == described.unsqueeze(1)).any(dim=-1).float()
-
-
-def _masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+def concept_in_target_loss(presence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Image-level MIL loss. ``presence`` (B, B, L): concept l of query i in candidate j (max over
+    j's regions); ``mask`` (B, L): the concept positions. Each concept of m_i must be shown by
+    t_i more than by any other in-batch target (a softmax over j), averaged over the concepts."""
+    count = presence.shape[0]
+    logits = presence.permute(0, 2, 1).reshape(-1, count)  # (B * L, B): query i's concept l over candidates j
+    labels = torch.arange(count).repeat_interleave(presence.shape[2])
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    flat = mask.reshape(-1)
+    return (loss * flat).sum() / flat.sum().clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -1,0 +1,81 @@
+"""NEUCORE's concepts, mined from the modification text (torch-free: training and the runtime share it).
+
+A small rule-based chunker: words are split on whitespace, stripped of punctuation; stop words
+(function words, pronouns and edit verbs such as "make", "add", "change") are dropped; each run of
+adjacent content words is one concept phrase (an adjective + noun pair such as "red cube" or
+"long sleeves" stays together). The same text in every dataset, no hidden annotations.
+
+:func:`concept_ids` maps the phrases to token positions: every token of a content word keeps its
+id, every other position becomes padding (id 0), so the re-ranker graph, which attends from its
+non-padding, non-special positions, attends from the concepts only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+PAD_ID = 0
+
+STOP_WORDS = frozenset(
+    """a an the this that these those it its it's is are was were be been being has have had do does did
+    and or but nor so as of in on at to from by with without into onto over under than then there here
+    i me my we our you your he him his she her they them their one ones some any more less most least very
+    too also just only not no instead rather same other another each both all make makes made change changes
+    changed replace replaced add adds added remove removes removed put turn turns take move moved let
+    should would could can will shall may might must want wants like which what who whom whose where when
+    how why while if up down out off please image picture photo shown show shows""".split()
+)
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+
+def words_of(text: str) -> list[str]:
+    """The whitespace pieces of ``text``, lower-cased, each stripped to its word ('' where none)."""
+    pieces = []
+    for piece in text.lower().split():
+        match = _WORD.search(piece)
+        pieces.append(match.group(0) if match else "")
+    return pieces
+
+
+def is_content(word: str) -> bool:
+    return bool(word) and word not in STOP_WORDS
+
+
+def mine_concepts(text: str) -> list[tuple[str, ...]]:
+    """The concept phrases of ``text``: runs of adjacent content words, in text order."""
+    phrases: list[tuple[str, ...]] = []
+    run: list[str] = []
+    for word in [*words_of(text), ""]:
+        if is_content(word):
+            run.append(word)
+        elif run:
+            phrases.append(tuple(run))
+            run = []
+    return phrases
+
+
+def concept_ids(input_ids: np.ndarray, text: str, token_count: Callable[[str], int], *, first: int) -> np.ndarray:
+    """``input_ids`` (L,) of ``text`` with every position outside a concept word set to padding.
+
+    ``token_count(piece)``: how many tokens the tokenizer gives one whitespace piece alone;
+    ``first``: the position of the first word token (1 after a start token). A text without any
+    content word keeps all its ids (every word is then a concept)."""
+    ids = np.asarray(input_ids)
+    out = np.full_like(ids, PAD_ID)
+    position = first
+    spans = []
+    for piece, word in zip(text.split(), words_of(text), strict=True):
+        count = token_count(piece)
+        spans.append((position, position + count, is_content(word)))
+        position += count
+    if position > len(ids):  # truncated by the context length: keep the words that fit
+        spans = [(start, min(stop, len(ids)), keep) for start, stop, keep in spans if start < len(ids)]
+    for start, stop, keep in spans:
+        if keep:
+            out[start:stop] = ids[start:stop]
+    if not any(keep for _, _, keep in spans):
+        return ids.copy()  # no content word (e.g. "make it so"): every word is a concept
+    return out
