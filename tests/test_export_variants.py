@@ -13,14 +13,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE
+from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE, INT8_STATIC_U8_RECIPE
 from compir.manifest import load_manifest
 
 _PROBE = """
 import sys
 import numpy as np
 import onnxruntime as ort
-from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE
+from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE, INT8_STATIC_U8_RECIPE
 from compir.manifest import load_manifest
 folder = sys.argv[1]
 manifest = load_manifest(folder)
@@ -40,7 +40,7 @@ def op_counts(path: Path) -> Counter[str]:
     return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("variant", ["fp16", "int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("variant", ["fp16", "int8-dynamic", "int8-static", "int8-static-u8"])
 def test_variant_loads_and_runs_at_default_session_level(tiny_export_all: Path, variant: str) -> None:
     # A subprocess: onnxruntime 1.2x's NchwcTransformer segfaulted on fp16 transformer graphs,
     # which would kill the test run instead of failing one test.
@@ -51,7 +51,7 @@ def test_variant_loads_and_runs_at_default_session_level(tiny_export_all: Path, 
 def test_variants_keep_fp32_io_and_change_the_weights(tiny_export_all: Path) -> None:
     manifest = load_manifest(tiny_export_all)
     fp32 = manifest.variant("fp32")
-    for name in ("fp16", "int8-dynamic", "int8-static"):
+    for name in ("fp16", "int8-dynamic", "int8-static", "int8-static-u8"):
         variant = manifest.variant(name)
         for role, graph in variant.graphs.items():
             assert graph.inputs == fp32.graph(role).inputs and graph.outputs == fp32.graph(role).outputs, (name, role)
@@ -65,7 +65,7 @@ def test_variants_keep_fp32_io_and_change_the_weights(tiny_export_all: Path) -> 
     static_ops = op_counts(tiny_export_all / "int8-static/image_encoder.onnx")
     assert static_ops["QuantizeLinear"] > 0 and static_ops["DequantizeLinear"] > 0
     fp32_size = (tiny_export_all / image).stat().st_size
-    for name in ("int8-dynamic", "int8-static"):
+    for name in ("int8-dynamic", "int8-static", "int8-static-u8"):
         assert (tiny_export_all / name / "image_encoder.onnx").stat().st_size < 0.5 * fp32_size
 
 
@@ -74,7 +74,7 @@ def test_accuracy_cost_is_recorded_per_variant(tiny_export_all: Path) -> None:
     fp32 = manifest.variant("fp32").accuracy
     assert fp32["n_queries"] == 160 and fp32["recall_at_10_drop"] == 0.0 and fp32["mean_cosine_to_fp32"] == pytest.approx(1.0)
     assert fp32["R@10"] >= 50.0  # a trained model, so recall drops are measured on real margins
-    for name in ("fp16", "int8-dynamic", "int8-static"):
+    for name in ("fp16", "int8-dynamic", "int8-static", "int8-static-u8"):
         variant = manifest.variant(name)
         figures = variant.accuracy
         for key in ("R@1", "R@10", "R@50", "Rs@1"):
@@ -90,6 +90,7 @@ def test_accuracy_cost_is_recorded_per_variant(tiny_export_all: Path) -> None:
     assert manifest.variant("fp32").quantization == {} and manifest.variant("fp16").quantization == {}
     assert manifest.variant("int8-dynamic").quantization["recipe"] == INT8_DYNAMIC_RECIPE["recipe"]
     assert manifest.variant("int8-static").quantization["recipe"] == INT8_STATIC_RECIPE["recipe"]
+    assert manifest.variant("int8-static-u8").quantization["recipe"] == INT8_STATIC_U8_RECIPE["recipe"]
 
 
 def test_recorded_accuracy_is_what_the_runtime_scores(tiny_export_all: Path, synth_data: Path) -> None:
@@ -103,6 +104,25 @@ def test_recorded_accuracy_is_what_the_runtime_scores(tiny_export_all: Path, syn
         report = result.reports["composed"]
         for key, value in report.metrics.items():
             assert manifest.variant(name).accuracy[key] == pytest.approx(value, abs=1e-9), (name, key)
+
+
+@pytest.mark.parametrize("role", ["image_encoder", "text_encoder"])
+def test_int8_static_u8_runs_as_integer_kernels_in_onnxruntime(tiny_export_all: Path, role: str, tmp_path: Path) -> None:
+    # What makes int8-static-u8 the CPU's int8 for convolution towers: onnxruntime's QDQ fusion turns
+    # every quantized Conv / MatMul / Gemm into an integer kernel, none is left as DequantizeLinear
+    # + float op (the s8 int8-static left a third of ResNet-50's convolutions so).
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # QDQ fusion, no layout-specific ops
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_export_all / "int8-static-u8" / f"{role}.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    dequantized = {output for node in graph.node if node.op_type == "DequantizeLinear" for output in node.output}
+    float_ops = [node.name for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm") and dequantized & set(node.input)]
+    assert not float_ops, float_ops
+    integer_ops = Counter(node.op_type for node in graph.node if node.op_type.startswith(("QLinear", "QGemm")))
+    assert integer_ops["QLinearMatMul"] + integer_ops["QGemm"] > 0, integer_ops
 
 
 def _initializers(path: Path) -> dict[str, np.ndarray]:
@@ -125,7 +145,7 @@ def test_int8_static_is_symmetric_qdq_that_tensorrt_parses(tiny_export_all: Path
     assert not [node.op_type for node in model.graph.node if node.op_type in ("DynamicQuantizeLinear", "QLinearMatMul", "MatMulInteger")]
 
 
-@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("variant", ["int8-dynamic", "int8-static", "int8-static-u8"])
 def test_int8_weights_cannot_saturate_avx2_kernels(tiny_export_all: Path, variant: str) -> None:
     # Without VNNI, onnxruntime's x86-64 int8 kernels add pairs of u8 activation x s8 weight products
     # in int16 with saturation; with 7-bit weights (reduce_range) 2 * 255 * 64 = 32,640 fits, so the

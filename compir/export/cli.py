@@ -37,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("checkpoint", type=Path, help="a compir checkpoint (compir train's best.pt)")
     onnx.add_argument("--out", type=Path, required=True, help="export folder to create")
     onnx.add_argument(
-        "--variants", default="fp32,fp16,int8-dynamic,int8-static",
-        help="comma-separated: fp32,fp16,int8-dynamic,int8-static (default: all)",
+        "--variants", default="fp32,fp16,int8-dynamic,int8-static,int8-static-u8",
+        help="comma-separated: fp32,fp16,int8-dynamic,int8-static,int8-static-u8 (default: all; int8-static-u8: onnxruntime CPU's "
+        "fastest for convolution towers, int8-static: TensorRT's)",
     )
     onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     onnx.add_argument(

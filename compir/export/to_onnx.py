@@ -5,7 +5,7 @@ Layout (see :mod:`compir.manifest`)::
     manifest.json            graphs, I/O contracts, preprocessing, tokenizer, parity, accuracy
     vocab.bpe.txt.gz         the tokenizer's vocabulary, checksummed: CLIP's BPE merges, or
     tokenizer.json           a Hugging Face tokenizer as open_clip runs it (SigLIP, HF text towers)
-    <variant>/<role>.onnx    fp32 / fp16 / int8-dynamic / int8-static graphs
+    <variant>/<role>.onnx    fp32 / fp16 / int8-dynamic / int8-static / int8-static-u8 graphs
     <variant>/<role>.onnx.data  a big graph's weights (ONNX external data, past ``external_data_bytes``)
 
 The split graphs (image encoder, text encoder, composer) are what the runtime runs; the fused
@@ -207,7 +207,8 @@ def _convert(
             recipe = quantize_int8_dynamic(source[role], target[role], external_data_bytes=external_data_bytes)
         else:
             recipe = quantize_int8_static(
-                source[role], target[role], calibration=_batches(calibration[role], size=8), external_data_bytes=external_data_bytes
+                source[role], target[role], calibration=_batches(calibration[role], size=8), variant=name,
+                external_data_bytes=external_data_bytes,
             )
     return recipe
 
