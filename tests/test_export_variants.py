@@ -20,7 +20,7 @@ _PROBE = """
 import sys
 import numpy as np
 import onnxruntime as ort
-from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE, INT8_STATIC_U8_RECIPE
+from compir.export.variants import INT8_DYNAMIC_RECIPE, INT8_STATIC_RECIPE
 from compir.manifest import load_manifest
 folder = sys.argv[1]
 manifest = load_manifest(folder)
