@@ -108,7 +108,7 @@ def run(*, out_dir: Path, quick: bool, seeds: str | Sequence[int] = "0,1,2", job
         # spawn, not fork: a forked child would inherit this process's torch / OpenMP thread state
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=spawn, initializer=_one_thread) as pool:
-            list(pool.map(_run_seed_job, [(work, data, seed, budget) for seed in todo]))
+            list(pool.map(_run_seed_job, [(work, data, seed, budget, slot) for slot, seed in enumerate(todo)]))
     else:
         for seed in todo:
             run_seed(work, data=data, seed=seed, budget=budget, progress=progress)
@@ -137,9 +137,9 @@ def _one_thread() -> None:
     os.environ["COMPIR_ABLATION_THREADS"] = "1"
 
 
-def _run_seed_job(args: tuple[Path, Path, int, Budget]) -> None:
-    work, data, seed, budget = args
-    run_seed(work, data=data, seed=seed, budget=budget, progress=False)
+def _run_seed_job(args: tuple[Path, Path, int, Budget, int]) -> None:
+    work, data, seed, budget, slot = args
+    run_seed(work, data=data, seed=seed, budget=budget, progress=False, stage_bar=slot)  # one stage bar per process
 
 
 def _seed_file(work: Path, seed: int) -> Path:
@@ -156,8 +156,11 @@ def _finished(work: Path, seed: int, budget: Budget) -> dict[str, Any] | None:
 
 
 # ---- one seed -----------------------------------------------------------------------------------
-def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: bool = True) -> dict[str, Any]:
-    """Train, serve and measure every row for ``seed``; write and return ``seed-<seed>.json``."""
+def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: bool = True, stage_bar: int | None = None) -> dict[str, Any]:
+    """Train, serve and measure every row for ``seed``; write and return ``seed-<seed>.json``.
+
+    ``progress``: every bar (stages, training, queries); ``stage_bar``: only the stage bar, at this
+    terminal line (one per process with ``--jobs``)."""
     from benchmarks import ablation_served as served_path
     from compir.data.load import load_split
     from compir.train.mmref import WEIGHT_GRID as MMREF_GRID
@@ -167,7 +170,7 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
     started = time.perf_counter()
     root = work / f"seed-{seed}"
     threads = int(os.environ.get("COMPIR_ABLATION_THREADS", "0"))
-    stages = tqdm(total=12, desc=f"seed {seed}", unit="stage", disable=not progress)
+    stages = tqdm(total=12, desc=f"seed {seed}", unit="stage", disable=not progress and stage_bar is None, position=stage_bar)
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
