@@ -72,8 +72,8 @@ class Budget:
 # CI-sized smoke: every stage runs, the figures mean nothing.
 QUICK = Budget("quick", SynthConfig(n_train=400, n_val=48, n_test=48), epochs=1, steps=4, batch_size=16, val_queries=48,
                neucore_steps=6, mmref_steps=6, mmref_train_queries=200, mmref_finetune_steps=2)
-# Sized for three seeds in ~30 minutes on an idle 2-core AMD EPYC (AVX-512): an estimate from the idle
-# step rates (~0.5 s per TG-CIR step of batch 32 at 32 px) and the CPU time of a loaded run, not yet an idle measurement.
+# Sized for three seeds in <= 30 minutes on a 2-core AMD EPYC (AVX-512): one seed took 7.9 minutes at one thread
+# (torch and onnxruntime) on the machine shared by ~14 jobs, so three take ~24 minutes in one process and less with --jobs 2.
 STANDARD = Budget("standard", SynthConfig(n_train=4000, n_val=500, n_test=1000), epochs=4, steps=35, batch_size=32, val_queries=300,
                   neucore_steps=120, mmref_steps=120, mmref_train_queries=2000, mmref_finetune_steps=40)
 
