@@ -33,6 +33,7 @@ EPILOG = """examples:
   compir bench synth --quick              # one benchmark, small sizes (seconds)
   compir bench --out bench-results        # all of them; JSON + PNG + report.md in bench-results/
   compir bench coverage --offline-standins on --hub-only   # a benchmark's own options (listed below)
+  compir bench ablation --seeds 0,1,2 --jobs 2   # the methods ablation, three seeds in two processes (resumes by seed)
 """
 
 
