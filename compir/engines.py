@@ -16,12 +16,15 @@ from typing import Any
 
 from compir.contracts import ENGINES_FILE, ENGINES_FORMAT, ENGINES_SCHEMA, read_contract, require_keys, verify_sha256, write_contract
 from compir.errors import ContractError
-from compir.manifest import BATCH_AXIS, GraphSpec
+from compir.manifest import BATCH_AXIS, SEQUENCE_AXIS, GraphSpec
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # The optimization profile's batch sizes (min, opt, max) unless told otherwise: `compir export engine`
 # and onnxruntime's TensorRT provider build for the same range.
 DEFAULT_BATCHES = (1, 8, 64)
+# The token count a text graph with a dynamic ``sequence`` axis is tuned for (its profile's opt): a
+# modification text ("is darker and has long sleeves") is 8-20 tokens with its start / end tokens.
+TYPICAL_TEXT_TOKENS = 20
 # The TensorRT majors compir builds and runs engines with (pyproject's gpu extra pins the same range).
 TENSORRT_MAJORS = range(10, 11)
 
@@ -203,9 +206,18 @@ def check_tensorrt_version(version: str) -> None:
     )
 
 
-def compute_profile(graph: GraphSpec, *, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, ShapeRange]:
-    """One ShapeRange per graph input: the ``batch`` axis gets (min, opt, max), every other axis its
-    exported size; ContractError on an axis the profile cannot size."""
+def token_range(context_length: int) -> tuple[int, int, int]:
+    """(min, opt, max) token counts of a text graph's ``sequence`` axis: 1, a typical modification
+    text (:data:`TYPICAL_TEXT_TOKENS`) and the tokenizer's context length."""
+    return 1, min(TYPICAL_TEXT_TOKENS, context_length), context_length
+
+
+def compute_profile(
+    graph: GraphSpec, *, min_batch: int, opt_batch: int, max_batch: int, tokens: tuple[int, int, int] | None = None
+) -> dict[str, ShapeRange]:
+    """One ShapeRange per graph input: the ``batch`` axis gets (min, opt, max), the ``sequence`` axis
+    of token ids ``tokens`` (:func:`token_range`), every other axis its exported size; ContractError
+    on an axis the profile cannot size."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ContractError(f"batch sizes must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch})")
     profile: dict[str, ShapeRange] = {}
@@ -214,12 +226,14 @@ def compute_profile(graph: GraphSpec, *, min_batch: int, opt_batch: int, max_bat
         for axis, dim in enumerate(spec.shape):
             if dim == BATCH_AXIS:
                 sizes.append((min_batch, opt_batch, max_batch))
+            elif dim == SEQUENCE_AXIS and tokens is not None:
+                sizes.append(tokens)
             elif isinstance(dim, int) and dim > 0:
                 sizes.append((dim, dim, dim))
             else:
                 raise ContractError(
-                    f"{graph.role} input {spec.name!r} axis {axis} is dynamic ({dim!r}) but only {BATCH_AXIS!r} "
-                    f"can be given a TensorRT profile; re-export the graph with fixed sizes elsewhere"
+                    f"{graph.role} input {spec.name!r} axis {axis} is dynamic ({dim!r}) but only {BATCH_AXIS!r} and "
+                    f"{SEQUENCE_AXIS!r} (given the token range) can be given a TensorRT profile; re-export the graph"
                 )
         low, mid, high = (tuple(size[i] for size in sizes) for i in range(3))
         profile[spec.name] = ShapeRange(min=low, opt=mid, max=high)

@@ -31,9 +31,14 @@ QUERY_ENCODER = "query_encoder"  # pixel_values, input_ids -> query_embeds (fuse
 RERANKER = "reranker"  # token_features, attention_mask, candidate patch features -> scores
 GRAPH_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER, RERANKER)
 REQUIRED_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER)
-# The one named dynamic axis of every graph input and output (axis 0); every other axis is fixed.
-# Export writes it, TensorRT profiles and onnxruntime's TensorRT provider size it.
+# The named dynamic axis of every graph input and output (axis 0). Export writes it, TensorRT
+# profiles and onnxruntime's TensorRT provider size it.
 BATCH_AXIS = "batch"
+# Axis 1 of the text graphs' ``input_ids`` and ``token_features`` where the text tower allows running
+# a batch cut after its longest text (open_clip's causal towers pooling the end-of-text token); the
+# runtime then cuts, and pads to the fixed context where the axis is a number (other towers, older
+# exports). Every other axis is fixed.
+SEQUENCE_AXIS = "sequence"
 # Graphs whose weights exceed this keep them in one ONNX external data file beside the graph
 # (``<role>.onnx.data``): well under the 2 GiB a protobuf message holds, so that the tools which copy
 # or extend a graph (quantizers, optimizers) stay under it too. ``compir export onnx --external-data-mb``.

@@ -15,7 +15,7 @@ import torch
 from compir.contracts import sha256_file
 from compir.errors import ContractError
 from compir.export.graphs import export_graph, graph_defs
-from compir.export.parity import check_fp32_parity
+from compir.export.parity import check_fp32_parity, mean_cosine
 from compir.export.samples import load_samples
 from compir.export.to_onnx import export_onnx
 from compir.manifest import GRAPH_ROLES, load_manifest
@@ -45,14 +45,17 @@ def test_manifest_describes_every_graph(tiny_export_all: Path, tiny_checkpoint: 
         graph = fp32.graph(role)
         assert [t.name for t in graph.inputs] == inputs and [t.name for t in graph.outputs] == outputs
         assert all(t.shape[0] == "batch" for t in (*graph.inputs, *graph.outputs))
-        assert all(isinstance(d, int) for t in (*graph.inputs, *graph.outputs) for d in t.shape[1:])
+        # CLIP's causal text tower: token tensors have the dynamic sequence axis, everything else is fixed
+        tokens = {"input_ids", "token_features"}
+        assert all(t.shape[1] == "sequence" for t in (*graph.inputs, *graph.outputs) if t.name in tokens)
+        assert all(isinstance(d, int) for t in (*graph.inputs, *graph.outputs) for d in t.shape[1 + (t.name in tokens):])
         assert 0.0 <= fp32.parity[role] <= 1e-4
     image = fp32.graph("image_encoder")
     assert image.input("pixel_values").shape == ("batch", 3, 32, 32)
     assert image.output("image_embeds").shape == ("batch", 64)
     assert image.output("patch_features").shape == ("batch", 16, 64)  # (32 / 8)^2 patches, width 64
     assert fp32.graph("text_encoder").input("input_ids").dtype == "int64"
-    assert fp32.graph("text_encoder").input("input_ids").shape == ("batch", 16)
+    assert fp32.graph("text_encoder").input("input_ids").shape == ("batch", "sequence")  # the context is 16
     # The composer takes exactly what the encoders give.
     assert fp32.graph("composer").input("image_features") == image.output("image_features")
     assert fp32.graph("composer").input("text_features") == fp32.graph("text_encoder").output("text_features")
@@ -86,6 +89,44 @@ def test_copied_export_is_self_contained_and_matches_torch(
         torch_query = loaded.model.encode_query(torch.from_numpy(samples.pixel_values), torch.from_numpy(samples.input_ids)).numpy()
     assert onnx_query.shape == (5, 64)
     assert float(np.max(np.abs(onnx_query - torch_query))) <= 1e-4
+
+
+def test_the_runtime_cuts_texts_after_the_longest_without_changing_them(tiny_export_all: Path) -> None:
+    from compir.runtime.encoder import Encoder, fit_length
+
+    texts = ["red", "make the big red cube small and blue", "add a sphere"]
+    reference: dict[str, np.ndarray] = {}
+    for variant in ("fp32", "fp16", "int8-dynamic", "int8-static"):
+        encoder = Encoder.from_export(tiny_export_all, providers=["cpu"], variant=variant)
+        assert encoder.text_length is None  # cut per batch
+        ids = encoder.tokenize(texts)
+        assert ids.shape == (3, 16) and fit_length(ids, length=None, pad_id=0).shape == (3, 10)  # SOT + 8 words + EOT
+        text = encoder._text.run({"input_ids": ids}, ("text_embeds", "text_features"))  # the graph at the full context
+        cut = encoder.encode_input_ids(ids)
+        alone = encoder.encode_input_ids(ids[:1])  # one short text runs at 3 tokens: the same row
+        if variant == "fp32":
+            for name in ("text_embeds", "text_features"):
+                assert float(np.max(np.abs(getattr(cut, name) - text[name]))) <= 1e-5, name
+            assert float(np.max(np.abs(alone.text_embeds - text["text_embeds"][:1]))) <= 1e-5
+        else:  # int8-dynamic scales activations over all positions, padding included: close, not exact
+            assert mean_cosine(cut.text_embeds, text["text_embeds"]) >= 0.99, variant
+        query = encoder.compose(encoder.encode_pixels(np.zeros((3, 3, 32, 32), np.float32)).image_features, cut.text_features)
+        if variant == "fp32":
+            reference = {"text": cut.text_embeds, "query": query}
+        else:
+            assert mean_cosine(cut.text_embeds, reference["text"]) >= 0.99 and mean_cosine(query, reference["query"]) >= 0.99, variant
+
+
+def test_fit_length_cuts_or_pads_to_what_the_graph_takes() -> None:
+    from compir.runtime.encoder import fit_length
+
+    ids = np.array([[5, 7, 9, 0, 0, 0], [5, 9, 0, 0, 0, 0]])
+    assert fit_length(ids, length=None, pad_id=0).tolist() == [[5, 7, 9], [5, 9, 0]]
+    assert fit_length(np.zeros((2, 6), np.int64), length=None, pad_id=0).shape == (2, 1)  # never 0 tokens
+    assert fit_length(ids[:, :3], length=6, pad_id=0).tolist() == ids.tolist()  # an older, fixed-length export
+    assert fit_length(ids, length=4, pad_id=0).tolist() == ids[:, :4].tolist()
+    with pytest.raises(ContractError, match="input_ids must be"):
+        fit_length(ids[0], length=None, pad_id=0)
 
 
 def test_damaged_graph_is_caught_by_the_manifest_checksum(tiny_export_all: Path, tmp_path: Path) -> None:

@@ -12,17 +12,18 @@ from compir.engines import ShapeRange
 from compir.errors import ContractError
 from compir.export.samples import load_samples
 from compir.export.trt.calibrator import calibration_digest, calibration_feeds, check_batches, split_batches
-from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
+from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile, token_range
 from compir.manifest import TensorSpec, load_manifest
 from compir.runtime.tokenizer import load_tokenizer
 
 
 def test_profile_covers_every_input_of_every_graph(tiny_export_all: Path) -> None:
     manifest = load_manifest(tiny_export_all)
-    query = compute_profile(manifest.graph("query_encoder"), min_batch=1, opt_batch=8, max_batch=32)
+    assert token_range(77) == (1, 20, 77) and token_range(manifest.tokenizer.context_length) == (1, 16, 16)
+    query = compute_profile(manifest.graph("query_encoder"), min_batch=1, opt_batch=8, max_batch=32, tokens=(1, 12, 16))
     assert query == {
         "pixel_values": ShapeRange(min=(1, 3, 32, 32), opt=(8, 3, 32, 32), max=(32, 3, 32, 32)),
-        "input_ids": ShapeRange(min=(1, 16), opt=(8, 16), max=(32, 16)),
+        "input_ids": ShapeRange(min=(1, 1), opt=(8, 12), max=(32, 16)),  # texts cut after the longest: 1 to 16 tokens
     }
     composer = compute_profile(manifest.graph("composer"), min_batch=2, opt_batch=2, max_batch=4)
     features = manifest.graph("image_encoder").output("image_features").shape
@@ -37,7 +38,10 @@ def test_profile_refuses_what_it_cannot_size(tiny_export_all: Path) -> None:
         compute_profile(graph, min_batch=4, opt_batch=2, max_batch=8)
     other_axis = replace(graph, inputs=(TensorSpec(name="input_ids", dtype="int64", shape=("batch", "sequence")),))
     with pytest.raises(ContractError, match="input 'input_ids' axis 1 is dynamic \\('sequence'\\)"):
-        compute_profile(other_axis, min_batch=1, opt_batch=1, max_batch=1)
+        compute_profile(other_axis, min_batch=1, opt_batch=1, max_batch=1)  # no token range given
+    other_axis = replace(graph, inputs=(TensorSpec(name="input_ids", dtype="int64", shape=("batch", "words")),))
+    with pytest.raises(ContractError, match="input 'input_ids' axis 1 is dynamic \\('words'\\)"):
+        compute_profile(other_axis, min_batch=1, opt_batch=1, max_batch=1, tokens=(1, 2, 3))
 
 
 def test_calibration_feeds_are_real_and_batched(tiny_export_all: Path, synth_data: Path) -> None:

@@ -51,6 +51,15 @@ def test_engines_build_record_and_match_onnx(export_copy: Path, precision: str) 
     cosine = np.sum(trt_embeds * ort_embeds, axis=1)
     # fp32 engines clear TF32 (precision_flags), so they match onnxruntime's fp32 CPU run to ~1e-6.
     assert cosine.min() > (0.99999 if precision == "fp32" else 0.999)
+    # The text engine takes 1 to context tokens: the runtime runs texts cut after the longest.
+    tokens = loaded.engine("text_encoder").profile["input_ids"]
+    assert (tokens.min[1], tokens.max[1]) == (1, manifest.tokenizer.context_length)
+    from compir.runtime.encoder import Encoder
+
+    texts = ["red", "make the big red cube small and blue"]
+    trt_text = Encoder.from_export(export_copy, backend="tensorrt").encode_texts(texts).text_embeds
+    ort_text = Encoder.from_export(export_copy, providers=["cpu"]).encode_texts(texts).text_embeds
+    assert np.sum(trt_text * ort_text, axis=1).min() > (0.99999 if precision == "fp32" else 0.999)
     # A second build reuses the timing cache.
     build_engines(export_copy, options=options, roles=["composer"], out_dir=export_copy.parent / "again")
 

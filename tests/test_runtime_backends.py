@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +47,17 @@ def test_tensorrt_provider_options_come_from_the_manifest(tiny_export: Path, tmp
         "trt_profile_max_shapes": f"pixel_values:32x3x{size}x{size}",
     }
     context = manifest.tokenizer.context_length
-    query = tensorrt_options(manifest.graph("query_encoder"), TensorRTProviderSettings(cache_dir=tmp_path, fp16=False))
+    tokens = (1, 12, context)  # texts run cut after the longest (1 to context tokens)
+    query = tensorrt_options(manifest.graph("query_encoder"), TensorRTProviderSettings(cache_dir=tmp_path, fp16=False, tokens=tokens))
     assert query["trt_fp16_enable"] == "False"
     assert query["trt_profile_max_shapes"] == f"pixel_values:64x3x{size}x{size},input_ids:64x{context}"  # every input
+    assert query["trt_profile_opt_shapes"] == f"pixel_values:8x3x{size}x{size},input_ids:8x12"
     entries = session_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-                                manifest.graph("text_encoder"), tensorrt=settings)
+                                manifest.graph("text_encoder"), tensorrt=replace(settings, tokens=tokens))
     assert entries[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert entries[0][0] == "TensorrtExecutionProvider" and entries[0][1]["trt_profile_min_shapes"] == f"input_ids:1x{context}"
+    assert entries[0][0] == "TensorrtExecutionProvider" and entries[0][1]["trt_profile_min_shapes"] == "input_ids:1x1"
+    with pytest.raises(ContractError, match="axis 1 is dynamic \\('sequence'\\)"):  # the token range is needed
+        tensorrt_options(manifest.graph("text_encoder"), settings)
     with pytest.raises(ContractError, match=r"1 <= min \(8\) <= opt \(1\)"):
         tensorrt_options(manifest.graph("image_encoder"), TensorRTProviderSettings(cache_dir=tmp_path, batches=(8, 1, 64)))
 
@@ -286,6 +291,9 @@ class _FakeEngine:
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return (-1, 4) if name == "x" else (-1, 2)
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
+        return [(1, 4), (2, 4), (8, 4)]  # (min, opt, max) of an input; the session takes its batch from engines.json
 
     def create_execution_context(self) -> _FakeContext:
         return self.context

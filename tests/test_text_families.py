@@ -15,7 +15,7 @@ import pytest
 from compir.cli import main as compir_main
 from compir.errors import InputError
 from compir.manifest import load_manifest
-from compir.runtime.encoder import Encoder
+from compir.runtime.encoder import Encoder, fit_length
 from tests.fixtures.text_towers import build_text_tower, build_tokenizer
 
 pytest.importorskip("transformers", reason="HF text towers need transformers")
@@ -76,6 +76,14 @@ def test_text_family_trains_exports_and_serves(family: str, synth_data: Path, tm
     texts = ["make it RED & bigger!", "", "remove the cube " * 20, "東京 café"]
     encoder = Encoder.from_export(export, providers=["cpu"])
     np.testing.assert_array_equal(encoder.tokenize(texts), model.tokenizer(texts).numpy())
+    # Bidirectional / fixed-position pooling: the text graph keeps its context length, and ids cut
+    # after the longest text (an older caller) are padded back to it: the same outputs.
+    assert not model.text_length_cuttable and encoder.text_length == manifest.tokenizer.context_length
+    assert manifest.graph("text_encoder").input("input_ids").shape == ("batch", manifest.tokenizer.context_length)
+    ids = encoder.tokenize(texts[:2])
+    short = fit_length(ids, length=None, pad_id=manifest.tokenizer.pad_id)
+    assert short.shape[1] < ids.shape[1]
+    np.testing.assert_array_equal(encoder.encode_input_ids(short).text_embeds, encoder.encode_input_ids(ids).text_embeds)
 
     assert compir_main(["index", "build", str(export), "--images", str(synth_data / "images"), "--out", str(index), "--quiet"]) == 0
     capsys.readouterr()

@@ -4,6 +4,11 @@ Each wrapper calls one traceable method of :class:`compir.train.model.CIRModel`,
 exactly the training code path. After export, the output shapes are pinned from the traced
 outputs (torch's exporter leaves names such as ``Divquery_embeds_dim_1`` on static axes) and the
 I/O contract the manifest records is then read back from the ONNX file: one source of truth.
+
+The token axis of ``input_ids`` and ``token_features`` is the named ``sequence`` axis where the
+text tower gives the same text outputs on input cut after its longest text
+(:meth:`compir.train.model.CIRModel.text_length_cuttable`), so the runtime runs short texts at
+their length; every other tower keeps its fixed context length.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from compir.contracts import sha256_file
 from compir.errors import ContractError
 from compir.export.attention import export_ready
 from compir.export.external_data import EXTERNAL_DATA_BYTES, external_files, save_graph
-from compir.manifest import BATCH_AXIS, COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, DataFileSpec, GraphSpec, TensorSpec
+from compir.manifest import (
+    BATCH_AXIS,
+    COMPOSER,
+    IMAGE_ENCODER,
+    QUERY_ENCODER,
+    SEQUENCE_AXIS,
+    TEXT_ENCODER,
+    DataFileSpec,
+    GraphSpec,
+    TensorSpec,
+)
 
 _ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
@@ -52,12 +67,14 @@ class _Method(nn.Module):
 
 @dataclass(frozen=True)
 class GraphDef:
-    """One graph to export: ``module(*inputs named input_names) -> outputs named output_names``."""
+    """One graph to export: ``module(*inputs named input_names) -> outputs named output_names``;
+    ``sequence_names``: the tensors whose axis 1 is the dynamic ``sequence`` axis (text tokens)."""
 
     role: str
     module: nn.Module
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    sequence_names: tuple[str, ...] = ()
 
 
 # role, CIRModel method, input names, output names (the fixed vocabulary of the manifest).
@@ -69,14 +86,23 @@ _WRAPPERS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     (QUERY_ENCODER, "encode_query", ("pixel_values", "input_ids"), ("query_embeds",)),
 )
 GRAPH_ORDER = tuple(role for role, *_ in _WRAPPERS)
+_TOKEN_TENSORS = ("input_ids", "token_features")  # (B, L) ids and (B, L, Wt) states: axis 1 is the text's length
 
 
 def graph_defs(model: Any, *, fused: bool = True) -> list[GraphDef]:
     """The graphs of a CIR model (in :data:`GRAPH_ORDER`), each wrapping the model in eval mode;
-    ``fused=False`` leaves out the fused ``query_encoder``."""
+    ``fused=False`` leaves out the fused ``query_encoder``. Token tensors get the ``sequence`` axis
+    where the model's text tower allows cutting (``model.text_length_cuttable``)."""
     model.eval()
+    cuttable = bool(getattr(model, "text_length_cuttable", False))
     return [
-        GraphDef(role=role, module=_Method(model, method).eval(), input_names=inputs, output_names=outputs)
+        GraphDef(
+            role=role,
+            module=_Method(model, method).eval(),
+            input_names=inputs,
+            output_names=outputs,
+            sequence_names=tuple(n for n in (*inputs, *outputs) if n in _TOKEN_TENSORS) if cuttable else (),
+        )
         for role, method, inputs, outputs in _WRAPPERS
         if fused or role != QUERY_ENCODER
     ]
@@ -99,13 +125,17 @@ def run_torch(defn: GraphDef, feeds: dict[str, np.ndarray]) -> dict[str, np.ndar
 def export_graph(
     defn: GraphDef, *, feeds: dict[str, np.ndarray], path: Path, opset: int, external_data_bytes: int = EXTERNAL_DATA_BYTES
 ) -> None:
-    """Trace ``defn`` on ``feeds`` (batch > 1) into ``path`` with a dynamic ``batch`` axis everywhere.
+    """Trace ``defn`` on ``feeds`` (batch > 1) into ``path`` with a dynamic ``batch`` axis everywhere
+    (and the ``sequence`` axis on ``defn.sequence_names``).
 
     Weights past ``external_data_bytes`` go to an external data file beside ``path``
     (:mod:`compir.export.external_data`); the check reads the written files, so no second copy of
     the graph is held in memory for it."""
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in defn.input_names)
-    axes = {name: {0: BATCH_AXIS} for name in (*defn.input_names, *defn.output_names)}
+    axes = {
+        name: {0: BATCH_AXIS, 1: SEQUENCE_AXIS} if name in defn.sequence_names else {0: BATCH_AXIS}
+        for name in (*defn.input_names, *defn.output_names)
+    }
     static_shapes = {name: out.shape for name, out in run_torch(defn, feeds).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # A folder of its own: past 2 GiB torch writes one external file per tensor beside the graph.
@@ -115,7 +145,7 @@ def export_graph(
         # dynamo exporter trips over data-dependent argmax pooling on some torch releases).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            export_ready(defn.module),  # parity is then checked against the unmodified module
+            export_ready(defn.module, dynamic_length=bool(defn.sequence_names)),  # parity is then checked against the unmodified module
             args,
             str(traced),
             input_names=list(defn.input_names),
@@ -126,14 +156,14 @@ def export_graph(
             dynamo=False,
         )
         model = onnx.load(str(traced))
-    _pin_output_shapes(model, static_shapes)
+    _pin_output_shapes(model, static_shapes, sequence_names=defn.sequence_names)
     save_graph(model, path, external_data_bytes=external_data_bytes)
     del model
     onnx.checker.check_model(str(path))  # by path: works past 2 GiB and with external data
 
 
-def _pin_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Axis 0 of every output is ``batch``; the others are the traced (fixed) sizes."""
+def _pin_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], *, sequence_names: tuple[str, ...] = ()) -> None:
+    """Axis 0 of every output is ``batch``, axis 1 of ``sequence_names`` ``sequence``; the others are the traced (fixed) sizes."""
     for output in model.graph.output:
         dims = output.type.tensor_type.shape.dim
         expected = shapes[output.name]
@@ -142,6 +172,8 @@ def _pin_output_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
         for axis, dim in enumerate(dims):
             if axis == 0:
                 dim.dim_param = BATCH_AXIS
+            elif axis == 1 and output.name in sequence_names:
+                dim.dim_param = SEQUENCE_AXIS
             else:
                 dim.dim_value = int(expected[axis])
 

@@ -16,9 +16,10 @@ from compir.errors import ContractError
 from compir.export.graphs import GraphDef, run_torch, select_batch
 from compir.runtime.backends.ort import open_session
 
-__all__ = ["FP32_TOLERANCE", "check_fp32_parity", "mean_cosine", "open_session", "run_session"]
+__all__ = ["CUT_TOLERANCE", "FP32_TOLERANCE", "check_fp32_parity", "check_length_cut", "mean_cosine", "open_session", "run_session"]
 
 FP32_TOLERANCE = 1e-4
+CUT_TOLERANCE = 1e-5  # a text batch cut after its longest text against the same batch at full length
 
 
 def run_session(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,6 +62,29 @@ def check_fp32_parity(
                     f"{len(subset)} (tolerance {tolerance:g}); the ONNX graph does not compute what the model does"
                 )
             worst = max(worst, diff)
+    return worst
+
+
+def check_length_cut(defn: GraphDef, *, path: Path, feeds: dict[str, np.ndarray], pad_id: int, tolerance: float = CUT_TOLERANCE) -> float:
+    """Max abs difference between the graph on ``feeds`` and on the same feeds cut after the longest
+    text (as the runtime runs it; ``token_features`` compared over the kept positions). ContractError
+    above ``tolerance``: the text tower is not one whose outputs survive the cut."""
+    from compir.runtime.encoder import fit_length
+
+    session = open_session(path)
+    full = run_session(session, feeds)
+    cut_feeds = {name: fit_length(a, length=None, pad_id=pad_id) if name == "input_ids" else a for name, a in feeds.items()}
+    kept = cut_feeds["input_ids"].shape[1]
+    worst = 0.0
+    for name, value in run_session(session, cut_feeds).items():
+        expected = full[name][:, :kept] if name in defn.sequence_names else full[name]
+        diff = float(np.max(np.abs(value - expected))) if value.shape == expected.shape else float("inf")
+        if not diff <= tolerance:
+            raise ContractError(
+                f"parity: {defn.role} output {name!r} changes by {diff:.3g} when the texts are cut from {feeds['input_ids'].shape[1]} "
+                f"to {kept} tokens (tolerance {tolerance:g}); this text tower must keep its fixed length"
+            )
+        worst = max(worst, diff)
     return worst
 
 

@@ -3,6 +3,11 @@
 Everything about the graphs (names, dtypes, feature shapes, preprocessing, tokenizer) comes from
 the manifest; feeds are cast to the manifest's input dtypes and outputs come back as float32, so
 fp32, fp16 and int8 variants look the same to callers.
+
+Token ids are fitted to the text graph (:func:`fit_length`): where its ``input_ids`` have the
+dynamic ``sequence`` axis, a batch runs cut after its longest text (the text tower's outputs are
+the same, see :data:`compir.manifest.SEQUENCE_AXIS`); where the length is a number (a tower that
+pools a fixed position, older exports), ids are padded or cut to it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ import numpy as np
 from PIL import Image
 
 from compir.errors import ContractError
-from compir.manifest import COMPOSER, IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, GraphSpec, TensorSpec, load_manifest, manifest_sha256
+from compir.manifest import (
+    COMPOSER,
+    IMAGE_ENCODER,
+    TEXT_ENCODER,
+    ExportManifest,
+    GraphSpec,
+    TensorSpec,
+    load_manifest,
+    manifest_sha256,
+)
 from compir.runtime.backends import Backend, GraphSession, open_backend
 from compir.runtime.backends.base import numpy_dtype
 from compir.runtime.preprocess import check_spec, preprocess_batch
@@ -48,6 +62,7 @@ class Encoder:
         self.tokenizer = load_tokenizer(export_dir, manifest.tokenizer)
         self._image = backend.open(self._graph(IMAGE_ENCODER))
         self._text = backend.open(self._graph(TEXT_ENCODER))
+        self.text_length = text_length(self._graph(TEXT_ENCODER))  # None: cut each batch after its longest text
         self._composer = backend.open(self._graph(COMPOSER))
         self.feature_shape = image_feature_shape(manifest, self.variant)
         self._check_dims()
@@ -97,11 +112,13 @@ class Encoder:
         )
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> ``input_ids`` (B, L) int64."""
+        """Texts -> ``input_ids`` (B, context_length) int64, exactly the tokenizer's (the training ids)."""
         return self.tokenizer(texts)
 
     def encode_input_ids(self, input_ids: np.ndarray) -> TextEncoding:
-        out = _run(self._text, {"input_ids": input_ids}, ("text_embeds", "text_features"))
+        """(B, L) ids (any L up to the context; padding after each text) -> the text graph's outputs."""
+        ids = fit_length(np.asarray(input_ids), length=self.text_length, pad_id=self.tokenizer.spec.pad_id)
+        out = _run(self._text, {"input_ids": ids}, ("text_embeds", "text_features"))
         return TextEncoding(text_embeds=out["text_embeds"], text_features=out["text_features"])
 
     def encode_texts(self, texts: Sequence[str]) -> TextEncoding:
@@ -130,6 +147,25 @@ class Encoder:
             tail = _static_tail(self._graph(role).output(name))
             if tail != (self.embed_dim,):
                 raise ContractError(f"{role} output {name!r} has shape (batch, {tail}), the manifest's embed_dim is {self.embed_dim}")
+
+
+def text_length(graph: GraphSpec) -> int | None:
+    """The fixed token count of a text graph's ``input_ids``, or None where its axis 1 is dynamic."""
+    axis = graph.input("input_ids").shape[1]
+    return axis if isinstance(axis, int) else None
+
+
+def fit_length(input_ids: np.ndarray, *, length: int | None, pad_id: int) -> np.ndarray:
+    """(B, L) ids -> (B, L') for a text graph: ``length`` None cuts after the last position that is
+    not ``pad_id`` in some row (at least 1); a fixed ``length`` pads with ``pad_id`` or cuts to it."""
+    if input_ids.ndim != 2:
+        raise ContractError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
+    if length is None:
+        used = np.flatnonzero((input_ids != pad_id).any(axis=0))
+        return input_ids[:, : max(int(used[-1]) + 1 if used.size else 0, 1)]
+    if input_ids.shape[1] >= length:
+        return input_ids[:, :length]
+    return np.pad(input_ids, ((0, 0), (0, length - input_ids.shape[1])), constant_values=pad_id)
 
 
 def image_feature_shape(manifest: ExportManifest, variant: str | None = None) -> tuple[int, ...]:

@@ -93,6 +93,23 @@ class CIRModel(nn.Module):
     def embed_dim(self) -> int:
         return self.head.output_dim
 
+    @property
+    def text_length_cuttable(self) -> bool:
+        """Whether ``encode_text`` on ``input_ids`` cut after the batch's last non-padding position
+        gives the same outputs (``token_features`` up to that position): open_clip's TextTransformer
+        with its causal mask (no position sees a later one), pooling the end-of-text token (``argmax``,
+        ``eos``) and no appended class token. Towers pooling the last or first position over
+        bidirectional attention (SigLIP's) and Hugging Face towers keep their fixed length."""
+        from open_clip.transformer import TextTransformer
+
+        text = self.backbone.text
+        return (
+            isinstance(text, TextTransformer)
+            and text.attn_mask is not None
+            and text.cls_emb is None
+            and text.pool_type in ("argmax", "eos")
+        )
+
     def logit_scale(self) -> torch.Tensor:
         """The learned (exponentiated, clamped) softmax temperature of the losses."""
         return self.backbone.logit_scale.exp().clamp(max=_MAX_LOGIT_SCALE)

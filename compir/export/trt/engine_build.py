@@ -28,7 +28,7 @@ from compir.engines import (
     save_engines,
 )
 from compir.errors import ContractError
-from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile
+from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile, token_range
 from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
 
 DEFAULT_ENGINE_DIR = "engines"
@@ -104,7 +104,13 @@ def build_engines(
     with atomic_output_dir(target, overwrite=True) as tmp:
         for role in tqdm(list(roles), desc=f"TensorRT {options.precision} engines", unit="engine"):
             graph = spec.graph(role)
-            profile = compute_profile(graph, min_batch=options.min_batch, opt_batch=options.opt_batch, max_batch=options.max_batch)
+            profile = compute_profile(
+                graph,
+                min_batch=options.min_batch,
+                opt_batch=options.opt_batch,
+                max_batch=options.max_batch,
+                tokens=token_range(manifest.tokenizer.context_length),
+            )
             started = time.perf_counter()
             plan = build_engine(graphs[role], profile=profile, options=options, role=role)
             atomic_write_bytes(tmp / f"{role}.plan", plan)

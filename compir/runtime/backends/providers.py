@@ -3,7 +3,8 @@
 The default is the CUDA provider, then CPU. onnxruntime's TensorRT provider is used only when asked
 for (``--providers tensorrt cuda cpu``); it then gets an engine cache and a timing cache (without
 them it rebuilds every engine at every start), fp16, and an optimization profile per graph from the
-manifest's shapes, over the same batch range as ``compir export engine`` (:data:`DEFAULT_BATCHES`).
+manifest's shapes, over the same batch and token ranges as ``compir export engine``
+(:data:`DEFAULT_BATCHES`, :func:`compir.engines.token_range`).
 
 onnxruntime silently runs a graph on the next provider when one fails to load (no driver, CUDA or
 cuDNN libraries missing, TensorRT of another major version): :func:`missing_providers` says which
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from compir.engines import DEFAULT_BATCHES, ShapeRange, compute_profile
+from compir.engines import DEFAULT_BATCHES, ShapeRange, compute_profile, token_range
 from compir.errors import ContractError
 from compir.manifest import GraphSpec
 
@@ -34,11 +35,13 @@ ProviderEntry = str | tuple[str, dict[str, str]]
 
 @dataclass(frozen=True)
 class TensorRTProviderSettings:
-    """What onnxruntime's TensorRT provider is given: where its caches live, fp16, the batch range."""
+    """What onnxruntime's TensorRT provider is given: where its caches live, fp16, the batch range
+    and the token range of text graphs with a ``sequence`` axis."""
 
     cache_dir: Path
     fp16: bool = True  # as `compir export engine` builds by default
     batches: tuple[int, int, int] = DEFAULT_BATCHES  # (min, opt, max) of the optimization profile
+    tokens: tuple[int, int, int] | None = None  # (min, opt, max) token counts (token_range of the context length)
 
 
 def resolve_providers(requested: Sequence[str] | None) -> list[str]:
@@ -66,7 +69,7 @@ def tensorrt_options(graph: GraphSpec, settings: TensorRTProviderSettings) -> di
     """onnxruntime TensorRT provider options for ``graph`` (its documented names; booleans as
     ``True``/``False``, shapes as ``name:1x3x224x224,...``)."""
     low, mid, high = settings.batches
-    profile = compute_profile(graph, min_batch=low, opt_batch=mid, max_batch=high)
+    profile = compute_profile(graph, min_batch=low, opt_batch=mid, max_batch=high, tokens=settings.tokens)
     cache = str(settings.cache_dir)
     return {
         "trt_engine_cache_enable": "True",
@@ -140,9 +143,13 @@ def prepare_providers(export_dir: Path, providers: Sequence[str]) -> TensorRTPro
     folder, created when the TensorRT provider is asked for)."""
     import onnxruntime
 
+    from compir.manifest import load_manifest
+
     trt_version = load_gpu_libraries(providers)
     versions = f"ort-{onnxruntime.__version__}-trt-{trt_version}"
     settings = TensorRTProviderSettings(cache_dir=tensorrt_cache_dir(export_dir, versions=versions))
     if TENSORRT_PROVIDER in providers:
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        context = load_manifest(export_dir, verify_files=False).tokenizer.context_length
+        settings = replace(settings, tokens=token_range(context))
     return settings

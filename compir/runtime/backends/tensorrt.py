@@ -153,11 +153,13 @@ class TensorRTSession:
             self._context.set_tensor_address(name, pointer)
 
     def _largest_sizes(self) -> dict[str, int]:
-        """Bytes of every I/O tensor at the profile's largest batch (outputs as the context infers them)."""
+        """Bytes of every I/O tensor at the profile's largest batch and token count (outputs as the
+        context infers them)."""
         high = self._batch_range[1]
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self._inputs:
-            shapes[name] = (high, *self._shapes[name][1:])
+            largest = tuple(self._engine.get_tensor_profile_shape(name, 0)[2])  # (min, opt, max) of profile 0
+            shapes[name] = (high, *largest[1:])
             if not self._context.set_input_shape(name, shapes[name]):
                 raise ContractError(f"the {self.spec.role} engine refuses input {name!r} of shape {shapes[name]} (its profile's largest)")
         for name in self._outputs:
@@ -174,7 +176,7 @@ class TensorRTSession:
         arrays = {name: np.ascontiguousarray(feeds[name], dtype=self._dtypes[name]) for name in self._inputs}
         total = _batch_size(arrays, self.spec.role)
         if total == 0:
-            return {name: np.empty((0, *self._shapes[name][1:]), dtype=self._dtypes[name]) for name in wanted}
+            return {name: np.empty((0, *(max(d, 0) for d in self._shapes[name][1:])), dtype=self._dtypes[name]) for name in wanted}
         low, high = self._batch_range
         parts = []
         with self._lock:
