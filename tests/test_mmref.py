@@ -1,16 +1,30 @@
-"""MMRef: references recover identities, the runtime's numpy refinement matches the torch one."""
+"""MMRef: identities (scene file, clusters), references recover identities, fine-tuning moves the encoders
+and exports, the runtime's numpy refinement matches the torch one."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from compir.data.types import CirSplit
+from compir.errors import InputError
 from compir.runtime.rerankers.mmref import MMRefStage
 from compir.runtime.rerankers.settings import pooled_vectors
-from compir.train.mmref import MODALITIES, Identities, fit_references, reference_coordinates
+from compir.train.mmref import (
+    MODALITIES,
+    Identities,
+    IdentityAssignment,
+    assign_identities,
+    cluster_vectors,
+    fit_references,
+    reference_coordinates,
+    train_mmref,
+)
+from compir.train.mmref.identities import describe
 
 
 def _clustered(identities: int = 24, dim: int = 16, seed: int = 0) -> tuple[Identities, np.ndarray]:
@@ -72,3 +86,61 @@ def test_runtime_rerankers_import_no_torch(module):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_synthetic_benchmark_writes_scene_identities_that_group_images(synth_data):
+    from compir.data.load import load_split
+    from compir.data.synth_scene import parse_scene_key, scene_identity
+    from compir.data.synthetic import read_dataset_record
+
+    assert "captions/identity.train.json" in read_dataset_record(synth_data)["sha256"]
+    train = load_split(synth_data, split="train")
+    assert set(train.identities) == set(train.gallery)
+    assert all(identity == scene_identity(parse_scene_key(name)) for name, identity in train.identities.items())
+    assignment = assign_identities(train, source="auto", images=list(train.gallery))
+    assert assignment.source == "scenes"
+    # a move edit keeps the objects: its target shares the reference's identity
+    moves = [q for q in train.queries if q.kind == "move"]
+    assert moves and all(train.identities[q.reference] == train.identities[q.targets[0]] for q in moves)
+    assert max(assignment.images_per_identity()) >= 2
+
+
+def test_clusters_hold_at_least_two_images_each_and_one_image_identities_are_called_degenerate(synth_data):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(101, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = cluster_vectors(vectors, count=40)
+    assert np.bincount(labels).min() >= 2 and len(np.unique(labels)) > 10
+    split = CirSplit(name="train", protocol="cirr", root=Path("."), queries=(), gallery=tuple(f"i{k}" for k in range(101)))
+    clusters = assign_identities(split, source="clusters", images=list(split.gallery), image_embeds=vectors)
+    assert min(clusters.images_per_identity()) >= 2 and "ONE image" not in describe(clusters)
+    with pytest.raises(InputError, match="synthetic benchmark"):
+        assign_identities(split, source="scenes", images=list(split.gallery))
+    own = IdentityAssignment("dataset", {name: name for name in split.gallery})
+    assert own.degenerate() and "ONE image" in describe(own)
+
+
+def test_finetuning_moves_the_encoders_and_writes_an_exportable_checkpoint(synth_data, tmp_path):
+    import torch
+
+    from compir.export.rerankers import add_rerankers
+    from compir.export.to_onnx import export_onnx
+    from compir.manifest import load_manifest
+    from compir.train.checkpoint import load_checkpoint, save_checkpoint
+    from compir.train.config import resolve_model_config
+    from compir.train.model import CIRModel
+
+    torch.manual_seed(0)
+    start = tmp_path / "best.pt"
+    save_checkpoint(start, model=CIRModel(resolve_model_config("micro-tgcir")), metrics={}, step=0, epoch=0)
+    result = train_mmref(start, data=synth_data, steps=3, train_queries=40, val_queries=12, weight=0.3, temperature=0.05,
+                         identities="scenes", finetune_steps=2, finetune_batch_size=8, progress=False)
+    assert result.checkpoint == tmp_path / "mmref-finetuned.pt" and result.path == tmp_path / "mmref-finetuned.mmref.pt"
+    assert result.identities == "scenes" and set(result.finetune_losses) == {"own", "guided", "reconstruction"}
+    before, after = load_checkpoint(start).model.state_dict(), load_checkpoint(result.checkpoint).model.state_dict()
+    moved = [key for key in before if key.startswith("backbone.") and not torch.equal(before[key], after[key])]
+    assert any("visual" in key for key in moved) and any("transformer" in key and "visual" not in key for key in moved)
+    export = tmp_path / "export"
+    export_onnx(result.checkpoint, out_dir=export, calibration_count=4)
+    add_rerankers(export, checkpoint=result.checkpoint)
+    assert {"mmref_references", "mmref_projection"} <= set(load_manifest(export).artifacts)

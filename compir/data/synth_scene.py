@@ -10,6 +10,7 @@ Public API (torch-free; the trainer renders fresh scenes every epoch with it):
 - :func:`render_scene` ``(scene, *, size=64) -> PIL.Image`` and :func:`render_scene_array`
   ``(scene, *, size=64) -> np.ndarray (S, S, 3) uint8`` (the fast path, ~20k scenes/s)
 - :func:`scene_caption` ``(scene) -> str``: a description for text -> image retrieval
+- :func:`scene_identity` ``(scene) -> str``: its object identity (MMRef), the objects without their layout
 - :func:`sample_scene` ``(rng, *, max_objects=5, allowed=...) -> Scene``
 
 Modifications and their texts are in :mod:`compir.data.synth_edits`.
@@ -106,6 +107,16 @@ class Scene:
 
 def _object_code(obj: SceneObject) -> str:
     return f"{_SHAPE_CODE[obj.shape]}{COLOURS.index(obj.colour)}{_SIZE_CODE[obj.size]}"
+
+
+def scene_identity(scene: Scene) -> str:
+    """The scene's object identity: its objects as a multiset, layout left out (``c0S+t3L``).
+
+    What stays one "object" in this benchmark is its content: a ``move`` edit (or any other
+    scene holding the same objects elsewhere on the grid) shows the same identity from another
+    view, as a person re-photographed; adding, removing or changing an object makes another one.
+    """
+    return "+".join(sorted(_object_code(obj) for _, obj in scene.objects())) or "empty"
 
 
 _SHAPE_OF = {code: shape for shape, code in _SHAPE_CODE.items()}

@@ -6,6 +6,7 @@ Layout under the output folder::
     captions/cap.rc2.<split>.json        CIRR records + "kind" (add / remove / change / move),
                                          "attribute" (colour / size / shape for change) and "unseen"
     captions/scene.<split>.json          image name -> [scene description] (text -> image retrieval)
+    captions/identity.<split>.json       image name -> object identity (MMRef; same objects up to layout)
     image_splits/split.rc2.<split>.json  image name -> "./images/<name>.png"
     images/<name>.png                    one image per distinct scene (the name is the scene key)
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from compir.contracts import atomic_output_dir, sha256_file, write_contract
 from compir.data.synth import SPLITS, SplitPlan, SynthConfig, plan_dataset
-from compir.data.synth_scene import parse_scene_key, render_scene, scene_caption
+from compir.data.synth_scene import parse_scene_key, render_scene, scene_caption, scene_identity
 
 SYNTH_FORMAT = "compir.synthetic"
 SYNTH_SCHEMA = 1
@@ -49,6 +50,10 @@ def caption_file(split: str) -> str:
 
 def scene_caption_file(split: str) -> str:
     return f"captions/scene.{split}.json"
+
+
+def identity_file(split: str) -> str:
+    return f"captions/identity.{split}.json"
 
 
 def image_split_file(split: str) -> str:
@@ -148,7 +153,8 @@ def write_synthetic(
             _dump(tmp / caption_file(split), _records(plan))
             _dump(tmp / image_split_file(split), {name: image_relpath(name) for name in gallery})
             _dump(tmp / scene_caption_file(split), {name: [scene_caption(parse_scene_key(name))] for name in gallery})
-            for relpath in (caption_file(split), image_split_file(split), scene_caption_file(split)):
+            _dump(tmp / identity_file(split), {name: scene_identity(parse_scene_key(name)) for name in gallery})
+            for relpath in (caption_file(split), image_split_file(split), scene_caption_file(split), identity_file(split)):
                 files[relpath] = sha256_file(tmp / relpath)
         render_images(names, folder=tmp / "images", size=config.image_size, workers=workers)
         counts = {split: _counts(plan) for split, plan in plans.items()}

@@ -1,4 +1,6 @@
-"""Reader of compir's synthetic benchmark: the CIRR reader plus ``kind`` / ``unseen`` and scene captions.
+"""Reader of compir's synthetic benchmark: the CIRR reader plus ``kind`` / ``unseen``, scene captions
+and object identities (``captions/identity.<split>.json``; derived from the scene names for a
+dataset written before that file existed).
 
 ``dataset.json`` (format ``compir.synthetic``) is checked first: format, schema version and the
 sha256 of every caption / split file, so a damaged or hand-edited dataset fails loudly.
@@ -14,7 +16,8 @@ from compir.contracts import check_header, sha256_file
 from compir.data.cirr import read_cirr, read_scene_captions
 from compir.data.files import read_json
 from compir.data.synth import SynthConfig
-from compir.data.synth_write import DATASET_FILE, SYNTH_FORMAT, SYNTH_SCHEMA, scene_caption_file
+from compir.data.synth_scene import parse_scene_key, scene_identity
+from compir.data.synth_write import DATASET_FILE, SYNTH_FORMAT, SYNTH_SCHEMA, identity_file, scene_caption_file
 from compir.data.types import CirSplit
 from compir.errors import ContractError, DatasetError
 
@@ -69,4 +72,15 @@ def read_synthetic(root: str | Path, *, split: str) -> CirSplit:
         raise DatasetError(f"{root / DATASET_FILE}: no split {split!r}; splits: {', '.join(record.get('splits', []))}")
     base = read_cirr(root, split=split, protocol="synthetic")
     captions = read_scene_captions(root / scene_caption_file(split))
-    return dataclasses.replace(base, captions=captions)
+    if identity_file(split) in record["sha256"]:
+        identities = _read_identities(root / identity_file(split))
+    else:  # written before the identity files: the scene names say the same
+        identities = {name: scene_identity(parse_scene_key(name)) for name in base.image_paths}
+    return dataclasses.replace(base, captions=captions, identities=identities)
+
+
+def _read_identities(path: Path) -> dict[str, str]:
+    raw = read_json(path, what="scene identities")
+    if not isinstance(raw, dict) or not all(isinstance(value, str) for value in raw.values()):
+        raise DatasetError(f"{path} should map image names to identity names")
+    return dict(raw)

@@ -11,12 +11,17 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from compir.train.mmref.identities import IDENTITY_SOURCES
+
 EPILOG = """examples:
   compir rerankers runs/tiny/best.pt --data data/synth                 # both, default steps
   compir rerankers runs/tiny/best.pt --data data/synth --only mmref --steps 500
+  compir rerankers runs/tiny/best.pt --data data/synth --only mmref --finetune-steps 200   # writes runs/tiny/mmref-finetuned.pt
+  compir rerankers runs/cirr/best.pt --data data/cirr --only mmref --identities clusters
   compir rerankers runs/fiq/best.pt --data data/fashioniq --only neucore    # FashionIQ / CIRR / Shoes files
   compir rerankers runs/shoes/best.pt --data data/shoes --only neucore --val-split test   # Shoes has no val split
   compir export onnx runs/tiny/best.pt --out exports/tiny              # picks up the sidecars
+  compir export onnx runs/tiny/mmref-finetuned.pt --out exports/mmref  # the fine-tuned model and its MMRef sidecar
 """
 
 KINDS = ("neucore", "mmref")
@@ -35,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps each (default: %(default)s)")
     parser.add_argument("--val-queries", type=int, default=None, help="validation queries for choosing the mix weight")
     parser.add_argument("--val-split", default="val", help="split that chooses NEUCORE's mix weight (default: %(default)s)")
+    parser.add_argument("--identities", choices=IDENTITY_SOURCES, default="auto",
+                        help="MMRef's object identities: the dataset's, the synthetic scenes', k-means clusters of the training "
+                             "images or CIRR's img_set groups (default: %(default)s = dataset's if any, else clusters)")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="MMRef: fine-tune the model this many steps with reference-guided learning first and write "
+                             "mmref-finetuned.pt beside the checkpoint (default: %(default)s = frozen model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -52,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "mmref"):
         from compir.train.mmref import train_mmref
 
-        mmref = train_mmref(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries,
-                            seed=args.seed, progress=progress)
-        print(f"mmref: {mmref.path} ({mmref.references} references, weight {mmref.weight}, "
+        mmref = train_mmref(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries, seed=args.seed,
+                            progress=progress, identities=args.identities, finetune_steps=args.finetune_steps)
+        print(f"mmref: {mmref.path} for {mmref.checkpoint} ({mmref.references} references, weight {mmref.weight}, "
               f"temperature {mmref.temperature}; val {mmref.val_before} -> {mmref.val_after})")
     return 0

@@ -1,10 +1,8 @@
-"""MMRef (Ma et al.): multi-modal references per object identity, and reference-based refinement.
+"""MMRef's reference bank: references per object identity, fitted on a model's features.
 
-An *identity* is what the dataset says is one object (``CirSplit.identities``; an image absent
-from it is its own identity). On the synthetic benchmark an identity is a scene: its rendering,
-its description (``split.captions``) and every composed query (r, m) that leads to it.
-
-Built on a frozen CIR checkpoint, from the training split's features (all (D,) vectors):
+An identity (see :mod:`compir.train.mmref.identities`) gathers images; its members are their
+gallery vectors, their descriptions (``split.captions``) and every composed query (r, m) that
+leads to one of them. Fitted on the (fine-tuned or given) checkpoint's features, all (D,) vectors:
 
 - members of identity i: gallery vectors of its images, text vectors of its captions and
   composed query vectors of the queries targeting it; all go through a learned projection P
@@ -17,7 +15,7 @@ Built on a frozen CIR checkpoint, from the training split's features (all (D,) v
   the batch's references (InfoNCE both ways), plus the cross-modal alignment of queries /
   captions with their images in the projected space.
 
-Inference (``refine``): a vector x goes to reference coordinates ``softmax(P(x) . R^T / tau)``; the
+Inference (``refine``, :mod:`compir.train.mmref.train`): a vector x goes to reference coordinates ``softmax(P(x) . R^T / tau)``; the
 reference-based similarity of a query and a candidate is the cosine of their coordinates, mixed
 with the first-stage cosine as ``(1 - weight) * cos + weight * ref_sim`` on the top-k. R, P, tau
 and weight (chosen on the validation split) are what the export writes; the runtime needs numpy
@@ -26,9 +24,7 @@ only. It applies to text -> image queries too: a text vector is refined the same
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,24 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from compir.data.load import load_split
 from compir.data.types import CirSplit
 from compir.errors import DatasetError
-from compir.train.neucore.stage2 import (
-    EncodedSplit,
-    candidate_columns,
-    encode_for_stage2,
-    evaluate_scores,
-    first_stage_scores,
-    rerank_matrix,
-    save_sidecar,
-    sidecar_path,
-)
+from compir.train.neucore.stage2 import EncodedSplit
 
-KIND = "mmref"
 MODALITIES = ("image", "caption", "query")
-WEIGHT_GRID = (0.0, 0.1, 0.2, 0.35, 0.5)
-TEMPERATURE_GRID = (0.02, 0.05, 0.1)
 
 
 @dataclass(frozen=True)
@@ -65,16 +48,6 @@ class Identities:
     vectors: np.ndarray  # (J, D) unit vectors
     owner: np.ndarray  # (J,) int64 identity index
     modality: np.ndarray  # (J,) int64 index into MODALITIES
-
-
-@dataclass(frozen=True)
-class MMRefResult:
-    path: Path
-    references: int
-    weight: float
-    temperature: float
-    val_before: dict[str, float]
-    val_after: dict[str, float]
 
 
 class ReferenceBank(nn.Module):
@@ -100,10 +73,13 @@ class ReferenceBank(nn.Module):
         return pooled / total.clamp(min=1e-12)[:, None]
 
 
-def collect_identities(encoded: EncodedSplit, *, caption_vectors: dict[str, np.ndarray], max_identities: int | None = None) -> Identities:
-    """Group an encoded split's images, captions and composed queries by identity."""
+def collect_identities(
+    encoded: EncodedSplit, *, identity_of: dict[str, str], caption_vectors: dict[str, np.ndarray], max_identities: int | None = None,
+) -> Identities:
+    """Group an encoded split's images, captions and composed queries by identity (``identity_of``:
+    image name -> identity; an image absent from it is its own identity)."""
     split = encoded.split
-    identity_of = {name: split.identities.get(name, name) for name in encoded.image_row}
+    identity_of = {name: identity_of.get(name, name) for name in encoded.image_row}
     names = sorted(set(identity_of.values()))
     if max_identities is not None and len(names) > max_identities:
         keep = np.random.default_rng(0).choice(len(names), size=max_identities, replace=False)
@@ -198,73 +174,3 @@ def reference_coordinates(vectors: np.ndarray, *, references: np.ndarray, projec
     projected = F.normalize(torch.from_numpy(vectors).float() @ torch.from_numpy(projection).T, dim=-1)
     weights = (projected @ torch.from_numpy(references).T / temperature).softmax(dim=-1)
     return F.normalize(weights, dim=-1).numpy()
-
-
-def train_mmref(
-    checkpoint: str | Path, *, data: str | Path, out: str | Path | None = None,
-    steps: int = 300, max_identities: int = 2048, top_n: int = 50, val_queries: int | None = None, train_queries: int | None = 3000,
-    weight: float | None = None, temperature: float | None = None, seed: int = 0, progress: bool = True,
-) -> MMRefResult:
-    """Build MMRef references for ``checkpoint`` from ``data``'s train split, choose the mix
-    weight and temperature on its val split (or take the given ones), write the sidecar
-    (default ``<checkpoint>.mmref.pt``)."""
-    from compir.train.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(checkpoint)
-    model = loaded.model.eval()
-    train_split = load_split(data, split="train")
-    if train_queries:
-        queries = train_split.queries[:train_queries]
-        keep = {q.reference for q in queries} | {t for q in queries for t in q.targets}
-        train_split = dataclasses.replace(train_split, queries=queries, gallery=tuple(n for n in train_split.gallery if n in keep))
-    encoded = encode_for_stage2(model, train_split, progress=progress)
-    encoded_captions = {n: c for n, c in train_split.captions.items() if n in encoded.image_row}
-    captions = caption_vectors(model, dataclasses.replace(train_split, captions=encoded_captions))
-    identities = collect_identities(encoded, caption_vectors=captions, max_identities=max_identities)
-    references, projection = fit_references(identities, steps=steps, seed=seed, progress=progress)
-    val = load_split(data, split="val")
-    if val_queries:
-        val = dataclasses.replace(val, queries=val.queries[:val_queries])
-    val_encoded = encode_for_stage2(model, val, progress=progress)
-    weight, temperature, before, after = choose_settings(
-        val_encoded, references=references, projection=projection, top_n=top_n,
-        fixed=None if weight is None else (weight, temperature or TEMPERATURE_GRID[1]),
-    )
-    path = Path(out) if out is not None else sidecar_path(checkpoint, KIND)
-    save_sidecar(
-        path, kind=KIND, base_checkpoint_sha256=loaded.sha256,
-        config={"dim": int(references.shape[1]), "references": int(references.shape[0])},
-        state_dict={"references": torch.from_numpy(references), "projection": torch.from_numpy(projection)},
-        settings={"weight": weight, "temperature": temperature, "top_n": top_n},
-        metrics={"val_before": before, "val_after": after, "identities": len(identities.names)},
-    )
-    return MMRefResult(path=path, references=len(references), weight=weight, temperature=temperature, val_before=before, val_after=after)
-
-
-def refine_scores(encoded: EncodedSplit, first: np.ndarray, columns: list[np.ndarray], queries: np.ndarray, *,
-                  references: np.ndarray, projection: np.ndarray, weight: float, temperature: float) -> np.ndarray:
-    """Re-ranked (Q, G) scores: ``(1 - weight) * cos + weight * ref_sim`` on each query's top-N."""
-    query_coords = reference_coordinates(queries, references=references, projection=projection, temperature=temperature)
-    gallery = encoded.image_embeds[encoded.gallery_rows]
-    gallery_coords = reference_coordinates(gallery, references=references, projection=projection, temperature=temperature)
-    return rerank_matrix(first, columns, lambda q, c, s: (1 - weight) * s + weight * (gallery_coords[c] @ query_coords[q]))
-
-
-def choose_settings(encoded: EncodedSplit, *, references: np.ndarray, projection: np.ndarray, top_n: int,
-                    fixed: tuple[float, float] | None = None) -> tuple[float, float, dict[str, float], dict[str, float]]:
-    """(weight, temperature, val metrics before, after): the grid point with the best validation
-    score, or ``fixed`` = (weight, temperature) whatever its score."""
-    from compir.train.evaluation import selection_score
-
-    first = first_stage_scores(encoded)
-    columns = candidate_columns(encoded, first, top_n=top_n)
-    before = evaluate_scores(encoded.split, first)
-    best = (selection_score(before), 0.0, TEMPERATURE_GRID[0], before)
-    grid = [(w, t) for t in TEMPERATURE_GRID for w in WEIGHT_GRID[1:]] if fixed is None else [fixed]
-    for weight, temperature in grid:
-        scores = refine_scores(encoded, first, columns, encoded.query_embeds, references=references, projection=projection,
-                               weight=weight, temperature=temperature)
-        report = evaluate_scores(encoded.split, scores)
-        if fixed is not None or selection_score(report) > best[0]:
-            best = (selection_score(report), weight, temperature, report)
-    return best[1], best[2], dict(before.metrics), dict(best[3].metrics)
