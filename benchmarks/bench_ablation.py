@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import multiprocessing
 import os
@@ -170,7 +169,7 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
     started = time.perf_counter()
     root = work / f"seed-{seed}"
     threads = int(os.environ.get("COMPIR_ABLATION_THREADS", "0"))
-    stages = tqdm(total=12, desc=f"seed {seed}", unit="stage", disable=not progress and stage_bar is None, position=stage_bar)
+    stages = tqdm(total=13, desc=f"seed {seed}", unit="stage", disable=not progress and stage_bar is None, position=stage_bar)
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)
@@ -188,9 +187,13 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
                             val_queries=budget.val_queries, seed=seed, progress=False)
     stage(f"MMRef on {best}")
     mmref, mmref_checkpoint = _train_mmref(checkpoints[best], data=data, budget=budget, seed=seed)
-    if mmref_checkpoint != checkpoints[best]:  # MMRef fine-tuned the encoders: NEUCORE for "+ both" trains on that checkpoint
+    fine_tuned = mmref_checkpoint != checkpoints[best]
+    control = None
+    if fine_tuned:  # MMRef fine-tuned the encoders: NEUCORE for "+ both" trains on that checkpoint
         train_neucore(mmref_checkpoint, data=data, steps=budget.neucore_steps, batch_size=16, top_n=TOP_N,
                       val_queries=budget.val_queries, seed=seed, progress=False)
+        stage("control: the same fine-tune, own loss only")
+        control = _train_mmref(checkpoints[best], data=data, budget=budget, seed=seed, control=root / "control")[1]
 
     test = load_split(data, split="test")
     val = load_split(data, split="val")
@@ -199,8 +202,9 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
     for key, checkpoint in checkpoints.items():
         stage(f"export + index {key}")
         served[key] = served_path.serve(checkpoint, split=test, work=root / key, threads=threads)
-    mmref_served = served[best] if mmref_checkpoint == checkpoints[best] else served_path.serve(
+    mmref_served = served[best] if not fine_tuned else served_path.serve(
         mmref_checkpoint, split=test, work=root / "mmref-finetuned", threads=threads)
+    control_served = None if control is None else served_path.serve(control, split=test, work=root / "control", threads=threads)
     stage("joint weights on val")
     val_served = served_path.Served(mmref_served.export_dir, mmref_served.encoder,
                                     served_path.index_split(mmref_served.encoder, val, out=mmref_served.export_dir.parent / "index-val"))
@@ -213,6 +217,13 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
         (Row("tgcir-earlier", "TG-CIR, compir's earlier form (`tiny-tgcir`)"), served["tgcir-earlier"], None),
         (Row("tgcir-authors", "TG-CIR, the authors' form"), served["tgcir-authors"], None),
     ]
+    if control_served is not None:
+        steps = budget.mmref_finetune_steps
+        rows += [
+            (Row("control", f"best TG-CIR + {steps} more steps, own loss only (control for MMRef's fine-tune)"), control_served, None),
+            (Row("mmref-finetuned", f"best TG-CIR + {steps} steps of MMRef's reference-guided fine-tune, no refinement"),
+             mmref_served, None),
+        ]
     rows += _method_rows(served[best], mmref_served, neucore_weight=neucore.weight, mmref_weight=mmref.weight, joint=joint)
     figures: dict[str, Any] = {}
     for row, where, reranker in rows:
@@ -228,7 +239,7 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
         "best_tgcir": best,
         "neucore": {"weight": neucore.weight, "val_before": neucore.val_before, "val_after": neucore.val_after},
         "mmref": {"weight": mmref.weight, "temperature": mmref.temperature, "references": mmref.references,
-                  "val_before": mmref.val_before, "val_after": mmref.val_after, "fine_tuned": mmref_checkpoint != checkpoints[best]},
+                  "val_before": mmref.val_before, "val_after": mmref.val_after, "fine_tuned": fine_tuned},
         "joint": {"mmref_weight": joint.mmref_weight, "neucore_weight": joint.neucore_weight, "val": joint.val_metrics, "grid": joint.grid},
         "rows": figures,
     }
@@ -294,17 +305,16 @@ def _authors_tgcir_config(root: Path) -> Path:
     return path
 
 
-def _train_mmref(checkpoint: Path, *, data: Path, budget: Budget, seed: int) -> tuple[Any, Path]:
+def _train_mmref(checkpoint: Path, *, data: Path, budget: Budget, seed: int, control: Path | None = None) -> tuple[Any, Path]:
     """MMRef trained for ``checkpoint``, and the checkpoint its sidecar belongs to (a fine-tuned one
-    when ``train_mmref`` fine-tunes the encoders). The newer keywords go only where accepted."""
+    when ``train_mmref`` fine-tunes the encoders). ``control``: the same fine-tune with the model's own
+    loss only, written to ``control``.pt (what training longer alone gives)."""
     from compir.train.mmref import train_mmref
 
-    accepted = inspect.signature(train_mmref).parameters
-    extra: dict[str, Any] = {}
-    if "identities" in accepted:
-        extra["identities"] = "auto"
-    if "finetune_steps" in accepted:
-        extra["finetune_steps"] = budget.mmref_finetune_steps
+    extra: dict[str, Any] = {"identities": "auto", "finetune_steps": budget.mmref_finetune_steps}
+    if control is not None:
+        extra |= {"finetune_reference_weight": 0.0, "finetuned_checkpoint": control.with_suffix(".pt"),
+                  "out": control.with_suffix(".mmref.pt")}
     result = train_mmref(checkpoint, data=data, steps=budget.mmref_steps, top_n=TOP_N, train_queries=budget.mmref_train_queries,
                          val_queries=budget.val_queries, seed=seed, progress=False, **extra)
     return result, Path(getattr(result, "checkpoint", checkpoint))

@@ -12,7 +12,7 @@ from benchmarks import bench_ablation
 from benchmarks.runner import main
 from compir.errors import InputError
 
-ROWS = ("combiner", "combiner-clip4cir", "tgcir-earlier", "tgcir-authors", "+neucore", "+mmref", "+both")
+ROWS = ("combiner", "combiner-clip4cir", "tgcir-earlier", "tgcir-authors", "control", "mmref-finetuned", "+neucore", "+mmref", "+both")
 
 
 @pytest.mark.slow  # five trainings and five exports: ~2.5 CPU-minutes
@@ -27,7 +27,7 @@ def test_quick_ablation_one_seed_through_the_served_path_and_resume(tmp_path: Pa
         assert all(0.0 <= value <= 100.0 for value in row["metrics"].values()), key
         assert row["metrics"]["R@1"] <= row["metrics"]["R@5"] <= row["metrics"]["R@10"]
         assert row["query_ms"] > 0.0  # reference image + text encoded, composed, searched
-    for key in ("combiner", "tgcir-earlier", "tgcir-authors"):
+    for key in ("combiner", "tgcir-earlier", "tgcir-authors", "control", "mmref-finetuned"):
         assert seed["rows"][key]["rerank_share"] == 0.0
     neucore = seed["rows"]["+neucore"]
     # labelled by what ran: a method at weight 0 is not applied and costs no re-rank time

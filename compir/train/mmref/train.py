@@ -67,15 +67,17 @@ def train_mmref(
     steps: int = 300, max_identities: int = 2048, top_n: int = 50, val_queries: int | None = None, train_queries: int | None = 3000,
     weight: float | None = None, temperature: float | None = None, seed: int = 0, progress: bool = True,
     identities: str = "auto", finetune_steps: int = 0, finetune_batch_size: int = 32, finetune_lr: float = 2e-4,
-    finetuned_checkpoint: str | Path | None = None,
+    finetuned_checkpoint: str | Path | None = None, finetune_reference_weight: float = 1.0,
 ) -> MMRefResult:
     """Build MMRef for ``checkpoint`` from ``data``'s train split and write its sidecar.
 
     ``identities``: where object identities come from (auto / dataset / scenes / clusters / img_set).
     ``finetune_steps`` > 0 first fine-tunes the model with reference-guided learning and writes it
     to ``finetuned_checkpoint`` (default ``mmref-finetuned.pt`` beside ``checkpoint``); the sidecar
-    then belongs to that checkpoint. The sidecar goes to ``out`` (default ``<checkpoint stem>.mmref.pt``
-    beside the checkpoint it belongs to). Mix weight and temperature are chosen on val unless given.
+    then belongs to that checkpoint; ``finetune_reference_weight`` scales its reference-guided terms
+    (0: the model's own loss only, the control that tells MMRef's effect from training longer).
+    The sidecar goes to ``out`` (default ``<checkpoint stem>.mmref.pt`` beside the checkpoint it
+    belongs to). Mix weight and temperature are chosen on val unless given.
     """
     from compir.train.checkpoint import load_checkpoint, save_checkpoint
     from compir.train.mmref.finetune import finetune_with_references
@@ -96,7 +98,8 @@ def train_mmref(
     losses: dict[str, float] = {}
     if finetune_steps:
         losses = finetune_with_references(model, train_split, identities=members, identity_of=assignment.of, steps=finetune_steps,
-                                          batch_size=finetune_batch_size, lr=finetune_lr, seed=seed, progress=progress)
+                                          batch_size=finetune_batch_size, lr=finetune_lr, weight=finetune_reference_weight, seed=seed,
+                                          progress=progress)
         owner = Path(finetuned_checkpoint) if finetuned_checkpoint is not None else owner.with_name(FINETUNED_NAME)
         members, _ = _members(model, train_split, source=assignment.source, max_identities=max_identities, seed=seed,
                               progress=progress, fixed=assignment)
