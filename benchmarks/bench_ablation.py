@@ -162,7 +162,7 @@ def run_seed(work: Path, *, data: Path, seed: int, budget: Budget, progress: boo
     terminal line (one per process with ``--jobs``)."""
     from benchmarks import ablation_served as served_path
     from compir.data.load import load_split
-    from compir.train.mmref import WEIGHT_GRID as MMREF_GRID
+    from compir.train.mmref.train import WEIGHT_GRID as MMREF_GRID
     from compir.train.neucore.train import WEIGHT_GRID as NEUCORE_GRID
     from compir.train.neucore.train import train_neucore
 
