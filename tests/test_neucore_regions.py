@@ -1,0 +1,167 @@
+"""NEUCORE beyond CLIP BPE and TG-CIR: image regions for a head without local tokens (the combiner)
+cached in the index and re-ranked through it with torch parity, and a model with a Hugging Face
+(SigLIP2-style) tokenizer whose concepts map to tokens by character offsets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compir.errors import ContractError
+from compir.manifest import IMAGE_ENCODER, RERANKER
+from compir.train.config import resolve_model_config
+from compir.train.model import CIRModel
+
+GRID, WEIGHT = 2, 0.5
+
+
+def _checkpoint(root: Path, config: str) -> Path:
+    from compir.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = root / "best.pt"
+    save_checkpoint(path, model=CIRModel(resolve_model_config(config)), metrics={}, step=0, epoch=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def regions(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from compir.export.to_onnx import export_onnx
+    from compir.runtime.build import build_index
+    from compir.runtime.encoder import Encoder
+    from compir.train.neucore.train import train_neucore
+
+    root = tmp_path_factory.mktemp("regions")
+    checkpoint = _checkpoint(root, "micro")  # the combiner head: one vector per image
+    # A fixed weight: a random model's validation figures would (rightly) switch NEUCORE off.
+    train_neucore(checkpoint, data=synth_data, steps=3, batch_size=6, val_queries=12, weight=WEIGHT, regions=GRID, progress=False)
+    export = root / "export"
+    export_onnx(checkpoint, out_dir=export, calibration_count=4)  # picks up the sidecar and its regions
+    images = root / "images"
+    images.mkdir()
+    for path in sorted((synth_data / "images").glob("*.png"))[:24]:
+        shutil.copy(path, images / path.name)
+    build_index(Encoder.from_export(export, providers=["cpu"]), images=images, out=root / "index", workers=1, progress=False)
+    return {"checkpoint": checkpoint, "export": export, "index": root / "index", "images": images}
+
+
+def test_combiner_regions_leave_retrieval_unchanged(synth_data):
+    torch.manual_seed(0)
+    model = CIRModel(resolve_model_config("micro")).eval()
+    pixels, ids = torch.randn(3, 3, 32, 32), model.tokenizer(["add a red cube", "remove it", "make the circle blue"])
+    with torch.no_grad():
+        embeds, vectors, _ = model.encode_image(pixels)
+        query = model.encode_query(pixels, ids)
+        assert model.use_image_regions(GRID) == GRID
+        with_regions, features, _ = model.encode_image(pixels)
+        assert torch.allclose(model.encode_query(pixels, ids), query, atol=1e-6) and torch.equal(with_regions, embeds)
+    assert features.shape == (3, 1 + GRID * GRID, model.embed_dim) and torch.equal(features[:, 0], vectors)
+    assert torch.allclose(features[:, 1:].norm(dim=-1), torch.ones(3, GRID * GRID), atol=1e-5)
+    assert not torch.allclose(features[:, 1], features[:, 2])  # distinct regions of the image
+    tgcir = CIRModel(resolve_model_config("micro-tgcir"))
+    assert tgcir.use_image_regions(GRID) == 0  # TG-CIR attends over its own local tokens
+
+
+def test_the_index_caches_the_regions_and_the_runtime_reranks_them_as_torch_does(regions):
+    import compir.runtime.rerankers  # noqa: F401  (registers the factory)
+    from compir.manifest import load_manifest
+    from compir.runtime.retriever import Retriever
+    from compir.train.checkpoint import load_checkpoint
+    from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
+    from compir.train.neucore.stage2 import load_sidecar, sidecar_path
+    from compir.train.neucore.train import concept_input_ids
+
+    fp32 = load_manifest(regions["export"]).variant("fp32")
+    regions_shape = (1 + GRID * GRID, 64)
+    assert fp32.graph(IMAGE_ENCODER).output("image_features").shape[1:] == regions_shape
+    assert fp32.graph(RERANKER).input("candidate_features").shape[1:] == regions_shape and fp32.parity[RERANKER] <= 1e-4
+    retriever = Retriever.from_dirs(regions["export"], regions["index"])
+    assert retriever.gallery.features.shape == (24, *regions_shape)
+    assert retriever.reranker is not None and retriever.reranker.name == "neucore"
+    retriever.rerank_top_n = 8
+    item, text = retriever.item_ids()[0], "add a large red circle at the top left"
+    first = retriever.search(reference_id=item, text=text, k=8)
+    result = retriever.search_detailed(reference_id=item, text=text, k=8, rerank=True)
+    assert "rerank" in result.timings_ms and {h.item_id for h in result.hits} == {h.item_id for h in first}
+
+    loaded = load_checkpoint(regions["checkpoint"])
+    sidecar = load_sidecar(sidecar_path(regions["checkpoint"], "neucore"), kind="neucore")
+    assert sidecar.config["region_grid"] == GRID
+    scorer = NeucoreScorer(NeucoreConfig(**sidecar.config))
+    scorer.load_state_dict(sidecar.state_dict)
+    gallery = retriever.gallery
+    rows = [gallery.row(h.item_id) for h in first]
+    candidates = torch.from_numpy(gallery.features[rows])
+    reference = torch.from_numpy(gallery.features[gallery.row(item)])[None].expand(len(rows), -1, -1)
+    with torch.no_grad():
+        _, _, tokens = loaded.model.encode_text(torch.from_numpy(retriever.encoder.tokenize([text])))
+        concepts = concept_input_ids(loaded.model.tokenizer, scorer, [text])
+        joint = scorer(tokens.expand(len(rows), -1, -1), concepts.expand(len(rows), -1), reference, candidates).numpy()
+        # The cached regions are what the model computes for the image.
+        loaded.model.use_image_regions(GRID)
+        _, features, _ = loaded.model.encode_image(torch.from_numpy(_pixels(loaded, Path(gallery.image_path(item)))))
+    assert np.allclose(features[0].numpy(), gallery.features[gallery.row(item)], atol=1e-4)
+    expected = np.array([h.score for h in first]) + WEIGHT * joint
+    got = {h.item_id: h.score for h in result.hits}
+    assert np.allclose([got[h.item_id] for h in first], expected, atol=1e-3)
+
+
+def _pixels(loaded, path: Path) -> np.ndarray:
+    from compir.images import load_image
+    from compir.train.transforms import eval_transform
+
+    return eval_transform(loaded.preprocess)(load_image(path, name=path.name))[None].numpy()
+
+
+def test_an_export_without_the_regions_is_refused_with_what_to_rebuild(regions, tmp_path):
+    from compir.export.rerankers import add_rerankers
+    from compir.export.to_onnx import export_onnx
+
+    bare = tmp_path / "bare.pt"
+    shutil.copy(regions["checkpoint"], bare)  # same checkpoint, no sidecar beside it: exported without regions
+    export_onnx(bare, out_dir=tmp_path / "export", calibration_count=4)
+    sidecar = regions["checkpoint"].with_name("best.neucore.pt")
+    with pytest.raises(ContractError, match="export the checkpoint again with its NEUCORE sidecar"):
+        add_rerankers(tmp_path / "export", checkpoint=bare, neucore=sidecar)
+
+
+def test_neucore_trains_and_exports_on_a_siglip_style_hf_tokenizer(synth_data, tmp_path):
+    pytest.importorskip("transformers", reason="HF tokenizers need transformers")
+    from compir.export.to_onnx import export_onnx
+    from compir.manifest import load_manifest
+    from compir.runtime.encoder import Encoder
+    from compir.runtime.rerankers.neucore import NeucoreStage
+    from compir.train.checkpoint import load_checkpoint
+    from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
+    from compir.train.neucore.train import concept_input_ids, train_neucore
+    from tests.test_text_families import _config
+
+    config = tmp_path / "siglip2.json"
+    config.write_text(json.dumps(_config("siglip2", tmp_path)), encoding="utf-8")
+    checkpoint = _checkpoint(tmp_path, str(config))
+    result = train_neucore(checkpoint, data=synth_data, steps=2, batch_size=4, val_queries=8, weight=WEIGHT, progress=False)
+    export = tmp_path / "export"
+    export_onnx(checkpoint, out_dir=export, calibration_count=4)
+    manifest = load_manifest(export)
+    assert manifest.tokenizer.kind == "hf" and manifest.variant("fp32").parity[RERANKER] <= 1e-4
+
+    # Concepts by character offsets: the content words' tokens, the same in training and in the runtime.
+    model = load_checkpoint(checkpoint).model
+    scorer = NeucoreScorer(NeucoreConfig(**torch.load(result.path, weights_only=True)["config"]))
+    encoder = Encoder.from_export(export, providers=["cpu"])
+    stage = NeucoreStage.from_export(encoder, export, manifest, "fp32", {"weight": WEIGHT})
+    texts = ["Make it a RED circle, and remove the square!", "add a green triangle to the left", "make it so"]
+    trained = concept_input_ids(model.tokenizer, scorer, texts).numpy()
+    served = np.stack([stage.concepts(row, text) for row, text in zip(encoder.tokenize(texts), texts, strict=True)])
+    np.testing.assert_array_equal(trained, served)
+    cleaned, offsets = model.tokenizer.offsets(texts[0])
+    kept = [cleaned[a:b].strip() for (a, b), token in zip(offsets, trained[0], strict=True) if token != 0]
+    # The content words' tokens (a token across two words, as this BPE's "the square", counts for its content word).
+    joined = "".join(kept)
+    assert all(word in joined for word in ("red", "circle", "square")) and not any(word in joined for word in ("make", "remove"))
+    assert (trained[2] == model.tokenizer(texts).numpy()[2]).all()  # no content word: every id is a concept
