@@ -68,47 +68,27 @@ def test_combiner_regions_leave_retrieval_unchanged(synth_data):
 
 
 def test_the_index_caches_the_regions_and_the_runtime_reranks_them_as_torch_does(regions):
-    import compir.runtime.rerankers  # noqa: F401  (registers the factory)
     from compir.manifest import load_manifest
-    from compir.runtime.retriever import Retriever
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
     from compir.train.neucore.stage2 import load_sidecar, sidecar_path
-    from compir.train.neucore.train import concept_input_ids
+    from tests.test_tgcir_stage2 import served_and_torch_neucore
 
     fp32 = load_manifest(regions["export"]).variant("fp32")
     regions_shape = (1 + GRID * GRID, 64)
     assert fp32.graph(IMAGE_ENCODER).output("image_features").shape[1:] == regions_shape
     assert fp32.graph(RERANKER).input("candidate_features").shape[1:] == regions_shape and fp32.parity[RERANKER] <= 1e-4
-    retriever = Retriever.from_dirs(regions["export"], regions["index"])
-    assert retriever.gallery.features.shape == (24, *regions_shape)
-    assert retriever.reranker is not None and retriever.reranker.name == "neucore"
-    retriever.rerank_top_n = 8
-    item, text = retriever.item_ids()[0], "add a large red circle at the top left"
-    first = retriever.search(reference_id=item, text=text, k=8)
-    result = retriever.search_detailed(reference_id=item, text=text, k=8, rerank=True)
-    assert "rerank" in result.timings_ms and {h.item_id for h in result.hits} == {h.item_id for h in first}
-
-    loaded = load_checkpoint(regions["checkpoint"])
-    sidecar = load_sidecar(sidecar_path(regions["checkpoint"], "neucore"), kind="neucore")
-    assert sidecar.config["region_grid"] == GRID
-    scorer = NeucoreScorer(NeucoreConfig(**sidecar.config))
-    scorer.load_state_dict(sidecar.state_dict)
+    assert load_sidecar(sidecar_path(regions["checkpoint"], "neucore"), kind="neucore").config["region_grid"] == GRID
+    retriever, item, first, got, joint, _ = served_and_torch_neucore(regions, name="neucore")
     gallery = retriever.gallery
-    rows = [gallery.row(h.item_id) for h in first]
-    candidates = torch.from_numpy(gallery.features[rows])
-    reference = torch.from_numpy(gallery.features[gallery.row(item)])[None].expand(len(rows), -1, -1)
+    assert gallery.features.shape == (24, *regions_shape)
+    expected = np.array([h.score for h in first]) + WEIGHT * joint
+    assert np.allclose([got[h.item_id] for h in first], expected, atol=1e-3)
+    # The cached regions are what the model computes for the image.
+    loaded = load_checkpoint(regions["checkpoint"])
+    loaded.model.use_image_regions(GRID)
     with torch.no_grad():
-        _, _, tokens = loaded.model.encode_text(torch.from_numpy(retriever.encoder.tokenize([text])))
-        concepts = concept_input_ids(loaded.model.tokenizer, scorer, [text])
-        joint = scorer(tokens.expand(len(rows), -1, -1), concepts.expand(len(rows), -1), reference, candidates).numpy()
-        # The cached regions are what the model computes for the image.
-        loaded.model.use_image_regions(GRID)
         _, features, _ = loaded.model.encode_image(torch.from_numpy(_pixels(loaded, Path(gallery.image_path(item)))))
     assert np.allclose(features[0].numpy(), gallery.features[gallery.row(item)], atol=1e-4)
-    expected = np.array([h.score for h in first]) + WEIGHT * joint
-    got = {h.item_id: h.score for h in result.hits}
-    assert np.allclose([got[h.item_id] for h in first], expected, atol=1e-3)
 
 
 def _pixels(loaded, path: Path) -> np.ndarray:
