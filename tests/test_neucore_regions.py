@@ -145,3 +145,33 @@ def test_neucore_trains_and_exports_on_a_siglip_style_hf_tokenizer(synth_data, t
     joined = "".join(kept)
     assert all(word in joined for word in ("red", "circle", "square")) and not any(word in joined for word in ("make", "remove"))
     assert (trained[2] == model.tokenizer(texts).numpy()[2]).all()  # no content word: every id is a concept
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet", "timm-convnext"])
+def test_every_tower_family_gives_regions_in_the_pooled_space(family: str, tmp_path: Path) -> None:
+    """Regions are the tower's own map into its pooled space, applied per region: one region (grid 1) is
+    a ViT's projected mean patch, a ResNet's attention-pool value path of the mean cell, a timm head of the mean token."""
+    from tests.test_backbone_families import _COMBINER, FAMILIES
+
+    arch, _, (count, _) = FAMILIES[family]
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps({"open_clip": arch, "head": _COMBINER, "loss_weights": {"composed": 1.0}}))
+    torch.manual_seed(0)
+    model = CIRModel(resolve_model_config(path)).eval()
+    size = model.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    assert model.use_image_regions(2) == 2
+    with torch.no_grad():
+        _, features, patches = model.encode_image(pixels)
+        model.use_image_regions(1)
+        _, single, _ = model.encode_image(pixels)
+    assert features.shape == (2, 5, 32) and patches.shape[1] == count and torch.isfinite(features).all()
+    visual = model.backbone.visual
+    mean = patches.mean(dim=1)
+    if family == "vit":
+        expected = mean @ visual.proj
+    elif family == "resnet":
+        expected = visual.attnpool.c_proj(visual.attnpool.v_proj(mean))
+    else:
+        expected = visual.head(mean)
+    assert torch.allclose(single[:, 1], torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
