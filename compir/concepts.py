@@ -7,13 +7,15 @@ adjacent content words is one concept phrase (an adjective + noun pair such as "
 
 :func:`concept_ids` maps the phrases to token positions: every token of a content word keeps its
 id, every other position becomes padding (id 0), so the re-ranker graph, which attends from its
-non-padding, non-special positions, attends from the concepts only.
+non-padding, non-special positions, attends from the concepts only. CLIP's BPE counts the tokens
+of each word; a Hugging Face tokenizer (SigLIP, BERT, ...) gives each token's character span
+instead (:func:`concept_ids_from_offsets`), the same spans in training and in the runtime.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +40,16 @@ def words_of(text: str) -> list[str]:
         match = _WORD.search(piece)
         pieces.append(match.group(0) if match else "")
     return pieces
+
+
+def word_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, stop, word) of each whitespace piece's word in ``text`` (character offsets; pieces without one are left out)."""
+    spans = []
+    for piece in re.finditer(r"\S+", text):
+        match = _WORD.search(piece.group(0).lower())
+        if match:
+            spans.append((piece.start() + match.start(), piece.start() + match.end(), match.group(0)))
+    return spans
 
 
 def is_content(word: str) -> bool:
@@ -79,3 +91,14 @@ def concept_ids(input_ids: np.ndarray, text: str, token_count: Callable[[str], i
     if not any(keep for _, _, keep in spans):
         return ids.copy()  # no content word (e.g. "make it so"): every word is a concept
     return out
+
+
+def concept_ids_from_offsets(input_ids: np.ndarray, text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """:func:`concept_ids` for a tokenizer that gives each position's character span in ``text``
+    (``offsets``, (0, 0) for special tokens and padding): a token overlapping a content word keeps its id."""
+    ids = np.asarray(input_ids)
+    content = [(start, stop) for start, stop, word in word_spans(text) if is_content(word)]
+    if not content:
+        return ids.copy()  # no content word: every word is a concept
+    keep = [stop > start and any(start < end and stop > begin for begin, end in content) for start, stop in offsets]
+    return np.where(np.array(keep[: len(ids)] + [False] * (len(ids) - len(keep))), ids, PAD_ID)

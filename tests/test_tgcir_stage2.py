@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,39 +63,49 @@ def test_export_holds_the_reranker_graph_with_parity_and_the_mmref_matrices(stag
     assert settings["neucore"]["weight"] == NEUCORE_WEIGHT and settings["mmref"]["temperature"] == TEMPERATURE
 
 
-def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
+def served_and_torch_neucore(paths: dict[str, Path], *, name: str) -> tuple[Any, str, list[Any], dict[str, float], np.ndarray, np.ndarray]:
+    """One composed query served with and without re-ranking (top 8), and NEUCORE's joint scores of
+    the first stage's hits from the torch side (model token states, sidecar weights, the index's
+    cached features): (retriever, reference item, first-stage hits, re-ranked score by item, joint, composed query)."""
     import compir.runtime.rerankers  # noqa: F401  (registers the factory)
     from compir.runtime.retriever import Retriever
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.mmref import reference_coordinates
     from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
     from compir.train.neucore.stage2 import load_sidecar, sidecar_path
     from compir.train.neucore.train import concept_input_ids
 
-    retriever = Retriever.from_dirs(stage2["export"], stage2["index"])
-    assert retriever.has_reranker and retriever.reranker is not None and retriever.reranker.name == "mmref+neucore"
+    retriever = Retriever.from_dirs(paths["export"], paths["index"])
+    assert retriever.has_reranker and retriever.reranker is not None and retriever.reranker.name == name
     retriever.rerank_top_n = 8
     item, text = retriever.item_ids()[0], "add a large red circle at the top left"
     first = retriever.search(reference_id=item, text=text, k=8)
     result = retriever.search_detailed(reference_id=item, text=text, k=8, rerank=True)
     assert "rerank" in result.timings_ms and {h.item_id for h in result.hits} == {h.item_id for h in first}
-
-    # The same scores from the torch side: model token states, sidecar weights, cached features.
-    loaded = load_checkpoint(stage2["checkpoint"])
-    neucore = load_sidecar(sidecar_path(stage2["checkpoint"], "neucore"), kind="neucore")
-    mmref = load_sidecar(sidecar_path(stage2["checkpoint"], "mmref"), kind="mmref")
+    loaded = load_checkpoint(paths["checkpoint"])
+    neucore = load_sidecar(sidecar_path(paths["checkpoint"], "neucore"), kind="neucore")
     scorer = NeucoreScorer(NeucoreConfig(**neucore.config))
     scorer.load_state_dict(neucore.state_dict)
     gallery = retriever.gallery
-    ids = retriever.encoder.tokenize([text])
     rows = [gallery.row(h.item_id) for h in first]
     candidates = torch.from_numpy(gallery.features[rows])
-    reference = torch.from_numpy(gallery.features[gallery.row(item)])[None].expand(len(rows), -1, -1)
+    reference = torch.from_numpy(gallery.features[gallery.row(item)])[None].expand(len(rows), *gallery.features.shape[1:])
     with torch.no_grad():
-        _, text_features, tokens = loaded.model.encode_text(torch.from_numpy(ids))
+        _, text_features, tokens = loaded.model.encode_text(torch.from_numpy(retriever.encoder.tokenize([text])))
         concepts = concept_input_ids(loaded.model.tokenizer, scorer, [text])  # the graph attends from the concepts only
         joint = scorer(tokens.expand(len(rows), -1, -1), concepts.expand(len(rows), -1), reference, candidates).numpy()
+        loaded.model.use_image_regions(scorer.config.region_grid)
         query = loaded.model.compose(reference[:1], text_features).numpy()
+    return retriever, item, first, {h.item_id: h.score for h in result.hits}, joint, query
+
+
+def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
+    from compir.train.mmref import reference_coordinates
+    from compir.train.neucore.stage2 import load_sidecar, sidecar_path
+
+    retriever, _, first, got, joint, query = served_and_torch_neucore(stage2, name="mmref+neucore")
+    mmref = load_sidecar(sidecar_path(stage2["checkpoint"], "mmref"), kind="mmref")
+    gallery = retriever.gallery
+    rows = [gallery.row(h.item_id) for h in first]
     refs, proj = mmref.state_dict["references"].numpy(), mmref.state_dict["projection"].numpy()
     pooled = gallery.features[rows].mean(axis=1)
     pooled = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -102,7 +113,6 @@ def test_retriever_reranks_with_both_methods_exactly_as_trained(stage2):
     query_coords = reference_coordinates(query, references=refs, projection=proj, temperature=TEMPERATURE)[0]
     cosine = np.array([h.score for h in first])
     expected = (1 - MMREF_WEIGHT) * cosine + MMREF_WEIGHT * coords @ query_coords + NEUCORE_WEIGHT * joint
-    got = {h.item_id: h.score for h in result.hits}
     assert np.allclose([got[h.item_id] for h in first], expected, atol=1e-3)
 
 

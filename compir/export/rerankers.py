@@ -6,7 +6,9 @@
 - ``fp32/reranker.onnx`` (role ``reranker``): ``token_features`` (N, L, Wt), ``input_ids`` (N, L),
   ``reference_features`` (N, *F), ``candidate_features`` (N, *F) -> ``scores`` (N,); the batch axis
   is the candidate axis (the runtime repeats the query's rows). Checked against torch (fp32
-  parity, max abs <= tolerance, batch 1 and N); every variant lists the same fp32 file;
+  parity, max abs <= tolerance, batch 1 and N); every variant lists the same fp32 file. A NEUCORE
+  trained with image regions (``region_grid``) needs them in the image encoder's ``image_features``
+  (:func:`neucore_region_grid`: ``export_onnx`` sets them), so the index caches them;
 - ``mmref_references.npy`` (M, D) and ``mmref_projection.npy`` (D, D): artifacts with sha256;
 - ``rerankers.json`` (format ``compir.rerankers``): the settings chosen on validation (mix
   weights, MMRef temperature, top-N), also an artifact.
@@ -30,7 +32,7 @@ from compir.errors import ContractError
 from compir.export.graphs import GraphDef, export_graph, graph_spec
 from compir.export.parity import FP32_TOLERANCE, check_fp32_parity
 from compir.export.samples import load_samples
-from compir.manifest import RERANKER, ArtifactSpec, ExportManifest, GraphSpec, load_manifest, save_manifest
+from compir.manifest import IMAGE_ENCODER, RERANKER, ArtifactSpec, ExportManifest, GraphSpec, load_manifest, save_manifest
 
 RERANKERS_FORMAT = "compir.rerankers"
 RERANKERS_SCHEMA = 1
@@ -81,7 +83,7 @@ def add_rerankers(
             spec, parity[RERANKER] = _export_neucore(folder, sidecar.config, sidecar.state_dict, loaded=loaded,
                                                      calibration_data=calibration_data, opset=opset, tolerance=tolerance)
             graphs[RERANKER] = spec
-            settings[kind]["graph"] = RERANKER
+            settings[kind] |= {"graph": RERANKER, "region_grid": int(sidecar.config.get("region_grid", 0))}
         else:
             arrays = (("mmref_references", REFERENCES_FILE, "references"), ("mmref_projection", PROJECTION_FILE, "projection"))
             for name, file, key in arrays:
@@ -99,6 +101,24 @@ def add_rerankers(
     return load_manifest(folder)
 
 
+def neucore_region_grid(checkpoint: str | Path, sidecar: str | Path | None = None) -> int:
+    """The image-region grid the NEUCORE sidecar of ``checkpoint`` was trained with (0: none, or no sidecar)."""
+    from compir.train.neucore.stage2 import load_sidecar, sidecar_path
+
+    path = Path(sidecar) if sidecar is not None else sidecar_path(checkpoint, "neucore")
+    return int(load_sidecar(path, kind="neucore").config.get("region_grid", 0)) if path.is_file() else 0
+
+
+def _check_regions(folder: Path, manifest: ExportManifest, features: np.ndarray, grid: int) -> None:
+    """The export's image encoder must give the image features NEUCORE was trained on (its regions)."""
+    exported = tuple(manifest.graph(IMAGE_ENCODER, "fp32").output("image_features").shape[1:])
+    if exported != features.shape[1:]:
+        raise ContractError(
+            f"export {folder}: its image encoder gives image_features {exported}, the NEUCORE re-ranker (region grid {grid}) "
+            f"needs {features.shape[1:]}; export the checkpoint again with its NEUCORE sidecar beside it, then rebuild the index"
+        )
+
+
 def _write_array(path: Path, array: np.ndarray, *, description: str) -> ArtifactSpec:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
@@ -113,7 +133,9 @@ def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch
     scorer = NeucoreScorer(NeucoreConfig(**config))
     scorer.load_state_dict(state, strict=True)
     scorer.eval()
+    loaded.model.use_image_regions(scorer.config.region_grid)
     feeds = _reranker_feeds(loaded, calibration_data=calibration_data)
+    _check_regions(folder, load_manifest(folder), feeds["reference_features"], scorer.config.region_grid)
     defn = GraphDef(role=RERANKER, module=scorer, input_names=RERANKER_INPUTS, output_names=("scores",))
     path = folder / "fp32" / f"{RERANKER}.onnx"
     export_graph(defn, feeds=feeds, path=path, opset=opset)

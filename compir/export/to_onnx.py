@@ -67,6 +67,7 @@ def export_onnx(
     Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
     broken variant; InputError-free: every input here is a file the user named.
     """
+    from compir.export.rerankers import neucore_region_grid
     from compir.train.checkpoint import load_checkpoint
 
     chosen = _check_variants(variants)
@@ -74,6 +75,7 @@ def export_onnx(
         raise ContractError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
+    model.use_image_regions(neucore_region_grid(checkpoint))  # NEUCORE's image regions: the index caches them with the features
     context_length = int(loaded.tokenizer["context_length"])
     if model.tokenizer.context_length != context_length or model.tokenizer.kind != loaded.tokenizer.get("kind", "clip_bpe"):
         raise ContractError(f"{checkpoint}: its tokenizer record {loaded.tokenizer} does not match its model config")

@@ -230,6 +230,13 @@ class HfTokenizer:
             batch[batch == self.spec.strip_sep_id] = 0
         return batch
 
+    def offsets(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """The cleaned text :meth:`__call__` tokenizes for ``text`` and each position's character span
+        in it ((0, 0): special tokens, padding); NEUCORE maps its concept words to positions by them."""
+        _check_length(text)
+        cleaned = clean_text(text, mode=self.spec.clean)
+        return cleaned, [(int(a), int(b)) for a, b in self._backend.encode(cleaned).offsets]
+
     def is_blank(self, text: str) -> bool:
         """True when the text alone gives no token id (the query would be special tokens only)."""
         return not self.encode(text[:MAX_TEXT_CHARS])

@@ -29,7 +29,7 @@ from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
-from compir.train.towers import encode_vision, vision_family, vision_token_width
+from compir.train.towers import encode_vision, region_tokens, vision_family, vision_token_width
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -63,6 +63,7 @@ class CIRModel(nn.Module):
         )
         if self.head.frozen_backbone:  # e.g. CLIP4Cir's second stage: the head learns on fixed features
             self.backbone.requires_grad_(False)
+        self.region_grid = 0  # image regions beside a vector head's features (use_image_regions); 0: none
 
     def train(self, mode: bool = True) -> CIRModel:
         """nn.Module.train, except that a frozen backbone stays in eval mode (fixed features: no
@@ -71,6 +72,25 @@ class CIRModel(nn.Module):
         if self.head.frozen_backbone:
             self.backbone.eval()
         return self
+
+    def use_image_regions(self, grid: int) -> int:
+        """Give a head without local tokens image regions (NEUCORE attends over them); returns the grid used.
+
+        With ``grid`` > 0 and vector image features (B, D) (the combiner), ``image_features`` becomes
+        (B, 1 + grid * grid, D): the head's vector, then the backbone's tokens pooled to a grid x grid
+        grid and mapped into its space (:func:`compir.train.towers.region_tokens`), L2-normalised.
+        ``compose`` and the gallery vector read row 0 only, so retrieval is unchanged and an index
+        caches the regions with the features. A head with local tokens (TG-CIR) keeps its own: 0.
+        Not a training setting: NEUCORE's sidecar records the grid and the export sets it.
+        """
+        self.region_grid = 0
+        if grid <= 0:
+            return 0
+        size = self.config.image_size
+        with torch.no_grad():
+            _, features, _ = self.encode_image(torch.zeros(1, 3, size, size, device=self.backbone.logit_scale.device))
+        self.region_grid = int(grid) if features.dim() == 2 else 0
+        return self.region_grid
 
     def describe_backbone(self) -> str:
         """One line for ``compir train``'s header: the vision tower family, its tokens and activation."""
@@ -123,7 +143,11 @@ class CIRModel(nn.Module):
         else:  # every other tower: its own token grid (compir.train.towers)
             pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
             features = self.head.image_features(pooled, patches)
-        return self.head.gallery_embeds(features), features, patches
+        embeds = self.head.gallery_embeds(features)
+        if self.region_grid:
+            regions = torch.nn.functional.normalize(region_tokens(self.backbone.visual, patches, self.region_grid), dim=-1)
+            features = torch.cat([features.unsqueeze(1), regions.to(features.dtype)], dim=1)  # (B, 1 + R, D)
+        return embeds, features, patches
 
     def encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L) int64 -> text_embeds (B, D), text_features (head-defined), token_features (B, L, Wt)."""
@@ -134,6 +158,8 @@ class CIRModel(nn.Module):
 
     def compose(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Head-defined features of a reference image and a modification text -> (B, D) query."""
+        if self.region_grid:  # the head's own vector is row 0; the rest are image regions
+            image_features = image_features[:, 0]
         return self.head.compose(image_features, text_features)
 
     def encode_query(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

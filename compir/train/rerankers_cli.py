@@ -20,6 +20,7 @@ EPILOG = """examples:
   compir rerankers runs/cirr/best.pt --data data/cirr --only mmref --identities clusters
   compir rerankers runs/fiq/best.pt --data data/fashioniq --only neucore    # FashionIQ / CIRR / Shoes files
   compir rerankers runs/shoes/best.pt --data data/shoes --only neucore --val-split test   # Shoes has no val split
+  compir rerankers runs/tiny/best.pt --data data/synth --only neucore --regions 3   # combiner: 3x3 image regions
   compir export onnx runs/tiny/best.pt --out exports/tiny              # picks up the sidecars
   compir export onnx runs/tiny/mmref-finetuned.pt --out exports/mmref  # the fine-tuned model and its MMRef sidecar
 """
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-steps", type=int, default=0,
                         help="MMRef: fine-tune the model this many steps with reference-guided learning first and write "
                              "mmref-finetuned.pt beside the checkpoint (default: %(default)s = frozen model)")
+    parser.add_argument("--regions", type=int, default=2, metavar="G",
+                        help="NEUCORE over a head without local tokens (the combiner): its vector plus a G x G grid of the "
+                             "backbone's image tokens, cached in the index (0: the vector alone; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -58,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compir.train.neucore.train import train_neucore
 
         neucore = train_neucore(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries,
-                                val_split=args.val_split, seed=args.seed, progress=progress)
+                                val_split=args.val_split, regions=args.regions, seed=args.seed, progress=progress)
         print(f"neucore: {neucore.path} (mix weight {neucore.weight} chosen on val; val {neucore.val_before} -> {neucore.val_after})")
     if args.only in (None, "mmref"):
         from compir.train.mmref import train_mmref

@@ -101,6 +101,17 @@ class TextTokenizer:
             "vocab_sha256": sha256_bytes(_hf_vocab(self).encode("utf-8")),
         }
 
+    def offsets(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """Hugging Face tokenizers: the cleaned text the ids of ``text`` are of, and each position's
+        character span in it ((0, 0): special tokens, padding), from the same backend the export writes
+        (so the runtime's ``HfTokenizer.offsets`` gives the same). CLIP's BPE has none: InputError."""
+        if self.kind != HF:
+            raise InputError("the CLIP BPE tokenizer gives no character offsets; compir.concepts counts its tokens per word")
+        tokenizer = _open_clip_tokenizer(self)
+        _hf_vocab(self)  # the first call configures the backend's padding and truncation
+        cleaned = tokenizer.clean_fn(text)
+        return cleaned, [(int(a), int(b)) for a, b in tokenizer.tokenizer.backend_tokenizer.encode(cleaned).offsets]
+
     def write_vocab(self, folder: Path) -> tuple[str, str]:
         """Write the vocabulary file the runtime reads into ``folder``: (file name, its sha256)."""
         name = VOCAB_FILES[self.kind]

@@ -16,6 +16,7 @@ pretrained weights keep their meaning. Functions, not wrapper modules: state-dic
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -74,3 +75,30 @@ def _timm_tokens(trunk: Any, features: torch.Tensor) -> torch.Tensor:
     if features.ndim == 3:
         return features[:, int(getattr(trunk, "num_prefix_tokens", 0)) :]
     raise InputError(f"timm tower {type(trunk).__name__} returns {features.ndim}-d features; compir needs a feature map or tokens")
+
+
+def region_tokens(visual: Any, tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """Image regions for heads without local tokens: the tokens of :func:`encode_vision` (B, P, W)
+    average-pooled to a ``grid`` x ``grid`` grid and mapped into the pooled output's space, as the
+    tower maps its pooled token: (B, grid * grid, E).
+
+    - ``vit``: the pooled patch tokens (after ``ln_post``) times the tower's projection;
+    - ``resnet``: the attention pool's value and output projections per region (the attention of a
+      single token is its value);
+    - ``timm``: the tower's extra head (a linear or MLP projection; none with attention pooling).
+    """
+    family = vision_family(visual)
+    if family == "vit" and getattr(visual, "attn_pool", None) is not None:
+        raise InputError("image regions: a ViT tower with an attentional pooler has no patch-token projection; use 0 regions")
+    if family == "timm" and ("pool" in visual.head._modules or visual.trunk.get_classifier().__class__.__name__ != "Identity"):
+        raise InputError("image regions: this timm tower pools or projects inside its own head; use 0 regions")
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise InputError(f"image regions: the tower's {tokens.shape[1]} tokens are not a square grid; use 0 regions")
+    maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(maps, grid).flatten(2).transpose(1, 2)  # (B, grid * grid, W)
+    if family == "vit":
+        return pooled @ visual.proj if visual.proj is not None else pooled
+    if family == "resnet":
+        return visual.attnpool.c_proj(visual.attnpool.v_proj(pooled))
+    return visual.head(pooled)

@@ -31,15 +31,17 @@ if TYPE_CHECKING:
 class MethodsReranker:
     """MMRef refinement then NEUCORE's joint score (either may be absent)."""
 
-    def __init__(self, *, mmref: MMRefStage | None, neucore: NeucoreStage | None) -> None:
+    def __init__(self, *, mmref: MMRefStage | None, neucore: NeucoreStage | None, regions: bool = False) -> None:
         self.mmref = mmref
         self.neucore = neucore
+        self.regions = regions  # the cached features are (K, D): the head's vector, then NEUCORE's image regions
         self.name = "+".join(stage.name for stage in (mmref, neucore) if stage is not None)
 
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
         scores: np.ndarray = np.asarray(candidates.scores, dtype=np.float64)
         if self.mmref is not None:
-            scores = self.mmref.refine(query.query_embeds, pooled_vectors(candidates.image_features), scores)
+            features = candidates.image_features[:, 0] if self.regions else candidates.image_features
+            scores = self.mmref.refine(query.query_embeds, pooled_vectors(features), scores)
         if self.neucore is not None and query.reference_features is not None:
             joint = self.neucore.scores(query.text, query.input_ids, query.reference_features, candidates.image_features)
             scores = scores + self.neucore.weight * joint
@@ -56,7 +58,7 @@ def load_methods_reranker(encoder: Encoder, manifest: ExportManifest, variant: s
         neucore = NeucoreStage.from_export(encoder, encoder.export_dir, manifest, variant, settings["neucore"])
     if mmref is None and neucore is None:
         return None
-    return MethodsReranker(mmref=mmref, neucore=neucore)
+    return MethodsReranker(mmref=mmref, neucore=neucore, regions=int(settings.get("neucore", {}).get("region_grid", 0)) > 0)
 
 
 register_reranker("methods", load_methods_reranker)

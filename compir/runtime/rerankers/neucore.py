@@ -1,7 +1,10 @@
 """NEUCORE's joint (reference, text, candidate) score at query time, from the export's
 ``reranker`` graph; the text's token states come from the export's text encoder graph, and the
 graph's ``input_ids`` keep only the positions of the text's mined concepts (:mod:`compir.concepts`),
-as in training."""
+as in training (CLIP BPE: tokens counted per word; a Hugging Face tokenizer: its character offsets).
+A NEUCORE trained with image regions reads them from the cached image features: an index built
+from an export without them is refused by its encoder binding; an export whose image encoder
+lacks them is refused here."""
 
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from compir.concepts import concept_ids
+from compir.concepts import concept_ids, concept_ids_from_offsets
 from compir.errors import ContractError
-from compir.manifest import RERANKER, TEXT_ENCODER, ExportManifest
+from compir.manifest import IMAGE_ENCODER, RERANKER, TEXT_ENCODER, ExportManifest
 from compir.runtime.backends import GraphSession, open_backend
 from compir.runtime.backends.base import numpy_dtype
+from compir.runtime.tokenizer import HfTokenizer
 
 _TOKEN_CACHE = 256
 
@@ -24,11 +28,13 @@ _TOKEN_CACHE = 256
 class NeucoreStage:
     name = "neucore"
 
-    def __init__(self, *, scorer: GraphSession, text: GraphSession, weight: float, token_count: Callable[[str], int]) -> None:
+    def __init__(
+        self, *, scorer: GraphSession, text: GraphSession, weight: float, concepts: Callable[[np.ndarray, str], np.ndarray]
+    ) -> None:
         self.scorer = scorer
         self.text = text
         self.weight = float(weight)
-        self.token_count = token_count  # tokens of one whitespace piece alone
+        self.concepts = concepts  # (L,) ids of a text, the text -> the ids of its concept words only
         self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @classmethod
@@ -36,6 +42,11 @@ class NeucoreStage:
         graphs = manifest.variant(variant).graphs
         if RERANKER not in graphs:
             raise ContractError(f"rerankers.json names NEUCORE but variant {variant!r} has no {RERANKER!r} graph; re-export")
+        wanted = tuple(graphs[RERANKER].input("reference_features").shape[1:])
+        cached = tuple(graphs[IMAGE_ENCODER].output("image_features").shape[1:])
+        if wanted != cached:
+            raise ContractError(f"export {export_dir}: the NEUCORE graph reads image features {wanted}, the image encoder gives "
+                                f"{cached} (regions missing); export the checkpoint again with its NEUCORE sidecar, then rebuild the index")
         try:
             backend = encoder.backend
             scorer, text = backend.open(graphs[RERANKER]), backend.open(graphs[TEXT_ENCODER])
@@ -44,7 +55,17 @@ class NeucoreStage:
             backend = open_backend("onnxruntime", export_dir)
             scorer, text = backend.open(graphs[RERANKER]), backend.open(graphs[TEXT_ENCODER])
         tokenizer = encoder.tokenizer
-        return cls(scorer=scorer, text=text, weight=float(settings["weight"]), token_count=lambda piece: len(tokenizer.encode(piece)))
+        if isinstance(tokenizer, HfTokenizer):  # its tokens' character offsets, as in training
+            hf = tokenizer
+
+            def concepts(input_ids: np.ndarray, text: str) -> np.ndarray:
+                return concept_ids_from_offsets(input_ids, *hf.offsets(text))
+        else:  # CLIP BPE: tokens counted per word after the start token
+
+            def concepts(input_ids: np.ndarray, text: str) -> np.ndarray:
+                return concept_ids(input_ids, text, lambda piece: len(tokenizer.encode(piece)), first=1)
+
+        return cls(scorer=scorer, text=text, weight=float(settings["weight"]), concepts=concepts)
 
     def token_features(self, input_ids: np.ndarray) -> np.ndarray:
         """(L,) ids -> (L, Wt) token states (cached per text)."""
@@ -61,7 +82,7 @@ class NeucoreStage:
         """One query (``text`` and its (L,) ids) against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
         count = len(candidate_features)
         tokens = self.token_features(input_ids)
-        input_ids = concept_ids(input_ids, text, self.token_count, first=1)
+        input_ids = self.concepts(input_ids, text)
         feeds = {
             "token_features": np.broadcast_to(tokens, (count, *tokens.shape)),
             "input_ids": np.broadcast_to(input_ids, (count, *input_ids.shape)),

@@ -4,8 +4,10 @@ Inputs are what an export already has at query time, so re-ranking needs no imag
 
 - ``token_features`` (N, L, Wt): the text tower's word states of m, and ``input_ids`` (N, L);
 - ``reference_features`` / ``candidate_features`` (N, K, D): the head's cached image features.
-  A token-set head (TG-CIR: K attribute tokens) gives K local regions per image; a head with
-  vector features (the combiner, (N, D)) is read as K = 1.
+  A token-set head (TG-CIR: K attribute tokens) gives K local regions per image. A head with
+  vector features (the combiner) gets ``region_grid`` x ``region_grid`` regions beside its vector
+  (K = 1 + grid^2: the backbone's tokens pooled to a grid, :meth:`CIRModel.use_image_regions`),
+  cached in the index with the features; with ``region_grid`` 0, (N, D) is read as K = 1.
 
 Concepts: the noun / attribute phrases mined from m (:mod:`compir.concepts`); ``input_ids``
 keeps their token positions and pads every other word (``concept_input_ids`` in training, the
@@ -40,6 +42,7 @@ class NeucoreConfig:
     hidden_dim: int = 128
     sot_id: int = 49406
     eot_id: int = 49407
+    region_grid: int = 0  # > 0: the image features carry grid x grid backbone regions (CIRModel.use_image_regions)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -50,7 +53,7 @@ class NeucoreOutputs:
     scores: torch.Tensor  # (N,) joint score of each triple
     reference_presence: torch.Tensor  # (N, L) logit: the concept is in r (MIL, max over r's regions)
     candidate_presence: torch.Tensor  # (N, L) logit: the concept is in c
-    concept_mask: torch.Tensor  # (N, L) 1 for a concept token, 0 for special / padding
+    concept_mask: torch.Tensor  # (N, L) 1 for a concept token, 0 for special / padding (L of token_features)
 
 
 def as_regions(features: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,7 @@ class NeucoreScorer(nn.Module):
         candidate_features: torch.Tensor,
     ) -> NeucoreOutputs:
         concepts = self.text_projection(token_features)  # (N, L, H)
-        mask = self.concept_mask(input_ids)
+        mask = self.concept_mask(input_ids[:, input_ids.shape[1] - token_features.shape[1] :])  # a CLS pooler drops token 0
         weight = torch.sigmoid(self.salience(concepts)).squeeze(-1) * mask  # (N, L)
         reference = self.image_projection(as_regions(reference_features)) + self.segment[0]  # (N, K, H)
         candidate = self.image_projection(as_regions(candidate_features)) + self.segment[1]  # (N, K, H)

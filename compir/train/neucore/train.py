@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from compir.concepts import concept_ids
+from compir.concepts import concept_ids, concept_ids_from_offsets
 from compir.data.load import detect_format, load_split
 from compir.data.synth_scene import render_scene_array
 from compir.data.synthetic import synth_config_of
@@ -52,7 +52,7 @@ from compir.train.neucore.stage2 import (
     save_sidecar,
     sidecar_path,
 )
-from compir.train.text import CLIP_BPE
+from compir.train.text import HF, TextTokenizer
 from compir.train.transforms import eval_transform, pixels_to_tensor
 
 KIND = "neucore"
@@ -91,6 +91,7 @@ def train_neucore(
     val_queries: int | None = None,
     val_split: str = "val",
     weight: float | None = None,
+    regions: int = 2,
     seed: int = 0,
     progress: bool = True,
 ) -> NeucoreResult:
@@ -98,7 +99,9 @@ def train_neucore(
     reads); write its sidecar (default ``<checkpoint>.neucore.pt``) and return where and how well
     it did on ``val_split``.
 
-    ``weight``: the mix weight; None chooses it on ``val_split`` (:data:`WEIGHT_GRID`)."""
+    ``weight``: the mix weight; None chooses it on ``val_split`` (:data:`WEIGHT_GRID`). ``regions``:
+    for a head without local tokens, attend over its vector and a ``regions`` x ``regions`` grid of
+    the backbone's image tokens (0: its vector alone); the export then caches them in the index."""
     from compir.train.checkpoint import load_checkpoint
 
     torch.manual_seed(seed)
@@ -106,8 +109,7 @@ def train_neucore(
     model = loaded.model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    if model.tokenizer.kind != CLIP_BPE:  # concepts map to word-aligned BPE positions; padding is id 0
-        raise InputError(f"NEUCORE needs a model with the CLIP BPE tokenizer; {model.config.name!r} uses {model.tokenizer.kind!r}")
+    grid = model.use_image_regions(regions)  # a vector head (the combiner) gets backbone regions; TG-CIR keeps its tokens
     settings = model.tokenizer.settings()
     scorer = NeucoreScorer(
         NeucoreConfig(
@@ -116,6 +118,7 @@ def train_neucore(
             hidden_dim=hidden_dim,
             sot_id=int(settings["sot_id"]),
             eot_id=int(settings["eot_id"]),
+            region_grid=grid,
         )
     )
     sample = _sampler(model, data, batch_size=batch_size, seed=seed)
@@ -187,8 +190,12 @@ def _pixels(split: CirSplit, names: list[str], transform: Callable[[Image.Image]
 
 def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: NeucoreScorer, texts: list[str]) -> torch.Tensor:
     """(B, L) ids of ``texts`` with every position outside a mined concept set to padding: the
-    graph's ``input_ids`` (it attends from the non-padding, non-special positions)."""
+    graph's ``input_ids`` (it attends from the non-padding, non-special positions). A Hugging Face
+    tokenizer maps the concept words by its tokens' character offsets, CLIP's BPE by token counts."""
     ids = tokenizer(texts)
+    if isinstance(tokenizer, TextTokenizer) and tokenizer.kind == HF:
+        rows = [concept_ids_from_offsets(row.numpy(), *tokenizer.offsets(text)) for row, text in zip(ids, texts, strict=True)]
+        return torch.from_numpy(np.stack(rows))
 
     def token_count(piece: str) -> int:
         return int(scorer.concept_mask(tokenizer([piece]))[0].sum())
