@@ -3,6 +3,7 @@ annotations) through ``compir rerankers`` and exports its reranker graph from ea
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -77,3 +78,29 @@ def test_neucore_trains_and_exports_on_each_real_layout(layout, micro_export, tm
     manifest = add_rerankers(export, checkpoint=checkpoint)
     assert RERANKER in manifest.variant("fp32").graphs and RERANKER in manifest.variant("fp32").parity
     assert load_manifest(export).variant("fp32").graphs[RERANKER].file.endswith("reranker.onnx")
+
+
+@pytest.mark.parametrize("layout", [_fashioniq, _cirr, _shoes], ids=["fashioniq", "cirr", "shoes"])
+def test_mmref_derives_identities_fine_tunes_and_exports_on_each_real_layout(layout, micro_export, tmp_path, capsys):
+    """No layout labels identities: MMRef clusters the training images (auto), fine-tunes the encoders
+    on the triplets and writes a checkpoint and sidecar that the export takes."""
+    from compir.export.rerankers import add_rerankers
+    from compir.export.to_onnx import export_onnx
+
+    data = tmp_path / "data"
+    val_split = layout(data)
+    checkpoint = tmp_path / "best.pt"
+    shutil.copyfile(micro_export["checkpoint"], checkpoint)
+    argv = ["rerankers", str(checkpoint), "--data", str(data), "--only", "mmref", "--steps", "3", "--finetune-steps", "2",
+            "--val-split", val_split, "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    finetuned = tmp_path / "mmref-finetuned.pt"
+    assert "clusters" in out and f"for {finetuned}" in out
+    record = torch.load(tmp_path / "mmref-finetuned.mmref.pt", map_location="cpu", weights_only=False)
+    assert record["metrics"]["identity_source"] == "clusters" and record["metrics"]["finetune_steps"] == 2
+    export = tmp_path / "export"
+    export_onnx(finetuned, out_dir=export, calibration_count=4, variants=("fp32",))
+    add_rerankers(export, checkpoint=finetuned)
+    settings = json.loads((export / "rerankers.json").read_text(encoding="utf-8"))
+    assert (export / "mmref_references.npy").is_file() and "mmref" in json.dumps(settings)

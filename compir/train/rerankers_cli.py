@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=KINDS, help="train just one of them")
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps each (default: %(default)s)")
     parser.add_argument("--val-queries", type=int, default=None, help="validation queries for choosing the mix weight")
-    parser.add_argument("--val-split", default="val", help="split that chooses NEUCORE's mix weight (default: %(default)s)")
+    parser.add_argument("--val-split", default="val", help="split that chooses the mix weights (default: %(default)s)")
     parser.add_argument("--identities", choices=IDENTITY_SOURCES, default="auto",
                         help="MMRef's object identities: the dataset's, the synthetic scenes', k-means clusters of the training "
                              "images or CIRR's img_set groups (default: %(default)s = dataset's if any, else clusters)")
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from compir.train.mmref import train_mmref
 
         mmref = train_mmref(args.checkpoint, data=args.data, steps=args.steps, val_queries=args.val_queries, seed=args.seed,
-                            progress=progress, identities=args.identities, finetune_steps=args.finetune_steps)
+                            progress=progress, identities=args.identities, finetune_steps=args.finetune_steps,
+                            val_split=args.val_split)
         print(f"mmref: {mmref.path} for {mmref.checkpoint} ({mmref.references} references, weight {mmref.weight}, "
               f"temperature {mmref.temperature}; val {mmref.val_before} -> {mmref.val_after})")
     return 0

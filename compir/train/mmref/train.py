@@ -67,7 +67,7 @@ def train_mmref(
     steps: int = 300, max_identities: int = 2048, top_n: int = 50, val_queries: int | None = None, train_queries: int | None = 3000,
     weight: float | None = None, temperature: float | None = None, seed: int = 0, progress: bool = True,
     identities: str = "auto", finetune_steps: int = 0, finetune_batch_size: int = 32, finetune_lr: float = 2e-4,
-    finetuned_checkpoint: str | Path | None = None, finetune_reference_weight: float = 1.0,
+    finetuned_checkpoint: str | Path | None = None, finetune_reference_weight: float = 1.0, val_split: str = "val",
 ) -> MMRefResult:
     """Build MMRef for ``checkpoint`` from ``data``'s train split and write its sidecar.
 
@@ -77,7 +77,8 @@ def train_mmref(
     then belongs to that checkpoint; ``finetune_reference_weight`` scales its reference-guided terms
     (0: the model's own loss only, the control that tells MMRef's effect from training longer).
     The sidecar goes to ``out`` (default ``<checkpoint stem>.mmref.pt`` beside the checkpoint it
-    belongs to). Mix weight and temperature are chosen on val unless given.
+    belongs to). Mix weight and temperature are chosen on ``val_split`` (Shoes has none: ``test``)
+    unless given.
     """
     from compir.train.checkpoint import load_checkpoint, save_checkpoint
     from compir.train.mmref.finetune import finetune_with_references
@@ -87,7 +88,7 @@ def train_mmref(
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
     train_split = _limited(load_split(data, split="train"), train_queries)
-    val = load_split(data, split="val")
+    val = load_split(data, split=val_split)
     if val_queries:
         val = dataclasses.replace(val, queries=val.queries[:val_queries])
     members, assignment = _members(model, train_split, source=identities, max_identities=max_identities, seed=seed, progress=progress)
