@@ -57,8 +57,10 @@ import compir.export.trt.engine_build as build
 import compir.export.trt.profiles
 import compir.runtime.backends.providers
 from compir.manifest import load_manifest
-graph = load_manifest({export!r}).graph("query_encoder")
-assert set(compir.export.trt.profiles.compute_profile(graph, min_batch=1, opt_batch=8, max_batch=64)) == {{"pixel_values", "input_ids"}}
+manifest = load_manifest({export!r})
+tokens = compir.export.trt.profiles.token_range(manifest.tokenizer.context_length)
+profile = compir.export.trt.profiles.compute_profile(manifest.graph("query_encoder"), min_batch=1, opt_batch=8, max_batch=64, tokens=tokens)
+assert set(profile) == {{"pixel_values", "input_ids"}}
 assert build.precision_flags("fp32").disable == ("TF32",)
 errors = io.StringIO()
 with contextlib.redirect_stderr(errors):
