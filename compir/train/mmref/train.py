@@ -30,16 +30,7 @@ from compir.data.types import CirSplit
 from compir.errors import InputError
 from compir.train.mmref.identities import IdentityAssignment, assign_identities, describe
 from compir.train.mmref.references import Identities, caption_vectors, collect_identities, fit_references, reference_coordinates
-from compir.train.neucore.stage2 import (
-    EncodedSplit,
-    candidate_columns,
-    encode_for_stage2,
-    evaluate_scores,
-    first_stage_scores,
-    rerank_matrix,
-    save_sidecar,
-    sidecar_path,
-)
+from compir.train.neucore import stage2
 
 KIND = "mmref"
 WEIGHT_GRID = (0.0, 0.1, 0.2, 0.35, 0.5)
@@ -94,8 +85,8 @@ def train_mmref(
     members, assignment = _members(model, train_split, source=identities, max_identities=max_identities, seed=seed, progress=progress)
     print(describe(assignment))
     owner = Path(checkpoint)
-    val_encoded = encode_for_stage2(model, val, progress=progress)
-    val_input = dict(evaluate_scores(val, first_stage_scores(val_encoded)).metrics)
+    val_encoded = stage2.encode_for_stage2(model, val, progress=progress)
+    val_input = dict(stage2.evaluate_scores(val, stage2.first_stage_scores(val_encoded)).metrics)
     losses: dict[str, float] = {}
     if finetune_steps:
         losses = finetune_with_references(model, train_split, identities=members, identity_of=assignment.of, steps=finetune_steps,
@@ -104,7 +95,7 @@ def train_mmref(
         owner = Path(finetuned_checkpoint) if finetuned_checkpoint is not None else owner.with_name(FINETUNED_NAME)
         members, _ = _members(model, train_split, source=assignment.source, max_identities=max_identities, seed=seed,
                               progress=progress, fixed=assignment)
-        val_encoded = encode_for_stage2(model, val, progress=progress)
+        val_encoded = stage2.encode_for_stage2(model, val, progress=progress)
     references, projection = fit_references(members, steps=steps, seed=seed, progress=progress)
     weight, temperature, before, after = choose_settings(
         val_encoded, references=references, projection=projection, top_n=top_n,
@@ -113,8 +104,8 @@ def train_mmref(
     if finetune_steps:
         save_checkpoint(owner, model=model, metrics=before, step=loaded.step + finetune_steps, epoch=loaded.epoch)
     owner_sha256 = sha256_file(owner) if finetune_steps else loaded.sha256
-    path = Path(out) if out is not None else sidecar_path(owner, KIND)
-    save_sidecar(
+    path = Path(out) if out is not None else stage2.sidecar_path(owner, KIND)
+    stage2.save_sidecar(
         path, kind=KIND, base_checkpoint_sha256=owner_sha256,
         config={"dim": int(references.shape[1]), "references": int(references.shape[0])},
         state_dict={"references": torch.from_numpy(references), "projection": torch.from_numpy(projection)},
@@ -143,7 +134,7 @@ def _members(
     fixed: IdentityAssignment | None = None,
 ) -> tuple[Identities, IdentityAssignment]:
     """Encode ``split`` and group its members by identity (``fixed``: keep an earlier assignment)."""
-    encoded = encode_for_stage2(model, split, progress=progress)
+    encoded = stage2.encode_for_stage2(model, split, progress=progress)
     images = sorted(encoded.image_row)
     assignment = fixed or assign_identities(
         split, source=source, images=images, image_embeds=encoded.image_embeds[[encoded.image_row[n] for n in images]], seed=seed,
@@ -153,30 +144,30 @@ def _members(
     return collect_identities(encoded, identity_of=assignment.of, caption_vectors=captions, max_identities=max_identities), assignment
 
 
-def refine_scores(encoded: EncodedSplit, first: np.ndarray, columns: list[np.ndarray], queries: np.ndarray, *,
+def refine_scores(encoded: stage2.EncodedSplit, first: np.ndarray, columns: list[np.ndarray], queries: np.ndarray, *,
                   references: np.ndarray, projection: np.ndarray, weight: float, temperature: float) -> np.ndarray:
     """Re-ranked (Q, G) scores: ``(1 - weight) * cos + weight * ref_sim`` on each query's top-N."""
     query_coords = reference_coordinates(queries, references=references, projection=projection, temperature=temperature)
     gallery = encoded.image_embeds[encoded.gallery_rows]
     gallery_coords = reference_coordinates(gallery, references=references, projection=projection, temperature=temperature)
-    return rerank_matrix(first, columns, lambda q, c, s: (1 - weight) * s + weight * (gallery_coords[c] @ query_coords[q]))
+    return stage2.rerank_matrix(first, columns, lambda q, c, s: (1 - weight) * s + weight * (gallery_coords[c] @ query_coords[q]))
 
 
-def choose_settings(encoded: EncodedSplit, *, references: np.ndarray, projection: np.ndarray, top_n: int,
+def choose_settings(encoded: stage2.EncodedSplit, *, references: np.ndarray, projection: np.ndarray, top_n: int,
                     fixed: tuple[float, float] | None = None) -> tuple[float, float, dict[str, float], dict[str, float]]:
     """(weight, temperature, val metrics before, after): the grid point with the best validation
     score, or ``fixed`` = (weight, temperature) whatever its score."""
     from compir.train.evaluation import selection_score
 
-    first = first_stage_scores(encoded)
-    columns = candidate_columns(encoded, first, top_n=top_n)
-    before = evaluate_scores(encoded.split, first)
+    first = stage2.first_stage_scores(encoded)
+    columns = stage2.candidate_columns(encoded, first, top_n=top_n)
+    before = stage2.evaluate_scores(encoded.split, first)
     best = (selection_score(before), 0.0, TEMPERATURE_GRID[0], before)
     grid = [(w, t) for t in TEMPERATURE_GRID for w in WEIGHT_GRID[1:]] if fixed is None else [fixed]
     for weight, temperature in grid:
         scores = refine_scores(encoded, first, columns, encoded.query_embeds, references=references, projection=projection,
                                weight=weight, temperature=temperature)
-        report = evaluate_scores(encoded.split, scores)
+        report = stage2.evaluate_scores(encoded.split, scores)
         if fixed is not None or selection_score(report) > best[0]:
             best = (selection_score(report), weight, temperature, report)
     return best[1], best[2], dict(before.metrics), dict(best[3].metrics)
