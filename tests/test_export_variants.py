@@ -159,3 +159,24 @@ def test_int8_weights_cannot_saturate_avx2_kernels(tiny_export_all: Path, varian
         assert int8_weights, graph.role
         assert max(int(np.abs(value.astype(np.int32)).max()) for value in int8_weights) <= 64, graph.role
         assert 2 * 255 * 64 <= np.iinfo(np.int16).max
+
+
+def test_quantizing_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's symbolic shape inference fails on the text graph's dynamic sequence axis and then
+    leaves a <uuid>.data copy of its weights in the working directory; the export runs it elsewhere."""
+    import torch
+
+    from compir.export.to_onnx import export_onnx
+    from compir.train.checkpoint import save_checkpoint
+    from compir.train.config import resolve_model_config
+    from compir.train.model import CIRModel
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ck.pt"
+    save_checkpoint(checkpoint, model=CIRModel(resolve_model_config("micro")), metrics={}, step=0, epoch=0)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    export_onnx(Path("../ck.pt"), out_dir=Path("../export"), variants=("fp32", "int8-dynamic", "int8-static-u8"), calibration_count=2)
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert (tmp_path / "export" / "int8-dynamic" / "text_encoder.onnx").is_file()

@@ -5,6 +5,7 @@ every variant the same arrays; the manifest still records the dtypes read from e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -211,11 +212,15 @@ class _preprocessed:
         options = {"save_as_external_data": True, "all_tensors_to_one_file": True, "external_data_location": data.name}
         options = options if prepared.external else {}
         logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-        try:
-            quant_pre_process(str(self._source), str(prepared.path), skip_symbolic_shape=False, **options)
-        except Exception:  # symbolic shape inference fails on some graphs; plain ONNX inference suffices
-            data.unlink(missing_ok=True)
-            quant_pre_process(str(self._source), str(prepared.path), skip_symbolic_shape=True, **options)
+        source = str(self._source.resolve())
+        # In the scratch folder: a failed symbolic shape inference (the text graphs' dynamic sequence
+        # axis) leaves a <uuid>.data file of the graph's weights in the working directory.
+        with contextlib.chdir(self._tmp.name):
+            try:
+                quant_pre_process(source, str(prepared.path), skip_symbolic_shape=False, **options)
+            except Exception:  # symbolic shape inference fails on some graphs; plain ONNX inference suffices
+                data.unlink(missing_ok=True)
+                quant_pre_process(source, str(prepared.path), skip_symbolic_shape=True, **options)
         return prepared
 
     def __exit__(self, *exc: object) -> None:
