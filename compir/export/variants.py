@@ -5,8 +5,8 @@ every variant the same arrays; the manifest still records the dtypes read from e
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -215,7 +215,7 @@ class _preprocessed:
         source = str(self._source.resolve())
         # In the scratch folder: a failed symbolic shape inference (the text graphs' dynamic sequence
         # axis) leaves a <uuid>.data file of the graph's weights in the working directory.
-        with contextlib.chdir(self._tmp.name):
+        with _working_directory(self._tmp.name):
             try:
                 quant_pre_process(source, str(prepared.path), skip_symbolic_shape=False, **options)
             except Exception:  # symbolic shape inference fails on some graphs; plain ONNX inference suffices
@@ -225,6 +225,17 @@ class _preprocessed:
 
     def __exit__(self, *exc: object) -> None:
         self._tmp.cleanup()
+
+
+@contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    """``contextlib.chdir`` (Python 3.11+) for Python 3.10."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextmanager
