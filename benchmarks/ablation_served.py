@@ -89,13 +89,7 @@ def index_split(encoder: Encoder, split: CirSplit, *, out: Path, progress: bool 
     """The runtime index of ``split.gallery`` (its images linked into a folder, then ``build_index``)."""
     from compir.runtime.build import build_index
 
-    images = out.parent / f"gallery-{split.name}"
-    for name in split.gallery:
-        source = split.image_path(name).resolve()
-        link = images / f"{name}{source.suffix}"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(source)
+    images = split.link_gallery(out.parent / f"gallery-{split.name}")
     build_index(encoder, images=images, out=out, overwrite=True, workers=1, progress=progress)
     return Gallery.load(out, encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256)
 

@@ -146,14 +146,7 @@ def index_gallery(state: QuickstartState) -> None:
 
     assert state.export_dir is not None and state.data_dir is not None
     split = load_split(state.data_dir, split="test")
-    # The test split's gallery (targets and their siblings), linked rather than copied.
-    gallery = state.out_dir / "gallery"
-    gallery.mkdir(parents=True, exist_ok=True)
-    for name in split.gallery:
-        source = split.image_path(name).resolve()
-        link = gallery / f"{name}{source.suffix}"
-        if not link.exists():
-            link.symlink_to(source)
+    gallery = split.link_gallery(state.out_dir / "gallery")  # the test split's targets and their siblings
     report = build_index(Encoder.from_export(state.export_dir, spinning=False), images=gallery, out=state.out_dir / "index",
                          overwrite=True, progress=state.progress)
     state.index_dir = report.out_dir

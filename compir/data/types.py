@@ -52,3 +52,14 @@ class CirSplit:
         if name in self.image_paths:
             return self.image_paths[name]
         raise KeyError(f"image {name!r} is not part of split {self.name!r}")
+
+    def link_gallery(self, folder: Path) -> Path:
+        """The gallery's images linked (not copied) into ``folder`` as ``<name><suffix>``, for what
+        indexes a folder of images (``compir index build``); links already there are kept."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.gallery:
+            source = self.image_path(name).resolve()
+            link = folder / f"{name}{source.suffix}"
+            if not link.exists():
+                link.symlink_to(source)
+        return folder
