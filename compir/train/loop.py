@@ -28,6 +28,7 @@ from compir.train.checkpoint import load_checkpoint, save_checkpoint
 from compir.train.config import DEFAULT_MODEL, ModelConfig, configure_model, resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
 from compir.train.evaluation import evaluate_model, selection_score
+from compir.train.losses import weighted_loss
 from compir.train.model import CIRModel, count_parameters
 from compir.train.optim import build_optimizer, lr_factor, set_lr
 from compir.train.options import AMP_MODES, TrainOptions
@@ -243,7 +244,7 @@ class _Run:
             terms = self.wrapped(
                 batch.reference_pixels, batch.input_ids, batch.target_pixels, batch.caption_ids, batch.reference_index
             )
-        loss = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+        loss = weighted_loss(terms, weights)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.options.grad_clip > 0:

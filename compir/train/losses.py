@@ -20,3 +20,10 @@ def batch_classification_loss(queries: torch.Tensor, keys: torch.Tensor, logit_s
 def symmetric_contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's loss: the mean of a->b and b->a batch classification (a, b: (B, D) normalised)."""
     return 0.5 * (batch_classification_loss(a, b, logit_scale) + batch_classification_loss(b, a, logit_scale))
+
+
+def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The model's named loss terms summed with its config's ``loss_weights`` (1 for a term not named)."""
+    loss = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+    assert isinstance(loss, torch.Tensor), "a model returns at least one loss term"
+    return loss

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from compir.data.types import CirSplit, Query
 from compir.errors import DatasetError
 from compir.images import load_image
+from compir.train.losses import weighted_loss
 from compir.train.mmref.references import MODALITIES, Identities, ReferenceBank
 from compir.train.model import CIRModel
 from compir.train.optim import build_optimizer, lr_factor, set_lr
@@ -64,7 +65,7 @@ def finetune_with_references(
         captions = [split.captions.get(q.targets[0], ("",))[0] for q in batch]
         caption_ids = model.tokenizer(captions) if all(captions) else None
         terms = model(reference, input_ids, target, caption_ids)
-        own = sum(weights.get(name, 1.0) * value.float() for name, value in terms.items())
+        own = weighted_loss(terms, weights)
         owner = torch.tensor([index[identity_of.get(q.targets[0], q.targets[0])] for q in batch])
         members, member_owner, modality = _members(model, reference, input_ids, target, caption_ids, owner)
         references = F.normalize(fused + bank.residual, dim=-1)  # (M, D)
