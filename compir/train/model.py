@@ -54,11 +54,12 @@ class CIRModel(nn.Module):
         self.tokenizer = TextTokenizer.of(config.clip_cfg, context_length=config.context_length)
         # Token ids that are padding for the heads (CLIP pads with 0, Hugging Face tokenizers their own id).
         self.pad_id = int(self.tokenizer.settings()["pad_id"])
+        self.text_width = _text_width(self.backbone.text)  # width of the text tower's token states
         self.head: CompositionHead = build_head(
             config.head,
             embed_dim=config.embed_dim,
             image_width=vision_token_width(backbone.visual),  # the built tower's token width (ResNet, timm: not vision_cfg's)
-            text_width=_text_width(self.backbone.text),
+            text_width=self.text_width,
             options=dict(config.head_options),
         )
         if self.head.frozen_backbone:  # e.g. CLIP4Cir's second stage: the head learns on fixed features

@@ -113,7 +113,7 @@ def train_neucore(
     settings = model.tokenizer.settings()
     scorer = NeucoreScorer(
         NeucoreConfig(
-            text_width=int(model.config.clip_cfg["text_cfg"]["width"]),
+            text_width=model.text_width,
             feature_dim=model.embed_dim,
             hidden_dim=hidden_dim,
             sot_id=int(settings["sot_id"]),
