@@ -51,7 +51,6 @@ class NeucoreConfig:
 @dataclass
 class NeucoreOutputs:
     scores: torch.Tensor  # (N,) joint score of each triple
-    reference_presence: torch.Tensor  # (N, L) logit: the concept is in r (MIL, max over r's regions)
     candidate_presence: torch.Tensor  # (N, L) logit: the concept is in c
     concept_mask: torch.Tensor  # (N, L) 1 for a concept token, 0 for special / padding (L of token_features)
 
@@ -120,7 +119,6 @@ class NeucoreScorer(nn.Module):
         scores = self.score_head(torch.cat([state, pooled, state * pooled], dim=-1)).squeeze(-1)
         return NeucoreOutputs(
             scores=scores,
-            reference_presence=presence[..., :k].amax(dim=-1),
             candidate_presence=presence[..., k:].amax(dim=-1),
             concept_mask=mask,
         )
