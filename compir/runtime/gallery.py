@@ -117,9 +117,13 @@ class Gallery:
         return self.store.features_of(ids)
 
     def image_path(self, item_id: str) -> Path | None:
-        stored = self.store.paths_of([item_id])[0]
-        if not stored:
-            return None
+        return self.image_paths([item_id])[0]
+
+    def image_paths(self, ids: Sequence[str]) -> list[Path | None]:
+        """Where each item's image lies (None where none was recorded), in one store lookup."""
+        return [self._resolve(stored) if stored else None for stored in self.store.paths_of(ids)]
+
+    def _resolve(self, stored: str) -> Path:
         path = Path(stored)
         return path if path.is_absolute() or self.folder is None else self.folder / path
 

@@ -281,7 +281,7 @@ class Retriever:
             candidates = RerankCandidates(
                 item_ids=tuple(ids),
                 image_features=self.gallery.features_of(ids),
-                image_paths=tuple(self.gallery.image_path(item) for item, _ in top),
+                image_paths=tuple(self.gallery.image_paths(ids)),
                 scores=np.asarray([s for _, s in top], dtype=np.float32),
             )
         context = RerankQuery(text=text, input_ids=cached.input_ids, text_features=cached.encoding.text_features[0],

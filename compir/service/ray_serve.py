@@ -141,9 +141,9 @@ class GalleryOwner:
         with self._lock.read():
             return self._gallery.describe()
 
-    def image_path(self, item_id: str) -> Path | None:
+    def image_paths(self, ids: list[str]) -> list[Path | None]:
         with self._lock.read():
-            return self._gallery.image_path(item_id)
+            return self._gallery.image_paths(ids)
 
     def features_of(self, ids: list[str]) -> np.ndarray:
         with self._lock.read():
@@ -202,7 +202,10 @@ class GalleryProxy:
         return dict(self._call("describe"))
 
     def image_path(self, item_id: str) -> Path | None:
-        return cast("Path | None", self._call("image_path", item_id))
+        return self.image_paths([item_id])[0]
+
+    def image_paths(self, ids: Sequence[str]) -> list[Path | None]:
+        return cast("list[Path | None]", self._call("image_paths", list(ids)))
 
     def features_of(self, ids: Sequence[str]) -> np.ndarray:
         return np.asarray(self._call("features_of", list(ids)), dtype=np.float32)
