@@ -80,7 +80,7 @@ def add_rerankers(
         sidecar = load_sidecar(path, kind=kind, checkpoint_sha256=loaded.sha256)
         settings[kind] = dict(sidecar.settings)
         if kind == "neucore":
-            spec, parity[RERANKER] = _export_neucore(folder, sidecar.config, sidecar.state_dict, loaded=loaded,
+            spec, parity[RERANKER] = _export_neucore(folder, manifest, sidecar.config, sidecar.state_dict, loaded=loaded,
                                                      calibration_data=calibration_data, opset=opset, tolerance=tolerance)
             graphs[RERANKER] = spec
             settings[kind] |= {"graph": RERANKER, "region_grid": int(sidecar.config.get("region_grid", 0))}
@@ -126,7 +126,7 @@ def _write_array(path: Path, array: np.ndarray, *, description: str) -> Artifact
     return ArtifactSpec(file=path.name, sha256=sha256_file(path), description=description)
 
 
-def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], *, loaded: Any,
+def _export_neucore(folder: Path, manifest: ExportManifest, config: dict[str, Any], state: dict[str, torch.Tensor], *, loaded: Any,
                     calibration_data: str | Path | None, opset: int, tolerance: float) -> tuple[GraphSpec, float]:
     from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
 
@@ -135,7 +135,7 @@ def _export_neucore(folder: Path, config: dict[str, Any], state: dict[str, torch
     scorer.eval()
     loaded.model.use_image_regions(scorer.config.region_grid)
     feeds = _reranker_feeds(loaded, calibration_data=calibration_data)
-    _check_regions(folder, load_manifest(folder), feeds["reference_features"], scorer.config.region_grid)
+    _check_regions(folder, manifest, feeds["reference_features"], scorer.config.region_grid)
     defn = GraphDef(role=RERANKER, module=scorer, input_names=RERANKER_INPUTS, output_names=("scores",))
     path = folder / "fp32" / f"{RERANKER}.onnx"
     export_graph(defn, feeds=feeds, path=path, opset=opset)
