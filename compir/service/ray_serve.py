@@ -120,7 +120,7 @@ class GalleryOwner:
         from compir.runtime.gallery import Gallery
         from compir.service.engine import ReadWriteLock
 
-        manifest = load_manifest(export_dir)
+        manifest = load_manifest(export_dir, verify_files=False)  # the fingerprint only: the CLI and each replica verify the graphs
         self._gallery = Gallery.load(Path(index_dir), encoder=manifest.encoder_fingerprint(),
                                      manifest_sha256=manifest_sha256(export_dir))
         self._lock = ReadWriteLock()
