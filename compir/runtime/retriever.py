@@ -204,9 +204,10 @@ class Retriever:
         """(gallery item id or None, image_features (*F,) or None for text-only); checked by _check_reference."""
         if reference_id is not None:
             with self._lock:
-                if reference_id not in self.gallery:
-                    raise InputError(f"reference_id {reference_id!r}: no such item in the gallery")
-                return reference_id, self.gallery.features_of([reference_id])[0]
+                try:  # one store lookup (a Milvus query or Ray call on those backends); an unknown id is an InputError
+                    return reference_id, self.gallery.features_of([reference_id])[0]
+                except InputError:
+                    raise InputError(f"reference_id {reference_id!r}: no such item in the gallery") from None
         if reference_image is None:
             return None, None
         with _timed(timings, "decode"):
