@@ -22,6 +22,7 @@ the validation split (never the test split); weight 0 means NEUCORE did not help
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,16 +189,19 @@ def _pixels(split: CirSplit, names: list[str], transform: Callable[[Image.Image]
     return torch.stack([transform(load_image(split.image_path(name), name=name)) for name in names])
 
 
-def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: NeucoreScorer, texts: list[str]) -> torch.Tensor:
+def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: NeucoreScorer, texts: list[str], *,
+                      ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) ids of ``texts`` with every position outside a mined concept set to padding: the
     graph's ``input_ids`` (it attends from the non-padding, non-special positions). A Hugging Face
-    tokenizer maps the concept words by its tokens' character offsets, CLIP's BPE by token counts."""
-    ids = tokenizer(texts)
+    tokenizer maps the concept words by its tokens' character offsets, CLIP's BPE by token counts.
+    ``ids``: ``tokenizer(texts)`` when the caller has it already."""
+    ids = tokenizer(texts) if ids is None else ids
     if isinstance(tokenizer, TextTokenizer) and tokenizer.kind == HF:
         rows = [concept_ids_from_offsets(row.numpy(), *tokenizer.offsets(text)) for row, text in zip(ids, texts, strict=True)]
         return torch.from_numpy(np.stack(rows))
 
-    def token_count(piece: str) -> int:
+    @functools.cache
+    def token_count(piece: str) -> int:  # a word repeats across a batch's texts: tokenized once
         return int(scorer.concept_mask(tokenizer([piece]))[0].sum())
 
     first = 1 if int(ids[0, 0]) == scorer.config.sot_id else 0
@@ -208,7 +212,7 @@ def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: Ne
 def _step_losses(model: Any, scorer: NeucoreScorer, batch: Triplets, *, mil_weight: float) -> dict[str, torch.Tensor]:
     count = len(batch.texts)
     ids = model.tokenizer(batch.texts)
-    concepts = concept_input_ids(model.tokenizer, scorer, batch.texts)
+    concepts = concept_input_ids(model.tokenizer, scorer, batch.texts, ids=ids)
     with torch.no_grad():
         _, features, _ = model.encode_image(torch.cat([batch.reference, batch.target]))
         _, _, tokens = model.encode_text(ids)
