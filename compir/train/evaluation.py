@@ -16,10 +16,9 @@ import torch
 from tqdm import tqdm
 
 from compir.data.types import CirSplit
-from compir.images import load_image
 from compir.metrics import EvalReport, evaluate_split
 from compir.train.model import CIRModel
-from compir.train.transforms import eval_transform
+from compir.train.transforms import eval_transform, split_pixels
 
 QUERY_MODES = ("composed", "image_only", "text_only")
 T = TypeVar("T")
@@ -51,7 +50,7 @@ def encode_split(
     embeds: list[torch.Tensor] = []
     features: list[torch.Tensor] = []
     for chunk in _chunks(names, batch_size, desc="encoding images", progress=progress):
-        pixels = torch.stack([transform(load_image(split.image_path(name), name=name)) for name in chunk])
+        pixels = split_pixels(split, chunk, transform)
         image_embeds, image_features, _ = model.encode_image(pixels.to(device))
         embeds.append(image_embeds.float().cpu())
         features.append(image_features.float().cpu())

@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from compir.data.types import CirSplit
+from compir.images import load_image
 from compir.manifest import PreprocessSpec
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -89,3 +91,8 @@ def pixels_to_tensor(images: list[Image.Image], preprocess: PreprocessSpec) -> t
     mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+def split_pixels(split: CirSplit, names: Sequence[str], transform: ImageTransform) -> torch.Tensor:
+    """(len(names), 3, S, S): the split's images ``names``, decoded and transformed."""
+    return torch.stack([transform(load_image(split.image_path(name), name=name)) for name in names])

@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from compir.data.types import CirSplit, Query
 from compir.errors import DatasetError
-from compir.images import load_image
 from compir.train.losses import weighted_loss
 from compir.train.mmref.references import MODALITIES, Identities, ReferenceBank
 from compir.train.model import CIRModel
 from compir.train.optim import build_optimizer, lr_factor, set_lr
-from compir.train.transforms import eval_transform
+from compir.train.transforms import eval_transform, split_pixels
 
 RECONSTRUCTION_WEIGHT = 0.5
 
@@ -59,8 +58,8 @@ def finetune_with_references(
     history: list[dict[str, float]] = []
     for step in tqdm(range(steps), desc="mmref fine-tune", unit="step", disable=not progress):
         batch = _sample(queries, rng, batch_size)
-        reference = torch.stack([transform(load_image(split.image_path(q.reference), name=q.reference)) for q in batch])
-        target = torch.stack([transform(load_image(split.image_path(q.targets[0]), name=q.targets[0])) for q in batch])
+        reference = split_pixels(split, [q.reference for q in batch], transform)
+        target = split_pixels(split, [q.targets[0] for q in batch], transform)
         input_ids = model.tokenizer([q.text for q in batch])
         captions = [split.captions.get(q.targets[0], ("",))[0] for q in batch]
         caption_ids = model.tokenizer(captions) if all(captions) else None

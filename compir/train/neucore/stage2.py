@@ -33,9 +33,8 @@ from compir import __version__
 from compir.contracts import atomic_output_path, check_header, require_keys, sha256_file
 from compir.data.types import CirSplit
 from compir.errors import ContractError
-from compir.images import load_image
 from compir.metrics import EvalReport, evaluate_split
-from compir.train.transforms import eval_transform
+from compir.train.transforms import eval_transform, split_pixels
 
 SIDECAR_FORMAT = "compir.reranker"
 SIDECAR_SCHEMA = 1
@@ -144,7 +143,7 @@ def encode_for_stage2(model: Any, split: CirSplit, *, batch_size: int = 64, prog
     embeds, features = [], []
     for start in tqdm(range(0, len(names), batch_size), desc="stage 2: images", disable=not progress, leave=False):
         chunk = names[start : start + batch_size]
-        pixels = torch.stack([transform(load_image(split.image_path(name), name=name)) for name in chunk])
+        pixels = split_pixels(split, chunk, transform)
         image_embeds, image_features, _ = model.encode_image(pixels)
         embeds.append(image_embeds.float())
         features.append(image_features.float())

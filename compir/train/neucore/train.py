@@ -38,9 +38,7 @@ from compir.concepts import concept_ids, concept_ids_from_offsets
 from compir.data.load import detect_format, load_split
 from compir.data.synth_scene import render_scene_array
 from compir.data.synthetic import synth_config_of
-from compir.data.types import CirSplit
 from compir.errors import InputError
-from compir.images import load_image
 from compir.train.neucore.model import NeucoreConfig, NeucoreScorer
 from compir.train.neucore.stage2 import (
     EncodedSplit,
@@ -54,7 +52,7 @@ from compir.train.neucore.stage2 import (
     sidecar_path,
 )
 from compir.train.text import HF, TextTokenizer
-from compir.train.transforms import eval_transform, pixels_to_tensor
+from compir.train.transforms import eval_transform, pixels_to_tensor, split_pixels
 
 KIND = "neucore"
 WEIGHT_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -179,14 +177,10 @@ def _sampler(model: Any, data: str | Path, *, batch_size: int, seed: int) -> Cal
 
     def real(rng: np.random.Generator) -> Triplets:
         chosen = [labelled[int(i)] for i in rng.choice(len(labelled), size=count, replace=False)]
-        return Triplets(_pixels(split, [q.reference for q in chosen], transform),
-                        _pixels(split, [q.targets[0] for q in chosen], transform), [q.text for q in chosen])
+        return Triplets(split_pixels(split, [q.reference for q in chosen], transform),
+                        split_pixels(split, [q.targets[0] for q in chosen], transform), [q.text for q in chosen])
 
     return real
-
-
-def _pixels(split: CirSplit, names: list[str], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-    return torch.stack([transform(load_image(split.image_path(name), name=name)) for name in names])
 
 
 def concept_input_ids(tokenizer: Callable[[list[str]], torch.Tensor], scorer: NeucoreScorer, texts: list[str], *,
