@@ -27,7 +27,7 @@ from compir.runtime.rerank import RerankCandidates, Reranker, RerankQuery
 from compir.runtime.rerankers import MethodsReranker
 from compir.runtime.rerankers.mmref import MMRefStage
 from compir.runtime.rerankers.neucore import NeucoreStage
-from compir.runtime.rerankers.settings import pooled_vectors, reranker_settings
+from compir.runtime.rerankers.settings import reranker_settings
 
 # Score of a gallery item the index did not return: below every returned score, finite (the
 # protocol multiplies the score matrix by an identity, and -inf * 0 would be NaN).
@@ -41,6 +41,10 @@ class Served:
     export_dir: Path
     encoder: Encoder
     gallery: Gallery
+
+    def regions(self) -> bool:
+        """Whether the cached image features carry NEUCORE's image regions (a vector head's export)."""
+        return int(reranker_settings(self.export_dir, self.encoder.manifest).get("neucore", {}).get("region_grid", 0)) > 0
 
     def stages(self) -> tuple[MMRefStage | None, NeucoreStage | None]:
         """The export's MMRef and NEUCORE stages at their validation-chosen weights, weight 0 included."""
@@ -143,6 +147,7 @@ def choose_joint_weights(served: Served, val: CirSplit, *, mmref_grid: Sequence[
     mmref, neucore = served.stages()
     if mmref is None or neucore is None:
         raise ValueError(f"export {served.export_dir} lacks MMRef or NEUCORE settings")
+    methods = MethodsReranker(mmref=mmref, neucore=neucore, regions=served.regions())  # the runtime's candidate vectors
     recorder = _Recorder()
     retrieve(served, val, reranker=recorder, top_n=top_n, progress=progress, desc="val (joint weights)")
     column = {name: i for i, name in enumerate(val.gallery)}
@@ -155,7 +160,8 @@ def choose_joint_weights(served: Served, val: CirSplit, *, mmref_grid: Sequence[
     grid: list[dict[str, Any]] = []
     for mmref_weight in sorted(mmref_grid):
         mmref.weight = mmref_weight
-        refined = [mmref.refine(q.query_embeds, pooled_vectors(c.image_features), np.asarray(c.scores, np.float64)) for q, c, _ in calls]
+        refined = [mmref.refine(q.query_embeds, methods.mmref_vectors(c.image_features), np.asarray(c.scores, np.float64))
+                   for q, c, _ in calls]
         for neucore_weight in sorted(neucore_grid):
             scores = np.full((len(val.queries), len(val.gallery)), NOT_RETURNED, dtype=np.float32)
             for row, ((_, _, columns), first, extra) in enumerate(zip(calls, refined, joint, strict=True)):
@@ -179,4 +185,4 @@ def chain(served: Served, *, mmref_weight: float, neucore_weight: float) -> Rera
         neucore.weight = neucore_weight
     mmref = mmref if mmref_weight > 0 else None
     neucore = neucore if neucore_weight > 0 else None
-    return None if mmref is None and neucore is None else MethodsReranker(mmref=mmref, neucore=neucore)
+    return None if mmref is None and neucore is None else MethodsReranker(mmref=mmref, neucore=neucore, regions=served.regions())

@@ -40,12 +40,16 @@ class MethodsReranker:
     def rerank(self, query: RerankQuery, candidates: RerankCandidates) -> np.ndarray:
         scores: np.ndarray = np.asarray(candidates.scores, dtype=np.float64)
         if self.mmref is not None:
-            features = candidates.image_features[:, 0] if self.regions else candidates.image_features
-            scores = self.mmref.refine(query.query_embeds, pooled_vectors(features), scores)
+            scores = self.mmref.refine(query.query_embeds, self.mmref_vectors(candidates.image_features), scores)
         if self.neucore is not None and query.reference_features is not None:
             joint = self.neucore.scores(query.text, query.input_ids, query.reference_features, candidates.image_features)
             scores = scores + self.neucore.weight * joint
         return scores.astype(np.float32)
+
+    def mmref_vectors(self, image_features: np.ndarray) -> np.ndarray:
+        """(N, D) the candidates' vectors MMRef refines: the head's vector where the cached features
+        also carry NEUCORE's image regions."""
+        return pooled_vectors(image_features[:, 0] if self.regions else image_features)
 
 
 def load_methods_reranker(encoder: Encoder, manifest: ExportManifest, variant: str) -> Reranker | None:
