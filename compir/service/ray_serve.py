@@ -36,7 +36,7 @@ import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compir.errors import CompirError, InputError
-from compir.runtime.backends.providers import GPU_PROVIDERS
+from compir.runtime.backends.providers import GPU_PROVIDERS, canonical_provider
 from compir.runtime.ray_cluster import LOCAL, import_ray, join_ray
 from compir.service.batcher import BatchCounter, BatchStats, Item, Result, run_batch
 from compir.service.config import ServiceConfig, resolve_batching
@@ -106,7 +106,7 @@ class RaySpec:
         """TensorRT, or onnxruntime asked for CUDA / TensorRT (its default, None, tries CUDA first)."""
         if self.backend == "tensorrt" or self.providers is None:
             return True
-        return any(p in GPU_PROVIDERS or p.lower() in ("cuda", "tensorrt", "trt") for p in self.providers)
+        return any(canonical_provider(p) in GPU_PROVIDERS for p in self.providers)
 
 
 # ---- the gallery owner -----------------------------------------------------------------------------

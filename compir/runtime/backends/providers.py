@@ -33,6 +33,11 @@ _ALIASES = {"tensorrt": TENSORRT_PROVIDER, "trt": TENSORRT_PROVIDER, "cuda": CUD
 ProviderEntry = str | tuple[str, dict[str, str]]
 
 
+def canonical_provider(name: str) -> str:
+    """onnxruntime's provider name for ``name`` (``cuda``, ``tensorrt`` / ``trt``, ``cpu``; full names unchanged)."""
+    return _ALIASES.get(name.lower(), name)
+
+
 @dataclass(frozen=True)
 class TensorRTProviderSettings:
     """What onnxruntime's TensorRT provider is given: where its caches live, fp16, the batch range
@@ -52,7 +57,7 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     import onnxruntime
 
     available = set(onnxruntime.get_available_providers())
-    wanted = [_ALIASES.get(name.lower(), name) for name in (requested or DEFAULT_PROVIDERS)]
+    wanted = [canonical_provider(name) for name in (requested or DEFAULT_PROVIDERS)]
     chosen = [name for name in wanted if name in available]
     if not chosen:
         raise ContractError(f"none of the providers {wanted} is available in this onnxruntime (it has {sorted(available)})")
