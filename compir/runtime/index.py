@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compir.errors import ContractError
+from compir.runtime.rows import Rows
 
 if TYPE_CHECKING:
     from usearch.index import Index
@@ -59,13 +60,25 @@ class VectorIndex:
         self.dtype = dtype
         self.hnsw = hnsw
         self.search_mode = search_mode
-        self.keys = np.zeros((0,), dtype=np.uint64)
-        self.embeds = np.zeros((0, ndim), dtype=np.float32)
+        self._keys = Rows(np.zeros((0,), dtype=np.uint64))
+        self._embeds = Rows(np.zeros((0, ndim), dtype=np.float32))
         self._ann: Index | None = None  # built or restored on demand
         self._ann_is_view = False
 
     def __len__(self) -> int:
-        return int(self.keys.shape[0])
+        return len(self._keys)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._keys.array
+
+    @property
+    def embeds(self) -> np.ndarray:
+        return self._embeds.array
+
+    def load(self, keys: np.ndarray, embeds: np.ndarray) -> None:
+        """Take saved rows as they are (``embeds`` may be memory-mapped); the graph is attached apart."""
+        self._keys, self._embeds = Rows(np.asarray(keys, dtype=np.uint64)), Rows(embeds)
 
     # ---- mutation ------------------------------------------------------------------------
     def add(self, keys: np.ndarray, embeds: np.ndarray) -> None:
@@ -76,8 +89,8 @@ class VectorIndex:
             raise ContractError(f"expected ({keys.shape[0]}, {self.ndim}) embeddings, got {embeds.shape}")
         if len(self) and keys.size and keys.min() <= self.keys[-1]:
             raise ValueError("new keys must be larger than the existing ones")
-        self.keys = np.concatenate([self.keys, keys])
-        self.embeds = np.concatenate([self.embeds, embeds])
+        self._keys.append(keys)
+        self._embeds.append(embeds)
         if self._ann is not None:
             self._writable_ann().add(keys, embeds)
 
@@ -90,8 +103,8 @@ class VectorIndex:
             self._writable_ann().remove(self.keys[rows])
         keep = np.ones(len(self), dtype=bool)
         keep[rows] = False
-        self.keys = self.keys[keep]
-        self.embeds = self.embeds[keep]
+        self._keys.keep(keep)
+        self._embeds.keep(keep)
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.keys, np.asarray(keys, dtype=np.uint64))

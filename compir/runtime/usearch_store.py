@@ -24,6 +24,7 @@ import numpy as np
 from compir.contracts import atomic_output_path, atomic_write_bytes, check_header, sha256_file, verify_sha256
 from compir.errors import ContractError
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig, VectorIndex
+from compir.runtime.rows import Rows
 from compir.runtime.store import IMAGES_DIR, unknown_item
 
 ITEMS_FORMAT = "compir.index.items"
@@ -43,12 +44,17 @@ class UsearchStore:
         self.vectors = VectorIndex(ndim=ndim, dtype=dtype, hnsw=hnsw, search_mode=search_mode)
         self.ids: list[str] = []
         self.paths: list[str] = []
-        self.features = np.zeros((0, *feature_shape), dtype=np.float32)
+        self._features = Rows(np.zeros((0, *feature_shape), dtype=np.float32))
         self._rows: dict[str, int] = {}
         self._next_key = 0
         self._generation = 0
 
     # ---- lookup ----------------------------------------------------------------------------
+    @property
+    def features(self) -> np.ndarray:
+        """(N, *feature_shape) float32 in row order (memory-mapped where the index was opened as a view)."""
+        return self._features.array
+
     def count(self) -> int:
         return len(self.ids)
 
@@ -82,10 +88,10 @@ class UsearchStore:
         keys = np.arange(self._next_key, self._next_key + len(ids), dtype=np.uint64)
         self.vectors.add(keys, embeds)
         self._next_key += len(ids)
-        self.features = np.concatenate([self.features, np.asarray(features, dtype=np.float32)])
+        self._features.append(features)
+        self._rows.update((item, row) for row, item in enumerate(ids, start=len(self.ids)))
         self.ids.extend(ids)
         self.paths.extend(paths)
-        self._reindex()
 
     def remove(self, ids: Sequence[str]) -> int:
         rows = sorted({self._rows[item] for item in ids if item in self._rows})
@@ -94,7 +100,7 @@ class UsearchStore:
         self.vectors.remove_rows(np.asarray(rows))
         keep = np.ones(len(self.ids), dtype=bool)
         keep[rows] = False
-        self.features = self.features[keep]
+        self._features.keep(keep)
         self.ids = [item for item, kept in zip(self.ids, keep, strict=True) if kept]
         self.paths = [path for path, kept in zip(self.paths, keep, strict=True) if kept]
         self._reindex()
@@ -149,8 +155,8 @@ class UsearchStore:
         if not (len(items["ids"]) == len(items["keys"]) == len(items["paths"]) == count == embeds.shape[0] == features.shape[0]):
             raise ContractError(f"{folder}: item, vector and feature counts disagree with index.json; rebuild the index")
         store.ids, store.paths = list(items["ids"]), list(items["paths"])
-        store.vectors.keys = np.asarray(items["keys"], dtype=np.uint64)
-        store.vectors.embeds, store.features = embeds, features
+        store.vectors.load(np.asarray(items["keys"], dtype=np.uint64), embeds)
+        store._features = Rows(features)
         store.vectors.attach_ann(files["vectors"], view=view)
         store._next_key, store._generation = int(record["next_key"]), int(record["generation"])
         store._reindex()
