@@ -14,8 +14,8 @@ import torch
 
 from compir.contracts import sha256_file
 from compir.errors import ContractError
-from compir.export.graphs import export_graph, graph_defs
-from compir.export.parity import check_fp32_parity, mean_cosine
+from compir.export.graphs import GraphDef, export_graph, graph_defs
+from compir.export.parity import check_fp32_graph, check_fp32_parity, mean_cosine
 from compir.export.samples import load_samples
 from compir.export.to_onnx import export_onnx
 from compir.manifest import GRAPH_ROLES, load_manifest
@@ -164,6 +164,36 @@ def test_graph_of_perturbed_weights_fails_parity(micro_checkpoint: Path, tmp_pat
         weight.add_(0.05 * torch.randn(weight.shape, generator=generator))
     with pytest.raises(ContractError, match=r"parity: text_encoder output '\w+' differs from torch by max abs .* \(tolerance 0.0001\)"):
         check_fp32_parity(text, path=path, feeds=feeds)
+
+
+class _MeanOverPads(torch.nn.Module):
+    """A text tower whose pooled output reads the padding: cutting the texts changes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = self.embed(input_ids)
+        pooled = tokens.mean(dim=1)
+        return pooled, pooled, tokens
+
+
+def test_a_tower_that_reads_its_padding_fails_the_length_cut(tmp_path: Path) -> None:
+    names = ("text_embeds", "text_features", "token_features")
+    causal = GraphDef("text_encoder", _MeanOverPads().eval(), ("input_ids",), names, sequence_names=("input_ids", "token_features"))
+    ids = np.zeros((4, 12), dtype=np.int64)
+    ids[:, :3] = [[5, 6, 7], [8, 9, 10], [11, 12, 0], [13, 0, 0]]  # the longest text is 3 tokens: the cut keeps 3 of 12
+    path = tmp_path / "text_encoder.onnx"
+    export_graph(causal, feeds={"input_ids": ids}, path=path, opset=17)
+    assert check_fp32_parity(causal, path=path, feeds={"input_ids": ids}) <= 1e-5  # the graph is right at full length
+    with pytest.raises(ContractError, match=r"text_embeds' changes by [0-9.e-]+ when the texts are cut from 12 to 3 tokens"):
+        check_fp32_graph(causal, path=path, feeds={"input_ids": ids}, pad_id=0)
+    # Full-length ids (nothing to cut) pass, and the outputs returned are the graph's on the feeds.
+    full = np.arange(48, dtype=np.int64).reshape(4, 12) % 31 + 1
+    worst, outputs = check_fp32_graph(causal, path=path, feeds={"input_ids": full}, pad_id=0)
+    assert worst <= 1e-5 and outputs["token_features"].shape == (4, 12, 4)
+    np.testing.assert_allclose(outputs["text_embeds"], causal.module(torch.from_numpy(full))[0].detach().numpy(), atol=1e-5)
 
 
 def test_bad_checkpoints_are_contract_errors(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from compir.errors import ContractError
 from compir.export.graphs import GraphDef, run_torch, select_batch
 from compir.runtime.backends.ort import open_session
 
-__all__ = ["CUT_TOLERANCE", "FP32_TOLERANCE", "check_fp32_parity", "check_length_cut", "mean_cosine", "open_session", "run_session"]
+__all__ = ["CUT_TOLERANCE", "FP32_TOLERANCE", "check_fp32_graph", "check_fp32_parity", "mean_cosine", "open_session", "run_session"]
 
 FP32_TOLERANCE = 1e-4
 CUT_TOLERANCE = 1e-5  # a text batch cut after its longest text against the same batch at full length
@@ -40,12 +40,29 @@ def check_fp32_parity(
 
     Raises ContractError naming the graph, the output and the figure when it exceeds ``tolerance``.
     """
+    return _parity(defn, open_session(path), feeds=feeds, tolerance=tolerance)[0]
+
+
+def check_fp32_graph(
+    defn: GraphDef, *, path: Path, feeds: dict[str, np.ndarray], pad_id: int, tolerance: float = FP32_TOLERANCE,
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Every export-time check of one fp32 graph in one onnxruntime session: parity to torch and, where
+    the graph has a sequence axis, the length cut. Returns the worst parity difference and the graph's
+    outputs on ``feeds`` (the reference the reduced-precision variants are compared to)."""
+    session = open_session(path)
+    worst, outputs = _parity(defn, session, feeds=feeds, tolerance=tolerance)
+    if defn.sequence_names:  # the runtime cuts texts after the longest: prove it changes nothing here
+        _check_length_cut(defn, session, feeds=feeds, full=outputs, pad_id=pad_id)
+    return worst, outputs
+
+
+def _parity(defn: GraphDef, session: Any, *, feeds: dict[str, np.ndarray], tolerance: float) -> tuple[float, dict[str, np.ndarray]]:
     batch = len(next(iter(feeds.values())))
     if batch < 2:
         raise ContractError(f"parity check of {defn.role} needs at least 2 samples, got {batch}")
-    session = open_session(path)
     expected_all = run_torch(defn, feeds)  # (N, ...) per output; row 0 is batch 1's answer
     worst = 0.0
+    actual: dict[str, np.ndarray] = {}
     for subset in ([0], list(range(batch))):
         actual = run_session(session, select_batch(feeds, subset))
         for name in defn.output_names:
@@ -62,17 +79,18 @@ def check_fp32_parity(
                     f"{len(subset)} (tolerance {tolerance:g}); the ONNX graph does not compute what the model does"
                 )
             worst = max(worst, diff)
-    return worst
+    return worst, actual  # the last subset is the whole batch
 
 
-def check_length_cut(defn: GraphDef, *, path: Path, feeds: dict[str, np.ndarray], pad_id: int, tolerance: float = CUT_TOLERANCE) -> float:
-    """Max abs difference between the graph on ``feeds`` and on the same feeds cut after the longest
-    text (as the runtime runs it; ``token_features`` compared over the kept positions). ContractError
-    above ``tolerance``: the text tower is not one whose outputs survive the cut."""
+def _check_length_cut(
+    defn: GraphDef, session: Any, *, feeds: dict[str, np.ndarray], full: dict[str, np.ndarray], pad_id: int,
+    tolerance: float = CUT_TOLERANCE,
+) -> float:
+    """Max abs difference between the graph's outputs ``full`` on ``feeds`` and on the same feeds cut
+    after the longest text (as the runtime runs it; ``token_features`` compared over the kept
+    positions). ContractError above ``tolerance``: the text tower is not one whose outputs survive the cut."""
     from compir.runtime.encoder import fit_length
 
-    session = open_session(path)
-    full = run_session(session, feeds)
     cut_feeds = {name: fit_length(a, length=None, pad_id=pad_id) if name == "input_ids" else a for name, a in feeds.items()}
     kept = cut_feeds["input_ids"].shape[1]
     worst = 0.0
