@@ -10,6 +10,11 @@ id, every other position becomes padding (id 0), so the re-ranker graph, which a
 non-padding, non-special positions, attends from the concepts only. CLIP's BPE counts the tokens
 of each word; a Hugging Face tokenizer (SigLIP, BERT, ...) gives each token's character span
 instead (:func:`concept_ids_from_offsets`), the same spans in training and in the runtime.
+
+:func:`pack_concepts` moves a text's concept positions to the front, in text order, for the
+exported graph: its progressive fusion is unrolled once per position and a padding position is an
+exact no-op, so a graph of :data:`CONCEPT_SLOTS` positions scores as the full-length one does
+while the text has at most that many concept tokens, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 PAD_ID = 0
+# Positions of the exported NEUCORE graph (capped at the text length). A long CIRR-style caption has
+# ~20 concept tokens; a text with more is scored on its first CONCEPT_SLOTS (the runtime warns).
+CONCEPT_SLOTS = 32
 
 STOP_WORDS = frozenset(
     """a an the this that these those it its it's is are was were be been being has have had do does did
@@ -102,3 +110,25 @@ def concept_ids_from_offsets(input_ids: np.ndarray, text: str, offsets: Sequence
         return ids.copy()  # no content word: every word is a concept
     keep = [stop > start and any(start < end and stop > begin for begin, end in content) for start, stop in offsets]
     return np.where(np.array(keep[: len(ids)] + [False] * (len(ids) - len(keep))), ids, PAD_ID)
+
+
+def pack_concepts(
+    token_features: np.ndarray, input_ids: np.ndarray, *, slots: int, id_slots: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One text's (Lt, Wt) token states and (Li,) concept ids (:func:`concept_ids`) -> (slots, Wt)
+    states and (id_slots,) ids whose non-padding positions come first, in text order, the rest
+    padding; and how many concept positions did not fit.
+
+    ``Li`` may exceed ``Lt`` by the positions a pooler drops (a CLS tower's states start at id 1):
+    state ``p`` pairs with id ``p + Li - Lt``; likewise in the output with ``id_slots - slots``
+    (``id_slots`` defaults to ``slots``)."""
+    ids = np.asarray(input_ids)
+    offset = len(ids) - len(token_features)
+    id_slots = slots if id_slots is None else id_slots
+    kept = np.flatnonzero(ids[offset:] != PAD_ID)
+    count = min(len(kept), slots)
+    states = np.zeros((slots, *token_features.shape[1:]), dtype=token_features.dtype)
+    states[:count] = token_features[kept[:count]]
+    packed = np.full((id_slots,), PAD_ID, dtype=ids.dtype)
+    packed[id_slots - slots : id_slots - slots + count] = ids[offset + kept[:count]]
+    return states, packed, len(kept) - count

@@ -3,9 +3,11 @@
 ``add_rerankers(export_dir, checkpoint=...)`` reads the sidecars beside the checkpoint
 (``<stem>.neucore.pt``, ``<stem>.mmref.pt``; see :mod:`compir.train.neucore.stage2`) and adds:
 
-- ``fp32/reranker.onnx`` (role ``reranker``): ``token_features`` (N, L, Wt), ``input_ids`` (N, L),
+- ``fp32/reranker.onnx`` (role ``reranker``): ``token_features`` (N, S, Wt), ``input_ids`` (N, S),
   ``reference_features`` (N, *F), ``candidate_features`` (N, *F) -> ``scores`` (N,); the batch axis
-  is the candidate axis (the runtime repeats the query's rows). Checked against torch (fp32
+  is the candidate axis (the runtime repeats the query's rows). S is the concept positions,
+  min(:data:`compir.concepts.CONCEPT_SLOTS`, text length): the runtime packs a text's concepts
+  first (:func:`compir.concepts.pack_concepts`), so the fusion is unrolled over S, not the context. Checked against torch (fp32
   parity, max abs <= tolerance, batch 1 and N); every variant lists the same fp32 file. A NEUCORE
   trained with image regions (``region_grid``) needs them in the image encoder's ``image_features``
   (:func:`neucore_region_grid`: ``export_onnx`` sets them), so the index caches them;
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compir.concepts import CONCEPT_SLOTS, pack_concepts
 from compir.contracts import atomic_write_bytes, sha256_file, write_contract
 from compir.errors import ContractError
 from compir.export.graphs import GraphDef, export_graph, graph_spec
@@ -144,7 +147,8 @@ def _export_neucore(folder: Path, manifest: ExportManifest, config: dict[str, An
 
 
 def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:
-    """Real rows: sample texts' token states, sample images as references, other samples as candidates."""
+    """Real rows: sample texts' token states packed to the graph's concept positions (every word a
+    concept), sample images as references, other samples as candidates."""
     model = loaded.model.eval()
     samples = load_samples(preprocess=loaded.preprocess, tokenizer=model.tokenizer, data_dir=calibration_data,
                            count=_PARITY_ROWS)
@@ -152,9 +156,12 @@ def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict
         _, features, _ = model.encode_image(torch.from_numpy(samples.pixel_values))
         _, _, tokens = model.encode_text(torch.from_numpy(samples.input_ids))
     features = features.float().numpy()
+    states = tokens.float().numpy()
+    slots = min(CONCEPT_SLOTS, states.shape[1])
+    packed = [pack_concepts(row, ids, slots=slots) for row, ids in zip(states, samples.input_ids.astype(np.int64), strict=True)]
     return {
-        "token_features": tokens.float().numpy(),
-        "input_ids": samples.input_ids.astype(np.int64),
+        "token_features": np.stack([row for row, _, _ in packed]),
+        "input_ids": np.stack([ids for _, ids, _ in packed]),
         "reference_features": features,
         "candidate_features": np.roll(features, 1, axis=0),
     }

@@ -2,12 +2,16 @@
 ``reranker`` graph; the text's token states come from the export's text encoder graph, and the
 graph's ``input_ids`` keep only the positions of the text's mined concepts (:mod:`compir.concepts`),
 as in training (CLIP BPE: tokens counted per word; a Hugging Face tokenizer: its character offsets).
+The text graph runs cut after the text where its sequence axis allows; the concept positions are
+packed into the graph's positions (:func:`compir.concepts.pack_concepts`: the same scores as the
+full length, the fusion unrolled only over the slots an export gives it).
 A NEUCORE trained with image regions reads them from the cached image features: an index built
 from an export without them is refused by its encoder binding; an export whose image encoder
 lacks them is refused here."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -15,27 +19,35 @@ from typing import Any
 
 import numpy as np
 
-from compir.concepts import concept_ids, concept_ids_from_offsets
+from compir.concepts import concept_ids, concept_ids_from_offsets, pack_concepts
 from compir.errors import ContractError
 from compir.manifest import IMAGE_ENCODER, RERANKER, TEXT_ENCODER, ExportManifest
 from compir.runtime.backends import GraphSession, open_backend
 from compir.runtime.backends.base import numpy_dtype
+from compir.runtime.encoder import fit_length, text_length
 from compir.runtime.tokenizer import HfTokenizer
 
 _TOKEN_CACHE = 256
+log = logging.getLogger(__name__)
 
 
 class NeucoreStage:
     name = "neucore"
 
     def __init__(
-        self, *, scorer: GraphSession, text: GraphSession, weight: float, concepts: Callable[[np.ndarray, str], np.ndarray]
+        self, *, scorer: GraphSession, text: GraphSession, weight: float, concepts: Callable[[np.ndarray, str], np.ndarray],
+        pad_id: int = 0,
     ) -> None:
         self.scorer = scorer
         self.text = text
         self.weight = float(weight)
         self.concepts = concepts  # (L,) ids of a text, the text -> the ids of its concept words only
+        self.pad_id = pad_id  # the tokenizer's padding, where the text is cut
+        self.text_length = text_length(text.spec)  # None: the text graph runs cut after the text
+        self.slots = int(scorer.spec.input("token_features").shape[1])  # the graph's concept positions
+        self.id_slots = int(scorer.spec.input("input_ids").shape[1])
         self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._warned = False
 
     @classmethod
     def from_export(cls, encoder: Any, export_dir: Path, manifest: ExportManifest, variant: str, settings: dict[str, Any]) -> NeucoreStage:
@@ -65,10 +77,10 @@ class NeucoreStage:
             def concepts(input_ids: np.ndarray, text: str) -> np.ndarray:
                 return concept_ids(input_ids, text, lambda piece: len(tokenizer.encode(piece)), first=1)
 
-        return cls(scorer=scorer, text=text, weight=float(settings["weight"]), concepts=concepts)
+        return cls(scorer=scorer, text=text, weight=float(settings["weight"]), concepts=concepts, pad_id=tokenizer.spec.pad_id)
 
     def token_features(self, input_ids: np.ndarray) -> np.ndarray:
-        """(L,) ids -> (L, Wt) token states (cached per text)."""
+        """(L,) ids, fitted to the text graph (:meth:`fitted`) -> (L', Wt) token states (cached per text)."""
         key = input_ids.tobytes()
         if key not in self._tokens:
             feeds = {"input_ids": np.ascontiguousarray(input_ids[None], dtype=numpy_dtype(self.text.spec.input("input_ids").dtype))}
@@ -78,11 +90,20 @@ class NeucoreStage:
         self._tokens.move_to_end(key)
         return self._tokens[key]
 
+    def fitted(self, input_ids: np.ndarray) -> np.ndarray:
+        """A text's (L,) ids as the text graph takes them: cut after the text where it can be."""
+        return fit_length(np.asarray(input_ids)[None], length=self.text_length, pad_id=self.pad_id)[0]
+
     def scores(self, text: str, input_ids: np.ndarray, reference_features: np.ndarray, candidate_features: np.ndarray) -> np.ndarray:
         """One query (``text`` and its (L,) ids) against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
         count = len(candidate_features)
-        tokens = self.token_features(input_ids)
-        input_ids = self.concepts(input_ids, text)
+        ids = self.fitted(input_ids)
+        tokens, input_ids, dropped = pack_concepts(self.token_features(ids), self.concepts(ids, text), slots=self.slots,
+                                                   id_slots=self.id_slots)
+        if dropped and not self._warned:
+            self._warned = True
+            log.warning("NEUCORE: a text has %d concept tokens more than the export's %d positions; it is scored on its first %d "
+                        "(warned once)", dropped, self.slots, self.slots)
         feeds = {
             "token_features": np.broadcast_to(tokens, (count, *tokens.shape)),
             "input_ids": np.broadcast_to(input_ids, (count, *input_ids.shape)),
