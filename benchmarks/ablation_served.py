@@ -83,8 +83,9 @@ def serve(checkpoint: Path, *, split: CirSplit, work: Path, threads: int = 0, pr
     from compir.export.to_onnx import export_onnx
 
     export = work / "export"
-    export_onnx(checkpoint, out_dir=export, overwrite=True, calibration_count=8)
-    add_rerankers(export, checkpoint=checkpoint)
+    # Every re-ranker, weight 0 included: the joint weights are chosen again on val.
+    export_onnx(checkpoint, out_dir=export, overwrite=True, calibration_count=8, keep_unapplied=True)
+    add_rerankers(export, checkpoint=checkpoint, keep_unapplied=True)
     encoder = Encoder.from_export(export, providers=["cpu"], threads=threads)
     return Served(export, encoder, index_split(encoder, split, out=work / f"index-{split.name}", progress=progress))
 

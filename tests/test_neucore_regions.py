@@ -175,3 +175,29 @@ def test_every_tower_family_gives_regions_in_the_pooled_space(family: str, tmp_p
     else:
         expected = visual.head(mean)
     assert torch.allclose(single[:, 1], torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
+
+
+def test_a_neucore_that_did_not_help_is_left_out_of_the_export_with_its_regions(synth_data, tmp_path):
+    from compir.export.to_onnx import export_onnx
+    from compir.manifest import load_manifest
+    from compir.runtime.encoder import Encoder
+    from compir.runtime.rerankers import load_reranker
+    from compir.runtime.rerankers.settings import reranker_settings
+    from compir.train.neucore.train import train_neucore
+
+    checkpoint = _checkpoint(tmp_path, "micro")
+    train_neucore(checkpoint, data=synth_data, steps=1, batch_size=4, val_queries=8, weight=0.0, regions=GRID, progress=False)
+    export = tmp_path / "export"
+    export_onnx(checkpoint, out_dir=export, calibration_count=4)
+    manifest = load_manifest(export)
+    fp32 = manifest.variant("fp32")
+    assert RERANKER not in fp32.graphs  # the runtime would skip it: no graph, and no regions for every index item
+    assert fp32.graph(IMAGE_ENCODER).output("image_features").shape[1:] == (64,)
+    assert reranker_settings(export, manifest)["neucore"] == {"weight": 0.0, "left_out": "validated weight 0"}
+    assert load_reranker(Encoder.from_export(export, providers=["cpu"])) is None
+    # A tool that chooses the weights again (the ablation) keeps it, regions and all; the runtime still skips it.
+    kept = tmp_path / "kept"
+    export_onnx(checkpoint, out_dir=kept, calibration_count=4, keep_unapplied=True)
+    kept_fp32 = load_manifest(kept).variant("fp32")
+    assert RERANKER in kept_fp32.graphs and kept_fp32.graph(IMAGE_ENCODER).output("image_features").shape[1:] == (1 + GRID * GRID, 64)
+    assert load_reranker(Encoder.from_export(kept, providers=["cpu"])) is None

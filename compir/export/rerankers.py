@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ REFERENCES_FILE = "mmref_references.npy"
 PROJECTION_FILE = "mmref_projection.npy"
 RERANKER_INPUTS = ("token_features", "input_ids", "reference_features", "candidate_features")
 _PARITY_ROWS = 6
+log = logging.getLogger(__name__)
 
 
 def add_rerankers(
@@ -55,9 +57,13 @@ def add_rerankers(
     calibration_data: str | Path | None = None,
     opset: int = 17,
     tolerance: float = FP32_TOLERANCE,
+    keep_unapplied: bool = False,
 ) -> ExportManifest:
     """Add the re-rankers trained for ``checkpoint`` to its export; a sidecar not given is looked
     up beside the checkpoint and skipped when absent. Returns the (re-read) manifest.
+
+    A NEUCORE whose validated weight is 0 is recorded at weight 0 without its graph (the runtime
+    skips it, and its image regions would enlarge every index item), unless ``keep_unapplied``.
 
     ContractError when the export is of another checkpoint, a sidecar was trained on another
     checkpoint, or the reranker graph fails its parity check.
@@ -82,7 +88,12 @@ def add_rerankers(
     for kind, path in paths.items():
         sidecar = load_sidecar(path, kind=kind, checkpoint_sha256=loaded.sha256)
         settings[kind] = dict(sidecar.settings)
-        if kind == "neucore":
+        if kind == "neucore" and not (keep_unapplied or _applied(sidecar.settings)):
+            # It did not help on validation: the runtime skips it, so neither its graph nor its
+            # image regions (cached per gallery item) are worth exporting.
+            log.info("NEUCORE's validated weight is 0: the export leaves out its graph and image regions")
+            settings[kind] = {"weight": 0.0, "left_out": "validated weight 0"}
+        elif kind == "neucore":
             spec, parity[RERANKER] = _export_neucore(folder, manifest, sidecar.config, sidecar.state_dict, loaded=loaded,
                                                      calibration_data=calibration_data, opset=opset, tolerance=tolerance)
             graphs[RERANKER] = spec
@@ -104,12 +115,21 @@ def add_rerankers(
     return load_manifest(folder)
 
 
-def neucore_region_grid(checkpoint: str | Path, sidecar: str | Path | None = None) -> int:
-    """The image-region grid the NEUCORE sidecar of ``checkpoint`` was trained with (0: none, or no sidecar)."""
+def neucore_region_grid(checkpoint: str | Path, sidecar: str | Path | None = None, *, keep_unapplied: bool = False) -> int:
+    """The image-region grid the NEUCORE sidecar of ``checkpoint`` was trained with (0: none, no
+    sidecar, or a validated weight of 0, where the runtime does not apply NEUCORE, unless ``keep_unapplied``)."""
     from compir.train.neucore.stage2 import load_sidecar, sidecar_path
 
     path = Path(sidecar) if sidecar is not None else sidecar_path(checkpoint, "neucore")
-    return int(load_sidecar(path, kind="neucore").config.get("region_grid", 0)) if path.is_file() else 0
+    if not path.is_file():
+        return 0
+    loaded = load_sidecar(path, kind="neucore")
+    return int(loaded.config.get("region_grid", 0)) if keep_unapplied or _applied(loaded.settings) else 0
+
+
+def _applied(settings: dict[str, Any]) -> bool:
+    """Whether the runtime applies a re-ranker: its validation-chosen weight is above 0."""
+    return float(settings.get("weight", 0.0)) > 0
 
 
 def _check_regions(folder: Path, manifest: ExportManifest, features: np.ndarray, grid: int) -> None:

@@ -56,6 +56,7 @@ def export_onnx(
     fused: bool = False,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     overwrite: bool = False,
+    keep_unapplied: bool = False,
 ) -> ExportManifest:
     """Export a checkpoint's graphs to ONNX, check them against torch, write the manifest.
 
@@ -64,6 +65,8 @@ def export_onnx(
     ``eval_data``: a dataset root; each variant's recall on ``eval_split`` is recorded.
     ``fused``: also write the fused ``query_encoder`` graph (the runtime does not use it).
     ``external_data_bytes``: graphs whose weights exceed this are written with ONNX external data.
+    ``keep_unapplied``: also export a NEUCORE whose validated weight is 0 (with its image regions),
+    for tools that choose the weights again (``compir bench ablation``); the runtime skips it.
     Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
     broken variant; InputError-free: every input here is a file the user named.
     """
@@ -75,7 +78,8 @@ def export_onnx(
         raise ContractError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
-    model.use_image_regions(neucore_region_grid(checkpoint))  # NEUCORE's image regions: the index caches them with the features
+    # NEUCORE's image regions: the index caches them with the features.
+    model.use_image_regions(neucore_region_grid(checkpoint, keep_unapplied=keep_unapplied))
     context_length = int(loaded.tokenizer["context_length"])
     if model.tokenizer.context_length != context_length or model.tokenizer.kind != loaded.tokenizer.get("kind", "clip_bpe"):
         raise ContractError(f"{checkpoint}: its tokenizer record {loaded.tokenizer} does not match its model config")
@@ -150,7 +154,8 @@ def export_onnx(
         # Stage-2 re-rankers trained for this checkpoint (sidecars beside it); a no-op without them.
         from compir.export.rerankers import add_rerankers
 
-        manifest = add_rerankers(tmp, checkpoint=checkpoint, calibration_data=calibration_data, opset=opset, tolerance=tolerance)
+        manifest = add_rerankers(tmp, checkpoint=checkpoint, calibration_data=calibration_data, opset=opset, tolerance=tolerance,
+                                 keep_unapplied=keep_unapplied)
         load_manifest(tmp)  # the folder must read back (checksums, required graphs) before it is published
     return manifest
 
