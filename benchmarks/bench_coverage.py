@@ -35,12 +35,13 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BenchResult, markdown_table
+from benchmarks.common import BenchResult, machine_info, markdown_table
 
 NAME = "coverage"
 DESCRIPTION = "open_clip model names (shrunk, random weights) that pass train -> export fp32 -> index -> search"
@@ -315,7 +316,7 @@ def run(*, out_dir: Path, quick: bool, offline_standins: str = "auto", hub_only:
     notes = (f"**{passed} of {len(rows)} open_clip {open_clip.__version__} model names pass** train -> export fp32 -> index -> search"
              f" ({on_standins} of them on a stand-in vocabulary / text tower, not the real one). {mode}.")
     return BenchResult(
-        name=NAME,
+        name=NAME if count == 1 else f"{NAME}-{index}of{count}",  # shards in one folder keep one record each
         figures={"passed": passed, "passed_on_standins": on_standins, "total": len(rows), "open_clip": open_clip.__version__,
                  "offline_standins": use_standins, "hub_only": hub_only, "shard": shard, "by_family": by_family,
                  "rows": [dict(zip(("model", "family", "result", "vocabulary", "reason", "seconds"), row, strict=True)) for row in rows]},
@@ -370,9 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(out_dir=args.out, quick=args.quick, offline_standins=args.offline_standins, hub_only=args.hub_only, shard=args.shard)
-    suffix = "" if args.shard == "1/1" else "-" + args.shard.replace("/", "of")
-    (args.out / f"{NAME}{suffix}.json").write_text(json.dumps(result.figures, indent=1), encoding="utf-8")
+    # Through the runner: the same record (format compir.bench, machine, table) as `compir bench coverage`.
+    from benchmarks.runner import BenchModule, run_benchmark
+
+    options = {"offline_standins": args.offline_standins, "hub_only": args.hub_only, "shard": args.shard}
+    result = run_benchmark(BenchModule(NAME, DESCRIPTION, sys.modules[__name__]), out_dir=args.out, quick=args.quick,
+                           machine=machine_info(), options=options)
     print(result.table)
     return 0
 

@@ -81,7 +81,8 @@ def discover(folder: Path | None = None) -> dict[str, BenchModule]:
 
 def run_benchmark(bench: BenchModule, *, out_dir: Path, quick: bool, machine: dict[str, Any],
                   options: dict[str, Any] | None = None) -> BenchResult:
-    """Run one benchmark (with its own ``options``) and write ``<name>.json``; raises what the benchmark raises."""
+    """Run one benchmark (with its own ``options``) and write ``<result name>.json`` (the benchmark's
+    name, or a part's: ``coverage-2of3`` for a shard); raises what the benchmark raises."""
     if bench.module is None:
         raise RuntimeError(f"benchmark {bench.name!r} cannot be imported: {bench.error}")
     start = time.perf_counter()
@@ -90,11 +91,11 @@ def run_benchmark(bench: BenchModule, *, out_dir: Path, quick: bool, machine: di
     if not isinstance(result, BenchResult):
         raise TypeError(f"benchmark {bench.name!r} returned {type(result).__name__}, not BenchResult")
     write_contract(
-        out_dir / f"{bench.name}.json",
+        out_dir / f"{result.name}.json",
         fmt=BENCH_FORMAT,
         schema_version=BENCH_SCHEMA,
         body={
-            "name": bench.name,
+            "name": result.name,
             "description": bench.description,
             "quick": quick,
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -11,10 +11,9 @@ non-padding, non-special positions, attends from the concepts only. CLIP's BPE c
 of each word; a Hugging Face tokenizer (SigLIP, BERT, ...) gives each token's character span
 instead (:func:`concept_ids_from_offsets`), the same spans in training and in the runtime.
 
-:func:`pack_concepts` moves a text's concept positions to the front, in text order, for the
-exported graph: its progressive fusion is unrolled once per position and a padding position is an
-exact no-op, so a graph of :data:`CONCEPT_SLOTS` positions scores as the full-length one does
-while the text has at most that many concept tokens, at a fraction of the cost.
+:func:`pack_concepts` keeps a text's concept positions only, in text order, for the exported
+graph: its progressive fusion steps once per position and a padding position is an exact no-op, so
+the packed positions score as the full length does, at the cost of the concepts alone.
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 PAD_ID = 0
-# Positions of the exported NEUCORE graph (capped at the text length). A long CIRR-style caption has
-# ~20 concept tokens; a text with more is scored on its first CONCEPT_SLOTS (the runtime warns).
-CONCEPT_SLOTS = 32
 
 STOP_WORDS = frozenset(
     """a an the this that these those it its it's is are was were be been being has have had do does did
@@ -113,22 +109,24 @@ def concept_ids_from_offsets(input_ids: np.ndarray, text: str, offsets: Sequence
 
 
 def pack_concepts(
-    token_features: np.ndarray, input_ids: np.ndarray, *, slots: int, id_slots: int | None = None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """One text's (Lt, Wt) token states and (Li,) concept ids (:func:`concept_ids`) -> (slots, Wt)
-    states and (id_slots,) ids whose non-padding positions come first, in text order, the rest
-    padding; and how many concept positions did not fit.
+    token_features: np.ndarray, input_ids: np.ndarray, *, slots: int | None = None, id_slots: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One text's (Lt, Wt) token states and (Li,) concept ids (:func:`concept_ids`) -> (S, Wt)
+    states and (S',) ids holding its non-padding positions first, in text order, then padding.
 
-    ``Li`` may exceed ``Lt`` by the positions a pooler drops (a CLS tower's states start at id 1):
-    state ``p`` pairs with id ``p + Li - Lt``; likewise in the output with ``id_slots - slots``
-    (``id_slots`` defaults to ``slots``)."""
+    ``slots``: S, a graph's fixed position count (ValueError when the text has more), or None: as
+    many as the text has (at least 1). ``Li`` may exceed ``Lt`` by the positions a pooler drops (a
+    CLS tower's states start at id 1): state ``p`` pairs with id ``p + Li - Lt``, and in the output
+    with id ``p + S' - S`` (``id_slots``: S', default S)."""
     ids = np.asarray(input_ids)
     offset = len(ids) - len(token_features)
-    id_slots = slots if id_slots is None else id_slots
     kept = np.flatnonzero(ids[offset:] != PAD_ID)
-    count = min(len(kept), slots)
+    slots = max(len(kept), 1) if slots is None else slots
+    if len(kept) > slots:
+        raise ValueError(f"the text has {len(kept)} concept positions, the graph takes {slots}")
+    id_slots = slots if id_slots is None else id_slots
     states = np.zeros((slots, *token_features.shape[1:]), dtype=token_features.dtype)
-    states[:count] = token_features[kept[:count]]
+    states[: len(kept)] = token_features[kept]
     packed = np.full((id_slots,), PAD_ID, dtype=ids.dtype)
-    packed[id_slots - slots : id_slots - slots + count] = ids[offset + kept[:count]]
-    return states, packed, len(kept) - count
+    packed[id_slots - slots : id_slots - slots + len(kept)] = ids[offset + kept]
+    return states, packed

@@ -62,3 +62,19 @@ def test_a_hub_tokenizer_name_passes_on_its_standin(standins: dict[str, Path], s
         shutil.copy(path, images / path.name)
     result = check_name("ViT-L-14-CLIPA", work=tmp_path / "work", data=synth_data, images=images, standins=standins)
     assert result == ("pass", "")
+
+
+def test_run_alone_a_shard_writes_its_own_record_beside_the_others(tmp_path: Path) -> None:
+    """``python -m benchmarks.bench_coverage`` writes the runner's record (format, machine, table),
+    named by shard, so a shard and a whole run in one folder keep both and report.md reads them."""
+    import json
+
+    from benchmarks.bench_coverage import main
+    from benchmarks.runner import BENCH_FORMAT
+
+    (tmp_path / "coverage.json").write_text(json.dumps({"format": BENCH_FORMAT, "name": "coverage"}), encoding="utf-8")
+    assert main(["--quick", "--hub-only", "--offline-standins", "on", "--shard", "9/9", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "coverage-9of9.json").read_text(encoding="utf-8"))
+    assert record["format"] == BENCH_FORMAT and record["name"] == "coverage-9of9" and record["figures"]["shard"] == "9/9"
+    assert record["machine"] and "|" in record["table"]
+    assert json.loads((tmp_path / "coverage.json").read_text(encoding="utf-8"))["name"] == "coverage"  # left alone

@@ -119,36 +119,42 @@ def test_rerank_matrix_evaluates_like_the_first_stage_and_reorders_the_top():
     assert evaluate_scores(split, oracle).metrics["R@1"] == pytest.approx(100 * in_top)
 
 
-def test_packed_concepts_score_as_the_full_length_and_the_exported_slots_do(scorer, tmp_path):
+def test_the_exported_graph_loops_over_the_packed_concepts_and_scores_as_the_full_length(scorer, tmp_path):
     from compir.concepts import pack_concepts
     from compir.export.graphs import GraphDef, export_graph
-    from compir.export.rerankers import RERANKER_INPUTS
+    from compir.export.rerankers import RERANKER_INPUTS, _LoopedScorer
     from compir.runtime.backends.ort import open_session
 
-    length, slots, count = 77, 8, 5
-    texts = ["make the large dress dark red with long sleeves", "remove the small blue square and add a green circle"]
+    length, count = 77, 5
+    texts = ["make the large dress dark red with long sleeves", "remove the small blue square and add a green circle", "red"]
     ids = concept_input_ids(lambda batch: tokenize(batch, context_length=length), scorer, texts)
     generator = torch.Generator().manual_seed(4)
     tokens = torch.randn(len(texts), length, WIDTH, generator=generator)
     reference, candidates = torch.randn(count, TOKENS, DIM, generator=generator), torch.randn(count, TOKENS, DIM, generator=generator)
-    graph = GraphDef("reranker", scorer, RERANKER_INPUTS, ("scores",))
-    feeds = {"token_features": np.zeros((count, slots, WIDTH), np.float32), "input_ids": np.zeros((count, slots), np.int64),
+    graph = GraphDef("reranker", _LoopedScorer(scorer).eval(), RERANKER_INPUTS, ("scores",), sequence_names=("token_features", "input_ids"))
+    feeds = {"token_features": np.zeros((count, 3, WIDTH), np.float32), "input_ids": np.zeros((count, 3), np.int64),
              "reference_features": reference.numpy(), "candidate_features": candidates.numpy()}
-    export_graph(graph, feeds=feeds, path=tmp_path / "reranker.onnx", opset=17)
+    export_graph(graph, feeds=feeds, path=tmp_path / "reranker.onnx", opset=17)  # traced at 3 positions
     session = open_session(tmp_path / "reranker.onnx")
+    assert session.get_inputs()[0].shape[1] == "sequence"
     for row in range(len(texts)):
         with torch.no_grad():
             full = scorer(tokens[row].expand(count, -1, -1), ids[row].expand(count, -1), reference, candidates).numpy()
-        states, packed, dropped = pack_concepts(tokens[row].numpy(), ids[row].numpy(), slots=slots)
-        assert dropped == 0 and (packed != 0).sum() == (ids[row] != 0).sum()  # every concept token, in text order
-        assert packed[: (packed != 0).sum()].tolist() == [i for i in ids[row].tolist() if i != 0]
+        states, packed = pack_concepts(tokens[row].numpy(), ids[row].numpy())
+        concepts = [i for i in ids[row].tolist() if i != 0]
+        assert packed.tolist() == concepts and len(states) == len(concepts)  # the concept tokens alone, in text order
         got = session.run(["scores"], {**feeds, "token_features": np.repeat(states[None], count, 0),
                                        "input_ids": np.repeat(packed[None], count, 0)})[0]
-        np.testing.assert_allclose(got, full, atol=1e-5)  # 8 positions score as 77 do
-    # More concept tokens than slots: the first ones are kept, and the count of the rest is reported.
-    states, packed, dropped = pack_concepts(tokens[0].numpy(), ids[0].numpy(), slots=2)
-    assert dropped == int((ids[0] != 0).sum()) - 2 and packed.tolist() == [i for i in ids[0].tolist() if i != 0][:2]
-    np.testing.assert_array_equal(states[0], tokens[0, int(np.flatnonzero(ids[0].numpy())[0])].numpy())
+        np.testing.assert_allclose(got, full, atol=1e-5)  # 1 to 8 loop steps score as 77 unrolled ones
+        # A graph of fixed positions (an older export) takes them padded: the same scores.
+        fixed_states, fixed_ids = pack_concepts(tokens[row].numpy(), ids[row].numpy(), slots=12)
+        assert fixed_ids[: len(concepts)].tolist() == concepts and not fixed_ids[len(concepts):].any()
+        with torch.no_grad():
+            padded = scorer(torch.from_numpy(fixed_states).expand(count, -1, -1), torch.from_numpy(fixed_ids).expand(count, -1),
+                            reference, candidates).numpy()
+        np.testing.assert_allclose(padded, full, atol=1e-5)
+    with pytest.raises(ValueError, match=r"the text has \d+ concept positions, the graph takes 4"):
+        pack_concepts(tokens[0].numpy(), ids[0].numpy(), slots=4)
 
 
 def test_packing_pairs_ids_and_states_across_a_dropped_cls_position():
@@ -156,7 +162,7 @@ def test_packing_pairs_ids_and_states_across_a_dropped_cls_position():
 
     ids = np.array([101, 0, 7, 0, 9, 102, 0])  # the tower's states start at id 1 (a CLS pooler dropped id 0)
     states = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)  # state p <-> id p + 1
-    packed_states, packed_ids, dropped = pack_concepts(states, ids, slots=4, id_slots=5)
-    assert packed_ids.tolist() == [0, 7, 9, 102, 0] and dropped == 0
+    packed_states, packed_ids = pack_concepts(states, ids, slots=4, id_slots=5)
+    assert packed_ids.tolist() == [0, 7, 9, 102, 0]
     np.testing.assert_array_equal(packed_states[:, 0], [1, 3, 4, 0])  # the states of ids 7, 9 and 102; then padding
-
+    assert pack_concepts(states[:0], np.zeros(0, np.int64))[0].shape == (1, 2)  # no concept: one padding position

@@ -144,8 +144,13 @@ def export_graph(
         # The TorchScript exporter is deprecated but traces open_clip's models robustly (the
         # dynamo exporter trips over data-dependent argmax pooling on some torch releases).
         warnings.simplefilter("ignore")
+        # Parity is then checked against the unmodified module.
+        module: nn.Module = export_ready(defn.module, dynamic_length=bool(defn.sequence_names))
+        if any(isinstance(part, torch.jit.ScriptModule) for part in module.modules()):
+            # A scripted part (a loop over a dynamic axis) is exported from a trace that holds it.
+            module = torch.jit.trace(module, args)
         torch.onnx.export(
-            export_ready(defn.module, dynamic_length=bool(defn.sequence_names)),  # parity is then checked against the unmodified module
+            module,
             args,
             str(traced),
             input_names=list(defn.input_names),

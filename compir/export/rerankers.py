@@ -5,9 +5,10 @@
 
 - ``fp32/reranker.onnx`` (role ``reranker``): ``token_features`` (N, S, Wt), ``input_ids`` (N, S),
   ``reference_features`` (N, *F), ``candidate_features`` (N, *F) -> ``scores`` (N,); the batch axis
-  is the candidate axis (the runtime repeats the query's rows). S is the concept positions,
-  min(:data:`compir.concepts.CONCEPT_SLOTS`, text length): the runtime packs a text's concepts
-  first (:func:`compir.concepts.pack_concepts`), so the fusion is unrolled over S, not the context. Checked against torch (fp32
+  is the candidate axis (the runtime repeats the query's rows). S, the ``sequence`` axis, is
+  dynamic: the runtime packs a text's concept positions (:func:`compir.concepts.pack_concepts`) and
+  the progressive fusion is an ONNX ``Loop`` over them (its scripted :class:`ProgressiveFusion`),
+  so a query pays for its concepts, not for the context length. Checked against torch (fp32
   parity, max abs <= tolerance, batch 1 and N); every variant lists the same fp32 file. A NEUCORE
   trained with image regions (``region_grid``) needs them in the image encoder's ``image_features``
   (:func:`neucore_region_grid`: ``export_onnx`` sets them), so the index caches them;
@@ -24,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from compir.concepts import CONCEPT_SLOTS, pack_concepts
+from compir.concepts import PAD_ID, pack_concepts
 from compir.contracts import atomic_write_bytes, sha256_file, write_contract
 from compir.errors import ContractError
 from compir.export.graphs import GraphDef, export_graph, graph_spec
@@ -159,11 +161,30 @@ def _export_neucore(folder: Path, manifest: ExportManifest, config: dict[str, An
     loaded.model.use_image_regions(scorer.config.region_grid)
     feeds = _reranker_feeds(loaded, calibration_data=calibration_data)
     _check_regions(folder, manifest, feeds["reference_features"], scorer.config.region_grid)
-    defn = GraphDef(role=RERANKER, module=scorer, input_names=RERANKER_INPUTS, output_names=("scores",))
+    defn = GraphDef(role=RERANKER, module=_LoopedScorer(scorer).eval(), input_names=RERANKER_INPUTS, output_names=("scores",),
+                    sequence_names=("token_features", "input_ids"))
     path = folder / "fp32" / f"{RERANKER}.onnx"
     export_graph(defn, feeds=feeds, path=path, opset=opset)
     worst = check_fp32_parity(defn, path=path, feeds=feeds, tolerance=tolerance)
     return graph_spec(RERANKER, path, root=folder), worst
+
+
+class _LoopedScorer(torch.nn.Module):
+    """The scorer with its progressive fusion scripted: the exported graph loops over the positions
+    it is given (the ``sequence`` axis is dynamic) and computes what the scorer computes."""
+
+    def __init__(self, scorer: Any) -> None:
+        from compir.train.neucore.model import ProgressiveFusion
+
+        super().__init__()
+        self.scorer = scorer
+        with warnings.catch_warnings():  # TorchScript is deprecated, like the ONNX exporter that reads it (graphs.py)
+            warnings.simplefilter("ignore", FutureWarning)
+            self.fusion = torch.jit.script(ProgressiveFusion(scorer.block))
+
+    def forward(self, token_features: torch.Tensor, input_ids: torch.Tensor, reference_features: torch.Tensor,
+                candidate_features: torch.Tensor) -> torch.Tensor:
+        return self.scorer.run(token_features, input_ids, reference_features, candidate_features, fusion=self.fusion).scores
 
 
 def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict[str, np.ndarray]:
@@ -176,12 +197,12 @@ def _reranker_feeds(loaded: Any, *, calibration_data: str | Path | None) -> dict
         _, features, _ = model.encode_image(torch.from_numpy(samples.pixel_values))
         _, _, tokens = model.encode_text(torch.from_numpy(samples.input_ids))
     features = features.float().numpy()
-    states = tokens.float().numpy()
-    slots = min(CONCEPT_SLOTS, states.shape[1])
-    packed = [pack_concepts(row, ids, slots=slots) for row, ids in zip(states, samples.input_ids.astype(np.int64), strict=True)]
+    states, ids = tokens.float().numpy(), samples.input_ids.astype(np.int64)
+    slots = int((ids[:, ids.shape[1] - states.shape[1]:] != PAD_ID).sum(axis=1).max())  # the longest text's positions
+    packed = [pack_concepts(row, row_ids, slots=slots) for row, row_ids in zip(states, ids, strict=True)]
     return {
-        "token_features": np.stack([row for row, _, _ in packed]),
-        "input_ids": np.stack([ids for _, ids, _ in packed]),
+        "token_features": np.stack([row for row, _ in packed]),
+        "input_ids": np.stack([row_ids for _, row_ids in packed]),
         "reference_features": features,
         "candidate_features": np.roll(features, 1, axis=0),
     }

@@ -2,16 +2,15 @@
 ``reranker`` graph; the text's token states come from the export's text encoder graph, and the
 graph's ``input_ids`` keep only the positions of the text's mined concepts (:mod:`compir.concepts`),
 as in training (CLIP BPE: tokens counted per word; a Hugging Face tokenizer: its character offsets).
-The text graph runs cut after the text where its sequence axis allows; the concept positions are
-packed into the graph's positions (:func:`compir.concepts.pack_concepts`: the same scores as the
-full length, the fusion unrolled only over the slots an export gives it).
+The text graph runs cut after the text where its sequence axis allows; the graph is given the
+text's concept positions only (:func:`compir.concepts.pack_concepts`: the same scores as the full
+length; an export before the graph's positions were dynamic takes them padded to its fixed count).
 A NEUCORE trained with image regions reads them from the cached image features: an index built
 from an export without them is refused by its encoder binding; an export whose image encoder
 lacks them is refused here."""
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,6 @@ from compir.runtime.encoder import fit_length, text_length
 from compir.runtime.tokenizer import HfTokenizer
 
 _TOKEN_CACHE = 256
-log = logging.getLogger(__name__)
 
 
 class NeucoreStage:
@@ -44,10 +42,8 @@ class NeucoreStage:
         self.concepts = concepts  # (L,) ids of a text, the text -> the ids of its concept words only
         self.pad_id = pad_id  # the tokenizer's padding, where the text is cut
         self.text_length = text_length(text.spec)  # None: the text graph runs cut after the text
-        self.slots = int(scorer.spec.input("token_features").shape[1])  # the graph's concept positions
-        self.id_slots = int(scorer.spec.input("input_ids").shape[1])
+        self.slots, self.id_slots = (_fixed(scorer.spec.input(name).shape[1]) for name in ("token_features", "input_ids"))
         self._tokens: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._warned = False
 
     @classmethod
     def from_export(cls, encoder: Any, export_dir: Path, manifest: ExportManifest, variant: str, settings: dict[str, Any]) -> NeucoreStage:
@@ -98,12 +94,7 @@ class NeucoreStage:
         """One query (``text`` and its (L,) ids) against N candidates -> (N,) joint scores (the graph's batch axis is N)."""
         count = len(candidate_features)
         ids = self.fitted(input_ids)
-        tokens, input_ids, dropped = pack_concepts(self.token_features(ids), self.concepts(ids, text), slots=self.slots,
-                                                   id_slots=self.id_slots)
-        if dropped and not self._warned:
-            self._warned = True
-            log.warning("NEUCORE: a text has %d concept tokens more than the export's %d positions; it is scored on its first %d "
-                        "(warned once)", dropped, self.slots, self.slots)
+        tokens, input_ids = pack_concepts(self.token_features(ids), self.concepts(ids, text), slots=self.slots, id_slots=self.id_slots)
         feeds = {
             "token_features": np.broadcast_to(tokens, (count, *tokens.shape)),
             "input_ids": np.broadcast_to(input_ids, (count, *input_ids.shape)),
@@ -112,3 +103,8 @@ class NeucoreStage:
         }
         typed = {k: np.ascontiguousarray(v, dtype=numpy_dtype(self.scorer.spec.input(k).dtype)) for k, v in feeds.items()}
         return np.asarray(self.scorer.run(typed, ("scores",))["scores"], dtype=np.float32).reshape(count)
+
+
+def _fixed(axis: int | str | None) -> int | None:
+    """A graph axis's fixed size, or None where it is dynamic."""
+    return axis if isinstance(axis, int) else None

@@ -74,6 +74,24 @@ class FusionBlock(nn.Module):
         return self.norm(state + torch.sigmoid(self.gate(joint)) * self.update(joint))
 
 
+class ProgressiveFusion(nn.Module):
+    """The concepts fused into the state one at a time, in text order, by the shared block; a
+    position of weight 0 (padding, special tokens) leaves the state exactly as it was. Scriptable:
+    the export scripts it, so the graph loops over however many positions it is given (an ONNX
+    ``Loop``) instead of unrolling the traced count."""
+
+    def __init__(self, block: FusionBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, state: torch.Tensor, attended: torch.Tensor, concepts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        for position in range(concepts.shape[1]):
+            step = weight[:, position : position + 1]  # (N, 1)
+            updated = self.block(state, attended[:, position], concepts[:, position])
+            state = step * updated + (1.0 - step) * state
+        return state
+
+
 class NeucoreScorer(nn.Module):
     def __init__(self, config: NeucoreConfig) -> None:
         super().__init__()
@@ -98,7 +116,9 @@ class NeucoreScorer(nn.Module):
         input_ids: torch.Tensor,
         reference_features: torch.Tensor,
         candidate_features: torch.Tensor,
+        fusion: nn.Module | None = None,
     ) -> NeucoreOutputs:
+        """``fusion``: a :class:`ProgressiveFusion` of this scorer's block to use (the export's scripted one)."""
         concepts = self.text_projection(token_features)  # (N, L, H)
         mask = self.concept_mask(input_ids[:, input_ids.shape[1] - token_features.shape[1] :])  # a CLS pooler drops token 0
         weight = torch.sigmoid(self.salience(concepts)).squeeze(-1) * mask  # (N, L)
@@ -110,11 +130,8 @@ class NeucoreScorer(nn.Module):
         attended = (cosine * self.presence_scale).softmax(dim=-1) @ regions  # (N, L, H)
         k = reference.shape[1]
         presence = cosine * self.presence_scale + self.presence_bias
-        state = reference.mean(dim=1)  # (N, H)
-        for position in range(concepts.shape[1]):  # progressive fusion, in text order
-            step = weight[:, position : position + 1]  # (N, 1): 0 skips padding and special tokens
-            updated = self.block(state, attended[:, position], concepts[:, position])
-            state = step * updated + (1.0 - step) * state
+        fuse = fusion if fusion is not None else ProgressiveFusion(self.block)
+        state = fuse(reference.mean(dim=1), attended, concepts, weight)  # from r's pooled regions (N, H)
         pooled = candidate.mean(dim=1)
         scores = self.score_head(torch.cat([state, pooled, state * pooled], dim=-1)).squeeze(-1)
         return NeucoreOutputs(
