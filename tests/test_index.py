@@ -125,6 +125,9 @@ def test_add_without_replace_refuses_existing_ids_and_adds_nothing(new_gallery: 
     assert len(gallery) == 10 and "new" not in gallery
     gallery.add(["new"], embeds=clustered(1, seed=5), features=np.zeros((1, 4, DIM), np.float32), paths=[""], replace=False)
     assert len(gallery) == 11 and gallery.ids[-1] == "new"
+    # Which ids are held, in one lookup (one Milvus query): repeats and unknown ids are fine.
+    assert gallery.present(["item9", "nope", "new", "item9", "item0"]) == {"item9", "new", "item0"}
+    assert gallery.present([]) == set()
 
 
 def test_k_is_clamped_and_reference_excluded(new_gallery: Callable[..., Gallery]) -> None:

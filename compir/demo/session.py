@@ -193,11 +193,7 @@ class DemoSession:
         return Path(path).read_bytes()
 
     def contains(self, item_id: str) -> bool:
-        try:
-            self.retriever.item_image_path(item_id)
-        except InputError:
-            return False
-        return True
+        return bool(self.retriever.present([item_id]))
 
     def add_images(self, paths: Sequence[str], *, replace: bool = False) -> AddReport:
         """Add uploaded files (id = file name without extension) and save the index atomically.
@@ -213,7 +209,8 @@ class DemoSession:
                 raise InputError(f"two files would both become item {item_id!r}; rename one; nothing was added")
             items[item_id] = self.check_upload(path, what="image")
         with self._lock:
-            existing = tuple(item_id for item_id in items if self.contains(item_id))
+            held = self.retriever.present(list(items))
+            existing = tuple(item_id for item_id in items if item_id in held)
             if existing and not replace:
                 raise InputError(f"already in the gallery: {', '.join(existing)}; tick 'replace' to replace "
                                  "them, or rename the file(s); nothing was added")

@@ -80,6 +80,10 @@ class Gallery:
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, str) and self.store.contains(item_id)
 
+    def present(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` the gallery holds, in one store lookup."""
+        return self.store.present(ids)
+
     @property
     def backend(self) -> str:
         return self.store.backend
@@ -269,7 +273,8 @@ def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None
 
 def refuse_existing(gallery: Gallery, ids: Sequence[str]) -> None:
     """DuplicateItemError naming the ids (the first five) that ``gallery`` already holds."""
-    existing = [item for item in ids if item in gallery]
+    held = gallery.present(ids)
+    existing = [item for item in ids if item in held]
     if existing:
         raise DuplicateItemError(
             f"already in the gallery: {existing[:5]}{' ...' if len(existing) > 5 else ''}; "

@@ -169,7 +169,10 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def contains(self, item_id: str) -> bool:
-        return bool(self._query(ids=[item_id], output_fields=["id"]))
+        return bool(self.present([item_id]))
+
+    def present(self, ids: Sequence[str]) -> set[str]:
+        return {str(row["id"]) for row in self._query(ids=list(dict.fromkeys(ids)), output_fields=["id"])}
 
     def item_ids(self) -> list[str]:
         iterator = _call(self._client.query_iterator, self.config.collection, batch_size=4096, output_fields=["id", "added"],

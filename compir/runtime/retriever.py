@@ -85,6 +85,11 @@ class Retriever:
         with self._lock:
             return list(self.gallery.ids)
 
+    def present(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are gallery items, in one index lookup."""
+        with self._lock:
+            return self.gallery.present(ids)
+
     def item_image_path(self, item_id: str) -> Path | None:
         """Where the item's image lies (None if none was recorded); InputError for unknown ids."""
         with self._lock:
@@ -188,7 +193,8 @@ class Retriever:
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove items by id; unknown ids are an InputError and nothing is removed."""
         with self._lock:
-            unknown = [item for item in ids if item not in self.gallery]
+            held = self.gallery.present(ids)
+            unknown = [item for item in ids if item not in held]
             if unknown:
                 raise InputError(f"unknown item id(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
             return self.gallery.remove(list(ids))

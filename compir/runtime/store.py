@@ -33,6 +33,10 @@ class GalleryStore(Protocol):
 
     def contains(self, item_id: str) -> bool: ...
 
+    def present(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` the store holds, in one lookup (one Milvus query, not one per id)."""
+        ...
+
     def item_ids(self) -> list[str]: ...
 
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:

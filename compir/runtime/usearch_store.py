@@ -61,6 +61,9 @@ class UsearchStore:
     def contains(self, item_id: str) -> bool:
         return item_id in self._rows
 
+    def present(self, ids: Sequence[str]) -> set[str]:
+        return {item for item in ids if item in self._rows}
+
     def item_ids(self) -> list[str]:
         return list(self.ids)
 

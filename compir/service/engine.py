@@ -165,11 +165,7 @@ class ServiceEngine:
 
     # -- gallery ---------------------------------------------------------------------------
     def contains(self, item_id: str) -> bool:
-        try:
-            self.retriever.item_image_path(item_id)  # InputError for an unknown id, O(1)
-        except InputError:
-            return False
-        return True
+        return bool(self.retriever.present([item_id]))
 
     def image_path(self, item_id: str) -> Path | None:
         with self._lock.read():
@@ -195,7 +191,8 @@ class ServiceEngine:
     def remove_items(self, ids: Sequence[str]) -> int:
         """Remove and persist; UnknownItemError (nothing removed) when an id is not in the gallery."""
         with self._lock.write():
-            unknown = [item_id for item_id in ids if not self.contains(item_id)]
+            held = self.retriever.present(ids)
+            unknown = [item_id for item_id in ids if item_id not in held]
             if unknown:
                 raise UnknownItemError(f"not in the gallery: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
             removed = self.retriever.remove_items(ids)
