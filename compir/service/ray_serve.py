@@ -133,6 +133,10 @@ class GalleryOwner:
         with self._lock.read():
             return item_id in self._gallery
 
+    def present(self, ids: list[str]) -> set[str]:
+        with self._lock.read():
+            return self._gallery.present(ids)
+
     def item_ids(self) -> list[str]:
         with self._lock.read():
             return list(self._gallery.ids)
@@ -193,6 +197,9 @@ class GalleryProxy:
 
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, str) and bool(self._call("contains", item_id))
+
+    def present(self, ids: Sequence[str]) -> set[str]:
+        return set(self._call("present", list(ids)))  # one call for every id
 
     @property
     def ids(self) -> list[str]:
