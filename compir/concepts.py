@@ -39,20 +39,21 @@ _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 def words_of(text: str) -> list[str]:
     """The whitespace pieces of ``text``, lower-cased, each stripped to its word ('' where none)."""
-    pieces = []
-    for piece in text.lower().split():
-        match = _WORD.search(piece)
-        pieces.append(match.group(0) if match else "")
-    return pieces
+    return [word for _, _, word in _pieces(text)]
 
 
 def word_spans(text: str) -> list[tuple[int, int, str]]:
     """(start, stop, word) of each whitespace piece's word in ``text`` (character offsets; pieces without one are left out)."""
+    return [span for span in _pieces(text) if span[2]]
+
+
+def _pieces(text: str) -> list[tuple[int, int, str]]:
+    """Every whitespace piece of ``text`` as (start, stop, word) of its lower-cased word ('' and an empty span where none)."""
     spans = []
     for piece in re.finditer(r"\S+", text):
         match = _WORD.search(piece.group(0).lower())
-        if match:
-            spans.append((piece.start() + match.start(), piece.start() + match.end(), match.group(0)))
+        start = piece.start() + (match.start() if match else 0)
+        spans.append((start, piece.start() + match.end(), match.group(0)) if match else (start, start, ""))
     return spans
 
 
