@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compir.engines import DEFAULT_BATCHES, PRECISIONS
 from compir.errors import InputError
-from compir.manifest import EXTERNAL_DATA_BYTES
+from compir.manifest import EXTERNAL_DATA_BYTES, ExportManifest
 
 EPILOG = """examples:
   compir export onnx runs/tiny/best.pt --out exports/tiny
@@ -114,7 +114,21 @@ def _onnx(args: argparse.Namespace) -> int:
         cells = [_cell(acc, "R@10", "{:.2f}"), _cell(acc, "recall_at_10_drop", "{:+.2f}"), _cell(acc, "mean_cosine_to_fp32", "{:.5f}")]
         recipe = variant.quantization.get("recipe", "-")
         print(f"| {variant.name} | {recipe} | {worst:.3g} | " + " | ".join(cells) + " |")
+    _print_rerankers(Path(args.out), manifest)
     return 0
+
+
+def _print_rerankers(folder: Path, manifest: ExportManifest) -> None:
+    """One line per stage-2 re-ranker the export carries: its validated weight, or why it does not run."""
+    from compir.runtime.rerankers.settings import reranker_settings
+
+    for name, settings in reranker_settings(folder, manifest).items():
+        weight = float(settings.get("weight", 0.0))
+        if weight > 0:
+            print(f"re-ranker {name}: weight {weight:g} (chosen on validation)")
+        else:
+            left_out = "; left out of the export with its graph and image regions" if settings.get("left_out") else ""
+            print(f"re-ranker {name}: validation chose weight 0, so the runtime does not apply it{left_out}")
 
 
 def _mebibytes(value: float) -> int:
