@@ -1,9 +1,10 @@
 """An (N, ...) array that grows by appended rows in amortised time.
 
 A gallery is built by adding a batch at a time; concatenating the whole array on every add made a
-build quadratic in the gallery size (10,000 items of (17, 512) features: 6.4 s of copying, 20,000:
-four times that). Here the rows live in a buffer with spare capacity, grown by half when full, and
-``array`` is the filled part: a view, so reading it copies nothing.
+build quadratic in the gallery size (10,000 items of (17, 512) features, added 64 at a time: 5.0 s
+of copying, median of 3 on an AVX-512 EPYC; 0.21 s with this buffer). Here the rows live in a
+buffer with spare capacity, grown by half when full, and ``array`` is the filled part: a view, so
+reading it copies nothing.
 """
 
 from __future__ import annotations
