@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from compir.errors import InputError
@@ -59,3 +63,22 @@ def _check_reachable(address: str) -> None:
     except OSError as exc:
         raise InputError(f"cannot reach the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
                          "or give a bare --ray to start a Ray on this machine") from exc
+
+
+@contextmanager
+def engine_logs(path: Path) -> Iterator[None]:
+    """Everything written to this process's stderr while the block runs goes to the file ``path``
+    (appended): Ray's Python loggers and progress bars (they write to ``sys.stderr``), and the lines
+    its C++ core worker writes to file descriptor 2 (an error-level ``core_worker.cc`` line on
+    every build), which no Ray setting sends elsewhere; so the terminal keeps compir's own lines."""
+    sys.stderr.flush()
+    terminal, python_stderr = os.dup(2), sys.stderr
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        os.dup2(log.fileno(), 2)
+        sys.stderr = log
+        try:
+            yield
+        finally:
+            sys.stderr = python_stderr
+            os.dup2(terminal, 2)
+            os.close(terminal)
