@@ -28,8 +28,12 @@ Milvus Lite 3.x (the embedded engine the tests use) is one process per file; it 
 faiss (IndexHNSWFlat, f32) per segment of <= 100k rows, in a background thread after a flush,
 and searches rows not indexed yet exactly. Limits: a search returns at most 16,384 hits
 (Milvus's top-k cap); listing ids reads every row's id. A build into an existing collection is
-refused unless asked to overwrite it; dropping and refilling is not atomic (an index folder that
-named the dropped collection sees the new one, or refuses it if another encoder filled it).
+refused unless asked to overwrite it: ``--overwrite`` replaces the collection of ``--out``'s own
+index (the collection records the folder that built it), ``--overwrite-collection NAME`` one that
+another index folder uses. Dropping and refilling is not atomic (an index folder that named the
+dropped collection sees the new one, or refuses it if another encoder filled it); a build that
+fails drops the collection it created. Filters are built by :func:`in_filter` only, so an id is
+always a string literal, never expression syntax.
 """
 
 from __future__ import annotations

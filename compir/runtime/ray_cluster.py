@@ -72,13 +72,22 @@ def engine_logs(path: Path) -> Iterator[None]:
     its C++ core worker writes to file descriptor 2 (an error-level ``core_worker.cc`` line on
     every build), which no Ray setting sends elsewhere; so the terminal keeps compir's own lines."""
     sys.stderr.flush()
+    # Ray's console handlers keep the sys.stderr of when they were made (e.g. a test's capture).
+    handlers = [handler for name in list(logging.root.manager.loggerDict) if name == "ray" or name.startswith("ray.")
+                for handler in logging.getLogger(name).handlers
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    streams = [handler.stream for handler in handlers]
     terminal, python_stderr = os.dup(2), sys.stderr
     with open(path, "a", encoding="utf-8", buffering=1) as log:
-        os.dup2(log.fileno(), 2)
-        sys.stderr = log
         try:
+            os.dup2(log.fileno(), 2)
+            sys.stderr = log
+            for handler in handlers:
+                handler.stream = log  # not setStream: it flushes the old stream, which may be closed
             yield
         finally:
+            for handler, stream in zip(handlers, streams, strict=True):
+                handler.stream = stream
             sys.stderr = python_stderr
             os.dup2(terminal, 2)
             os.close(terminal)

@@ -14,7 +14,9 @@ Two deployments make one Serve application:
   GPU encoders), ``@serve.batch`` gathers concurrent searches into one encoder call.
 
 Every write is saved by the owner before it is answered, so the owner, restarted by Ray after
-a crash, reloads the same index from disk. Ray is an optional extra, imported only here, inside the functions that need it.
+a crash, reloads the same index from disk; a request that meets a dead or restarting owner is a
+503 with Retry-After (the API's JSON body). The owner holds the index's writer lock. Ray is an
+optional extra, imported only here, inside the functions that need it.
 """
 
 from __future__ import annotations
