@@ -23,6 +23,10 @@ exactly those bytes and is rewritten as schema 2 on its next save.
 A save commits the store (usearch: the next generation of files beside the current one; Milvus:
 a flush) and then replaces ``index.json``: that rename is the commit. A crash at any point
 before it leaves the previous index whole.
+
+One writer per usearch folder: a gallery takes the folder's writer lock
+(:mod:`compir.runtime.writer_lock`) at load with ``writable=True`` or before its first change, and
+refuses to change a folder that another process saved since it was read. Readers take nothing.
 """
 
 from __future__ import annotations
