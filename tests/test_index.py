@@ -20,6 +20,7 @@ from compir.manifest import EncoderFingerprint, PreprocessSpec
 from compir.runtime.gallery import Gallery
 from compir.runtime.index import VectorIndex
 from compir.runtime.store import BACKENDS, GalleryStore
+from compir.runtime.writer_lock import LOCK_FILE
 
 DIM = 32
 PREPROCESS = PreprocessSpec(image_size=32, resize_mode="shortest", interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -164,7 +165,8 @@ def test_save_and_load_round_trip(tmp_path: Path, view: bool) -> None:
     assert again.search(queries[:1], k=1)[0][0][0] == "fresh"
     record = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert record["format"] == "compir.index" and record["generation"] == 2 and record["count"] == 20_000
-    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted(["index.json", *(f["file"] for f in record["files"].values())])
+    files = ["index.json", LOCK_FILE, *(f["file"] for f in record["files"].values())]  # the writer lock's file stays
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted(files)
 
 
 def test_index_built_with_another_encoder_is_refused(tmp_path: Path, new_gallery: Callable[..., Gallery]) -> None:
@@ -271,7 +273,7 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_index(tmp_path: Path) 
     assert reloaded.search(reloaded.vectors.embeds[:1], k=1)[0][0][0] == "item0"
     reloaded.save()  # the next save clears the dead save's leftovers
     record = json.loads((folder / "index.json").read_text())
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["index.json", *(f["file"] for f in record["files"].values())])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["index.json", LOCK_FILE, *(f["file"] for f in record["files"].values())])
 
 
 def test_failed_write_leaves_index_and_memory_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from compir.errors import InputError
+from compir.errors import ContractError, InputError
 from compir.runtime import ray_cluster
 from compir.runtime.encoder import Encoder
+from compir.runtime.gallery import Gallery
 from compir.runtime.retriever import Retriever
 from compir.service import ray_serve
 from compir.service.cli import main as serve_main
@@ -139,3 +141,25 @@ def test_ray_options_are_checked_before_anything_starts(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(InputError, match=r'pip install "compir\[ray\]"'):
         serve_main(["export", "index", "--ray"])
+
+
+def test_the_gallery_owner_dying_is_a_json_503_with_retry_after(served, query):  # noqa: F811 (the fixture); runs last
+    import ray
+
+    with pytest.raises(ContractError, match="open for writing by another process"):  # the owner holds the writer lock
+        Gallery.load(served.index_dir, encoder=None, writable=True)
+
+    form = {"text": query.text, "reference_id": query.reference, "k": 4}
+    ray.kill(ray_serve.owner_handle(), no_restart=False)  # Ray restarts it: requests meanwhile are a 503 or wait
+    for _ in range(120):
+        response = served.client.post("/search", data=form)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503 and response.headers["retry-after"].isdigit(), response.text
+        assert "gallery owner" in response.json()["detail"]
+        time.sleep(0.5)  # a client would wait Retry-After seconds
+    assert response.status_code == 200, response.text  # the restarted owner reloaded the index
+    ray.kill(ray_serve.owner_handle(), no_restart=True)  # gone for good: every gallery request is a 503
+    response = served.client.post("/search", data=form)
+    assert response.status_code == 503 and response.headers["retry-after"] == str(ray_serve.OWNER_RETRY_AFTER_S)
+    assert response.headers["content-type"] == "application/json" and "gallery owner" in response.json()["detail"]

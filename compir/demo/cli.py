@@ -12,6 +12,7 @@ from compir.demo.session import DEFAULT_MAX_UPLOAD_BYTES
 from compir.errors import InputError
 from compir.manifest import load_manifest, manifest_sha256
 from compir.runtime.gallery import read_index_record
+from compir.runtime.writer_lock import WriterLock
 
 HOST = "127.0.0.1"
 
@@ -66,10 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, port: int) -> None:
     """What would make the demo fail, found in a second, before Gradio (seconds to import) loads.
 
-    The export's manifest and checksums, the index's record and its binding to this export, and
-    the port. Raises ContractError / InputError with one clear line."""
+    The export's manifest and checksums, the index's record and its binding to this export, no
+    other writer of the index, and the port. Raises ContractError / InputError with one clear line."""
     manifest = load_manifest(Path(export_dir))
-    read_index_record(Path(index_dir), encoder=manifest.encoder_fingerprint(), manifest_sha256=manifest_sha256(Path(export_dir)))
+    record, _ = read_index_record(Path(index_dir), encoder=manifest.encoder_fingerprint(),
+                                  manifest_sha256=manifest_sha256(Path(export_dir)))
+    if record.get("backend", "usearch") == "usearch":
+        WriterLock.acquire(Path(index_dir)).release()  # the demo writes: another writer is refused now, naming it
     check_port(port)
 
 

@@ -129,7 +129,8 @@ class DemoSession:
         self.retriever = self._open(self.backend)
 
     def _open(self, choice: BackendChoice) -> Retriever:
-        retriever = Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers)
+        retriever = Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers,
+                                        writable=True)  # the demo saves additions: one writer per index
         self.warm = _warm_up(retriever)
         return retriever
 
@@ -140,6 +141,7 @@ class DemoSession:
             raise InputError(f"unknown backend {label!r}; choose one of {[c.label for c in self.backends]}")
         with self._lock:
             if choice != self.backend:
+                self.retriever.close()  # its writer lock passes to the reopened index
                 self.retriever = self._open(choice)
                 self.backend = choice
         return choice

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from compir.contracts import atomic_output_dir, sha256_bytes
+from compir.contracts import INDEX_FILE, atomic_output_dir, sha256_bytes
 from compir.errors import InputError
 from compir.images import load_image
 from compir.manifest import EncoderFingerprint, PreprocessSpec
@@ -24,10 +24,10 @@ from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import IMAGES_DIR, Gallery
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
 from compir.runtime.preprocess import preprocess_image
-from compir.runtime.store import GalleryStore
+from compir.runtime.writer_lock import WriterLock
 
 if TYPE_CHECKING:
-    from compir.runtime.milvus_store import MilvusConfig
+    from compir.runtime.milvus_store import MilvusConfig, MilvusStore
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -69,6 +69,7 @@ def build_index(
     overwrite: bool = False,
     hnsw: HnswConfig = HnswConfig(),
     milvus: MilvusConfig | None = None,
+    overwrite_collection: str | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Encode every image under ``images`` into a new index folder ``out`` (written atomically).
@@ -76,7 +77,8 @@ def build_index(
     Item ids are relative paths without suffix. Image paths are recorded absolute, or copied into
     ``out/images`` with ``copy_images`` (a self-contained, movable index). With ``milvus`` the
     items go into that Milvus collection (created; an existing one is replaced only with
-    ``overwrite``) and ``out`` holds index.json naming it (``dtype`` and ``hnsw`` are usearch's).
+    ``overwrite``, see :func:`write_index`) and ``out`` holds index.json naming it (``dtype`` and
+    ``hnsw`` are usearch's).
     """
     root = Path(images).resolve()
     files = list_images(root)
@@ -89,7 +91,7 @@ def build_index(
     target = IndexTarget(encoder=encoder.fingerprint, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw,
                          milvus=milvus)
     return write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
-                       progress=progress, start=start)
+                       overwrite_collection=overwrite_collection, progress=progress, start=start)
 
 
 @dataclass(frozen=True)
@@ -123,31 +125,47 @@ def write_index(
     total: int,
     copy_images: bool = False,
     overwrite: bool = False,
+    overwrite_collection: str | None = None,
     progress: bool = True,
     start: float | None = None,
 ) -> BuildReport:
     """Add encoded batches to a new gallery and save it into ``out`` (atomically): the one way an
-    index folder is filled, whether the vectors come from this process or from Ray shards."""
+    index folder is filled, whether the vectors come from this process or from Ray shards. A
+    failed build leaves neither a folder nor a Milvus collection behind. ``overwrite`` replaces
+    ``out`` and the Milvus collection it (or no other index folder) uses; a collection another
+    folder uses is replaced only when named by ``overwrite_collection``."""
     start = time.perf_counter() if start is None else start
     skipped: list[tuple[str, str]] = []
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        store: GalleryStore | None = None
-        if target.milvus is not None:
-            from compir.runtime.milvus_store import MilvusStore
+    # --overwrite of an index folder in use: refused while its writer (a server, the demo) runs, and held
+    # until the new folder replaces it.
+    writer = WriterLock.acquire(Path(out)) if overwrite and (Path(out) / INDEX_FILE).is_file() else None
+    milvus: MilvusStore | None = None
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            if target.milvus is not None:
+                from compir.runtime.milvus_store import MilvusStore
 
-            store = MilvusStore.create(target.milvus, ndim=target.ndim, feature_shape=target.feature_shape,
-                                       encoder=target.encoder, overwrite=overwrite)
-        gallery = Gallery(encoder=target.encoder, ndim=target.ndim, feature_shape=target.feature_shape, dtype=target.dtype,
-                          hnsw=target.hnsw, folder=tmp, store=store)
-        bar = tqdm(total=total, desc="indexing", unit="img", disable=not progress)
-        for batch in batches:
-            skipped.extend(batch.errors)
-            if batch.ids:
-                stored = [_stored_path(path, tmp, copy_images) for path in batch.paths]
-                gallery.add(batch.ids, embeds=batch.image_embeds, features=batch.image_features, paths=stored)
-            bar.update(len(batch.ids) + len(batch.errors))
-        bar.close()
-        gallery.save(tmp)
+                milvus = MilvusStore.create(target.milvus, ndim=target.ndim, feature_shape=target.feature_shape,
+                                            encoder=target.encoder, index_dir=Path(out).resolve(), overwrite=overwrite,
+                                            overwrite_collection=overwrite_collection)
+            gallery = Gallery(encoder=target.encoder, ndim=target.ndim, feature_shape=target.feature_shape, dtype=target.dtype,
+                              hnsw=target.hnsw, folder=tmp, store=milvus)
+            bar = tqdm(total=total, desc="indexing", unit="img", disable=not progress)
+            for batch in batches:
+                skipped.extend(batch.errors)
+                if batch.ids:
+                    stored = [_stored_path(path, tmp, copy_images) for path in batch.paths]
+                    gallery.add(batch.ids, embeds=batch.image_embeds, features=batch.image_features, paths=stored)
+                bar.update(len(batch.ids) + len(batch.errors))
+            bar.close()
+            gallery.save(tmp)
+    except BaseException:
+        if milvus is not None:
+            milvus.discard()  # no half-filled collection left to refuse the retry ("already exists")
+        raise
+    finally:
+        if writer is not None:
+            writer.release()
     return BuildReport(out_dir=Path(out), count=len(gallery), skipped=tuple(skipped), seconds=time.perf_counter() - start)
 
 

@@ -30,16 +30,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compir.contracts import check_output_dir
-from compir.errors import ContractError, InputError
+from compir.errors import CompirError, ContractError, InputError
 from compir.manifest import PreprocessSpec, load_manifest
 from compir.runtime.build import BuildReport, EncodedBatch, IndexTarget, decode_for_encoder, item_id_for, list_images, write_index
 from compir.runtime.encoder import Encoder, image_feature_shape
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
-from compir.runtime.ray_cluster import import_ray, join_ray
+from compir.runtime.ray_cluster import engine_logs, import_ray, join_ray
 
 if TYPE_CHECKING:
     from compir.runtime.milvus_store import MilvusConfig
 
+RAY_LOG = "logs/ray.log"  # of the index folder: what Ray printed during the build (a failed build names its log instead)
 DEFAULT_RAY_BATCH_SIZE = 256  # images per Ray block: one decode task, one actor call, one shard file
 _DECODE_WORKER_BYTES = 320 * 2**20  # a decode worker's own memory, ~210 MiB measured, with Ray's 1.25x margin
 
@@ -61,6 +62,7 @@ def build_index_ray(
     overwrite: bool = False,
     hnsw: HnswConfig = HnswConfig(),
     milvus: MilvusConfig | None = None,
+    overwrite_collection: str | None = None,
     shards: str | Path | None = None,
     progress: bool = True,
 ) -> BuildReport:
@@ -73,6 +75,7 @@ def build_index_ray(
     collection, as with :func:`~compir.runtime.build.build_index`. ``shards``: a new folder where the
     Parquet shards are kept; by default they go to a temporary folder beside ``out``, removed after.
     The report's ``seconds`` count from the first task to the saved index (not Ray's start-up).
+    Ray's own output goes to ``out/logs/ray.log``, not the terminal (a failure's message names the log).
     """
     if min(ray_batch_size, batch_size, 1 if actors is None else actors) < 1:
         raise InputError("--ray-batch-size, --batch-size and --ray-actors must be >= 1")
@@ -89,22 +92,30 @@ def build_index_ray(
         raise InputError(f"shard folder {shards} is not empty; name a new one (its files would be loaded too)")
     shard_dir = Path(shards) if shards is not None else Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.shards.", dir=_parent(out)))
     started = not ray.is_initialized()
+    log = Path(tempfile.mkstemp(prefix=f".{Path(out).name}.ray.", suffix=".log", dir=_parent(out))[1])  # Ray's own output
     try:
-        if started:
-            join_ray(ray, address)
-        start = time.perf_counter()
-        if files:
-            _run_pipeline(ray, export_dir=Path(export_dir).resolve(), spec=manifest.preprocess, files=files, ids=ids,
-                          shards=shard_dir, actors=actors, ray_batch_size=ray_batch_size, batch_size=batch_size,
-                          backend=backend, providers=providers, variant=variant, progress=progress)
+        with engine_logs(log):
+            if started:
+                join_ray(ray, address)
+            start = time.perf_counter()
+            if files:
+                _run_pipeline(ray, export_dir=Path(export_dir).resolve(), spec=manifest.preprocess, files=files, ids=ids,
+                              shards=shard_dir, actors=actors, ray_batch_size=ray_batch_size, batch_size=batch_size,
+                              backend=backend, providers=providers, variant=variant, progress=progress)
         batches = _shard_batches(shard_dir, files=files, ids=ids, target=target, batch_size=batch_size) if files else iter(())
-        return write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
-                           progress=progress, start=start)
+        report = write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
+                             overwrite_collection=overwrite_collection, progress=progress, start=start)
+    except CompirError as exc:
+        raise type(exc)(f"{exc} (Ray's log: {log})") from exc
     finally:
         if started:
-            ray.shutdown()
+            with engine_logs(log):
+                ray.shutdown()
         if not keep_shards:
             shutil.rmtree(shard_dir, ignore_errors=True)
+    (Path(out) / RAY_LOG).parent.mkdir(exist_ok=True)
+    shutil.move(log, Path(out) / RAY_LOG)
+    return report
 
 
 def _parent(out: str | Path) -> Path:

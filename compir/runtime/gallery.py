@@ -23,6 +23,10 @@ exactly those bytes and is rewritten as schema 2 on its next save.
 A save commits the store (usearch: the next generation of files beside the current one; Milvus:
 a flush) and then replaces ``index.json``: that rename is the commit. A crash at any point
 before it leaves the previous index whole.
+
+One writer per usearch folder: a gallery takes the folder's writer lock
+(:mod:`compir.runtime.writer_lock`) at load with ``writable=True`` or before its first change, and
+refuses to change a folder that another process saved since it was read. Readers take nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from compir.manifest import EncoderFingerprint
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig, VectorIndex
 from compir.runtime.store import BACKENDS, IMAGES_DIR, GalleryStore
 from compir.runtime.usearch_store import RECORD_KEYS, UsearchStore
+from compir.runtime.writer_lock import WriterLock
 
 __all__ = ["IMAGES_DIR", "Gallery", "read_index_record"]
 
@@ -73,6 +78,8 @@ class Gallery:
         self.folder = Path(folder) if folder is not None else None
         self.store: GalleryStore = store if store is not None else UsearchStore(
             ndim=ndim, feature_shape=self.feature_shape, dtype=dtype, hnsw=hnsw, search_mode=search_mode)
+        self._locked_folder: Path | None = None  # a loaded usearch folder: its writer lock is taken before any write
+        self._writer: WriterLock | None = None
 
     def __len__(self) -> int:
         return self.store.count()
@@ -161,21 +168,44 @@ class Gallery:
             raise ContractError(f"expected ({len(ids)}, {self.ndim}) embeddings and {len(ids)} features and paths, "
                                 f"got {embeds.shape}, {features.shape[0]} and {len(paths)}")
         if ids:
+            self.hold_writer_lock()
             self.store.add(ids, embeds=embeds, features=features, paths=paths)
 
     def remove(self, ids: Sequence[str]) -> int:
         """Remove the given ids (unknown ones are ignored); returns how many were removed."""
+        self.hold_writer_lock()
         return self.store.remove(ids)
 
     def store_image(self, data: bytes, *, suffix: str) -> str:
         """Copy an image into ``images/`` (named by content hash); returns its relative path."""
         if self.folder is None:
             raise ContractError("this gallery has no folder yet; save it before adding images")
+        self.hold_writer_lock()
         relative = f"{IMAGES_DIR}/{sha256_bytes(data)[:24]}{suffix}"
         target = self.folder / relative
         if not target.exists():
             atomic_write_bytes(target, data)
         return relative
+
+    # ---- one writer per folder -----------------------------------------------------------------
+    def hold_writer_lock(self) -> None:
+        """Take the folder's writer lock (:mod:`compir.runtime.writer_lock`) unless held: a usearch
+        gallery loaded from a folder takes it at its first write, or at load with ``writable=True``;
+        a ContractError names the process holding it."""
+        if self._locked_folder is None or self._writer is not None:
+            return
+        writer = WriterLock.acquire(self._locked_folder)
+        if _saved_generation(self._locked_folder) != self._usearch().generation:
+            writer.release()
+            raise ContractError(f"index {self._locked_folder} was saved by another process since this one opened it; "
+                                "reopen it before changing it (its changes would be lost)")
+        self._writer = writer
+
+    def close(self) -> None:
+        """Release the writer lock, if held (the gallery stays readable; a later write takes it again)."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | Path | None = None) -> Path:
@@ -187,6 +217,7 @@ class Gallery:
             raise ContractError("this index (schema 1) was opened without its export, so it cannot be bound to an encoder; "
                                 "open it with its export (Retriever.from_dirs) or rebuild it with `compir index build`")
         target.mkdir(parents=True, exist_ok=True)
+        self.hold_writer_lock()
         backend_fields = self.store.commit(target)
         body: dict[str, Any] = {
             "encoder": {"fingerprint": self.encoder.digest, **self.encoder.to_dict()},
@@ -211,23 +242,35 @@ class Gallery:
         view: bool = False,
         search_mode: str = "auto",
         verify: bool = True,
+        writable: bool = False,
     ) -> Gallery:
         """Read an index folder built with ``encoder`` (ContractError naming what differs if it was
         built with another; None skips the check). ``manifest_sha256`` (the export's
         ``manifest.json`` checksum) opens a schema-1 index, which recorded only that.
         ``view=True`` memory-maps a usearch index's vectors and features (large galleries); a
-        Milvus index connects to its collection (ContractError if it cannot)."""
+        Milvus index connects to its collection (ContractError if it cannot). ``writable=True``
+        takes a usearch folder's writer lock now (ContractError naming the holder), not at the
+        first write: for a process that will write (a server)."""
         folder = Path(folder)
         record, bound = read_index_record(folder, encoder=encoder, manifest_sha256=manifest_sha256)
-        store: GalleryStore
+        ndim, feature_shape = int(record["embed_dim"]), tuple(int(x) for x in record["feature_shape"])
         if record.get("backend", "usearch") == "milvus":
             from compir.runtime.milvus_store import MilvusStore
 
             store = MilvusStore.open(record, encoder=bound, source=str(folder / INDEX_FILE))
-        else:
-            store = UsearchStore.open(folder, record, view=view, search_mode=search_mode, verify=verify)
-        return cls(encoder=bound, ndim=int(record["embed_dim"]), feature_shape=tuple(int(x) for x in record["feature_shape"]),
-                   folder=folder, store=store)
+            return cls(encoder=bound, ndim=ndim, feature_shape=feature_shape, folder=folder, store=store)
+        writer = WriterLock.acquire(folder) if writable else None
+        try:
+            if writer is not None:  # read again under the lock: the last writer may have saved meanwhile
+                record, bound = read_index_record(folder, encoder=encoder, manifest_sha256=manifest_sha256)
+            usearch = UsearchStore.open(folder, record, view=view, search_mode=search_mode, verify=verify)
+        except BaseException:
+            if writer is not None:
+                writer.release()
+            raise
+        gallery = cls(encoder=bound, ndim=ndim, feature_shape=feature_shape, folder=folder, store=usearch)
+        gallery._locked_folder, gallery._writer = folder, writer
+        return gallery
 
 
 def read_index_record(
@@ -269,6 +312,13 @@ def _check_binding(record: dict[str, Any], *, encoder: EncoderFingerprint | None
     if encoder is not None and built != encoder:
         raise ContractError(f"index {folder} was built with another encoder ({'; '.join(built.differences(encoder))}); {rebuild}")
     return built
+
+
+def _saved_generation(folder: Path) -> int | None:
+    try:
+        return int(read_contract(folder / INDEX_FILE, fmt=INDEX_FORMAT, schema_version=INDEX_SCHEMA)["generation"])
+    except (ContractError, KeyError, TypeError, ValueError):
+        return None
 
 
 def refuse_existing(gallery: Gallery, ids: Sequence[str]) -> None:

@@ -22,6 +22,8 @@ EPILOG = """examples:
   compir index build exports/tiny --images photos/ --out indexes/photos --index-backend milvus --milvus-uri gallery.db   # Milvus Lite
   compir index build exports/tiny --images photos/ --out indexes/photos --milvus-uri http://milvus:19530 \
       --collection photos --copy-images   # a Milvus server that several `compir serve` share
+  compir index build exports/tiny --images photos/ --out indexes/photos2 --milvus-uri gallery.db \
+      --collection photos --overwrite-collection photos   # refill a collection that indexes/photos uses
   compir index build exports/tiny --images photos/ --out indexes/photos --ray                  # Ray Data on this machine's cores
   compir index build exports/big --images /shared/photos --out /shared/idx --ray head:6379 --ray-actors 8 --shards /shared/shards
 """
@@ -53,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="HNSW search breadth (Milvus: ef), saved with the index: recall vs speed (default: %(default)s)")
     add_runtime_args(build)
     build.add_argument("--copy-images", action="store_true", help="copy images into the index folder")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an existing index folder (refused while a server or the demo writes it), and its "
+                            "Milvus collection when no other index folder uses it")
+    build.add_argument("--overwrite-collection", metavar="NAME", default=None,
+                       help="replace Milvus collection NAME (= --collection) even where another index folder uses it: "
+                            "that folder then sees the new items")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = build.add_argument_group("Ray Data (pip install \"compir[ray]\")")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -80,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.index_backend == "usearch" and args.milvus_uri:
         print("compir index: --milvus-uri is for --index-backend milvus", file=sys.stderr)
         return 2
+    if args.overwrite_collection is not None and (not args.milvus_uri or args.overwrite_collection != args.collection):
+        print(f"compir index: --overwrite-collection {args.overwrite_collection} must repeat --collection "
+              f"({args.collection}) of a Milvus build (--milvus-uri)", file=sys.stderr)
+        return 2
     milvus = MilvusConfig.from_hnsw(args.milvus_uri, collection=args.collection, hnsw=hnsw) if args.milvus_uri else None
     if args.ray is not None:
         from compir.runtime.build_ray import build_index_ray
@@ -88,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.export_dir, images=args.images, out=args.out, address=args.ray or None, actors=args.ray_actors,
             ray_batch_size=args.ray_batch_size, batch_size=args.batch_size, backend=args.backend, providers=providers_from(args),
             variant=args.variant, dtype=args.dtype, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
-            milvus=milvus, shards=args.shards, progress=not args.quiet,
+            milvus=milvus, overwrite_collection=args.overwrite_collection, shards=args.shards, progress=not args.quiet,
         )
     else:
         encoder = Encoder.from_export(
@@ -96,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
                              workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
-                             milvus=milvus, progress=not args.quiet)
+                             milvus=milvus, overwrite_collection=args.overwrite_collection, progress=not args.quiet)
     for _, reason in report.skipped:  # the reason names the file
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "

@@ -28,15 +28,21 @@ Milvus Lite 3.x (the embedded engine the tests use) is one process per file; it 
 faiss (IndexHNSWFlat, f32) per segment of <= 100k rows, in a background thread after a flush,
 and searches rows not indexed yet exactly. Limits: a search returns at most 16,384 hits
 (Milvus's top-k cap); listing ids reads every row's id. A build into an existing collection is
-refused unless asked to overwrite it; dropping and refilling is not atomic (an index folder that
-named the dropped collection sees the new one, or refuses it if another encoder filled it).
+refused unless asked to overwrite it: ``--overwrite`` replaces the collection of ``--out``'s own
+index (the collection records the folder that built it), ``--overwrite-collection NAME`` one that
+another index folder uses. Dropping and refilling is not atomic (an index folder that named the
+dropped collection sees the new one, or refuses it if another encoder filled it); a build that
+fails drops the collection it created. Filters are built by :func:`in_filter` only, so an id is
+always a string literal, never expression syntax.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -46,11 +52,13 @@ from typing import Any
 
 import numpy as np
 
+from compir.contracts import INDEX_FILE
 from compir.errors import ContractError, InputError
 from compir.manifest import EncoderFingerprint
 from compir.runtime.index import HnswConfig
 from compir.runtime.store import IMAGES_DIR, unknown_item
 from compir.runtime.uploads import MAX_ID_CHARS
+from compir.runtime.writer_lock import lite_lock_holder
 
 MILVUS_SCHEMA = 3  # of index.json: a Milvus-backed index (older compir versions refuse it, naming the version)
 DEFAULT_COLLECTION = "compir_gallery"
@@ -58,7 +66,9 @@ MAX_PATH_CHARS = 4096
 MAX_TOPK = 16_384  # Milvus's limit on one search's k: a larger k is clamped to it
 _UPSERT_BYTES = 32 << 20  # per request, under gRPC's 64 MiB message limit
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})  # in a "..." filter literal
 _ENCODER_PROPERTY = "compir.encoder"  # collection property: the fingerprint digest of the encoder that filled it
+_INDEX_DIR_PROPERTY = "compir.index_dir"  # collection property: the index folder (absolute) whose build created it
 _CLIENTS: dict[str, Any] = {}  # one client per URI and process (Milvus Lite allows one opener per file)
 _CLIENTS_LOCK = threading.Lock()
 
@@ -111,15 +121,23 @@ class MilvusStore:
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
     def create(cls, config: MilvusConfig, *, ndim: int, feature_shape: tuple[int, ...], encoder: EncoderFingerprint,
-               overwrite: bool = False) -> MilvusStore:
-        """A new, empty collection (``overwrite`` drops one of the same name first)."""
+               index_dir: Path | None = None, overwrite: bool = False, overwrite_collection: str | None = None) -> MilvusStore:
+        """A new, empty collection for the index folder ``index_dir`` (recorded in the collection, if given).
+        One of the same name is dropped first with ``overwrite`` when no other index folder uses it
+        (without ``index_dir``: whoever uses it), or when ``overwrite_collection`` names it."""
         config = config.resolved()
         client = _connect(config.uri)
         name = config.collection
         if _call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
-            if not overwrite:
+            if not overwrite and overwrite_collection != name:
                 raise InputError(f"Milvus collection {name!r} already exists at {config.uri}; "
                                  "pass --overwrite to replace it, or choose another --collection")
+            described = _call(client.describe_collection, name, what=f"describe collection {name!r}", uri=config.uri)
+            user = _other_user(described, config, index_dir) if index_dir is not None else None
+            if user is not None and overwrite_collection != name:
+                raise InputError(f"Milvus collection {name!r} at {config.uri} is used by {user}; --overwrite replaces only the "
+                                 f"collection of --out's own index: pass --overwrite-collection {name} to replace it anyway "
+                                 "(that index then sees the new items), or choose another --collection")
             _call(client.drop_collection, name, what=f"drop collection {name!r}", uri=config.uri)
         from pymilvus import DataType, MilvusClient
 
@@ -133,8 +151,16 @@ class MilvusStore:
         index.add_index(field_name="embed", index_type=config.index_type, metric_type="COSINE", params=config.index_params)
         index.add_index(field_name="features", index_type="FLAT", metric_type="L2")
         _call(client.create_collection, name, schema=schema, index_params=index, consistency_level="Strong",
-              properties={_ENCODER_PROPERTY: encoder.digest}, what=f"create collection {name!r}", uri=config.uri)
+              properties={_ENCODER_PROPERTY: encoder.digest, **({_INDEX_DIR_PROPERTY: str(index_dir)} if index_dir else {})},
+              what=f"create collection {name!r}", uri=config.uri)
         return cls(config, ndim=ndim, feature_shape=feature_shape, client=client)
+
+    def discard(self) -> None:
+        """Drop the collection (a build that failed): best effort, the build's own error is the one to report."""
+        try:
+            _call(self._client.drop_collection, self.config.collection, what="drop a failed build's collection", uri=self.config.uri)
+        except ContractError as exc:
+            print(f"compir: warning: {exc}; drop it before retrying, or retry with --overwrite", file=sys.stderr)
 
     @classmethod
     def open(cls, record: dict[str, Any], *, encoder: EncoderFingerprint | None, source: str) -> MilvusStore:
@@ -147,6 +173,9 @@ class MilvusStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source}: the milvus section is incomplete ({exc!r}); rebuild the index") from exc
         ndim, feature_shape = int(record["embed_dim"]), tuple(int(x) for x in record["feature_shape"])
+        if "://" not in config.uri and not Path(config.uri).exists():  # connecting would create an empty one
+            raise ContractError(f"{source}: its Milvus Lite file {config.uri} does not exist (moved or deleted?); rebuild the "
+                                "index with `compir index build ... --milvus-uri FILE.db`, or put the file back")
         client = _connect(config.uri)
         name = config.collection
         if not _call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
@@ -172,7 +201,7 @@ class MilvusStore:
         return bool(self.present([item_id]))
 
     def present(self, ids: Sequence[str]) -> set[str]:
-        return {str(row["id"]) for row in self._query(ids=list(dict.fromkeys(ids)), output_fields=["id"])}
+        return {str(row["id"]) for row in self._query_in("id", ids, output_fields=["id"])}
 
     def item_ids(self) -> list[str]:
         iterator = _call(self._client.query_iterator, self.config.collection, batch_size=4096, output_fields=["id", "added"],
@@ -209,7 +238,7 @@ class MilvusStore:
 
     # ---- mutation ----------------------------------------------------------------------------
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
-        replaced = self._query(ids=list(ids), output_fields=["path"])
+        replaced = self._query_in("id", ids, output_fields=["path"])
         flat = np.asarray(features, dtype=np.float32).reshape(len(ids), -1)
         vectors = np.asarray(embeds, dtype=np.float32)
         base = time.time_ns()
@@ -225,9 +254,9 @@ class MilvusStore:
         self._dropped_paths.update(str(row["path"]) for row in replaced)
 
     def remove(self, ids: Sequence[str]) -> int:
-        present = self._query(ids=list(dict.fromkeys(ids)), output_fields=["id", "path"])
+        present = self._query_in("id", ids, output_fields=["id", "path"])
         if present:
-            _call(self._client.delete, self.config.collection, ids=[row["id"] for row in present],
+            _call(self._client.delete, self.config.collection, filter=in_filter("id", [str(row["id"]) for row in present]),
                   what=f"delete {len(present)} items", uri=self.config.uri)
             self._dropped_paths.update(str(row["path"]) for row in present)
         return len(present)
@@ -246,25 +275,48 @@ class MilvusStore:
         self._dropped_paths.clear()
         if not uploads:
             return
-        quoted = ", ".join('"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"' for path in uploads)
-        still = {str(row["path"]) for row in self._query(filter=f"path in [{quoted}]", output_fields=["path"])}
+        still = {str(row["path"]) for row in self._query_in("path", uploads, output_fields=["path"])}
         for path in uploads:
             if path not in still:
                 (folder / path).unlink(missing_ok=True)
 
     # ---- internals ---------------------------------------------------------------------------
-    def _query(self, **kwargs: Any) -> list[dict[str, Any]]:
-        if "ids" in kwargs and not kwargs["ids"]:
-            return []
-        return list(_call(self._client.query, self.config.collection, consistency_level="Strong", what="query", uri=self.config.uri,
-                          **kwargs))
+    def _query(self, *, filter: str, output_fields: list[str]) -> list[dict[str, Any]]:
+        return list(_call(self._client.query, self.config.collection, filter=filter, output_fields=output_fields,
+                          consistency_level="Strong", what="query", uri=self.config.uri))
+
+    def _query_in(self, column: str, values: Sequence[str], *, output_fields: list[str]) -> list[dict[str, Any]]:
+        """Rows whose ``column`` is one of ``values`` (never pymilvus's ``ids=``: it quotes ids unescaped)."""
+        unique = list(dict.fromkeys(values))
+        return self._query(filter=in_filter(column, unique), output_fields=output_fields) if unique else []
 
     def _by_id(self, ids: Sequence[str], column: str) -> dict[str, Any]:
-        found = {str(row["id"]): row[column] for row in self._query(ids=list(dict.fromkeys(ids)), output_fields=["id", column])}
+        found = {str(row["id"]): row[column] for row in self._query_in("id", ids, output_fields=["id", column])}
         missing = [item for item in ids if item not in found]
         if missing:
             raise unknown_item(missing[0], self.count())
         return found
+
+
+def in_filter(column: str, values: Sequence[str]) -> str:
+    """The filter ``column in ["v1", "v2", ...]``: every filter on a string column is built here, so
+    no value (an item id, an image path) ever becomes expression syntax.
+
+    Each value is a double-quoted literal escaped for both grammars compir meets: a Milvus server
+    (Plan.g4's C-style escapes, then Go's ``strconv.Unquote``) and Milvus Lite 3 (its own lexer,
+    which knows only the escapes of backslash, both quotes, n, r and t). So backslash, the double
+    quote, CR, LF and tab are escaped (a raw CR or LF ends a literal in both) and every other
+    character, the single quote included, stands for itself. Filter templates (``filter_params``)
+    would avoid escaping on a server, but Milvus Lite ignores them.
+    """
+    if not _NAME.fullmatch(column):
+        raise ValueError(f"not a column name: {column!r}")
+    return f"{column} in [{', '.join(_string_literal(value) for value in values)}]"
+
+
+def _string_literal(value: str) -> str:
+    return '"' + value.translate(_ESCAPES) + '"'
+
 
 
 def _connect(uri: str) -> Any:
@@ -273,16 +325,39 @@ def _connect(uri: str) -> Any:
         from pymilvus import MilvusClient
     except ImportError as exc:
         raise ContractError("the Milvus index backend needs pymilvus and milvus-lite: pip install 'compir[milvus]'") from exc
-    # pymilvus logs every failed call with a traceback; compir raises its own error naming the call.
-    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    # pymilvus and Milvus Lite log every failure with a traceback; compir raises its own error naming it.
+    for name in ("pymilvus", "milvus_lite"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # Milvus Lite's HNSW: 4 INFO lines on which CPU build it loads
     with _CLIENTS_LOCK:
         if uri not in _CLIENTS:
             try:
                 _CLIENTS[uri] = MilvusClient(uri=uri, timeout=30)
             except Exception as exc:  # pymilvus raises MilvusException or its subclasses, and grpc errors
+                holder = lite_lock_holder(Path(uri)) if "://" not in uri else None
+                if holder is not None:
+                    raise ContractError(f"another process ({holder}) holds the Milvus Lite file {uri}: Milvus Lite serves one "
+                                        "process per file; stop that one, or share one gallery between processes through a "
+                                        "Milvus server (--milvus-uri http://host:19530)") from exc
                 raise ContractError(f"cannot open Milvus at {uri}: {_reason(exc)}; start the server, or check the URI / "
                                     "the Milvus Lite file's folder") from exc
         return _CLIENTS[uri]
+
+
+def _other_user(described: dict[str, Any], config: MilvusConfig, index_dir: Path) -> str | None:
+    """The index folder other than ``index_dir`` that uses this collection (its index.json names it),
+    or None where none does (the recorded folder is ``index_dir``, or gone, or names another)."""
+    recorded = described.get("properties", {}).get(_INDEX_DIR_PROPERTY)
+    if recorded is None:
+        return "an index folder this compir did not record (built by an older compir or another tool)"
+    if recorded == str(index_dir):
+        return None
+    try:
+        milvus = json.loads((Path(recorded) / INDEX_FILE).read_text(encoding="utf-8")).get("milvus", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    names_it = isinstance(milvus, dict) and milvus.get("uri") == config.uri and milvus.get("collection") == config.collection
+    return f"index folder {recorded}" if names_it else None
 
 
 def _call(method: Any, *args: Any, what: str, uri: str, **kwargs: Any) -> Any:

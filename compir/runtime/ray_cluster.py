@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from compir.errors import InputError
@@ -59,3 +63,31 @@ def _check_reachable(address: str) -> None:
     except OSError as exc:
         raise InputError(f"cannot reach the Ray cluster at --ray={address} ({exc}); start one (ray start --head) "
                          "or give a bare --ray to start a Ray on this machine") from exc
+
+
+@contextmanager
+def engine_logs(path: Path) -> Iterator[None]:
+    """Everything written to this process's stderr while the block runs goes to the file ``path``
+    (appended): Ray's Python loggers and progress bars (they write to ``sys.stderr``), and the lines
+    its C++ core worker writes to file descriptor 2 (an error-level ``core_worker.cc`` line on
+    every build), which no Ray setting sends elsewhere; so the terminal keeps compir's own lines."""
+    sys.stderr.flush()
+    # Ray's console handlers keep the sys.stderr of when they were made (e.g. a test's capture).
+    handlers = [handler for name in list(logging.root.manager.loggerDict) if name == "ray" or name.startswith("ray.")
+                for handler in logging.getLogger(name).handlers
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    streams = [handler.stream for handler in handlers]
+    terminal, python_stderr = os.dup(2), sys.stderr
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        try:
+            os.dup2(log.fileno(), 2)
+            sys.stderr = log
+            for handler in handlers:
+                handler.stream = log  # not setStream: it flushes the old stream, which may be closed
+            yield
+        finally:
+            for handler, stream in zip(handlers, streams, strict=True):
+                handler.stream = stream
+            sys.stderr = python_stderr
+            os.dup2(terminal, 2)
+            os.close(terminal)

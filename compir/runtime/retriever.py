@@ -68,12 +68,15 @@ class Retriever:
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
                   providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False,
-                  text_cache_size: int = 1024) -> Retriever:
+                  text_cache_size: int = 1024, writable: bool = False) -> Retriever:
         """Open an export folder and an index built with its image encoder (ContractError if it was
         built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it;
-        ``text_cache_size=0`` encodes every query's text (e.g. to time it)."""
+        ``text_cache_size=0`` encodes every query's text (e.g. to time it). ``writable=True`` takes the
+        index's writer lock now (one writer per index; a ContractError names the holder); without it
+        the lock is taken at the first gallery change. :meth:`close` releases it."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
-        gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view)
+        gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view,
+                               writable=writable)
         encoder.warmup()
         return cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
 
@@ -203,6 +206,11 @@ class Retriever:
         """Atomically write the index folder (a crash leaves the previous save intact)."""
         with self._lock:
             self.gallery.save()
+
+    def close(self) -> None:
+        """Release the index's writer lock, if held (searches still work)."""
+        with self._lock:
+            self.gallery.close()
 
     # ---- internals -------------------------------------------------------------------------------
     def _reference_features(self, reference_image: ImageSource | None, reference_id: str | None,

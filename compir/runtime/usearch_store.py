@@ -131,6 +131,11 @@ class UsearchStore:
             "files": {role: {"file": name, "sha256": sha256_file(folder / name)} for role, name in names.items()},
         }
 
+    @property
+    def generation(self) -> int:
+        """Of the files last loaded or committed (index.json's ``generation``)."""
+        return self._generation
+
     def committed(self, folder: Path) -> None:
         self._generation += 1
         _remove_stale(folder, keep=set(self._names(self._generation).values()), referenced=set(self.paths))

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from compir import __version__
-from compir.errors import ContractError, DuplicateItemError, InputError
+from compir.errors import ContractError, DuplicateItemError, InputError, UnavailableError
 from compir.service.engine import ServiceEngine, UnknownItemError
 from compir.service.inputs import LimitError, in_executor
 from compir.service.middleware import Gatekeeper
@@ -109,6 +109,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_contract(_: Request, exc: ContractError) -> JSONResponse:
         log.error("server-side artifact problem: %s", exc)
         return JSONResponse({"detail": f"server error: {exc}"}, status_code=500)
+
+    @app.exception_handler(UnavailableError)
+    async def on_unavailable(_: Request, exc: UnavailableError) -> JSONResponse:
+        log.warning("unavailable: %s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from compir.service.engine import ServiceEngine
 
     retriever = Retriever.from_dirs(
-        args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant
+        args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant,
+        writable=True,  # one writer per index: a second `compir serve` of this folder is refused, naming this one's pid
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)

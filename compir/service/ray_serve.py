@@ -14,7 +14,9 @@ Two deployments make one Serve application:
   GPU encoders), ``@serve.batch`` gathers concurrent searches into one encoder call.
 
 Every write is saved by the owner before it is answered, so the owner, restarted by Ray after
-a crash, reloads the same index from disk. Ray is an optional extra, imported only here, inside the functions that need it.
+a crash, reloads the same index from disk; a request that meets a dead or restarting owner is a
+503 with Retry-After (the API's JSON body). The owner holds the index's writer lock. Ray is an
+optional extra, imported only here, inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Generic, cast
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from compir.errors import CompirError, InputError
+from compir.errors import CompirError, ContractError, InputError, UnavailableError
 from compir.runtime.backends.providers import GPU_PROVIDERS, canonical_provider
 from compir.runtime.ray_cluster import LOCAL, import_ray, join_ray
 from compir.service.batcher import BatchCounter, BatchStats, Item, Result, run_batch
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 APP_NAME = "compir"
 OWNER = "compir-gallery-owner"  # the owner actor's name, in namespace APP_NAME
 REPLICA_HEADER = "x-compir-replica"  # which HTTP replica answered (responses from --ray only)
+OWNER_RETRY_AFTER_S = 5  # a 503's Retry-After while Ray restarts a dead owner (it reloads the index from disk)
 
 
 def import_serve() -> tuple[ModuleType, ModuleType]:
@@ -122,7 +125,7 @@ class GalleryOwner:
 
         manifest = load_manifest(export_dir, verify_files=False)  # the fingerprint only: the CLI and each replica verify the graphs
         self._gallery = Gallery.load(Path(index_dir), encoder=manifest.encoder_fingerprint(),
-                                     manifest_sha256=manifest_sha256(export_dir))
+                                     manifest_sha256=manifest_sha256(export_dir), writable=True)  # the one writer
         self._lock = ReadWriteLock()
 
     def count(self) -> int:
@@ -183,7 +186,7 @@ class GalleryProxy:
 
     def _call(self, method: str, *args: Any) -> Any:
         import ray
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get(getattr(self._owner, method).remote(*args))
@@ -191,6 +194,11 @@ class GalleryProxy:
             if isinstance(exc.cause, CompirError):
                 raise exc.cause from None  # the owner's one-line message, not a remote traceback
             raise
+        except RayActorError as exc:  # died mid-call, or restarting: Ray restarts it (max_restarts=-1), reloading the index
+            if getattr(exc, "actor_init_failed", False):  # it could not open the index (e.g. another writer holds it)
+                raise ContractError(f"the gallery owner could not open the index: {_remote_reason(exc)}") from None
+            raise UnavailableError("the gallery owner (the process that holds the index) stopped and is being restarted; "
+                                   f"retry shortly ({type(exc).__name__})", retry_after_s=OWNER_RETRY_AFTER_S) from None
 
     def __len__(self) -> int:
         return int(self._call("count"))
@@ -233,9 +241,18 @@ class GalleryProxy:
     def save(self) -> Path:
         return Path(self._call("save"))
 
+    def close(self) -> None:
+        """Nothing to release here: the owner holds the index's writer lock."""
+
     def as_gallery(self) -> Gallery:
         """This proxy where a Retriever expects a Gallery: it has every member a Retriever uses."""
         return cast("Gallery", self)
+
+
+def _remote_reason(exc: Exception) -> str:
+    """The last ``SomeError: message`` line of a remote traceback Ray wraps into ``exc``."""
+    lines = [line.split("Error: ", 1)[1] for line in str(exc).splitlines() if "Error: " in line]
+    return lines[-1].strip() if lines else type(exc).__name__
 
 
 # ---- batching on Serve ----------------------------------------------------------------------------
