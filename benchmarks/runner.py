@@ -173,6 +173,11 @@ def _parser(benches: dict[str, BenchModule] | None = None) -> tuple[argparse.Arg
     return parser, dests
 
 
+def build_parser(bench_dir: Path | None = None) -> argparse.ArgumentParser:
+    """``compir bench``'s parser with the options of every benchmark found in ``bench_dir`` (default: compir's)."""
+    return _parser(discover(bench_dir))[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     first = argparse.ArgumentParser(add_help=False)  # --dir first: it says whose options to add
     first.add_argument("--dir", type=Path, default=None)

@@ -6,6 +6,7 @@ imports torch, and ``compir --help`` is instant.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Sequence
@@ -57,9 +58,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The argparse parser of ``compir NAME``: the one its stage's ``main`` parses with (the docs' test
+    checks documented command lines against it). Imports that stage's module; KeyError for an unknown name."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser: argparse.ArgumentParser = module.build_parser()
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # as argparse tools do: the usage on stderr, status 2
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if args[0] in ("-V", "--version"):

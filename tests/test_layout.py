@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compir.cli import COMMANDS, main
+from compir.cli import COMMANDS, build_parser, main
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -20,6 +20,21 @@ def test_top_level_help_lists_every_command(capsys):
 def test_unknown_command_is_an_error(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_no_arguments_prints_the_usage_and_exits_2():
+    # As argparse tools do: `compir` alone is a usage error (it exited 0 before).
+    result = subprocess.run([sys.executable, "-m", "compir"], capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result
+    assert "usage: compir <command>" in result.stderr and not result.stdout
+
+
+def test_every_command_exposes_the_parser_its_main_uses():
+    # The docs' test parses documented command lines with these: each must be the stage's own parser.
+    for name in COMMANDS:
+        parser = build_parser(name)
+        assert parser.prog == f"compir {name}", (name, parser.prog)
+    assert build_parser("index").parse_args(["build", "EXPORT", "--images", "photos", "--out", "idx"]).out == "idx"
 
 
 def test_python_dash_m_works():

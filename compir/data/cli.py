@@ -20,7 +20,7 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compir data",
         description="Render compir's synthetic benchmark; inspect and check CIRR / FashionIQ / Shoes / synthetic data.",
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "synth":
         try:

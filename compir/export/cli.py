@@ -22,7 +22,7 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compir export",
         description="Export a checkpoint to ONNX (checked against torch), or build TensorRT engines from an export.",
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "onnx":
         return _onnx(args)
     return _engine(args)

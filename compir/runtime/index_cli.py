@@ -29,7 +29,7 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compir index", description="Build a gallery index (usearch or Milvus, cosine).",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if min(args.batch_size, args.workers, args.connectivity, args.expansion_add, args.expansion_search) < 1:
         print("compir index: --batch-size, --workers, --connectivity and --expansion-* must be >= 1", file=sys.stderr)
         return 2

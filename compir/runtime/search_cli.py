@@ -16,7 +16,7 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compir search", description="Composed (reference + text) or text-only search.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", help="export folder")
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # With --timings every stage runs for real (no text cache) and the figures are warm: the first
     # query of a process pays lazy initialisation (image codecs, onnxruntime's first-run allocations).
     retriever = Retriever.from_dirs(args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args),

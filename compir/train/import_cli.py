@@ -21,7 +21,7 @@ QuickGELU, and their preprocessing (--transform, --target-ratio: as they trained
 _TRANSFORMS = ("targetpad", "squarepad", "clip")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compir import", description="Import checkpoints trained elsewhere.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from compir.train.clip4cir import import_clip4cir
 
     imported = import_clip4cir(
