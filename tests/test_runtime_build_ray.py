@@ -65,7 +65,7 @@ def test_ray_build_gives_the_single_process_index(
     assert index_main(argv) == 0
     captured = capsys.readouterr()
     # Reported exactly as the single-process build reports: the same skipped lines, the same summary.
-    assert "indexed 12 images" in captured.out and "skipped 2 unreadable" in captured.out
+    assert "indexed 12 images" in captured.out and "skipped 2 (unreadable, or no valid item id)" in captured.out
     assert _without_rate(captured.out, out) == _without_rate(reference_out, reference)
     assert [line for line in captured.err.splitlines() if line.startswith("skipped:")] == reference_err.splitlines()
     _assert_same_gallery(out, reference)

@@ -15,8 +15,9 @@ from typing import Any
 import gradio as gr
 
 from compir.demo.examples import DemoExample
-from compir.demo.session import ActiveReference, AddReport, DemoAnswer, DemoSession
+from compir.demo.session import ActiveReference, DemoAnswer, DemoSession
 from compir.errors import CompirError
+from compir.runtime.types import AddResult
 
 PER_PAGE = 24
 TITLE = "compir: composed image retrieval"
@@ -188,7 +189,7 @@ def _latency_text(answer: DemoAnswer) -> str:
     return f"**Latency** ({state}) {' · '.join(parts)} · **total {total:.1f} ms**"
 
 
-def _add_text(report: AddReport) -> str:
+def _add_text(report: AddResult) -> str:
     parts = []
     if report.added:
         parts.append(f"Added {len(report.added)} image(s): {', '.join(report.added)}")
