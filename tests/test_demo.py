@@ -11,15 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from compir.data.load import load_split
 from compir.data.types import Query
 from compir.errors import InputError
 from compir.runtime.retriever import Retriever
+from compir.runtime.uploads import upload_item_id
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
 
+from compir.demo.app import id_legend  # noqa: E402
+from compir.demo.examples import find_examples  # noqa: E402
 from compir.demo.launch import RunningDemo, launch_demo  # noqa: E402  (after the env var)
 from compir.demo.session import ActiveReference  # noqa: E402
 
@@ -131,6 +135,30 @@ def test_backend_switch_and_gallery_additions_persist(demo, client, synth_data, 
     assert len(demo.session.retriever) == before + 2
 
 
+def test_wording_one_result_and_a_cached_text(client):
+    text = "a small cached green square"  # not asked before in this module
+    _, _, latency, status = client.predict(None, "", text, 1, False, True, api_name="/search")
+    assert status.startswith("1 result (text-only") and "text cached" not in latency and "encode —" not in latency
+    _, _, latency, status = client.predict(None, "", text, 2, False, True, api_name="/search")
+    assert status.startswith("2 results (") and "text cached" in latency and "encode —" not in latency
+
+
+def test_added_files_get_their_ids_by_the_service_rule(demo, synth_data, tmp_path):
+    odd = tmp_path / "dir\\path-demo.png"  # a Windows path as a file name: only its last segment counts
+    shutil.copy(sorted((synth_data / "images").glob("*.png"))[3], odd)
+    assert demo.session.add_images([str(odd)]).added == (upload_item_id(odd.name),) == ("path-demo",)
+    assert demo.session.retriever.remove_items(["path-demo"]) == 1
+    demo.session.retriever.save()
+
+
+def test_the_id_legend_is_shown_for_synthetic_ids_only(demo, tmp_path):
+    legend = id_legend(demo.session.retriever.item_ids()[:8])
+    assert "`x` is an empty cell" in legend and "`c` circle" in legend and "`0` red" in legend and "`L` large" in legend
+    assert id_legend(["photo-1", "x-x-x-x-c0L-x-x-x-x"]) == "" and id_legend([]) == ""
+    with pytest.raises(InputError, match="no dataset split"):  # an examples folder that holds no dataset
+        find_examples(demo.session, data_dir=tmp_path)
+
+
 def test_examples_come_from_the_synthetic_benchmark(demo, synth_data):
     assert demo.examples, "the gallery is synthetic: examples expected"
     texts = {q.text for split in ("train", "val", "test") for q in load_split(synth_data, split=split).queries}
@@ -188,7 +216,7 @@ def test_rerank_is_offered_when_the_export_has_one(tiny_export, tiny_index, monk
 
 
 @pytest.mark.browser
-def test_the_page_in_chromium(demo, solved):
+def test_the_page_in_chromium(demo, solved, tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is part of the dev extra")
@@ -200,6 +228,8 @@ def test_the_page_in_chromium(demo, solved):
             drive_the_page(browser.new_page(viewport={"width": 1400, "height": 1000}), demo.url, demo.session.retriever,
                            example_text=demo.examples[0].text, query=query, reference=reference,
                            screenshot=ARTIFACTS / "demo.png")
+            drive_refusals(browser.new_page(viewport={"width": 1400, "height": 1000}), demo.url, demo.session.retriever,
+                           query=query, reference=reference, scratch=tmp_path)
         finally:
             browser.close()
 
@@ -302,6 +332,77 @@ def drive_the_page(page, url: str, retriever: Retriever, *, example_text: str, q
         page.screenshot(path=str(screenshot), full_page=True)
 
 
+# The displayed size of the first image under a selector: what object-fit makes of its natural size in its box.
+_SHOWN_WIDTH = """(selector) => {
+  const img = document.querySelector(selector); const box = img.getBoundingClientRect(); const style = getComputedStyle(img);
+  const inner = [box.width - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight),
+                 box.height - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom)];
+  let scale = Math.min(inner[0] / img.naturalWidth, inner[1] / img.naturalHeight);
+  if (style.objectFit === 'scale-down') scale = Math.min(scale, 1);
+  if (style.objectFit === 'none') scale = 1;
+  return img.naturalWidth * scale;
+}"""
+_NAME_WHOLE = """(selector) => {
+  const stem = document.querySelector(selector + ' .filename .stem');
+  return stem !== null && stem.scrollWidth <= stem.clientWidth + 1 && getComputedStyle(stem).textOverflow !== 'ellipsis';
+}"""
+_ADD_ROWS = "() => Array.from(document.querySelectorAll('#new-files tr.file')).map(r => r.querySelector('a').href)"
+
+
+def drive_refusals(page, url: str, retriever: Retriever, *, query: Query, reference: Path, scratch: Path) -> None:
+    """What a refusal leaves: the reference chosen before, the add list the user will add, and the page's wording."""
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#search", timeout=60_000)
+    assert "grid cells row by row" in page.locator("#id-legend").inner_text()  # the synthetic gallery's ids explained
+
+    # A refused upload leaves the gallery click active and shown; Search uses it, nothing unseen.
+    page.locator("#gallery button.thumbnail-item").nth(2).click()
+    _reference_says(page, "(gallery)")
+    clicked = page.locator("#reference-id textarea").input_value()
+    upload = page.locator("#reference-upload input[type=file]")
+    upload.set_input_files(files=[{"name": "renamed.png", "mimeType": "image/png", "buffer": b"a text file"}])
+    page.wait_for_function("document.querySelector('#status').innerText.includes('not a readable image')", timeout=30_000)
+    assert clicked in _reference_says(page, "(gallery)") and "none yet" not in page.locator("#reference").inner_text()
+    page.locator("#modification textarea").fill(query.text)
+    _search_shows(page, [h.item_id for h in retriever.search(reference_id=clicked, text=query.text, k=K)])
+
+    # An upload is named whole and previewed as large as a result.
+    named = scratch / "some-long-reference-name.png"
+    shutil.copy(reference, named)
+    upload.set_input_files(str(named))
+    assert named.name in _reference_says(page, "(upload)")
+    page.wait_for_function(_NAME_WHOLE, arg="#reference-upload", timeout=30_000)
+    _search_shows(page, [h.item_id for h in retriever.search(reference_image=named.read_bytes(), text=query.text, k=K)])
+    page.wait_for_function("(n) => { const i = document.querySelector('#preview img'); "
+                           "return i !== null && i.complete && i.naturalWidth > 0 && decodeURIComponent(i.src).includes(n); }",
+                           arg=named.name, timeout=30_000)
+    _check_thumbnails_whole(page, "#results")  # loaded
+    assert page.evaluate(_SHOWN_WIDTH, "#preview img") >= 0.9 * page.evaluate(_SHOWN_WIDTH, "#results .thumbnail-item img")
+
+    # Refused as existing, then picked again to replace it: the list holds the one file Add will add.
+    again = scratch / "page-again.png"
+    shutil.copy(reference, again)
+    adder = page.locator("#new-files input[type=file]")
+    adder.set_input_files(str(again))
+    page.wait_for_function(f"({_ADD_ROWS})().length === 1", timeout=30_000)
+    page.locator("#add").click()
+    page.wait_for_function("document.querySelector('#add-status').innerText.includes('Added 1')", timeout=60_000)
+    adder.set_input_files(str(again))
+    page.wait_for_function(f"({_ADD_ROWS})().length === 1", timeout=30_000)
+    page.locator("#add").click()
+    page.wait_for_function("document.querySelector('#add-status').innerText.includes('already in the gallery: page-again')",
+                           timeout=60_000)
+    first = page.evaluate(_ADD_ROWS)
+    page.locator("#replace input").check()
+    Image.open(reference).convert("RGB").rotate(90).save(again)  # edited, picked again
+    adder.set_input_files(str(again))
+    page.wait_for_function(f"(old) => {{ const rows = ({_ADD_ROWS})(); return rows.length === 1 && rows[0] !== old[0]; }}",
+                           arg=first, timeout=30_000)
+    page.locator("#add").click()
+    page.wait_for_function("document.querySelector('#add-status').innerText.includes('replaced 1 existing item(s): page-again')",
+                           timeout=60_000)
+
+
 def test_demo_imports_no_model_code_and_its_cli_has_help():
     code = (
         "import sys, compir.demo.app, compir.demo.launch\n"
@@ -341,6 +442,7 @@ def test_wrong_paths_and_a_busy_port_fail_fast_with_one_line(tiny_export, tiny_i
             "other-encoder": ([str(micro_export), str(tiny_index)], "built with another encoder"),
             "busy-port": ([str(tiny_export), str(tiny_index), "--port", port], f"port {port}"),
             "bad-port": ([str(tiny_export), str(tiny_index), "--port", "70000"], "not a TCP port"),
+            "no-examples": ([str(tiny_export), str(tiny_index), "--examples", str(tmp_path / "missing")], "--examples"),
         }
         for case, (args, message) in cases.items():
             result = _run_demo_cli(*args)

@@ -34,7 +34,7 @@ def test_index_build_reports_unreadable_images(
             "--copy-images", "--quiet", "--expansion-search", "300"]
     assert index_main(["build", *argv]) == 0
     captured = capsys.readouterr()
-    assert "indexed 20 images" in captured.out and "skipped 2 unreadable" in captured.out
+    assert "indexed 20 images" in captured.out and "skipped 2 (unreadable, or no valid item id)" in captured.out
     assert "broken.png" in captured.err and "empty.jpg" in captured.err
     gallery = Gallery.load(out, encoder=None)
     assert len(gallery) == 20 and gallery.vectors.dtype == "i8"

@@ -16,7 +16,7 @@ from compir.errors import DuplicateItemError, InputError
 from compir.manifest import QUERY_ENCODER, load_manifest
 from compir.runtime import rerank
 from compir.runtime.retriever import Retriever
-from compir.runtime.types import STAGES, Hit
+from compir.runtime.types import STAGES, AddResult, Hit
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,8 @@ def test_add_remove_save_reload(writable: Retriever, tiny_export: Path, tmp_path
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
     count = len(writable)
-    added = writable.add_items({"from-path": source, "from-bytes": buffer.getvalue(), "from-pil": image})
-    assert added == ["from-path", "from-bytes", "from-pil"] and len(writable) == count + 3
+    added = writable.add_items({"from-path": source, "from-bytes": buffer.getvalue(), "from-pil": image}).added
+    assert added == ("from-path", "from-bytes", "from-pil") and len(writable) == count + 3
     for item in added:
         stored = writable.item_image_path(item)
         assert stored is not None and stored.is_file() and (tmp_path / "index") in stored.parents
@@ -185,8 +185,8 @@ def test_adding_an_existing_id_is_refused_unless_replace(writable: Retriever) ->
         writable.add_items({"brand-new": image, existing: image})
     assert len(writable) == count and "brand-new" not in writable.item_ids()  # nothing half-added
     np.testing.assert_array_equal(writable.gallery.features[writable.gallery.row(existing)], before)
-    assert writable.add_items({existing: image}, replace=True) == [existing]
-    assert len(writable) == count and not np.array_equal(writable.gallery.features[writable.gallery.row(existing)], before)
+    assert writable.add_items({existing: image, "new-too": image}, replace=True) == AddResult(added=("new-too",), replaced=(existing,))
+    assert len(writable) == count + 1 and not np.array_equal(writable.gallery.features[writable.gallery.row(existing)], before)
 
 
 class _ReverseReranker:

@@ -277,7 +277,7 @@ def test_adding_an_existing_id_is_a_409_unless_replace(served):
     assert "fresh-one" not in served.retriever.item_ids()
     replaced = served.client.post("/gallery/items", files=by_id, data={"ids": [existing], "replace": "true"})
     assert replaced.status_code == 200, replaced.text
-    assert replaced.json() == {"added": [existing], "count": before}
+    assert replaced.json() == {"added": [], "replaced": [existing], "count": before}  # the demo's word too
     image = served.client.get(f"/gallery/items/{existing}/image")
     assert Image.open(io.BytesIO(image.content)).size == (36, 36)
 
@@ -296,7 +296,7 @@ def test_gallery_add_list_fetch_and_remove(served):
              ("files", ("added-b.png", png_bytes((48, 48)), "image/png"))]
     added = served.client.post("/gallery/items", files=files)
     assert added.status_code == 200, added.text
-    assert added.json() == {"added": ["added-a", "added-b"], "count": before + 2}
+    assert added.json() == {"added": ["added-a", "added-b"], "replaced": [], "count": before + 2}
     page = served.client.get("/gallery/items", params={"offset": before, "limit": 10}).json()
     assert page["total"] == before + 2 and page["items"] == ["added-a", "added-b"]
     image = served.client.get("/gallery/items/added-b/image")
@@ -307,6 +307,19 @@ def test_gallery_add_list_fetch_and_remove(served):
     assert_refused(served.client.post("/gallery/remove", json={"ids": ["never-there"]}), 404, "never-there")
     assert_refused(served.client.get("/gallery/items/never-there/image"), 404, "never-there")
     assert served.client.get("/gallery/count").json()["count"] == before
+
+
+def test_upload_file_names_become_ids_by_their_last_segment(served):
+    before = served.client.get("/gallery/count").json()["count"]
+    files = [("files", ("../../evil-upload.png", png_bytes((32, 32)), "image/png")),
+             ("files", ("sub/dir/b-upload.png", png_bytes((40, 40)), "image/png")),
+             ("files", ("dir\\c-upload.png", png_bytes((48, 48)), "image/png"))]  # a Windows path
+    added = served.client.post("/gallery/items", files=files)
+    assert added.status_code == 200, added.text
+    assert added.json()["added"] == ["evil-upload", "b-upload", "c-upload"]  # compir.runtime.uploads.upload_item_id, as the demo
+    assert served.client.post("/gallery/remove", json={"ids": ["evil-upload", "b-upload", "c-upload"]}).json()["count"] == before
+    invisible = [("files", ("rlo\u202egnp.png", png_bytes(), "image/png"))]
+    assert_refused(served.client.post("/gallery/items", files=invisible), 422, "U+202E")
 
 
 def test_bad_gallery_uploads_add_nothing(served):

@@ -11,6 +11,7 @@ Public API (torch-free; the trainer renders fresh scenes every epoch with it):
   ``(scene, *, size=64) -> np.ndarray (S, S, 3) uint8`` (the fast path, ~20k scenes/s)
 - :func:`scene_caption` ``(scene) -> str``: a description for text -> image retrieval
 - :func:`scene_identity` ``(scene) -> str``: its object identity (MMRef), the objects without their layout
+- :func:`key_legend` ``() -> str``: one line saying how to read a scene key (the demo shows it)
 - :func:`sample_scene` ``(rng, *, max_objects=5, allowed=...) -> Scene``
 
 Modifications and their texts are in :mod:`compir.data.synth_edits`.
@@ -107,6 +108,18 @@ class Scene:
 
 def _object_code(obj: SceneObject) -> str:
     return f"{_SHAPE_CODE[obj.shape]}{COLOURS.index(obj.colour)}{_SIZE_CODE[obj.size]}"
+
+
+def key_legend() -> str:
+    """One line (markdown) saying how to read a scene key, built from the codes themselves."""
+    shapes = ", ".join(f"`{code}` {shape}" for shape, code in _SHAPE_CODE.items())
+    colours = ", ".join(f"`{index}` {colour}" for index, colour in enumerate(COLOURS))
+    sizes = ", ".join(f"`{code}` {size}" for size, code in _SIZE_CODE.items())
+    circle = SceneObject("circle", COLOURS[0], "large")
+    centred = Scene(tuple(circle if cell == N_CELLS // 2 else None for cell in range(N_CELLS)))
+    return (f"Ids such as `{centred.key}` name a synthetic scene: its {N_CELLS} grid cells row by row from the top left, "
+            f"joined by `-`; `{_EMPTY}` is an empty cell, else shape ({shapes}), colour ({colours}) and size ({sizes}): "
+            f"`{_object_code(circle)}` is a large {circle.colour} circle.")
 
 
 def scene_identity(scene: Scene) -> str:

@@ -14,9 +14,11 @@ from typing import Any
 
 import gradio as gr
 
+from compir.data.synth_scene import key_legend, parse_scene_key
 from compir.demo.examples import DemoExample
-from compir.demo.session import ActiveReference, AddReport, DemoAnswer, DemoSession
+from compir.demo.session import ActiveReference, DemoAnswer, DemoSession
 from compir.errors import CompirError
+from compir.runtime.types import AddResult
 
 PER_PAGE = 24
 TITLE = "compir: composed image retrieval"
@@ -37,7 +39,13 @@ CSS = """
 #results .caption-label, #gallery .caption-label {
   position: static; max-width: 100%; border: none; border-radius: 0; background: none; text-align: center;
   white-space: normal; overflow-wrap: anywhere; opacity: 1 !important;
+}/* File lists name the whole file: Gradio gives the size column 128 px and cuts the name to "s..png". */
+#reference-upload td.download, #new-files td.download { min-width: 0; white-space: normal; }
+#reference-upload .filename .stem, #new-files .filename .stem {
+  overflow: visible; text-overflow: clip; white-space: normal; overflow-wrap: anywhere;
 }
+/* The reference preview fills its box below the label, as large as a result (Gradio: scale-down, 64 px). */
+#preview img { object-fit: contain; width: 100%; height: 100%; padding-top: 2rem; box-sizing: border-box; }
 """
 
 
@@ -74,6 +82,9 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
                                      allow_preview=False, elem_id="results")
                 table = gr.Dataframe(headers=["rank", "item_id", "score", "target"], label="Results", elem_id="results-table")
                 latency = gr.Markdown(elem_id="latency")
+                legend = id_legend(session.retriever.item_ids()[:8])
+                if legend:
+                    gr.Markdown(legend, elem_id="id-legend")
         search_outputs = [results, table, latency, status]
         # What choosing a reference updates: the state, its line and preview, and the other widgets.
         reference_outputs = [reference, reference_line, preview, reference_file, reference_id]
@@ -124,7 +135,7 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
         for typed_event in (reference_id.submit, reference_id.blur):  # not per keystroke: one event when typing ends
             typed_event(_typed(session), [reference, reference_id], [reference, reference_line, preview, reference_file],
                         api_visibility="private")
-        reference_file.upload(_uploaded(session), reference_file, [*reference_outputs, status], api_visibility="private")
+        reference_file.upload(_uploaded(session), [reference_file, reference], [*reference_outputs, status], api_visibility="private")
         reference_file.clear(_upload_cleared, reference, [reference, reference_line, preview], api_visibility="private")
         backend.change(_guard(lambda label: _switch(session, label), [status]), backend, [status], api_name="switch_backend")
 
@@ -132,6 +143,8 @@ def build_demo(session: DemoSession, *, examples: Sequence[DemoExample] = ()) ->
             report = session.add_images(paths or [], replace=bool(replace_existing))
             return (_add_text(report), None, *show_page(number))
 
+        # Picking a file again (say after a refusal, to replace) replaces its entry: the list holds what Add adds.
+        new_files.upload(latest_by_name, new_files, new_files, api_visibility="private")
         add_outputs = [add_status, new_files, *page_outputs]
         add_button.click(_guard(add, add_outputs, message_at=0), [new_files, replace, page], add_outputs, api_name="add_images")
     return demo
@@ -150,7 +163,7 @@ def _search(session: DemoSession, reference: ActiveReference | None, text: str, 
     rows = [[rank, hit.item_id, round(hit.score, 4), TARGET_MARK if hit.item_id in targets else ""]
             for rank, hit in enumerate(answer.hits, 1)]
     mode = "text-only" if text_only else "composed"
-    summary = f"{len(answer.hits)} results ({mode}, {session.backend.label})."
+    summary = f"{len(answer.hits)} result{'' if len(answer.hits) == 1 else 's'} ({mode}, {session.backend.label})."
     return tiles, rows, _latency_text(answer), " ".join([summary, *_target_lines(answer)])
 
 
@@ -183,12 +196,32 @@ def _example_image(session: DemoSession, example: DemoExample) -> str | None:
 
 def _latency_text(answer: DemoAnswer) -> str:
     parts = [f"{group} {'—' if ms is None else f'{ms:.1f} ms'}" for group, ms in answer.latency_split().items()]
+    if not {"tokenize", "text_encode"} & set(answer.timings_ms):  # the text's encoding came from the cache
+        encode = answer.latency_split()["encode"]
+        parts[0] = "text cached" if encode is None else f"encode {encode:.1f} ms (image; text cached)"
     total = sum(answer.timings_ms.values())
     state = "warm" if answer.warm else "cold: the first query since start, slower than the next"
     return f"**Latency** ({state}) {' · '.join(parts)} · **total {total:.1f} ms**"
 
 
-def _add_text(report: AddReport) -> str:
+def latest_by_name(paths: list[str] | None) -> list[str] | None:
+    """One entry per file name, the latest pick's file, in the order names were first picked."""
+    if not paths:
+        return paths
+    return list({Path(path).name: path for path in paths}.values())
+
+
+def id_legend(ids: Sequence[str]) -> str:
+    """How to read the gallery's ids when they are the synthetic benchmark's scene keys, else ""."""
+    try:
+        for item_id in ids:
+            parse_scene_key(item_id)
+    except ValueError:
+        return ""
+    return key_legend() if ids else ""
+
+
+def _add_text(report: AddResult) -> str:
     parts = []
     if report.added:
         parts.append(f"Added {len(report.added)} image(s): {', '.join(report.added)}")
@@ -243,15 +276,17 @@ def _typed(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
     return typed
 
 
-def _uploaded(session: DemoSession) -> Callable[[str | None], tuple[Any, ...]]:
-    def uploaded(path: str | None) -> tuple[Any, ...]:
-        """A usable upload becomes the reference; a bad one is refused, cleared and leaves none."""
+def _uploaded(session: DemoSession) -> Callable[..., tuple[Any, ...]]:
+    def uploaded(path: str | None, current: ActiveReference | None) -> tuple[Any, ...]:
+        """A usable upload becomes the reference; a bad one is refused and cleared, and the reference
+        chosen before it stays active and shown (its id stays in the box), so Search uses nothing unseen."""
         if not path:
             return (*_show_reference(session, None), None, gr.update(), "")
         try:
             session.check_upload(path, what="reference image")
         except CompirError as exc:
-            return (*_show_reference(session, None), None, gr.update(), f"⚠️ {exc}")
+            still = f" The reference is still {current.describe()}." if current is not None else ""
+            return (*_show_reference(session, current), None, current.item_id if current is not None else "", f"⚠️ {exc}{still}")
         chosen = ActiveReference(kind="upload", path=path)
         return (*_show_reference(session, chosen), gr.update(), "", "")
 

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_before_start(args.export_dir, args.index_dir, port=args.port)
+    check_before_start(args.export_dir, args.index_dir, port=args.port, examples=args.examples)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     from compir.demo.launch import launch_demo
 
@@ -64,11 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, port: int) -> None:
+def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, port: int,
+                       examples: str | os.PathLike[str] | None = None) -> None:
     """What would make the demo fail, found in a second, before Gradio (seconds to import) loads.
 
     The export's manifest and checksums, the index's record and its binding to this export, no
-    other writer of the index, and the port. Raises ContractError / InputError with one clear line."""
+    other writer of the index, the examples folder if one is named, and the port. Raises
+    ContractError / InputError with one clear line."""
+    if examples is not None and not Path(examples).is_dir():
+        raise InputError(f"--examples {examples}: no such folder; name a dataset folder (as written by "
+                         "`compir data synth`), or leave it out to use the gallery's own")
     manifest = load_manifest(Path(export_dir))
     record, _ = read_index_record(Path(index_dir), encoder=manifest.encoder_fingerprint(),
                                   manifest_sha256=manifest_sha256(Path(export_dir)))

@@ -11,7 +11,7 @@ from compir.data.load import load_split
 from compir.data.synthetic import is_synthetic
 from compir.data.types import CirSplit
 from compir.demo.session import DemoSession
-from compir.errors import CompirError
+from compir.errors import CompirError, InputError
 
 SPLIT_PREFERENCE = ("test", "val", "train")
 
@@ -29,11 +29,14 @@ class DemoExample:
 
 def find_examples(session: DemoSession, *, data_dir: str | os.PathLike[str] | None = None, n: int = 4) -> list[DemoExample]:
     """Up to ``n`` queries (one per modification kind first) from ``data_dir`` or, when the
-    gallery's images lie in a synthetic dataset, from that dataset. [] when there is none."""
+    gallery's images lie in a synthetic dataset, from that dataset. [] when there is none; an
+    InputError when ``data_dir`` is named and holds no split with queries."""
     root = Path(data_dir) if data_dir is not None else dataset_root(session)
     if root is None:
         return []
     split = _best_split(root, session)
+    if split is None and data_dir is not None:
+        raise InputError(f"examples folder {root} holds no dataset split with queries ({', '.join(SPLIT_PREFERENCE)})")
     if split is None:
         return []
     chosen: list[DemoExample] = []

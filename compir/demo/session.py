@@ -19,7 +19,8 @@ from compir.contracts import ENGINES_FILE
 from compir.errors import CompirError, InputError
 from compir.images import DEFAULT_MAX_PIXELS, load_image
 from compir.runtime.retriever import Retriever
-from compir.runtime.types import Hit
+from compir.runtime.types import AddResult, Hit
+from compir.runtime.uploads import upload_item_id
 
 # The runtime's stages grouped the way the page reports them.
 LATENCY_GROUPS = {
@@ -98,12 +99,6 @@ def available_backends(export_dir: str | os.PathLike[str]) -> list[BackendChoice
     if (Path(export_dir) / ENGINES_FILE).is_file() and importlib.util.find_spec("tensorrt") is not None:
         choices.insert(0, BackendChoice("tensorrt · engines", "tensorrt"))
     return choices
-
-
-@dataclass(frozen=True)
-class AddReport:
-    added: tuple[str, ...]
-    replaced: tuple[str, ...]  # ids that existed and were replaced (only with replace=True)
 
 
 class DemoSession:
@@ -197,8 +192,9 @@ class DemoSession:
     def contains(self, item_id: str) -> bool:
         return bool(self.retriever.present([item_id]))
 
-    def add_images(self, paths: Sequence[str], *, replace: bool = False) -> AddReport:
-        """Add uploaded files (id = file name without extension) and save the index atomically.
+    def add_images(self, paths: Sequence[str], *, replace: bool = False) -> AddResult:
+        """Add uploaded files and save the index atomically. Their ids follow the service's rule
+        (:func:`~compir.runtime.uploads.upload_item_id`: the file name without extension).
 
         Every file is checked first, so one bad file adds nothing. An id already in the gallery is
         an InputError naming it unless ``replace`` (then the report lists what was replaced)."""
@@ -206,19 +202,20 @@ class DemoSession:
             raise InputError("choose one or more image files to add")
         items: dict[str, bytes] = {}
         for path in paths:
-            item_id = Path(path).stem
+            item_id = upload_item_id(Path(path).name)
             if item_id in items:
                 raise InputError(f"two files would both become item {item_id!r}; rename one; nothing was added")
             items[item_id] = self.check_upload(path, what="image")
         with self._lock:
-            held = self.retriever.present(list(items))
-            existing = tuple(item_id for item_id in items if item_id in held)
-            if existing and not replace:
-                raise InputError(f"already in the gallery: {', '.join(existing)}; tick 'replace' to replace "
-                                 "them, or rename the file(s); nothing was added")
-            added = self.retriever.add_items(items, replace=replace)
+            if not replace:  # the retriever refuses them too; this says it in the page's words
+                held = self.retriever.present(list(items))
+                existing = [item_id for item_id in items if item_id in held]
+                if existing:
+                    raise InputError(f"already in the gallery: {', '.join(existing)}; tick 'replace' to replace "
+                                     "them, or rename the file(s); nothing was added")
+            done = self.retriever.add_items(items, replace=replace)
             self.retriever.save()
-        return AddReport(added=tuple(i for i in added if i not in existing), replaced=existing)
+        return done
 
     def gallery_page(self, page: int, *, per_page: int) -> tuple[list[tuple[str, Path]], int]:
         """((item id, image path) on page ``page`` (0-based, clamped), number of pages)."""

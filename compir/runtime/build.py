@@ -1,11 +1,21 @@
 """Build a gallery index from a folder of images: parallel decoding (thread pool), batched
-encoding, a tqdm bar; images that fail to decode are reported by name, skipped and counted."""
+encoding, a tqdm bar; images that fail to decode are reported by name, skipped and counted.
+
+An item's id is its file's path below the folder without the suffix (``a/b.png`` -> ``a/b``), and
+it must follow the id grammar of :mod:`compir.runtime.uploads`. A file whose id would not is
+skipped with a reason, not renamed: a reversible escape (``%FF``, ``%E2%80%AE``) would give ids
+that are no longer the file's name, collide with names that hold ``%``, and still show invisible
+differences once decoded; so the id a user reads is always the file's own name, and renaming the
+file is the fix. Files that would share one id (``dup.png`` and ``dup.jpg``) are all skipped,
+together in one reason: which one is meant is not for the build to guess.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +34,7 @@ from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import IMAGES_DIR, Gallery
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
 from compir.runtime.preprocess import preprocess_image
+from compir.runtime.uploads import validate_item_id
 from compir.runtime.writer_lock import WriterLock
 
 if TYPE_CHECKING:
@@ -57,6 +68,49 @@ def item_id_for(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
+@dataclass(frozen=True)
+class GalleryFiles:
+    """The image files of a folder that become items, their ids, and the files skipped (file, reason)."""
+
+    files: list[Path]
+    ids: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def gallery_files(folder: str | Path) -> GalleryFiles:
+    """The images under ``folder`` and their item ids (module docstring): a file whose id breaks
+    the grammar, and every file of a group that would share one id, is skipped with a reason that
+    names it (as ``repr``, so odd characters show and the reason stays one line)."""
+    root = Path(folder).resolve()
+    by_id: dict[str, list[Path]] = defaultdict(list)
+    skipped: list[tuple[str, str]] = []
+    for path in list_images(root):
+        item_id = item_id_for(path, root)
+        try:
+            by_id[validate_item_id(item_id)].append(path)
+        except InputError as exc:
+            skipped.append((str(path), f"{_shown(path, root)}: {exc}"))
+    files, ids = [], []
+    for item_id, paths in by_id.items():  # in file order: a group comes where its first file does
+        if len(paths) == 1:
+            files.append(paths[0])
+            ids.append(item_id)
+        else:
+            names = ", ".join(_shown(path, root) for path in paths)
+            skipped.append((str(paths[0]), f"{names}: all would be item id {item_id!r}; rename all but one"))
+    return GalleryFiles(files=files, ids=ids, skipped=skipped)
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``repr`` of the path below ``root``; of its bytes when it is not UTF-8 (``b'bad\\xff.png'``)."""
+    relative = path.relative_to(root).as_posix()
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes: show the bytes the file system holds
+        return repr(os.fsencode(relative))
+    return repr(relative)
+
+
 def build_index(
     encoder: Encoder,
     *,
@@ -80,18 +134,16 @@ def build_index(
     ``overwrite``, see :func:`write_index`) and ``out`` holds index.json naming it (``dtype`` and
     ``hnsw`` are usearch's).
     """
-    root = Path(images).resolve()
-    files = list_images(root)
-    ids = [item_id_for(path, root) for path in files]
+    found = gallery_files(images)
     start = time.perf_counter()
     batches = (
         EncodedBatch(batch_ids, batch_paths, *_encoded(encoder, pixels), errors)
-        for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, files, ids, batch_size, workers)
+        for batch_ids, batch_paths, pixels, errors in _decoded_batches(encoder, found.files, found.ids, batch_size, workers)
     )
     target = IndexTarget(encoder=encoder.fingerprint, ndim=encoder.embed_dim, feature_shape=encoder.feature_shape, dtype=dtype, hnsw=hnsw,
                          milvus=milvus)
-    return write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
-                       overwrite_collection=overwrite_collection, progress=progress, start=start)
+    return write_index(batches, target=target, out=out, total=len(found.files), copy_images=copy_images, overwrite=overwrite,
+                       overwrite_collection=overwrite_collection, progress=progress, start=start, skipped=found.skipped)
 
 
 @dataclass(frozen=True)
@@ -128,14 +180,16 @@ def write_index(
     overwrite_collection: str | None = None,
     progress: bool = True,
     start: float | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> BuildReport:
     """Add encoded batches to a new gallery and save it into ``out`` (atomically): the one way an
     index folder is filled, whether the vectors come from this process or from Ray shards. A
     failed build leaves neither a folder nor a Milvus collection behind. ``overwrite`` replaces
     ``out`` and the Milvus collection it (or no other index folder) uses; a collection another
-    folder uses is replaced only when named by ``overwrite_collection``."""
+    folder uses is replaced only when named by ``overwrite_collection``. ``skipped``: files left out
+    before encoding (:func:`gallery_files`), reported first."""
     start = time.perf_counter() if start is None else start
-    skipped: list[tuple[str, str]] = []
+    skipped = list(skipped)
     # --overwrite of an index folder in use: refused while its writer (a server, the demo) runs, and held
     # until the new folder replaces it.
     writer = WriterLock.acquire(Path(out)) if overwrite and (Path(out) / INDEX_FILE).is_file() else None

@@ -32,7 +32,7 @@ import numpy as np
 from compir.contracts import check_output_dir
 from compir.errors import CompirError, ContractError, InputError
 from compir.manifest import PreprocessSpec, load_manifest
-from compir.runtime.build import BuildReport, EncodedBatch, IndexTarget, decode_for_encoder, item_id_for, list_images, write_index
+from compir.runtime.build import BuildReport, EncodedBatch, IndexTarget, decode_for_encoder, gallery_files, write_index
 from compir.runtime.encoder import Encoder, image_feature_shape
 from compir.runtime.index import DEFAULT_DTYPE, HnswConfig
 from compir.runtime.ray_cluster import engine_logs, import_ray, join_ray
@@ -84,9 +84,8 @@ def build_index_ray(
     target = IndexTarget(encoder=manifest.encoder_fingerprint(), ndim=manifest.embed_dim,
                          feature_shape=image_feature_shape(manifest, variant), dtype=dtype, hnsw=hnsw, milvus=milvus)
     check_output_dir(out, overwrite=overwrite)
-    root = Path(images).resolve()
-    files = list_images(root)
-    ids = [item_id_for(path, root) for path in files]
+    found = gallery_files(images)
+    files, ids = found.files, found.ids
     keep_shards = shards is not None
     if shards is not None and Path(shards).exists() and any(Path(shards).iterdir()):
         raise InputError(f"shard folder {shards} is not empty; name a new one (its files would be loaded too)")
@@ -104,7 +103,7 @@ def build_index_ray(
                               backend=backend, providers=providers, variant=variant, progress=progress)
         batches = _shard_batches(shard_dir, files=files, ids=ids, target=target, batch_size=batch_size) if files else iter(())
         report = write_index(batches, target=target, out=out, total=len(files), copy_images=copy_images, overwrite=overwrite,
-                             overwrite_collection=overwrite_collection, progress=progress, start=start)
+                             overwrite_collection=overwrite_collection, progress=progress, start=start, skipped=found.skipped)
     except CompirError as exc:
         raise type(exc)(f"{exc} (Ray's log: {log})") from exc
     finally:

@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_index(encoder, images=args.images, out=args.out, dtype=args.dtype, batch_size=args.batch_size,
                              workers=args.workers, copy_images=args.copy_images, overwrite=args.overwrite, hnsw=hnsw,
                              milvus=milvus, overwrite_collection=args.overwrite_collection, progress=not args.quiet)
-    for _, reason in report.skipped:  # the reason names the file
+    for _, reason in report.skipped:  # the reason names the file(s)
         print(f"skipped: {reason}", file=sys.stderr)
     print(f"indexed {report.count} images into {report.out_dir} ({report.images_per_s:.1f} images/s); "
-          f"skipped {len(report.skipped)} unreadable")
+          f"skipped {len(report.skipped)} (unreadable, or no valid item id)")
     return 0 if report.count or not report.skipped else 1

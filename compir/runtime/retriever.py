@@ -40,7 +40,7 @@ from compir.runtime.gallery import Gallery, refuse_existing
 from compir.runtime.rerank import DEFAULT_TOP_N, RerankCandidates, Reranker, RerankQuery
 from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
-from compir.runtime.types import Hit, SearchResult
+from compir.runtime.types import AddResult, Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
 
 _QUERY_KEYS = {"text", "reference_image", "reference_id"}
@@ -172,9 +172,10 @@ class Retriever:
                              "describe the modification (or the image, for a text-only query)")
 
     # ---- gallery changes ---------------------------------------------------------------------------
-    def add_items(self, items: Mapping[str, ImageSource], *, replace: bool = False) -> list[str]:
+    def add_items(self, items: Mapping[str, ImageSource], *, replace: bool = False) -> AddResult:
         """Encode and add items; their images are copied into the index folder. An id already in the
-        gallery is a DuplicateItemError (an InputError) naming it, nothing added, unless ``replace=True``."""
+        gallery is a DuplicateItemError (an InputError) naming it, nothing added, unless ``replace=True``;
+        the result says which ids were new and which replaced."""
         ids = [validate_item_id(item_id) for item_id in items]
         if not replace:
             self._refuse_existing(ids)
@@ -185,9 +186,10 @@ class Retriever:
             for source, image in zip(items.values(), images, strict=True):
                 data, suffix = image_bytes(source, image)
                 paths.append(self.gallery.store_image(data, suffix=suffix))
+            held = self.gallery.present(ids) if replace else set()  # under the lock: what this add replaces
             # refused again inside the add: another writer may have added one meanwhile
             self.gallery.add(ids, embeds=encoded.image_embeds, features=encoded.image_features, paths=paths, replace=replace)
-        return ids
+        return AddResult(added=tuple(i for i in ids if i not in held), replaced=tuple(i for i in ids if i in held))
 
     def _refuse_existing(self, ids: Sequence[str]) -> None:
         with self._lock:

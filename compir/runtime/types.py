@@ -17,6 +17,15 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class AddResult:
+    """What an add did, in request order: ids new to the gallery, and ids it held whose image and
+    vectors the add replaced (only with ``replace=True``)."""
+
+    added: tuple[str, ...]
+    replaced: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SearchResult:
     """Hits, best first, and the milliseconds spent in each stage that ran (keys from STAGES)."""
 

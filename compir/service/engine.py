@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from compir.errors import InputError
-from compir.runtime.types import Hit
+from compir.runtime.types import AddResult, Hit
 from compir.service.batcher import Batcher, BatcherFactory, DynamicBatcher
 from compir.service.config import ServiceConfig
 
@@ -180,7 +180,7 @@ class ServiceEngine:
             ids = self.retriever.item_ids()
         return len(ids), ids[offset : offset + limit]
 
-    def add_items(self, items: Mapping[str, bytes], *, replace: bool = False) -> list[str]:
+    def add_items(self, items: Mapping[str, bytes], *, replace: bool = False) -> AddResult:
         """Add and persist; the index on disk holds the new items when this returns. An id already
         in the gallery is a DuplicateItemError (HTTP 409, nothing added) unless ``replace``."""
         with self._lock.write():

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
-
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from compir.errors import InputError
-from compir.runtime.uploads import validate_item_id
+from compir.runtime.uploads import upload_item_id, validate_item_id
 from compir.service.engine import ServiceEngine, UnknownItemError
 from compir.service.inputs import check_count, decode_image, in_executor, read_upload, refuse_blank_fields, require_form, require_json
 from compir.service.schemas import AddOut, CountOut, ItemsPage, RemoveIn, RemoveOut
@@ -50,7 +48,8 @@ async def item_image(request: Request, item_id: str) -> FileResponse:
 async def add_items(
     request: Request,
     files: list[UploadFile] = File(..., description="one or more images"),
-    ids: list[str] | None = Form(None, description="an id per file (default: the file name without extension)"),
+    ids: list[str] | None = Form(None, description="an id per file (default: the file name after its last / or \\, "
+                                                   "without extension: ../../x.png -> x)"),
     replace: bool = Form(False, description="replace items whose id is already in the gallery (else 409)"),
 ) -> AddOut:
     """Add images to the gallery; they are searchable and saved when this returns. An id already in
@@ -61,7 +60,7 @@ async def add_items(
     check_count(len(files), limits, what="files")
     if ids is not None and len(ids) != len(files):
         raise InputError(f"got {len(ids)} ids for {len(files)} files; give one id per file or none")
-    names = ids or [PurePath(f.filename or "").stem for f in files]
+    names = ids or [upload_item_id(f.filename) for f in files]
     items: dict[str, bytes] = {}
     for name, upload in zip(names, files, strict=True):
         field = f"files[{upload.filename or len(items)}]"
@@ -72,8 +71,8 @@ async def add_items(
         # Decode now so a bad file is refused with its name before anything is written.
         await in_executor(request.app.state.executor, decode_image, data, limits, field=field)
         items[name] = data
-    added = await in_executor(request.app.state.executor, engine.add_items, items, replace=replace)
-    return AddOut(added=list(added), count=await in_executor(request.app.state.executor, engine.count))
+    done = await in_executor(request.app.state.executor, engine.add_items, items, replace=replace)
+    return AddOut(added=list(done.added), replaced=list(done.replaced), count=await in_executor(request.app.state.executor, engine.count))
 
 
 @router.post("/remove", response_model=RemoveOut, dependencies=[Depends(require_json)])

@@ -37,7 +37,8 @@ class BatchSearchOut(BaseModel):
 
 
 class AddOut(BaseModel):
-    added: list[str]
+    added: list[str] = Field(description="ids new to the gallery")
+    replaced: list[str] = Field(description="ids the gallery held, whose image this request replaced (replace=true)")
     count: int
 
 
