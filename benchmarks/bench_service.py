@@ -15,6 +15,10 @@ Memory soak: a fresh ``compir serve`` (default batching: off on a CPU) answers S
 uploads from 16 clients (20,000; --quick 2,000) with texts that keep changing (more than the text
 cache holds), while the server's resident set size (Linux /proc) is sampled; it levels off when
 the second half of the run adds at most LEVEL_MB_TOLERANCE (or 5 %) to the RSS at half-way.
+
+Writes under load: a fresh server on a copy of the index takes ADDERS clients adding one image
+each, one after another, while 0, 4 or 16 clients search; the add latency is from the request to
+its acknowledgement, which comes once the add is on disk (group commit).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from benchmarks.common import BenchResult, Panel, bar_chart, line_chart, markdow
 
 NAME = "service"
 DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, Ray Serve (2 replicas), "
-               "vs the in-process Python API; server RSS over a soak of 20,000 uploads")
+               "vs the in-process Python API; server RSS over a soak of 20,000 uploads; add p50/p95 under 0/4/16 searching clients")
 CONCURRENCY = (1, 4, 16)
 MODES = ("python in-process", "http, batching off", "http, batching on")
 RAY_MODE = "ray serve, 2 replicas"
@@ -46,6 +50,8 @@ SOAK_REQUESTS = {False: 20_000, True: 2_000}  # by quick
 SOAK_CLIENTS = 16
 SOAK_SAMPLES = 50
 LEVEL_MB_TOLERANCE = 10.0
+ADDERS = 2
+ADDS = {False: 100, True: 20}  # per adder, by quick
 
 
 def prepare_files(root: Path, *, quick: bool) -> None:
@@ -290,6 +296,54 @@ def soak(export: Path, index: Path, queries: list[tuple[bytes, str]], *, request
     }
 
 
+def add_latency(export: Path, index: Path, queries: list[tuple[bytes, str]], *, searchers: int, adds: int) -> dict[str, Any]:
+    """Add p50 / p95 (ms) with ``searchers`` clients searching all along, on a copy of ``index``."""
+    import shutil
+
+    import httpx
+
+    copy = Path(tempfile.mkdtemp(prefix="compir-bench-adds-")) / "index"
+    shutil.copytree(index, copy)
+    server = _Server(export, copy, batching=False)
+    done = threading.Event()
+    search_ms: list[float] = []
+    try:
+        server.wait_ready()
+
+        def search_forever(client: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=120) as session:
+                call = _http_call([session], queries)
+                for n in range(10**9):
+                    if done.is_set():
+                        return
+                    start = time.perf_counter()
+                    call(0, client * 7919 + n)
+                    search_ms.append((time.perf_counter() - start) * 1000.0)
+
+        background = [threading.Thread(target=search_forever, args=(c,), daemon=True) for c in range(searchers)]
+        for thread in background:
+            thread.start()
+        adders = [httpx.Client(base_url=server.url, timeout=120) for _ in range(ADDERS)]
+
+        def add(client: int, n: int) -> None:
+            image = queries[(client * 31 + n) % len(queries)][0]
+            response = adders[client].post("/gallery/items", files=[("files", (f"bench-{client}-{n}.png", image, "image/png"))])
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+        _, latencies = _drive(ADDERS, ADDERS * adds, add)
+        done.set()
+        for thread in background:
+            thread.join(120)
+    finally:
+        done.set()
+        server.stop()
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    return {"searchers": searchers, "adds": ADDERS * adds, "add_p50_ms": float(np.percentile(latencies, 50)),
+            "add_p95_ms": float(np.percentile(latencies, 95)),
+            "search_p50_ms": float(np.percentile(search_ms, 50)) if search_ms else float("nan")}
+
+
 def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, repeats: int) -> dict[str, float]:
     """What dynamic batching can gain at most: 16 queries in one search_batch vs 16 searches."""
     from benchmarks.common import time_runs
@@ -310,6 +364,7 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         batch_cost = _batch_cost(export, index, queries, repeats=5)
         by_mode, batch_stats = _measure(export, index, queries, total=total, repeats=repeats)
         memory = soak(export, index, queries, requests=SOAK_REQUESTS[quick])
+        writes = [add_latency(export, index, queries, searchers=n, adds=ADDS[quick]) for n in (0, *CONCURRENCY[1:])]
     rows = []
     for mode, results in by_mode.items():
         for clients, figures in results.items():
@@ -328,6 +383,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         ["soak requests", "RSS start MiB", "half-way", "end", "peak", "2nd-half growth MiB", "levels off"],
         [[memory["requests"], memory["rss_start_mb"], memory["rss_half_mb"], memory["rss_end_mb"], memory["rss_peak_mb"],
           memory["second_half_growth_mb"], "yes" if memory["levels_off"] else "NO"]])
+    table += "\n\n" + markdown_table(
+        ["searching clients", "adds", "add p50 ms", "add p95 ms", "search p50 ms meanwhile"],
+        [[w["searchers"], w["adds"], w["add_p50_ms"], w["add_p95_ms"], w["search_p50_ms"]] for w in writes])
     notes = (
         f"{total} composed queries (uploaded 64x64 PNG + text, k={K}) per run, median of {repeats} runs (modes interleaved); "
         "server: `compir serve` in its own process (batching on: max 16, wait 2 ms), clients: threads in the "
@@ -338,7 +396,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         "The model is an untrained `tiny` config: speed does not depend on the weights. "
         f"Memory soak: {memory['requests']:,} composed uploads from {SOAK_CLIENTS} clients against a fresh server "
         f"(batching off, {memory['rps']:.0f} requests/s), RSS sampled {SOAK_SAMPLES} times: "
-        f"{memory['rss_start_mb']:.0f} MiB ready, {memory['rss_half_mb']:.0f} half-way, {memory['rss_end_mb']:.0f} at the end."
+        f"{memory['rss_start_mb']:.0f} MiB ready, {memory['rss_half_mb']:.0f} half-way, {memory['rss_end_mb']:.0f} at the end. "
+        f"Writes: {ADDERS} clients add one image per request (acknowledged once on disk) while others search."
     )
     if RAY_MODE in by_mode:
         ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} x{by_mode[RAY_MODE][c]['rps'] / by_mode[MODES[1]][c]['rps']:.2f}"
@@ -352,5 +411,5 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         notes += ' Ray Serve rows skipped: the ray extra is not installed (pip install "compir[ray]").'
     figures = {"requests_per_run": total, "repeats": repeats, "k": K,
                "results": {m: {str(c): f for c, f in r.items()} for m, r in by_mode.items()},
-               "batching_stats": batch_stats, "batch_cost": batch_cost, "memory_soak": memory}
+               "batching_stats": batch_stats, "batch_cost": batch_cost, "memory_soak": memory, "writes": writes}
     return BenchResult(name=NAME, figures=figures, table=table, plots=(plot, rss_plot), notes=notes)

@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         raise InputError(f"--minutes must be positive and --steps >= 1, got {args.minutes} / {args.steps}")
     if args.demo:  # a busy port found now, not after the whole run
-        from compir.demo.cli import check_port
+        from compir.ports import check_port
 
         check_port(args.port)
     state = QuickstartState(

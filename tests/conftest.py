@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.export",
     "tests.fixtures.index",
+    "tests.fixtures.service",
 ]

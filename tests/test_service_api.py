@@ -5,76 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from compir.data.load import load_split
 from compir.runtime import rerank
 from compir.runtime.retriever import Retriever
 from compir.service.app import create_app
-from compir.service.config import BatchingConfig, Limits, ServiceConfig
+from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.server import BackgroundServer
-
-KEY = "test-key"
-LIMITS = Limits(max_upload_bytes=64 * 1024, max_image_pixels=256 * 256, max_text_chars=200, max_k=20, max_batch_queries=8)
-
-
-@dataclass
-class Served:
-    url: str
-    client: httpx.Client
-    retriever: Retriever
-    engine: ServiceEngine
-    index_dir: Path
-    images: Path
-
-
-def png_bytes(size: tuple[int, int] = (64, 64), *, noise: bool = False, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8) if noise else np.full((size[1], size[0], 3), 120, np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def served(tiny_export: Path, tiny_index: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    index_dir = tmp_path_factory.mktemp("service") / "index"
-    shutil.copytree(tiny_index, index_dir)  # the API edits its gallery; the session fixture stays intact
-    retriever = Retriever.from_dirs(tiny_export, index_dir, providers=["cpu"])
-    engine = ServiceEngine(retriever, config=ServiceConfig(limits=LIMITS, batching=BatchingConfig(wait_ms=5), api_key=KEY))
-    with BackgroundServer(create_app(engine)) as server:
-        with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30) as client:
-            yield Served(server.url, client, retriever, engine, index_dir, synth_data / "images")
-
-
-@pytest.fixture(scope="module")
-def query(synth_data: Path):
-    return load_split(synth_data, split="test").queries[0]
-
-
-def hits_of(response: httpx.Response) -> list[tuple[str, float]]:
-    assert response.status_code == 200, response.text
-    return [(h["item_id"], h["score"]) for h in response.json()["hits"]]
-
-
-def assert_refused(response: httpx.Response, status: int, *fragments: str) -> None:
-    assert response.status_code == status, response.text
-    detail = response.json()["detail"]
-    for fragment in fragments:
-        assert fragment in detail, detail
+from tests.fixtures.service import KEY, LIMITS, assert_refused, free_port, hits_of, png_bytes, start_serve, stop_serve
 
 
 # ---- ops ------------------------------------------------------------------------------------------
@@ -189,7 +135,7 @@ BAD_SEARCHES = [
     ("blank text", {"data": {"text": "   ", "k": 3}}, 422, "text is empty"),
     ("overlong text", {"data": {"text": "y" * 201}}, 422, "max_text_chars=200"),
     ("unknown id", {"data": {"text": "x", "reference_id": "no-such-item"}}, 404, "no-such-item"),
-    ("a path as id", {"data": {"text": "x", "reference_id": "/etc/passwd"}}, 404, "no such item"),
+    ("a path as id", {"data": {"text": "x", "reference_id": "/etc/passwd"}}, 422, "absolute path"),
     ("k zero", {"data": {"text": "x", "k": 0}}, 422, "max_k=20"),
     ("k negative", {"data": {"text": "x", "k": -3}}, 422, "k=-3"),
     ("k too large", {"data": {"text": "x", "k": 21}}, 422, "max_k=20"),
@@ -368,42 +314,11 @@ def test_concurrent_searches_and_writes_lose_nothing(served, query):
 
 
 # ---- the CLI: a restart keeps what was added -----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start(export: Path, index: Path, port: int) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(port), "--batching", "off",
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"compir serve exited: {process.stdout.read() if process.stdout else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("compir serve did not become ready in 60 s")
-
-
-def _stop(process: subprocess.Popen[str]) -> str:
-    process.terminate()
-    output, _ = process.communicate(timeout=30)
-    return output
-
-
 def test_cli_serves_and_a_restart_keeps_added_items(tiny_export, tiny_index, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(tiny_index, index)
-    port = _free_port()
-    first = _start(tiny_export, index, port)
+    port = free_port()
+    first = start_serve(tiny_export, index, port)
     try:
         url = f"http://127.0.0.1:{port}"
         before = httpx.get(url + "/gallery/count").json()["count"]
@@ -411,14 +326,14 @@ def test_cli_serves_and_a_restart_keeps_added_items(tiny_export, tiny_index, tmp
         assert httpx.post(url + "/gallery/items", files=files).status_code == 200
         assert httpx.get(url + "/stats").json()["config"]["batching"]["enabled"] is False
     finally:
-        log = _stop(first)
+        log = stop_serve(first)
     assert "dynamic batching off" in log and "127.0.0.1" in log
-    second = _start(tiny_export, index, port)
+    second = start_serve(tiny_export, index, port)
     try:
         page = httpx.get(f"http://127.0.0.1:{port}/gallery/items", params={"offset": before, "limit": 10}).json()
         assert page["total"] == before + 3 and page["items"] == ["kept-0", "kept-1", "kept-2"]
     finally:
-        _stop(second)
+        stop_serve(second)
 
 
 def test_service_imports_no_model_code():

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from compir.demo.session import DEFAULT_MAX_UPLOAD_BYTES
 from compir.errors import InputError
 from compir.manifest import load_manifest, manifest_sha256
+from compir.ports import LOOPBACK, check_port
 from compir.runtime.gallery import read_index_record
 from compir.runtime.writer_lock import WriterLock
 
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 
 EPILOG = """examples:
   compir demo exports/tiny indexes/tiny                       # http://127.0.0.1:7860
@@ -80,15 +80,3 @@ def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.P
     if record.get("backend", "usearch") == "usearch":
         WriterLock.acquire(Path(index_dir)).release()  # the demo writes: another writer is refused now, naming it
     check_port(port)
-
-
-def check_port(port: int) -> None:
-    """InputError unless the demo can listen on ``HOST:port`` now."""
-    if not 0 < port < 65536:
-        raise InputError(f"--port {port} is not a TCP port (1-65535)")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
-        try:
-            probe.bind((HOST, port))
-        except OSError as exc:
-            raise InputError(f"port {port} on {HOST} is in use or not allowed ({exc.strerror}); choose another with --port") from exc

@@ -16,23 +16,28 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from compir import __version__
 from compir.errors import ContractError, DuplicateItemError, InputError, UnavailableError
 from compir.service.engine import ServiceEngine, UnknownItemError
 from compir.service.inputs import LimitError, in_executor
-from compir.service.middleware import Gatekeeper
+from compir.service.middleware import API_KEY_HEADER, Gatekeeper, is_open
 from compir.service.routes_gallery import router as gallery_router
 from compir.service.routes_search import router as search_router
+from compir.service.schemas import errors
 from compir.service.stats import LatencyRecorder
 
 log = logging.getLogger("compir.service")
+_UNKNOWN_FIELD = "unknown field: this endpoint does not take it (see /docs for the fields it takes)"
 
 DESCRIPTION = """Composed image retrieval over a compir export and index.
 
-Send the API key (when the server has one) in the `X-API-Key` header; `/health` and `/ready`
-need none. Limits (upload bytes, image pixels, text length, k, batch size) are listed by
-`GET /stats` and each refusal names the limit it hit."""
+Send the API key (when the server has one) in the `X-API-Key` header (the Authorize button
+here); `/health`, `/ready`, these docs and `/openapi.json` need none: they hold no data. Limits
+(upload bytes, image pixels, text length, k, batch size) are listed by `GET /stats` and each
+refusal names the limit it hit. Inputs are read strictly: an unknown or repeated field, an empty
+value or a number written other than in decimal digits is refused, never reinterpreted."""
 
 
 def create_app(engine: ServiceEngine) -> FastAPI:
@@ -51,7 +56,8 @@ def create_app(engine: ServiceEngine) -> FastAPI:
             engine.close()
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="compir", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # Swagger UI and ReDoc from the package's own copies: /docs works on a box without internet.
+    app = FastAPIOffline(title="compir", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.engine = engine
     app.state.executor = executor
     app.state.recorder = recorder
@@ -77,7 +83,7 @@ def create_app(engine: ServiceEngine) -> FastAPI:
             return JSONResponse({"ready": False, "detail": "the search worker is not running"}, status_code=503)
         return JSONResponse({"ready": True, "count": await in_executor(executor, engine.count)})
 
-    @app.get("/stats", tags=["ops"])
+    @app.get("/stats", tags=["ops"], responses=errors(401))
     async def stats() -> dict[str, Any]:
         """Gallery size, backend and providers, limits, batching, latency percentiles per endpoint."""
         info = await in_executor(executor, engine.describe)
@@ -85,7 +91,27 @@ def create_app(engine: ServiceEngine) -> FastAPI:
         info["latency"] = [row.to_dict() for row in recorder.summary()]
         return info
 
+    if config.api_key:
+        _declare_api_key(app)
     return app
+
+
+def _declare_api_key(app: FastAPI) -> None:
+    """Tell the schema (and so Swagger UI's Authorize button) which operations need X-API-Key."""
+
+    generate = app.openapi  # FastAPI's: builds the schema once and caches it on the app
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        components = schema.setdefault("components", {})
+        if "securitySchemes" not in components:
+            components["securitySchemes"] = {"APIKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values() if not is_open(path) else ():
+                    operation["security"] = [{"APIKey": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -118,6 +144,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # One line per problem, "where: what", instead of pydantic's nested records.
-        problems = ["{}: {}".format(".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body", err.get("msg"))
+        problems = ["{}: {}".format(".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
+                                    _UNKNOWN_FIELD if err.get("type") == "extra_forbidden" else err.get("msg"))
                     for err in exc.errors()]
         return JSONResponse({"detail": "; ".join(problems), "errors": problems}, status_code=422)

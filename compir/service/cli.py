@@ -12,6 +12,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from compir.ports import check_port
 from compir.runtime.cli_args import add_runtime_args, providers_from
 from compir.runtime.ray_cluster import LOCAL, RAY_EXTRA
 from compir.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
@@ -80,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.ray is None and (args.replicas is not None or args.autoscale is not None):
         parser.error("--replicas and --autoscale scale a Ray Serve deployment: add --ray")
+    bomb = Image.MAX_IMAGE_PIXELS  # Pillow refuses larger images as decompression bombs
+    if bomb is not None and args.max_image_pixels > bomb:
+        parser.error(f"--max-image-pixels {args.max_image_pixels} is over Pillow's decompression-bomb limit of {bomb}")
+    check_port(args.port, host=args.host)  # a taken port is one line and exit 2, before anything slow loads
     if args.ray is not None:
         return _serve_on_ray(args)
 

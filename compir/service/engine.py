@@ -1,15 +1,22 @@
 """The service's view of one :class:`~compir.runtime.retriever.Retriever`: thread-safe searches
-(optionally dynamically batched) and serialised, persisted gallery writes. No HTTP here.
+(optionally dynamically batched) and persisted gallery writes. No HTTP here.
 
-Searches hold a shared lock and gallery writes an exclusive one, so a search never sees a
-half-updated index and no write is lost; each write is saved atomically before it returns.
+Searches hold a shared lock and removals an exclusive one, so a search never loses its reference
+between checking and using it. An add changes the index under the retriever's own lock, which
+searches also take, so no search sees it half done, and it needs no exclusive lock: a search
+never waits for an add to be encoded or saved.
+
+Durability by group commit: each write returns once a save that began after its change has
+ended (each save is atomic and fsynced). Writes that arrive while a save runs are saved together
+by the next one, so a write waits for at most the save in progress and its own, never for every
+writer queued before it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from PIL import Image
 
 from compir.errors import InputError
 from compir.runtime.types import AddResult, Hit
+from compir.runtime.uploads import validate_item_id
 from compir.service.batcher import Batcher, BatcherFactory, DynamicBatcher
 from compir.service.config import ServiceConfig
 
@@ -98,6 +106,7 @@ class ServiceEngine:
         self.retriever = retriever
         self.config = config
         self._lock = ReadWriteLock()
+        self._commits = _GroupCommit(retriever.save)
         self._batcher: Batcher[SearchQuery, SearchAnswer] | None = None
         if config.batching.enabled:
             self._batcher = batcher(self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms)
@@ -159,8 +168,12 @@ class ServiceEngine:
         self.retriever.check_text(text, where=where)
 
     def check_reference(self, reference_id: str | None) -> None:
-        """Raise UnknownItemError (HTTP 404) unless ``reference_id`` is None or a gallery id."""
-        if reference_id is not None and not self.contains(reference_id):
+        """InputError (HTTP 422) for an id outside the id grammar, UnknownItemError (HTTP 404) for
+        one not in the gallery; None (no reference) passes."""
+        if reference_id is None:
+            return
+        _check_id(reference_id, what="reference_id")
+        if not self.contains(reference_id):
             raise UnknownItemError(f"reference_id {reference_id!r}: no such item in the gallery (see GET /gallery/items)")
 
     # -- gallery ---------------------------------------------------------------------------
@@ -168,6 +181,8 @@ class ServiceEngine:
         return bool(self.retriever.present([item_id]))
 
     def image_path(self, item_id: str) -> Path | None:
+        """Where the item's image lies; InputError (422) for an id outside the grammar, None when unknown."""
+        _check_id(item_id, what="item_id")
         with self._lock.read():
             return self.retriever.item_image_path(item_id) if self.contains(item_id) else None
 
@@ -180,25 +195,32 @@ class ServiceEngine:
             ids = self.retriever.item_ids()
         return len(ids), ids[offset : offset + limit]
 
-    def add_items(self, items: Mapping[str, bytes], *, replace: bool = False) -> AddResult:
-        """Add and persist; the index on disk holds the new items when this returns. An id already
-        in the gallery is a DuplicateItemError (HTTP 409, nothing added) unless ``replace``."""
-        with self._lock.write():
-            added = self.retriever.add_items(items, replace=replace)
-            self.retriever.save()
-        return added
+    def add_items(self, items: Mapping[str, bytes], *, replace: bool = False) -> tuple[AddResult, int]:
+        """Add and persist: (the ids added and replaced, gallery size just after), once the index on disk
+        holds them. An id already in the gallery is a DuplicateItemError (HTTP 409, nothing added) unless ``replace``."""
+        result = self.retriever.add_items(items, replace=replace)  # atomic under the retriever's lock
+        change, count = self._commits.changed(), len(self.retriever)
+        self._commits.wait_saved(change)
+        return result, count
 
-    def remove_items(self, ids: Sequence[str]) -> int:
-        """Remove and persist; UnknownItemError (nothing removed) when an id is not in the gallery."""
+    def remove_items(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove and persist: (how many, gallery size just after); InputError (422) for an id outside
+        the grammar, UnknownItemError (404) when one is not in the gallery; either way nothing is removed."""
+        for item_id in ids:
+            _check_id(item_id, what="item id")
         with self._lock.write():
             held = self.retriever.present(ids)
             unknown = [item_id for item_id in ids if item_id not in held]
             if unknown:
                 raise UnknownItemError(f"not in the gallery: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
             removed = self.retriever.remove_items(ids)
-            if removed:
-                self.retriever.save()
-        return removed
+            change, count = self._commits.changed(), len(self.retriever)
+        self._commits.wait_saved(change)
+        return removed, count
+
+    def saves(self) -> int:
+        """How many times the index was saved (each save may carry several writes)."""
+        return self._commits.saves
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -217,3 +239,39 @@ class ServiceEngine:
                 "fallbacks": stats.fallbacks,
             }
         return info
+
+
+def _check_id(item_id: str, *, what: str) -> None:
+    """The id grammar the adds use (:func:`validate_item_id`), for lookups too: an InputError (422)."""
+    try:
+        validate_item_id(item_id)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
+class _GroupCommit:
+    """Counts changes and runs ``save``; :meth:`wait_saved` returns once a save that began after
+    the given change has ended (see the module docstring)."""
+
+    def __init__(self, save: Callable[[], object]) -> None:
+        self._save = save
+        self._counter = threading.Lock()
+        self._saving = threading.Lock()
+        self._changes = 0  # changes made so far (numbered 1, 2, ...)
+        self._saved = 0  # every change numbered up to this is on disk
+        self.saves = 0
+
+    def changed(self) -> int:
+        """Call after a change to the retriever; its number, for :meth:`wait_saved`."""
+        with self._counter:
+            self._changes += 1
+            return self._changes
+
+    def wait_saved(self, change: int) -> None:
+        with self._saving:  # one save at a time; writers that queue here share the next one
+            if self._saved >= change:
+                return
+            with self._counter:
+                upto = self._changes  # each of these changed the retriever before this save begins
+            self._save()
+            self._saved, self.saves = upto, self.saves + 1

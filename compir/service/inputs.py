@@ -7,12 +7,13 @@ import base64
 import binascii
 import functools
 import io
+import json
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from fastapi import HTTPException, Request, UploadFile
+from fastapi import HTTPException, Request
 from PIL import Image
 
 from compir.errors import InputError
@@ -64,12 +65,6 @@ def check_bytes(data: bytes, limits: Limits, *, field: str) -> bytes:
     return data
 
 
-async def read_upload(upload: UploadFile, limits: Limits, *, field: str) -> bytes:
-    # Read one byte past the limit: enough to refuse without holding a huge file in memory.
-    data = await upload.read(limits.max_upload_bytes + 1)
-    return check_bytes(data, limits, field=field)
-
-
 def decode_b64(payload: str, limits: Limits, *, field: str) -> bytes:
     if len(payload) > limits.max_upload_bytes * 4 // 3 + 4:
         raise LimitError(
@@ -83,12 +78,14 @@ def decode_b64(payload: str, limits: Limits, *, field: str) -> bytes:
 
 
 def decode_image(data: bytes, limits: Limits, *, field: str) -> Image.Image:
-    """Decode an upload, refusing (before decoding) images over ``max_image_pixels``."""
-    width, height = _header_size(data)
-    if width * height > limits.max_image_pixels:
+    """Decode an upload, refusing (before decoding) images over ``max_image_pixels`` with a 413."""
+    size = _header_size(data)
+    if size is None or size[0] * size[1] > limits.max_image_pixels:
+        # None: over Pillow's own decompression-bomb limit, so large that Pillow will not even open it.
+        pixels = f"{size[0]}x{size[1]} = {size[0] * size[1]}" if size else f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
         raise LimitError(
-            f"{field}: {width}x{height} = {width * height} pixels exceeds max_image_pixels="
-            f"{limits.max_image_pixels} (the server's {limits.option('max_image_pixels')})",
+            f"{field}: {pixels} pixels exceeds max_image_pixels={limits.max_image_pixels} "
+            f"(the server's {limits.option('max_image_pixels')})",
             status=413,
         )
     image = load_image(data, name=field, max_pixels=limits.max_image_pixels, max_bytes=limits.max_upload_bytes)
@@ -97,13 +94,15 @@ def decode_image(data: bytes, limits: Limits, *, field: str) -> Image.Image:
     return image
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
+def _header_size(data: bytes) -> tuple[int, int] | None:
     # Reads the header only; anything unreadable is left to load_image, which names the problem.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as probe:
                 return probe.size
+    except Image.DecompressionBombError:
+        return None
     except Exception:
         return 0, 0
 
@@ -113,30 +112,25 @@ async def in_executor(executor: Executor, fn: Callable[..., T], *args: Any, **kw
     return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
-def require_form(request: Request) -> None:
-    """Refuse a body that is not a form before FastAPI reports its fields as merely missing."""
-    kind = _content_type(request)
-    if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise HTTPException(415, f"this endpoint takes multipart/form-data, not {kind}")
-
-
-def refuse_blank_fields(*names: str) -> Callable[[Request], Awaitable[None]]:
-    """A dependency refusing form fields sent empty (``k=``): FastAPI would read them as absent and
-    use the default, silently. The form is parsed already, so this reads no body."""
-
-    async def refuse(request: Request) -> None:
-        form = await request.form()
-        for name in names:
-            if any(value == "" for value in form.getlist(name)):
-                raise InputError(f"form field {name!r} is empty; give a value or leave the field out")
-
-    return refuse
-
-
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
+    """A JSON body, each object's keys once: Python's parser keeps the last of two, silently."""
     kind = _content_type(request)
     if kind != "application/json":
         raise HTTPException(415, f"this endpoint takes application/json, not {kind or 'a body without a content type'}")
+    try:  # FastAPI has read and parsed the body already (malformed JSON is its 422); the bytes are cached
+        json.loads(await request.body(), object_pairs_hook=_refuse_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for key, _ in pairs:
+        (twice if key in seen else seen).add(key)
+    if twice:
+        raise InputError(f"the JSON body gives {', '.join(map(repr, sorted(twice)))} more than once in one object; give each once")
+    return dict(pairs)
 
 
 def _content_type(request: Request) -> str:

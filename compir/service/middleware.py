@@ -1,9 +1,12 @@
-"""One ASGI middleware in front of every route: API key, request-size cap, complete multipart
-bodies, latency recording.
+"""One ASGI middleware in front of every route: API key, request-size cap, latency recording.
 
 It runs before FastAPI reads a body, so an unauthenticated or oversized upload is refused
-without being parsed. A multipart body that ends before its closing boundary (cut short, maybe
-inside a file part) is a 400: the form parser would otherwise drop the unfinished part silently.
+without being read. (A multipart body cut short is refused by the strict form reader,
+:mod:`compir.service.forms`.)
+
+Open without the key: the probes (``/health``, ``/ready``) and the API's documentation
+(``/docs``, ``/redoc``, ``/openapi.json`` and their static assets), which hold no data, so that a
+browser can open them; the docs' Authorize button then sends the key with each try.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from compir.service.stats import LatencyRecorder
 
 API_KEY_HEADER = "x-api-key"
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without the key
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIX = "/static-offline-docs/"  # Swagger UI's and ReDoc's files (fastapi-offline)
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is answered without the API key (see the module docstring)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
 
 
 class Gatekeeper:
@@ -54,7 +63,7 @@ class Gatekeeper:
             if refusal is not None:
                 await _send_json(send_tracked, *refusal)
                 return
-            await self.app(scope, self._checked(receive, close=_multipart_close(scope)), send_tracked)
+            await self.app(scope, self._checked(receive), send_tracked)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "(unmatched)"
@@ -66,7 +75,7 @@ class Gatekeeper:
 
     def _refusal(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+        if self.api_key is not None and not is_open(scope["path"]):
             given = headers.get(API_KEY_HEADER)
             if given is None:
                 return 401, "missing API key: send it in the X-API-Key header", {"www-authenticate": "X-API-Key"}
@@ -84,44 +93,21 @@ class Gatekeeper:
             "(max_upload_bytes x max_batch_queries + 1 MiB; raise --max-upload-bytes)"
         )
 
-    def _checked(self, receive: Receive, *, close: bytes | None) -> Receive:
+    def _checked(self, receive: Receive) -> Receive:
         # Chunked uploads carry no Content-Length: count what actually arrives. FastAPI re-raises
-        # HTTPException from body parsing, so each refusal here becomes its status code.
+        # HTTPException from body reading, so the refusal here becomes a 413.
         seen = 0
-        closed = False
-        tail = b""  # the last bytes seen, for a close delimiter split across chunks
 
         async def receive_checked() -> Message:
-            nonlocal seen, closed, tail
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                body = message.get("body", b"")
-                seen += len(body)
+                seen += len(message.get("body", b""))
                 if seen > self.max_request_bytes:
                     raise HTTPException(413, self._too_large_message(None))
-                if close is not None and not closed:
-                    window = tail + body
-                    closed = close in window
-                    tail = window[-(len(close) - 1):]
-                    if not closed and not message.get("more_body", False):
-                        raise HTTPException(400, f"the multipart body is cut short: it ends before its closing boundary "
-                                                 f"{close.decode('latin-1')!r} (an incomplete upload)")
             return message
 
         return receive_checked
-
-
-def _multipart_close(scope: Scope) -> bytes | None:
-    """The close delimiter (``--BOUNDARY--``) a multipart/form-data body must end with, else None."""
-    headers = dict(scope["headers"])
-    kind, _, params = headers.get(b"content-type", b"").decode("latin-1").partition(";")
-    if kind.strip().lower() != "multipart/form-data":
-        return None
-    for param in params.split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary" and value.strip('"'):
-            return b"--" + value.strip('"').encode("latin-1") + b"--"
-    return None  # no boundary: the form parser refuses the body itself
 
 
 async def _send_json(send: Send, status: int, detail: str, extra_headers: dict[str, str]) -> None:

@@ -3,60 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from PIL import Image
 
 from compir.errors import InputError
 from compir.service.engine import SearchAnswer, SearchQuery, ServiceEngine
-from compir.service.inputs import (
-    check_count,
-    check_k,
-    check_text,
-    decode_b64,
-    decode_image,
-    in_executor,
-    read_upload,
-    refuse_blank_fields,
-    require_form,
-    require_json,
-)
-from compir.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn
+from compir.service.forms import Form, FormField, FormSpec
+from compir.service.inputs import check_bytes, check_count, check_k, check_text, decode_b64, decode_image, in_executor, require_json
+from compir.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn, errors
 
 router = APIRouter(tags=["search"])
 
+SEARCH_FORM = FormSpec(
+    FormField("text", "text", "the modification text", default="", blank_ok=True),
+    FormField("k", "integer", "how many results (decimal digits)", default=10),
+    FormField("rerank", "boolean", "re-order the top results with the export's re-ranker (true or false)", default=False),
+    FormField("reference", "file", "the reference image"),
+    FormField("reference_id", "text", "or a gallery item id as the reference"),
+)
 
-_FORM_CHECKS = [Depends(require_form), Depends(refuse_blank_fields("k", "rerank", "reference_id"))]
 
-
-@router.post("/search", response_model=SearchOut, dependencies=_FORM_CHECKS)
-async def search(
-    request: Request,
-    text: str = Form("", description="the modification text"),
-    k: int = Form(10, description="how many results"),
-    rerank: bool = Form(False, description="re-order the top results with the export's re-ranker"),
-    reference: UploadFile | None = File(None, description="the reference image"),
-    reference_id: str | None = Form(None, description="or a gallery item id as the reference"),
-) -> SearchOut:
+@router.post("/search", response_model=SearchOut, openapi_extra=SEARCH_FORM.openapi(),
+             responses=errors(400, 401, 404, 413, 415, 422))
+async def search(request: Request, form: Annotated[Form, Depends(SEARCH_FORM.read)]) -> SearchOut:
     """Composed search: a reference (upload or gallery id) plus a modification text.
 
-    Without a reference it is a text-only search."""
+    Without a reference it is a text-only search. Takes multipart/form-data (or an urlencoded
+    form without the upload); any other field is a 422."""
     engine: ServiceEngine = request.app.state.engine
     limits = engine.config.limits
+    text, k, reference_id = form.text("text") or "", form.integer("k"), form.text("reference_id")
     check_k(k, limits)
     check_text(text, limits)
     engine.check_text(text)
+    reference = form.upload("reference")
     if reference is not None and reference_id is not None:
         raise InputError("give either an uploaded reference or reference_id, not both")
     image: Image.Image | None = None
     if reference is not None:
-        data = await read_upload(reference, limits, field="reference")
+        data = check_bytes(reference.data, limits, field="reference")
         image = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
-    query = SearchQuery(text=text, k=k, reference_image=image, reference_id=reference_id, rerank=rerank)
+    query = SearchQuery(text=text, k=k, reference_image=image, reference_id=reference_id, rerank=form.flag("rerank"))
     return _to_out(await _answer(request, query))
 
 
-@router.post("/search/text", response_model=SearchOut, dependencies=[Depends(require_json)])
+@router.post("/search/text", response_model=SearchOut, dependencies=[Depends(require_json)],
+             responses=errors(401, 413, 415, 422))
 async def search_text(request: Request, body: TextSearchIn) -> SearchOut:
     """Text-to-image search: the gallery images that match a description."""
     engine: ServiceEngine = request.app.state.engine
@@ -65,7 +59,8 @@ async def search_text(request: Request, body: TextSearchIn) -> SearchOut:
     return _to_out(await _answer(request, query))
 
 
-@router.post("/search/batch", response_model=BatchSearchOut, dependencies=[Depends(require_json)])
+@router.post("/search/batch", response_model=BatchSearchOut, dependencies=[Depends(require_json)],
+             responses=errors(401, 404, 413, 415, 422))
 async def search_batch(request: Request, body: BatchSearchIn) -> BatchSearchOut:
     """Many queries in one request, answered with one batched model call."""
     engine: ServiceEngine = request.app.state.engine
