@@ -50,4 +50,4 @@ def test_every_leaf_command_has_a_description_and_an_example() -> None:
             leaves.append(" ".join(argv))
             problems += _problems(argv, leaf_text)
     assert not problems, problems
-    assert {"export onnx", "export engine", "index build", "import clip4cir", "data synth"} <= set(leaves), leaves
+    assert {"export onnx", "export engine", "index build", "import clip4cir", "data synth", "doctor"} <= set(leaves), leaves
