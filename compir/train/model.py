@@ -27,6 +27,7 @@ from compir.manifest import PreprocessSpec
 from compir.train.config import CAPTION_LOSS, ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
+from compir.train.hub import hub_access, load_failure
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
 from compir.train.towers import encode_vision, region_tokens, vision_family, vision_token_width
@@ -313,7 +314,8 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
     if "hf_model_name" in text_cfg:  # a HF text tower is built from its config alone: no HF weights download
         text_cfg["hf_model_pretrained"] = False
     name = config.clip_name or _register_architecture(arch)
-    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights:
+    tower = str(text_cfg.get("hf_model_name", ""))
+    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights, hub_access(tower) as online:
         try:
             model = open_clip.create_model(
                 name,
@@ -327,11 +329,10 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
             )
         except RuntimeError as exc:
             raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {exc}") from exc
-        except OSError as exc:  # transformers cannot find a HF text tower's config (offline, or no such folder)
-            raise InputError(
-                f"cannot build open_clip model {config.name!r}: its Hugging Face text tower {text_cfg.get('hf_model_name')!r} "
-                f"is not a local folder, not in the Hugging Face cache and not downloadable from here ({type(exc).__name__})"
-            ) from exc
+        except OSError as exc:  # transformers cannot find a HF text tower's config (offline, or no such folder), or no weights
+            why = load_failure("its Hugging Face text tower", tower, setting="hf_model_name", loader="AutoConfig", online=online,
+                               error=exc) if tower else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {why}") from exc
     final = open_clip.get_model_preprocess_cfg(model)
     preprocess = {key: final[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in final}
     if "target_ratio" in config.preprocess:  # compir's own key ("targetpad"), which open_clip does not keep
