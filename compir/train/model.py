@@ -30,7 +30,7 @@ from compir.train.heads.base import CompositionHead
 from compir.train.hub import hub_access, load_failure
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
-from compir.train.towers import encode_vision, region_tokens, vision_family, vision_token_width
+from compir.train.towers import encode_vision, onednn_unsafe, region_tokens, tower_kernels, vision_family, vision_token_width
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -101,6 +101,7 @@ class CIRModel(nn.Module):
         family = vision_family(visual)
         activation = "QuickGELU" if self.config.clip_cfg.get("quick_gelu") else "GELU"
         note = f" ({self.activation_note})" if self.activation_note else ""
+        note += "; FastViT: oneDNN off on the CPU (its kernels abort now and then there)" if onednn_unsafe(visual) else ""
         return f"vision tower {family} (tokens: {tokens[family]}, width {vision_token_width(visual)}), activation {activation}{note}"
 
     @property
@@ -143,7 +144,8 @@ class CIRModel(nn.Module):
             pooled, raw, patches = _visual_with_raw_tokens(self.backbone.visual, pixel_values)
             features = self.head.image_features(pooled, raw)
         else:  # every other tower: its own token grid (compir.train.towers)
-            pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
+            with tower_kernels(self.backbone.visual, pixel_values.device):
+                pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
             features = self.head.image_features(pooled, patches)
         embeds = self.head.gallery_embeds(features)
         if self.region_grid:
