@@ -188,11 +188,12 @@ def extras_section() -> Section:
     runtime = [name for name in RUNTIME_EXTRAS if name in extras and extras[name].complete]
     missing = []
     for extra in extras.values():
-        if extra.complete or extra.name == "all" or (runtime and extra.name in RUNTIME_EXTRAS):
+        # The runtime extras exclude each other: none is missing once one is complete; an empty one is not worth a line.
+        if extra.complete or extra.name == "all" or (extra.name in RUNTIME_EXTRAS and (runtime or not extra.installed)):
             continue
         partly = f" (has {', '.join(extra.installed)}; lacks {', '.join(extra.missing)})" if extra.installed else ""
         missing.append(f"extra {extra.name}{partly}: pip install 'compir[{extra.name}]'")
-    if not runtime:
+    if not any(extras[name].installed for name in RUNTIME_EXTRAS if name in extras):
         missing.append("the runtime's onnxruntime: pip install 'compir[cpu]' (NVIDIA GPU: 'compir[gpu]'; CUDA 13: 'compir[gpu-cu13]'; "
                        "one of the three)")
     return Section(
