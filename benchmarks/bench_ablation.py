@@ -398,14 +398,8 @@ def _cell(values: list[float], unit: str = "") -> str:
 
 
 def cpu_class() -> str:
-    """The CPU model and the instruction sets that decide its speed (lscpu's flags)."""
-    from benchmarks.common import _cpu_model, _run_checked
+    """The CPU model and the instruction sets that decide its speed (compir doctor's reading of /proc/cpuinfo)."""
+    from compir.doctor.machine import cpu_info
 
-    flags: set[str] = set()
-    out = _run_checked(["lscpu"]) or ""
-    for line in out.splitlines():
-        if line.startswith("Flags:"):
-            flags = set(line.split(":", 1)[1].split())
-    present = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "bf16"), ("avx512_vnni", "VNNI"),
-                                       ("amx_tile", "AMX")) if flag in flags]
-    return f"{_cpu_model()} ({', '.join(present) or 'flags unknown'})"
+    info = cpu_info()
+    return f"{info.model} ({', '.join(info.features) or 'flags unknown'})"

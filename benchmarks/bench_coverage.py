@@ -10,7 +10,7 @@ reads the image tokens): ``compir train`` (1 step) -> ``compir export onnx`` (fp
 Offline stand-ins (``--offline-standins``, default ``auto``: on where the Hugging Face Hub cannot be
 reached or ``HF_HUB_OFFLINE`` is set): a name whose ``hf_tokenizer_name`` / ``hf_model_name`` is a
 Hub id gets a locally built tokenizer of the same class (BertTokenizer, T5Tokenizer, ...) and a tiny
-random HF text tower of the same model type (tests/fixtures/text_towers.py), keeping the name's own
+random HF text tower of the same model type (benchmarks/text_standins.py), keeping the name's own
 context length, tokenizer options and pooling; its row says ``stand-in`` in the vocabulary column
 (the ids are compared with open_clip's tokenizer on the stand-in, not on the real vocabulary).
 Without stand-ins such a name is refused for want of the download.
@@ -34,7 +34,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ DESCRIPTION = "open_clip model names (shrunk, random weights) that pass train ->
 IMAGE_SIZE = 64
 WIDTH = 32
 TINY_PREFIX = "compir_tiny_"
-STANDIN_VOCAB = 1024  # >= every stand-in tokenizer's vocabulary (tests/fixtures/text_towers.py)
+STANDIN_VOCAB = 1024  # >= every stand-in tokenizer's vocabulary (benchmarks/text_standins.py)
 _HEAD = {"name": "tgcir", "global_tokens": 2, "local_tokens": 2, "hidden_dim": 32, "matching_temperature": 0.1}
 # Architecture overrides per timm model module (the timm entry points take them as keyword
 # arguments): one block per stage, small widths. Hybrid towers keep their width (their conv stem's
@@ -113,7 +112,7 @@ def hub_ids(arch: dict[str, Any]) -> dict[str, str]:
 
 def standin_label(arch: dict[str, Any]) -> str:
     """What stands in for the name's Hub files, e.g. ``stand-in bert tokenizer``; '' when none is needed."""
-    from tests.fixtures.text_towers import standin_family
+    from benchmarks.text_standins import standin_family
 
     ids = hub_ids(arch)
     parts = []
@@ -126,7 +125,7 @@ def standin_label(arch: dict[str, Any]) -> str:
 
 def build_standins(folder: Path) -> dict[str, Path]:
     """Every stand-in tokenizer and HF text tower, by ``tokenizer:<family>`` / ``tower:<family>``."""
-    from tests.fixtures.text_towers import TOKENIZER_FAMILIES, TOWER_FAMILIES, build_text_tower, build_tokenizer
+    from benchmarks.text_standins import TOKENIZER_FAMILIES, TOWER_FAMILIES, build_text_tower, build_tokenizer
 
     built = {f"tokenizer:{family}": build_tokenizer(folder / f"tokenizer-{family}", family) for family in TOKENIZER_FAMILIES}
     built.update({f"tower:{family}": build_text_tower(folder / f"tower-{family}", family) for family in TOWER_FAMILIES})
@@ -136,7 +135,7 @@ def build_standins(folder: Path) -> dict[str, Path]:
 def substitute_standins(arch: dict[str, Any], standins: dict[str, Path]) -> None:
     """Point the (shrunk) config's Hub ids at the local stand-ins; every other text setting is kept.
     A text tower of open_clip's own gets a vocabulary size that the stand-in's ids fit (its width is shrunk too)."""
-    from tests.fixtures.text_towers import standin_family
+    from benchmarks.text_standins import standin_family
 
     text = arch["text_cfg"]
     ids = hub_ids(arch)
@@ -146,17 +145,6 @@ def substitute_standins(arch: dict[str, Any], standins: dict[str, Path]) -> None
             text["vocab_size"] = STANDIN_VOCAB
     if "hf_model_name" in ids:
         text["hf_model_name"] = str(standins[f"tower:{standin_family(ids['hf_model_name'], tower=True)}"])
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers (and ``HF_HUB_OFFLINE`` does not forbid it)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def _register_tiny_timm(name: str) -> str:
@@ -271,6 +259,7 @@ def run(*, out_dir: Path, quick: bool, offline_standins: str = "auto", hub_only:
 
     from compir.data.synth import SynthConfig
     from compir.data.synth_write import write_synthetic
+    from compir.train.hub import hub_reachable
 
     use_standins = offline_standins == "on" or (offline_standins == "auto" and not hub_reachable())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: fail at once, not after retries

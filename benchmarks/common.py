@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from compir.contracts import atomic_output_path
+from compir.doctor.machine import cpu_model
+from compir.doctor.report import run_checked
 
 KEY_PACKAGES = ("numpy", "pillow", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "usearch", "tensorrt")
 
@@ -166,27 +166,6 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def _run_checked(command: Sequence[str]) -> str | None:
-    """stdout of ``command``, or None if it is absent or fails (its return code is checked)."""
-    if shutil.which(command[0]) is None:
-        return None
-    try:
-        result = subprocess.run(list(command), capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ram_gib() -> float | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -202,11 +181,11 @@ def machine_info() -> dict[str, Any]:
             packages[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    gpus = _run_checked(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
+    gpus = run_checked(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"])
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ram = _ram_gib()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "ram_gib": round(ram, 1) if ram is not None else None,

@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("compir.service.cli", "HTTP API over the runtime", "compir serve exports/tiny indexes/tiny --port 8000"),
     "demo": ("compir.demo.cli", "Gradio demo over the runtime", "compir demo exports/tiny indexes/tiny"),
     "bench": ("benchmarks.runner", "run benchmarks, write JSON + PNG + report", "compir bench synth"),
+    "doctor": (
+        "compir.doctor.cli", "what this machine offers compir: extras, CPU class, GPU, TensorRT, an export's fastest variant",
+        "compir doctor exports/tiny",
+    ),
 }
 
 

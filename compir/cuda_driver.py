@@ -31,6 +31,8 @@ COMPUTE_CAPABILITY_MINOR = 76
 # what cuda.h maps cuMemAlloc & co. to since CUDA 3.2 (64-bit CUdeviceptr and size_t sizes).
 SIGNATURES: dict[str, tuple[Any, ...]] = {
     "cuInit": (ctypes.c_uint,),
+    "cuDriverGetVersion": (ctypes.POINTER(ctypes.c_int),),
+    "cuDeviceGetCount": (ctypes.POINTER(ctypes.c_int),),
     "cuGetErrorName": (CUresult, ctypes.POINTER(ctypes.c_char_p)),
     "cuDeviceGet": (ctypes.POINTER(CUdevice), ctypes.c_int),
     "cuDeviceGetName": (ctypes.c_char_p, ctypes.c_int, CUdevice),
@@ -76,6 +78,17 @@ class CudaDriver:
 
     def init(self) -> None:
         self.check(self.lib.cuInit(0), "cuInit")
+
+    def version(self) -> str:
+        """The CUDA version the driver supports, ``"major.minor"`` (``12040`` -> ``"12.4"``)."""
+        number = ctypes.c_int()
+        self.check(self.lib.cuDriverGetVersion(ctypes.pointer(number)), "cuDriverGetVersion")
+        return f"{number.value // 1000}.{number.value % 1000 // 10}"
+
+    def device_count(self) -> int:
+        count = ctypes.c_int()
+        self.check(self.lib.cuDeviceGetCount(ctypes.pointer(count)), "cuDeviceGetCount")
+        return int(count.value)
 
     def device(self, index: int) -> int:
         handle = CUdevice()

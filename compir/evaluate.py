@@ -118,7 +118,8 @@ def evaluate_path(
     if not source.is_file():
         raise ContractError(f"{source} does not exist; pass a checkpoint (.pt) or an export folder")
     from compir.train.checkpoint import load_checkpoint
-    from compir.train.evaluation import QUERY_MODES, evaluate_model, resolve_device
+    from compir.train.distributed import resolve_device
+    from compir.train.evaluation import QUERY_MODES, evaluate_model
 
     chosen = resolve_device(device)
     loaded = load_checkpoint(source, map_location=chosen)
@@ -150,7 +151,8 @@ def write_submission(
         queries, gallery, names = encode_split_for_export(source, dataset, backend=backend, variant=variant, batch_size=batch_size)
     else:
         from compir.train.checkpoint import load_checkpoint
-        from compir.train.evaluation import encode_split, resolve_device
+        from compir.train.distributed import resolve_device
+        from compir.train.evaluation import encode_split
 
         chosen = resolve_device(device)
         embeds = encode_split(load_checkpoint(source, map_location=chosen).model, dataset, batch_size=batch_size,

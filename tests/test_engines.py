@@ -229,3 +229,20 @@ def test_tensorrt_11_and_later_are_refused_with_the_pin(version: str) -> None:
 def test_unreadable_tensorrt_version_is_refused() -> None:
     with pytest.raises(ContractError, match="cannot read the TensorRT version 'abc'"):
         check_tensorrt_version("abc")
+
+
+def test_cuda_driver_reports_its_cuda_version_and_device_count() -> None:
+    lib = _FakeDriverLib()
+
+    def version(out: Any) -> int:
+        out.contents.value = 12040  # CUDA 12.4, as cuda.h encodes it (1000 * major + 10 * minor)
+        return 0
+
+    def count(out: Any) -> int:
+        out.contents.value = 2
+        return 0
+
+    lib.cuDriverGetVersion = _Symbol(version)
+    lib.cuDeviceGetCount = _Symbol(count)
+    driver = CudaDriver(lib)
+    assert (driver.version(), driver.device_count()) == ("12.4", 2)

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
     synth.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     for name, help_text in (("info", "print a split's counts"), ("check", "check that every image exists and decodes")):
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]} (CIRR, FashionIQ, Shoes "
+                                  "or the synthetic benchmark; the layout is detected unless --format says).",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("root", help="dataset root folder")
         sub.add_argument("--split", required=True)
         sub.add_argument("--format", dest="fmt", choices=FORMATS, default="auto")

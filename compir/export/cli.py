@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     onnx = commands.add_parser(
-        "onnx", help="ONNX graphs, variants and manifest.json", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        "onnx", help="ONNX graphs, variants and manifest.json",
+        description="Export a compir checkpoint to an export folder: ONNX graphs (image encoder, text encoder, composer; "
+        "fp32 checked against torch), reduced-precision variants (fp16, int8), the tokenizer's vocabulary and manifest.json, "
+        "the only contract the torch-free runtime reads.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     onnx.add_argument("checkpoint", type=Path, help="a compir checkpoint (compir train's best.pt)")
     onnx.add_argument("--out", type=Path, required=True, help="export folder to create")
@@ -63,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
     engine = commands.add_parser(
-        "engine", help="TensorRT engines + engines.json (run on the serving GPU)", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "engine", help="TensorRT engines + engines.json (run on the serving GPU)",
+        description="Build TensorRT engines from an export folder's ONNX graphs, on the GPU that will serve them (an engine "
+        "runs only on the TensorRT version and GPU architecture that built it), and record them in engines.json. "
+        "Needs TensorRT 10 and an NVIDIA GPU; no torch unless int8 is calibrated from fp32.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     engine.add_argument("export_dir", type=Path, help="an export folder (compir export onnx)")
     engine.add_argument("--precision", choices=PRECISIONS, default="fp16", help="fp32 (strict: TF32 off), fp16 (default) or int8")

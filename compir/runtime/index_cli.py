@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="encode a folder of images into an index folder",
+                                description="Encode every image under --images with an export's image graph and write a "
+                                "gallery index folder (usearch HNSW, cosine) that compir search / serve / demo read; or add the "
+                                "items to a Milvus collection.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("export_dir", help="export folder (compir export onnx)")
     build.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")

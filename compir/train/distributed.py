@@ -30,14 +30,19 @@ class DistContext:
         return self.world_size > 1
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def setup_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun process group if there is one and choose this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = torch.device(device)
+    chosen = resolve_device(device)
     if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank if world_size > 1 else (chosen.index or 0))
         torch.cuda.set_device(chosen)

@@ -110,13 +110,6 @@ def selection_score(report: EvalReport) -> float:
     return float(np.mean(list(report.metrics.values()))) if report.metrics else 0.0
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _chunks(items: list[T], size: int, *, desc: str, progress: bool) -> Iterable[list[T]]:
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     return tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False)

@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     clip4cir = commands.add_parser(
-        "clip4cir", help="CLIP4Cir's fine-tuned CLIP + Combiner files -> a compir checkpoint", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "clip4cir", help="CLIP4Cir's fine-tuned CLIP + Combiner files -> a compir checkpoint",
+        description="Turn CLIP4Cir's released files (its fine-tuned CLIP and its Combiner) into a compir checkpoint that "
+        "compir eval, export onnx and the runtime take like one trained here.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     clip4cir.add_argument("--clip", type=Path, required=True, help="their fine-tuned CLIP file ({'CLIP': state_dict})")
     clip4cir.add_argument("--combiner", type=Path, required=True, help="their Combiner file ({'Combiner': state_dict})")

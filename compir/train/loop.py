@@ -34,6 +34,7 @@ from compir.train.optim import build_optimizer, lr_factor, set_lr
 from compir.train.options import AMP_MODES, TrainOptions
 from compir.train.precision import TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
 from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
+from compir.train.towers import tower_kernels
 
 # After this many steps the run prints its measured throughput and the steps its budget will give.
 _THROUGHPUT_REPORT_STEP = 10
@@ -240,13 +241,14 @@ class _Run:
 
     def _step(self, batch: TrainBatch) -> dict[str, float]:
         weights = self.model.config.loss_weights
-        with _autocast(self.ctx.device, self.amp_dtype):
-            terms = self.wrapped(
-                batch.reference_pixels, batch.input_ids, batch.target_pixels, batch.caption_ids, batch.reference_index
-            )
-        loss = weighted_loss(terms, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with tower_kernels(self.model.backbone.visual, self.ctx.device):  # forward and backward
+            with _autocast(self.ctx.device, self.amp_dtype):
+                terms = self.wrapped(
+                    batch.reference_pixels, batch.input_ids, batch.target_pixels, batch.caption_ids, batch.reference_index
+                )
+            loss = weighted_loss(terms, weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
         if self.options.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.options.grad_clip)

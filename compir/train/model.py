@@ -27,9 +27,10 @@ from compir.manifest import PreprocessSpec
 from compir.train.config import CAPTION_LOSS, ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
+from compir.train.hub import hub_access, load_failure
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
-from compir.train.towers import encode_vision, region_tokens, vision_family, vision_token_width
+from compir.train.towers import encode_vision, onednn_unsafe, region_tokens, tower_kernels, vision_family, vision_token_width
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -100,6 +101,7 @@ class CIRModel(nn.Module):
         family = vision_family(visual)
         activation = "QuickGELU" if self.config.clip_cfg.get("quick_gelu") else "GELU"
         note = f" ({self.activation_note})" if self.activation_note else ""
+        note += "; FastViT: oneDNN off on the CPU (its kernels abort now and then there)" if onednn_unsafe(visual) else ""
         return f"vision tower {family} (tokens: {tokens[family]}, width {vision_token_width(visual)}), activation {activation}{note}"
 
     @property
@@ -142,7 +144,8 @@ class CIRModel(nn.Module):
             pooled, raw, patches = _visual_with_raw_tokens(self.backbone.visual, pixel_values)
             features = self.head.image_features(pooled, raw)
         else:  # every other tower: its own token grid (compir.train.towers)
-            pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
+            with tower_kernels(self.backbone.visual, pixel_values.device):
+                pooled, patches = encode_vision(self.backbone.visual, pixel_values)  # (B, E), (B, P, Wi)
             features = self.head.image_features(pooled, patches)
         embeds = self.head.gallery_embeds(features)
         if self.region_grid:
@@ -313,7 +316,8 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
     if "hf_model_name" in text_cfg:  # a HF text tower is built from its config alone: no HF weights download
         text_cfg["hf_model_pretrained"] = False
     name = config.clip_name or _register_architecture(arch)
-    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights:
+    tower = str(text_cfg.get("hf_model_name", ""))
+    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights, hub_access(tower) as online:
         try:
             model = open_clip.create_model(
                 name,
@@ -327,11 +331,10 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
             )
         except RuntimeError as exc:
             raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {exc}") from exc
-        except OSError as exc:  # transformers cannot find a HF text tower's config (offline, or no such folder)
-            raise InputError(
-                f"cannot build open_clip model {config.name!r}: its Hugging Face text tower {text_cfg.get('hf_model_name')!r} "
-                f"is not a local folder, not in the Hugging Face cache and not downloadable from here ({type(exc).__name__})"
-            ) from exc
+        except OSError as exc:  # transformers cannot find a HF text tower's config (offline, or no such folder), or no weights
+            why = load_failure("its Hugging Face text tower", tower, setting="hf_model_name", loader="AutoConfig", online=online,
+                               error=exc) if tower else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise InputError(f"cannot build open_clip model {config.name!r} (pretrained={pretrained!r}): {why}") from exc
     final = open_clip.get_model_preprocess_cfg(model)
     preprocess = {key: final[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in final}
     if "target_ratio" in config.preprocess:  # compir's own key ("targetpad"), which open_clip does not keep

@@ -27,6 +27,7 @@ import torch
 
 from compir.contracts import sha256_bytes, sha256_file
 from compir.errors import InputError
+from compir.train.hub import hub_access, load_failure
 
 CLIP_BPE = "clip_bpe"
 HF = "hf"
@@ -161,13 +162,13 @@ def _open_clip_tokenizer(spec: TextTokenizer) -> Any:
         import transformers  # noqa: F401  (open_clip's HFTokenizer needs it)
     except ImportError as exc:
         raise InputError(f"tokenizer {spec.hf_name!r} is a Hugging Face tokenizer: pip install 'compir[hf]'") from exc
+    online = False
     try:
-        tokenizer = HFTokenizer(spec.hf_name, context_length=spec.context_length, **options)
+        with hub_access(spec.hf_name) as online:
+            tokenizer = HFTokenizer(spec.hf_name, context_length=spec.context_length, **options)
     except (OSError, ValueError) as exc:
-        raise InputError(
-            f"cannot load Hugging Face tokenizer {spec.hf_name!r} ({type(exc).__name__}): not a local tokenizer folder, "
-            "not in the Hugging Face cache and not downloadable from here; point text_cfg.hf_tokenizer_name at a local folder"
-        ) from exc
+        raise InputError(load_failure("Hugging Face tokenizer", spec.hf_name, setting="hf_tokenizer_name", loader="AutoTokenizer",
+                                      online=online, error=exc)) from exc
     if not hasattr(tokenizer.tokenizer, "backend_tokenizer"):
         raise InputError(f"tokenizer {spec.hf_name!r} has no fast (tokenizer.json) form; the runtime needs one")
     return tokenizer

@@ -29,6 +29,7 @@ from compir.train.losses import weighted_loss
 from compir.train.mmref.references import MODALITIES, Identities, ReferenceBank
 from compir.train.model import CIRModel
 from compir.train.optim import build_optimizer, lr_factor, set_lr
+from compir.train.towers import tower_kernels
 from compir.train.transforms import eval_transform, split_pixels
 
 RECONSTRUCTION_WEIGHT = 0.5
@@ -56,30 +57,31 @@ def finetune_with_references(
     transform = eval_transform(model.preprocess)
     weights = model.config.loss_weights
     history: list[dict[str, float]] = []
-    for step in tqdm(range(steps), desc="mmref fine-tune", unit="step", disable=not progress):
-        batch = _sample(queries, rng, batch_size)
-        reference = split_pixels(split, [q.reference for q in batch], transform)
-        target = split_pixels(split, [q.targets[0] for q in batch], transform)
-        input_ids = model.tokenizer([q.text for q in batch])
-        captions = [split.captions.get(q.targets[0], ("",))[0] for q in batch]
-        caption_ids = model.tokenizer(captions) if all(captions) else None
-        terms = model(reference, input_ids, target, caption_ids)
-        own = weighted_loss(terms, weights)
-        owner = torch.tensor([index[identity_of.get(q.targets[0], q.targets[0])] for q in batch])
-        members, member_owner, modality = _members(model, reference, input_ids, target, caption_ids, owner)
-        references = F.normalize(fused + bank.residual, dim=-1)  # (M, D)
-        guided = F.cross_entropy(members @ references.T / temperature, member_owner)
-        rebuilt = F.normalize(bank.decoder(references[member_owner] + bank.modality[modality]), dim=-1)
-        reconstruction = (1.0 - (rebuilt * members.detach()).sum(-1)).mean()
-        loss = own + weight * (guided + RECONSTRUCTION_WEIGHT * reconstruction)
-        set_lr(optimizer, lr_factor(step=step, progress=step / max(1, steps), warmup_steps=max(1, steps // 10)))
-        optimizer.zero_grad(set_to_none=True)
-        bank_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        bank_optimizer.step()
-        history.append({"own": float(own.detach()), "guided": float(guided.detach()), "reconstruction": float(reconstruction.detach())})
+    with tower_kernels(model.backbone.visual, model.backbone.logit_scale.device):  # forward and backward
+        for step in tqdm(range(steps), desc="mmref fine-tune", unit="step", disable=not progress):
+            batch = _sample(queries, rng, batch_size)
+            reference = split_pixels(split, [q.reference for q in batch], transform)
+            target = split_pixels(split, [q.targets[0] for q in batch], transform)
+            input_ids = model.tokenizer([q.text for q in batch])
+            captions = [split.captions.get(q.targets[0], ("",))[0] for q in batch]
+            caption_ids = model.tokenizer(captions) if all(captions) else None
+            terms = model(reference, input_ids, target, caption_ids)
+            own = weighted_loss(terms, weights)
+            owner = torch.tensor([index[identity_of.get(q.targets[0], q.targets[0])] for q in batch])
+            members, member_owner, modality = _members(model, reference, input_ids, target, caption_ids, owner)
+            references = F.normalize(fused + bank.residual, dim=-1)  # (M, D)
+            guided = F.cross_entropy(members @ references.T / temperature, member_owner)
+            rebuilt = F.normalize(bank.decoder(references[member_owner] + bank.modality[modality]), dim=-1)
+            reconstruction = (1.0 - (rebuilt * members.detach()).sum(-1)).mean()
+            loss = own + weight * (guided + RECONSTRUCTION_WEIGHT * reconstruction)
+            set_lr(optimizer, lr_factor(step=step, progress=step / max(1, steps), warmup_steps=max(1, steps // 10)))
+            optimizer.zero_grad(set_to_none=True)
+            bank_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            bank_optimizer.step()
+            history.append({"own": float(own.detach()), "guided": float(guided.detach()), "reconstruction": float(reconstruction.detach())})
     model.eval()
     tail = history[-max(1, len(history) // 4) :]
     return {name: float(np.mean([h[name] for h in tail])) for name in ("own", "guided", "reconstruction")} if tail else {}
