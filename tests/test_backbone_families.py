@@ -3,7 +3,8 @@
 The matrix: a tiny random configuration of each family (ViT, ViT with QuickGELU, OpenAI's
 ModifiedResNet, a timm ConvNeXt) goes ``compir train`` (2 steps) -> ``compir export onnx`` (fp32 with
 parity <= 1e-4 against torch; fp16, int8-dynamic and int8-static with cosine >= 0.99 to fp32) ->
-``compir index build`` -> ``compir search`` -> ``compir eval``.
+``compir index build`` -> ``compir search`` -> ``compir eval``; the export's TensorRT parser lint passes
+every variant engines are built from (fp32, fp16, int8-static).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def test_family_trains_exports_indexes_searches_and_evaluates(
 
     assert compir_main(["export", "onnx", str(run / "best.pt"), "--out", str(export), "--variants", ",".join(VARIANTS),
                         "--calibration-data", str(family_data), "--calibration-count", "4"]) == 0
+    printed = capsys.readouterr()  # the TensorRT parser lint of every variant: none that engines are built from is refused
+    assert "warning: TensorRT lint" not in printed.err, printed.err
+    assert "TensorRT lint: fp32, fp16, int8-static parse on TensorRT 10.3, 10.15" in printed.out
     manifest = json.loads((export / "manifest.json").read_text())
     parity = manifest["variants"]["fp32"]["parity"]  # max abs difference to torch
     assert set(parity) >= {"image_encoder", "text_encoder", "composer"} and max(parity.values()) <= 1e-4

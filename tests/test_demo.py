@@ -18,6 +18,7 @@ from compir.data.types import Query
 from compir.errors import InputError
 from compir.runtime.retriever import Retriever
 from compir.runtime.uploads import upload_item_id
+from tests.fixtures.service import free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr_client = pytest.importorskip("gradio_client", reason="gradio_client is part of the dev extra")
@@ -34,17 +35,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def demo(tiny_export: Path, tiny_index: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     index = tmp_path_factory.mktemp("demo") / "index"
     shutil.copytree(tiny_index, index)  # the page adds images; the session fixture stays intact
-    running = launch_demo(tiny_export, index, port=_free_port(), examples_dir=synth_data, max_upload_bytes=256 * 1024)
+    running = launch_demo(tiny_export, index, port=free_port(), examples_dir=synth_data, max_upload_bytes=256 * 1024)
     yield running
     running.close()
 

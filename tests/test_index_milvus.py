@@ -24,11 +24,8 @@ from compir.service.app import create_app
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.server import BackgroundServer
-from tests.test_service_api import (  # noqa: F401  (fixtures and tests: they run here against the Milvus index)
-    KEY,
-    LIMITS,
-    Served,
-    query,
+from tests.fixtures.service import KEY, LIMITS, Served
+from tests.test_service_api import (  # noqa: F401  (pytest collects the imported tests here)
     test_adding_an_existing_id_is_a_409_unless_replace,
     test_bad_gallery_uploads_add_nothing,
     test_concurrent_searches_and_writes_lose_nothing,

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,10 @@ from compir.errors import ContractError, InputError
 from compir.runtime.build import EncodedBatch, IndexTarget, write_index
 from compir.runtime.gallery import Gallery
 from compir.runtime.retriever import Retriever
+from tests.fixtures.service import free_port
 
 SERVE_START_S = 120  # a loaded 2-core machine
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -40,7 +35,7 @@ def serving(tiny_export: Path, tiny_index: Path, tmp_path: Path) -> Iterator[tup
     """`compir serve` on a copy of the tiny index, in a subprocess, once it listens."""
     index = tmp_path / "index"
     shutil.copytree(tiny_index, index)
-    command = [sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(index), "--port", str(_free_port()),
+    command = [sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(index), "--port", str(free_port()),
                "--providers", "cpu", "--log-level", "warning"]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -61,7 +56,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_leaves_no_stale
         tiny_export: Path, synth_data: Path, serving: tuple[Path, subprocess.Popen[str]], capsys: pytest.CaptureFixture[str]) -> None:
     index, server = serving
     holder = f"pid {server.pid}"
-    second = subprocess.run([sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(index), "--port", str(_free_port()),
+    second = subprocess.run([sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(index), "--port", str(free_port()),
                              "--providers", "cpu"], capture_output=True, text=True, timeout=SERVE_START_S)
     err = second.stderr.strip()
     assert second.returncode == 2 and len(err.splitlines()) == 1 and holder in err and "one writer per index" in err, err
@@ -73,7 +68,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_leaves_no_stale
     from compir.demo.session import DemoSession
 
     with pytest.raises(ContractError, match=holder):
-        check_before_start(tiny_export, index, port=_free_port())  # `compir demo`, before Gradio loads
+        check_before_start(tiny_export, index, port=free_port())  # `compir demo`, before Gradio loads
     with pytest.raises(ContractError, match=holder):
         DemoSession(tiny_export, index)
     reader = Retriever.from_dirs(tiny_export, index, providers=["cpu"])  # read-only opens stay allowed
@@ -186,7 +181,7 @@ def test_serving_a_milvus_index_prints_compirs_lines_not_faiss_loader_ones(tiny_
              str(tmp_path / "a"), "--milvus-uri", str(tmp_path / "g.db"), "--quiet", "--workers", "1"]
     built = subprocess.run(build, capture_output=True, text=True, timeout=300)  # its own process: it lets go of g.db
     assert built.returncode == 0 and not built.stderr, built.stderr
-    serve = [sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(tmp_path / "a"), "--port", str(_free_port()),
+    serve = [sys.executable, "-m", "compir.cli", "serve", str(tiny_export), str(tmp_path / "a"), "--port", str(free_port()),
              "--providers", "cpu", "--log-level", "info"]
     server = subprocess.Popen(serve, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []

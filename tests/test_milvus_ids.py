@@ -25,7 +25,7 @@ from compir.service.app import create_app
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.server import BackgroundServer
-from tests.test_service_api import KEY, LIMITS, png_bytes
+from tests.fixtures.service import KEY, LIMITS, png_bytes
 
 pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
 

@@ -137,6 +137,9 @@ def test_the_exported_graph_loops_over_the_packed_concepts_and_scores_as_the_ful
     export_graph(graph, feeds=feeds, path=tmp_path / "reranker.onnx", opset=17)  # traced at 3 positions
     session = open_session(tmp_path / "reranker.onnx")
     assert session.get_inputs()[0].shape[1] == "sequence"
+    from compir.export.trt.lint import lint_graph
+
+    assert lint_graph(tmp_path / "reranker.onnx") == []  # the Loop (no scan outputs, steady carried state) parses on TensorRT
     for row in range(len(texts)):
         with torch.no_grad():
             full = scorer(tokens[row].expand(count, -1, -1), ids[row].expand(count, -1), reference, candidates).numpy()

@@ -77,6 +77,10 @@ def test_the_index_caches_the_regions_and_the_runtime_reranks_them_as_torch_does
     regions_shape = (1 + GRID * GRID, 64)
     assert fp32.graph(IMAGE_ENCODER).output("image_features").shape[1:] == regions_shape
     assert fp32.graph(RERANKER).input("candidate_features").shape[1:] == regions_shape and fp32.parity[RERANKER] <= 1e-4
+    from compir.export.trt.lint_export import blocking, lint_export
+
+    linted = lint_export(regions["export"], variants=["fp32"])  # NEUCORE's Loop graph and the region encoder parse on TensorRT
+    assert RERANKER in linted["fp32"] and blocking(linted) == []
     assert load_sidecar(sidecar_path(regions["checkpoint"], "neucore"), kind="neucore").config["region_grid"] == GRID
     retriever, item, first, got, joint, _ = served_and_torch_neucore(regions, name="neucore")
     gallery = retriever.gallery

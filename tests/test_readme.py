@@ -49,6 +49,7 @@ import pytest
 
 from compir.cli import COMMANDS, build_parser
 from compir.quickstart import DEFAULT_OUT
+from tests.fixtures.service import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -200,18 +201,13 @@ def _run_python(block: Block, workspace: Path) -> None:
         _run([sys.executable, "-c", code], workspace, what=f"{block.name} ({attempt})")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def _run_server_block(block: Block, workspace: Path) -> None:
     first, _, rest = block.code.strip().partition("\n")
     argv = compir_argv(shlex.split(first, comments=True))
     assert argv, f"{block.name}: a server block starts with a compir command"
     documented = build_parser(argv[0]).parse_args(argv[1:]).port  # the block's --port, else the command's default
-    port = _free_port()
+    port = free_port()
     command = re.sub(rf"--port[ =]{documented}\b", f"--port {port}", first.split("#")[0])
     command += "" if "--port" in first else f" --port {port}"
     log = workspace / "server.log"

@@ -24,15 +24,8 @@ from compir.service import ray_serve
 from compir.service.cli import main as serve_main
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
-from tests.test_service_api import (  # noqa: F401  (pytest collects the imported tests and fixture here)
-    KEY,
-    LIMITS,
-    Served,
-    _free_port,
-    assert_refused,
-    hits_of,
-    png_bytes,
-    query,
+from tests.fixtures.service import KEY, LIMITS, Served, assert_refused, free_port, hits_of, png_bytes
+from tests.test_service_api import (  # noqa: F401  (pytest collects the imported tests here)
     test_a_multipart_body_cut_short_is_a_400_not_a_text_only_search,
     test_adding_an_existing_id_is_a_409_unless_replace,
     test_api_key_is_required_and_checked,
@@ -60,7 +53,7 @@ def served(tiny_export: Path, tiny_index: Path, synth_data: Path, tmp_path_facto
     spec = ray_serve.RaySpec(export_dir=str(tiny_export), index_dir=str(index_dir), config=config, providers=("cpu",),
                              scale=ray_serve.Scale(replicas=REPLICAS))
     try:
-        url = ray_serve.start(spec, port=_free_port(), num_cpus=2)
+        url = ray_serve.start(spec, port=free_port(), num_cpus=2)
         gallery = ray_serve.GalleryProxy(ray_serve.owner_handle()).as_gallery()
         retriever = Retriever(Encoder.from_export(tiny_export, providers=["cpu"]), gallery)
         engine = ServiceEngine(retriever, config=ServiceConfig(batching=BatchingConfig(enabled=False)))
@@ -137,7 +130,7 @@ def test_ray_options_are_checked_before_anything_starts(monkeypatch, capsys):
             ray_serve.Scale(autoscale=ray_serve.Scale.parse_autoscale(bad))
     assert ray_serve.Scale(autoscale=(1, 4)).options() == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
     with pytest.raises(InputError, match="cannot reach the Ray cluster"):  # not minutes of Ray's own retries
-        ray_cluster.join_ray(None, f"ray://127.0.0.1:{_free_port()}")  # refused before ray.init is needed
+        ray_cluster.join_ray(None, f"ray://127.0.0.1:{free_port()}")  # refused before ray.init is needed
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(InputError, match=r'pip install "compir\[ray\]"'):
         serve_main(["export", "index", "--ray"])

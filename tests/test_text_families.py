@@ -65,6 +65,8 @@ def test_text_family_trains_exports_and_serves(family: str, synth_data: Path, tm
                         "--no-progress"]) == 0
     assert compir_main(["export", "onnx", str(run / "best.pt"), "--out", str(export), "--variants", "fp32",
                         "--calibration-data", str(synth_data), "--calibration-count", "4"]) == 0
+    printed = capsys.readouterr()  # the HF text tower's graph parses on TensorRT (compir's parser lint)
+    assert "warning: TensorRT lint" not in printed.err and "TensorRT lint: fp32 parse on TensorRT 10.3, 10.15" in printed.out
     manifest = load_manifest(export)
     assert max(manifest.variant("fp32").parity.values()) <= 1e-4
     assert manifest.tokenizer.kind == "hf" and (export / "tokenizer.json").is_file()
@@ -108,6 +110,9 @@ def test_other_hf_tower_architectures_export_with_parity(family: str, tmp_path: 
     save_checkpoint(tmp_path / "model.pt", model=CIRModel(resolve_model_config(config)), metrics={}, step=0, epoch=0)
     manifest = export_onnx(tmp_path / "model.pt", out_dir=tmp_path / "export", calibration_count=4)
     assert max(manifest.variant("fp32").parity.values()) <= 1e-4
+    from compir.export.trt.lint_export import blocking, lint_export
+
+    assert blocking(lint_export(tmp_path / "export", manifest=manifest)) == []  # TensorRT's parser takes every node
 
 
 def test_a_text_tower_that_cannot_be_found_is_one_line(tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ def test_fixture_run_writes_best_last_and_log(tiny_run, tiny_checkpoint):
     assert tiny_checkpoint == folder / "best.pt" and (folder / "last.pt").is_file()
     log = json.loads((folder / "train_log.json").read_text())
     assert log["options"]["model"] == "micro" and len(log["history"]) == tiny_run.epochs == 1
+    losses = log["losses"]  # the weighted training loss of every step: finite, and falling as the model learns
+    assert len(losses) == 150 and all(loss == loss and abs(loss) < 1e6 for loss in losses)
+    assert sum(losses[-20:]) < sum(losses[:20])
     last = load_checkpoint(folder / "last.pt")
     assert last.step == tiny_run.steps == 150 and last.optimizer_state and "optimizer" in last.optimizer_state
     assert (folder / "last.pt").stat().st_size > 2.5 * tiny_checkpoint.stat().st_size  # AdamW's two moments per weight

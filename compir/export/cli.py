@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from compir.engines import DEFAULT_BATCHES, PRECISIONS
-from compir.errors import InputError
+from compir.errors import ContractError, InputError
 from compir.manifest import EXTERNAL_DATA_BYTES, ExportManifest
 
 EPILOG = """examples:
@@ -16,6 +18,7 @@ EPILOG = """examples:
       --calibration-data data/synth --eval-data data/synth --overwrite
   compir export onnx runs/vitl/best.pt --out exports/vitl --variants fp32,int8-dynamic --fused
   compir export onnx runs/tiny/best.pt --out exports/tiny-ext --external-data-mb 0   (every graph with external data)
+  compir export onnx runs/tiny/best.pt --out exports/tiny-trt --variants fp32,fp16,int8-static --strict-trt
   compir export engine exports/tiny --precision fp16 --opt-batch 8 --max-batch 64 --timing-cache trt.cache
   compir export engine exports/tiny --precision int8 --variant int8-static   (on the Jetson itself; needs no torch)
   compir export engine exports/tiny --precision int8 --calibration-data data/synth   (calibrates: needs CUDA torch)
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checksummed in the manifest; protobuf caps a graph file at 2 GiB); default %(default).0f",
     )
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    onnx.add_argument(
+        "--strict-trt", action="store_true",
+        help="fail (exit 2, nothing written) when TensorRT's ONNX parser would refuse a node of the fp32, fp16 or int8-static "
+        "graphs (compir's lint of onnx-tensorrt's operator matrix); without it each finding is a warning",
+    )
 
     engine = commands.add_parser(
         "engine", help="TensorRT engines + engines.json (run on the serving GPU)",
@@ -85,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-data", type=Path, default=None, help="int8 from fp32: dataset root or image folder (default: rendered scenes)"
     )
     engine.add_argument("--out", type=Path, default=None, help="engine folder (default EXPORT_DIR/engines, where the runtime looks)")
+    engine.add_argument(
+        "--no-trt-lint", action="store_true",
+        help="build even when compir's lint says TensorRT's parser refuses a node (the lint runs before TensorRT is loaded)",
+    )
     return parser
 
 
@@ -111,6 +123,7 @@ def _onnx(args: argparse.Namespace) -> int:
         fused=args.fused,
         external_data_bytes=_mebibytes(args.external_data_mb),
         overwrite=args.overwrite,
+        before_publish=partial(_lint, strict=args.strict_trt),
     )
     print(f"wrote {args.out} (embed dim {manifest.embed_dim}, opset {manifest.opset})")
     print("| variant | recipe | worst parity | R@10 | R@10 drop | query cos to fp32 |")
@@ -123,6 +136,20 @@ def _onnx(args: argparse.Namespace) -> int:
         print(f"| {variant.name} | {recipe} | {worst:.3g} | " + " | ".join(cells) + " |")
     _print_rerankers(Path(args.out), manifest)
     return 0
+
+
+def _lint(folder: Path, manifest: ExportManifest, *, strict: bool) -> None:
+    """TensorRT's parser over every graph before the export is published: warnings, or with
+    ``--strict-trt`` an error for a finding in a variant engines are built from."""
+    from compir.export.trt.lint_export import blocking, lint_export, summary_lines
+
+    result = lint_export(folder, manifest=manifest)
+    if strict and blocking(result):
+        lines = blocking(result)
+        raise ContractError(f"--strict-trt: TensorRT's ONNX parser would refuse {len(lines)} node(s); nothing was written:\n  "
+                            + "\n  ".join(lines))
+    for line in summary_lines(result):
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
 
 
 def _print_rerankers(folder: Path, manifest: ExportManifest) -> None:
@@ -159,6 +186,7 @@ def _engine(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         workspace_gb=args.workspace_gb,
         timing_cache=args.timing_cache,
+        trt_lint=not args.no_trt_lint,
     )
     engines = build_engines(args.export_dir, options=options, variant=variant, calibration_data=args.calibration_data, out_dir=args.out)
     first = next(iter(engines.engines.values()))

@@ -29,6 +29,7 @@ from compir.contracts import sha256_file
 from compir.errors import ContractError
 from compir.export.attention import export_ready
 from compir.export.external_data import EXTERNAL_DATA_BYTES, external_files, save_graph
+from compir.export.trt.forms import float_bodies
 from compir.manifest import (
     BATCH_AXIS,
     COMPOSER,
@@ -161,6 +162,7 @@ def export_graph(
             dynamo=False,
         )
         model = onnx.load(str(traced))
+    float_bodies(model)  # TensorRT takes CumSum and NonZero on floats only (HF text towers feed them ints, bools)
     _pin_output_shapes(model, static_shapes, sequence_names=defn.sequence_names)
     save_graph(model, path, external_data_bytes=external_data_bytes)
     del model

@@ -17,7 +17,7 @@ The folder is written to a temporary sibling and renamed at the end, so a failin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ def export_onnx(
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     overwrite: bool = False,
     keep_unapplied: bool = False,
+    before_publish: Callable[[Path, ExportManifest], None] | None = None,
 ) -> ExportManifest:
     """Export a checkpoint's graphs to ONNX, check them against torch, write the manifest.
 
@@ -67,6 +68,8 @@ def export_onnx(
     ``external_data_bytes``: graphs whose weights exceed this are written with ONNX external data.
     ``keep_unapplied``: also export a NEUCORE whose validated weight is 0 (with its image regions),
     for tools that choose the weights again (``compir bench ablation``); the runtime skips it.
+    ``before_publish``: called with the finished (still temporary) folder and its manifest; an error
+    it raises leaves nothing at ``out_dir`` (``compir export onnx --strict-trt`` lints there).
     Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
     broken variant; InputError-free: every input here is a file the user named.
     """
@@ -157,6 +160,8 @@ def export_onnx(
         manifest = add_rerankers(tmp, checkpoint=checkpoint, calibration_data=calibration_data, opset=opset, tolerance=tolerance,
                                  keep_unapplied=keep_unapplied)
         load_manifest(tmp)  # the folder must read back (checksums, required graphs) before it is published
+        if before_publish is not None:
+            before_publish(tmp, manifest)
     return manifest
 
 

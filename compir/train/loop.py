@@ -89,6 +89,7 @@ class _Run:
         else:
             self.model = _initial_model(options)
             state, self.step, self.epoch, self.elapsed, self.best_score, self.history = {}, 0, 0, 0.0, -1.0, []
+        self.losses: list[float] = []  # this process's weighted training loss per step (train_log.json "losses")
         self.model.freeze_towers(image=options.freeze_image, text=options.freeze_text)
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(
@@ -254,6 +255,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.options.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.losses.append(float(loss.detach()))
         return {name: float(value.detach()) for name, value in terms.items()}
 
     def _validate_and_save(self, started: float) -> None:
@@ -281,7 +283,7 @@ class _Run:
                             optimizer_state=state)
             if improved:
                 save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
-            log = {"options": state["options"], "history": self.history}
+            log = {"options": state["options"], "history": self.history, "losses": self.losses}
             atomic_write_bytes(self.out_dir / "train_log.json", (json.dumps(log, indent=1) + "\n").encode("utf-8"))
             best_mark = " (best)" if improved else ""
             summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())

@@ -7,6 +7,7 @@ build them on the device that serves (a Jetson builds its own).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ DEFAULT_ENGINE_DIR = "engines"
 # Every role the variant has: the fused query_encoder only when the export was made with --fused.
 DEFAULT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER)
 CALIBRATION_BATCH = 8
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class BuildOptions:
     workspace_gb: float = 4.0
     timing_cache: Path | None = None  # loaded if present, saved after each build (speeds rebuilds)
     calibration_batches: dict[str, list[dict[str, Any]]] | None = None  # role -> feeds, for int8 from fp32
+    trt_lint: bool = True  # check the graphs against TensorRT's parser rules before TensorRT is loaded
 
 
 def build_engines(
@@ -95,22 +98,23 @@ def build_engines(
     manifest = load_manifest(folder)
     spec = manifest.variant(variant)
     roles = [role for role in DEFAULT_ROLES if role in spec.graphs] if roles is None else list(roles)
-    device = detect_device()
     graphs = {role: folder / spec.graph(role).file for role in roles}
+    tokens = token_range(manifest.tokenizer.context_length)
+    profiles = {
+        role: compute_profile(spec.graph(role), min_batch=options.min_batch, opt_batch=options.opt_batch,
+                              max_batch=options.max_batch, tokens=tokens)
+        for role in roles
+    }
+    if options.trt_lint:
+        _lint(graphs, profiles)
+    device = detect_device()
     if options.precision == "int8" and variant != "int8-static" and options.calibration_batches is None:
         options = _with_calibration(options, folder, manifest, roles, calibration_data, calibration_count)
     target = Path(out_dir) if out_dir is not None else folder / DEFAULT_ENGINE_DIR
     records: dict[str, EngineRecord] = {}
     with atomic_output_dir(target, overwrite=True) as tmp:
         for role in tqdm(list(roles), desc=f"TensorRT {options.precision} engines", unit="engine"):
-            graph = spec.graph(role)
-            profile = compute_profile(
-                graph,
-                min_batch=options.min_batch,
-                opt_batch=options.opt_batch,
-                max_batch=options.max_batch,
-                tokens=token_range(manifest.tokenizer.context_length),
-            )
+            graph, profile = spec.graph(role), profiles[role]
             started = time.perf_counter()
             plan = build_engine(graphs[role], profile=profile, options=options, role=role)
             atomic_write_bytes(tmp / f"{role}.plan", plan)
@@ -128,6 +132,16 @@ def build_engines(
         engines = EngineSet(manifest_sha256=manifest_sha256(folder), variant=variant, precision=options.precision, engines=records)
         save_engines(tmp, engines)
     return engines
+
+
+def _lint(graphs: dict[str, Path], profiles: dict[str, dict[str, ShapeRange]]) -> None:
+    """The parser lint for the TensorRT installed here (by package metadata), before it is imported."""
+    try:
+        from compir.export.trt.lint_export import check_graphs, installed_release
+    except ImportError as exc:  # a Jetson may have TensorRT without the onnx package
+        log.warning("TensorRT lint skipped: %s is not installed here (pip install onnx to run it)", exc.name)
+        return
+    check_graphs(graphs, profiles, release=installed_release())
 
 
 def build_engine(onnx_path: Path, *, profile: dict[str, ShapeRange], options: BuildOptions, role: str = "") -> bytes:
