@@ -24,6 +24,7 @@ its acknowledgement, which comes once the add is on disk (group commit).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -187,9 +188,11 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
     from compir.runtime.retriever import Retriever
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
-    servers = {MODES[1]: _Server(export, index, batching=False), MODES[2]: _Server(export, index, batching=True)}
+    # A server is its index's one writer (the writer lock): each gets its own copy of the same index.
+    servers = {MODES[1]: _Server(export, _copy(index, "off"), batching=False),
+               MODES[2]: _Server(export, _copy(index, "on"), batching=True)}
     if ray_available():
-        servers[RAY_MODE] = _Server(export, index, batching=False, ray=True)
+        servers[RAY_MODE] = _Server(export, _copy(index, "ray"), batching=False, ray=True)
     modes = [MODES[0], *servers]
     results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in modes}
     try:
@@ -214,6 +217,13 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
         for server in servers.values():
             server.stop()
     return results, batch_stats
+
+
+def _copy(index: Path, name: str) -> Path:
+    """A copy of ``index`` beside it (``<index>-<name>``), for a server of its own."""
+    target = index.with_name(f"{index.name}-{name}")
+    shutil.copytree(index, target, ignore=shutil.ignore_patterns(".compir.lock"))
+    return target
 
 
 def ray_available() -> bool:
@@ -298,7 +308,6 @@ def soak(export: Path, index: Path, queries: list[tuple[bytes, str]], *, request
 
 def add_latency(export: Path, index: Path, queries: list[tuple[bytes, str]], *, searchers: int, adds: int) -> dict[str, Any]:
     """Add p50 / p95 (ms) with ``searchers`` clients searching all along, on a copy of ``index``."""
-    import shutil
 
     import httpx
 

@@ -107,7 +107,7 @@ def test_http_add_lookup_refusal_reference_and_remove_of_a_quoting_id(client: ht
     count = client.get("/gallery/count").json()["count"]
     files = [("files", ("x.png", png_bytes((40, 40), noise=True), "image/png"))]
     added = client.post("/gallery/items", files=files, data={"ids": [item_id]})
-    assert added.status_code == 200 and added.json() == {"added": [item_id], "count": count + 1}, added.text
+    assert added.status_code == 200 and added.json() == {"added": [item_id], "replaced": [], "count": count + 1}, added.text
     again = client.post("/gallery/items", files=files, data={"ids": [item_id]})
     assert again.status_code == 409 and item_id in again.json()["detail"], again.text
     assert client.get(f"/gallery/items/{item_id}/image").status_code == 200

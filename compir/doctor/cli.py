@@ -21,7 +21,7 @@ EPILOG = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compir doctor",
         description="Say what this machine offers compir: Python and the installed extras, the CPU class (AVX2, AVX-512, VNNI, "
@@ -61,7 +61,7 @@ def format_text(sections: Sequence[Section]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.seconds <= 0:
         raise InputError(f"--seconds must be positive, got {args.seconds}")
     if args.export_dir is not None:
