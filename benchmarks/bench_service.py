@@ -308,11 +308,9 @@ def soak(export: Path, index: Path, queries: list[tuple[bytes, str]], *, request
 
 def add_latency(export: Path, index: Path, queries: list[tuple[bytes, str]], *, searchers: int, adds: int) -> dict[str, Any]:
     """Add p50 / p95 (ms) with ``searchers`` clients searching all along, on a copy of ``index``."""
-
     import httpx
 
-    copy = Path(tempfile.mkdtemp(prefix="compir-bench-adds-")) / "index"
-    shutil.copytree(index, copy)
+    copy = _copy(index, f"adds-{searchers}")
     server = _Server(export, copy, batching=False)
     done = threading.Event()
     search_ms: list[float] = []
@@ -347,7 +345,7 @@ def add_latency(export: Path, index: Path, queries: list[tuple[bytes, str]], *, 
     finally:
         done.set()
         server.stop()
-        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.rmtree(copy, ignore_errors=True)
     return {"searchers": searchers, "adds": ADDERS * adds, "add_p50_ms": float(np.percentile(latencies, 50)),
             "add_p95_ms": float(np.percentile(latencies, 95)),
             "search_p50_ms": float(np.percentile(search_ms, 50)) if search_ms else float("nan")}
