@@ -28,6 +28,7 @@ from compir.train.config import CAPTION_LOSS, ModelConfig
 from compir.train.heads import build_head
 from compir.train.heads.base import CompositionHead
 from compir.train.hub import hub_access, load_failure
+from compir.train.inversion import check_text_tower, encode_prompt, placeholder_id, train_prompt_ids
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
 from compir.train.towers import encode_vision, onednn_unsafe, region_tokens, tower_kernels, vision_family, vision_token_width
@@ -66,6 +67,11 @@ class CIRModel(nn.Module):
         if self.head.frozen_backbone:  # e.g. CLIP4Cir's second stage: the head learns on fixed features
             self.backbone.requires_grad_(False)
         self.region_grid = 0  # image regions beside a vector head's features (use_image_regions); 0: none
+        # Textual inversion (Pic2Word): the placeholder word's token id in the prompts (None: a head that composes features)
+        self.placeholder_id: int | None = None
+        if self.head.textual_inversion:
+            check_text_tower(self.backbone.text)
+            self.placeholder_id = placeholder_id(self.tokenizer)
 
     def train(self, mode: bool = True) -> CIRModel:
         """nn.Module.train, except that a frozen backbone stays in eval mode (fixed features: no
@@ -165,6 +171,25 @@ class CIRModel(nn.Module):
         if self.region_grid:  # the head's own vector is row 0; the rest are image regions
             image_features = image_features[:, 0]
         return self.head.compose(image_features, text_features)
+
+    def map_image(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Textual inversion: (B, E) image features -> (B, Wt) pseudo-word tokens (the ``token_mapper`` graph)."""
+        return self.head.map_image(image_features)  # type: ignore[operator]
+
+    def encode_prompt(self, input_ids: torch.Tensor, pseudo_tokens: torch.Tensor) -> torch.Tensor:
+        """Textual inversion: (B, L) prompt ids with the placeholder once, (B, Wt) tokens -> (B, D) query
+        (the ``prompt_encoder`` graph): the text tower reads each token in its placeholder's place."""
+        assert self.placeholder_id is not None, "encode_prompt needs a textual-inversion head (pic2word)"
+        pooled = encode_prompt(self.backbone.text, input_ids, pseudo_tokens, self.placeholder_id)
+        return self.head.text_embeds(pooled)
+
+    def inversion_losses(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pic2Word's training loss on a batch of images (nothing else): their embeddings vs ``a photo of *``
+        read with each image's own pseudo token. The towers are frozen (the head's ``frozen_backbone``)."""
+        _, image_features, _ = self.encode_image(pixel_values)
+        ids = train_prompt_ids(self.tokenizer, image_features.shape[0], image_features.device)
+        prompt = encode_prompt(self.backbone.text, ids, self.map_image(image_features), self.placeholder_id or 0)
+        return {"inversion": self.head.inversion_loss(image_features, prompt, self.logit_scale())}  # type: ignore[operator]
 
     def encode_query(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Fused query path (the ``query_encoder`` graph): reference pixels + text -> (B, D)."""

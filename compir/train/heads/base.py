@@ -31,6 +31,9 @@ class CompositionHead(nn.Module, abc.ABC):
     # True: image_features gets the vision transformer's tokens before its final LayerNorm, class
     # token first (B, 1 + P, Wi); False: open_clip's normalised patch tokens (B, P, Wi).
     wants_raw_image_tokens: bool = False
+    # True: the head composes through the text tower by textual inversion (Pic2Word: ``map_image`` gives a
+    # pseudo-word token, CIRModel.encode_prompt reads it in a prompt); ``compose`` and ``training_losses`` do not apply.
+    textual_inversion: ClassVar[bool] = False
 
     def __init__(self, *, embed_dim: int, image_width: int, text_width: int, **options: Any) -> None:
         super().__init__()
