@@ -1,8 +1,10 @@
 """``compir eval``: a dataset's protocol metrics for a checkpoint or an export folder.
 
-A checkpoint is evaluated with torch (:mod:`compir.train.evaluation`), beside two baselines on
-the same gallery and protocol: *image-only* (the reference's own gallery vector as the query)
-and *text-only* (the modification text's vector). An export folder is evaluated through the
+A checkpoint is evaluated with torch (:mod:`compir.train.evaluation`), beside training-free baselines
+on the same gallery and protocol: *image-only* (the reference's own gallery vector as the query),
+*text-only* (the modification text's vector) and, with ``--sum-baseline`` and always for a zero-shot
+(Pic2Word) checkpoint, *image + text* (the normalised sum of those two). A zero-shot checkpoint's
+composed query is its prompt template (``--template``) read with the reference's pseudo token. An export folder is evaluated through the
 runtime (:func:`compir.runtime.evaluation.encode_split_for_export`, onnxruntime, no torch),
 composed queries only. Stages are imported lazily: this module is part of compir's core.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from compir.contracts import MANIFEST_FILE, atomic_write_bytes
 from compir.data.load import FORMATS, load_split
 from compir.errors import ContractError, InputError
+from compir.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
     from compir.metrics import EvalReport
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 # FashionIQ galleries: the whole split of the category (CLIP4Cir's protocol, the default) or the
 # val queries' own images with the reference removed (TG-CIR's, to compare with its published figures).
 GALLERIES = ("split", "val-queries")
-MODE_LABELS = {"composed": "composed", "image_only": "image only", "text_only": "text only"}
+MODE_LABELS = {"composed": "composed", "image_only": "image only", "text_only": "text only", "sum": "image + text"}
 
 EPILOG = """examples:
   compir eval runs/tiny/best.pt --data data/synth
@@ -34,6 +37,8 @@ EPILOG = """examples:
   compir eval exports/tiny --data data/synth --variant int8-dynamic
   compir eval exports/tiny --data /datasets/cirr --split test1 --submission submit/   # CIRR test server files
   compir eval runs/fiq/best.pt --data /datasets/fashioniq --split val --gallery val-queries   # TG-CIR's protocol
+  compir eval runs/tiny/best.pt --data data/synth --sum-baseline       # also the normalised image + text sum
+  compir eval runs/pic2word/best.pt --data data/synth --template "a photo of * that is {modification}"   # zero-shot
 """
 
 
@@ -93,11 +98,16 @@ def evaluate_path(
     variant: str | None = None,
     progress: bool = True,
     gallery: str = "split",
+    sum_baseline: bool = False,
+    template: str = DEFAULT_TEMPLATE,
 ) -> EvalResult:
     """Evaluate a checkpoint file or an export folder on ``split`` of the dataset under ``data``.
 
     ``gallery``: one of :data:`GALLERIES` ("val-queries": TG-CIR's FashionIQ gallery, FashionIQ only).
+    ``sum_baseline``: also the normalised image + text baseline (always for a zero-shot checkpoint);
+    ``template``: a zero-shot checkpoint's prompt (checked first: the placeholder once).
     """
+    PromptTemplate(template)
     if gallery not in GALLERIES:
         raise InputError(f"--gallery must be one of {', '.join(GALLERIES)}, got {gallery!r}")
     source = Path(path)
@@ -119,12 +129,13 @@ def evaluate_path(
         raise ContractError(f"{source} does not exist; pass a checkpoint (.pt) or an export folder")
     from compir.train.checkpoint import load_checkpoint
     from compir.train.distributed import resolve_device
-    from compir.train.evaluation import QUERY_MODES, evaluate_model
+    from compir.train.evaluation import evaluate_model, query_modes
 
     chosen = resolve_device(device)
     loaded = load_checkpoint(source, map_location=chosen)
-    modes = QUERY_MODES if baselines else ("composed",)
-    reports = evaluate_model(loaded.model, dataset, modes=modes, batch_size=batch_size, device=chosen, progress=progress)
+    modes = query_modes(loaded.model, baselines=baselines, sum_baseline=sum_baseline)
+    reports = evaluate_model(loaded.model, dataset, modes=modes, batch_size=batch_size, device=chosen, progress=progress,
+                             template=template)
     return EvalResult(source, "checkpoint", split, reports)
 
 
@@ -185,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="auto", help="dataset format (default: detect)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-baselines", action="store_true", help="composed queries only")
+    parser.add_argument("--sum-baseline", action="store_true",
+                        help="checkpoints: also the normalised sum of the image-only and text-only vectors (always shown for a "
+                             "zero-shot checkpoint)")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
+                        help="zero-shot checkpoints: the prompt, the placeholder * once (default: %(default)r)")
     parser.add_argument("--device", default="auto", help="checkpoints: auto, cpu, cuda")
     parser.add_argument("--backend", default="onnxruntime", help="exports: runtime backend (default: %(default)s)")
     parser.add_argument("--variant", help="exports: variant to evaluate (default: the manifest's default)")
@@ -212,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate_path(
         args.source, data=args.data, split=args.split, fmt=args.fmt, batch_size=args.batch_size,
         baselines=not args.no_baselines, device=args.device, backend=args.backend, variant=args.variant,
-        progress=not args.no_progress, gallery=args.gallery,
+        progress=not args.no_progress, gallery=args.gallery, sum_baseline=args.sum_baseline, template=args.template,
     )
     print(result.format())
     if args.json:

@@ -117,7 +117,7 @@ def test_head_flags_repeat_and_reach_the_model_config():
                          (["dropout"], "expected KEY=VALUE")):
         with pytest.raises(InputError, match=message):
             configure_model(resolve_model_config("micro"), head_options=bad)
-    with pytest.raises(InputError, match="unknown composition head 'clip4cir'; available: combiner, tgcir"):
+    with pytest.raises(InputError, match="unknown composition head 'clip4cir'; available: combiner, pic2word, tgcir"):
         configure_model(resolve_model_config("micro"), head="clip4cir")
 
 

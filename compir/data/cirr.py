@@ -45,7 +45,7 @@ def _split_name(annotations: Path, split: str) -> str:
     )
 
 
-def _image_base(root: Path, annotations: Path, relpaths: list[str]) -> Path:
+def cirr_image_base(root: Path, annotations: Path, relpaths: list[str]) -> Path:
     candidates = list(dict.fromkeys([root, root / "img_raw", annotations.parent, root.parent / "img_raw"]))
     probe = relpaths[:3]
     for base in candidates:
@@ -66,7 +66,7 @@ def read_cirr(root: str | Path, *, split: str, protocol: str = "cirr") -> CirSpl
     splits_path = annotations / "image_splits" / f"split.rc2.{split}.json"
     records = read_records(captions_path, what="CIRR captions", keys=("pairid", "reference", "caption"))
     name_to_rel = read_name_map(splits_path, what="CIRR image split")
-    base = _image_base(root, annotations, list(name_to_rel.values()))
+    base = cirr_image_base(root, annotations, list(name_to_rel.values()))
     queries = tuple(_query(record, index, captions_path) for index, record in enumerate(records))
     for index, query in enumerate(queries):
         if query.reference not in name_to_rel:

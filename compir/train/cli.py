@@ -25,6 +25,14 @@ EPILOG = """examples:
   compir train --data data/synth --out runs/tiny --resume runs/tiny/last.pt --minutes 10
   torchrun --nproc_per_node 2 -m compir train --data data/synth --out runs/ddp --epochs 2
 
+Zero-shot composition, no triplet: a CLIP trained on image-caption pairs (open_clip's CSV, or the
+synthetic benchmark's scene descriptions), then Pic2Word's mapping net on images alone (towers frozen;
+DATA may be a plain folder of photos):
+  compir train --data data/synth --objective clip --out runs/clip --minutes 10
+  compir train --data catalog/pairs.csv --objective clip --model ViT-B-32 --pretrained openai --lr 1e-5 --csv-separator ,
+  compir train --data data/synth --init runs/clip/best.pt --head pic2word --out runs/pic2word --minutes 2
+  compir train --data photos/ --model ViT-B-32 --pretrained openai --head pic2word --out runs/pic2word
+
 A model config with a "train" entry (tgcir-fashioniq, tgcir-cirr, tgcir-shoes: the paper's
 recipes) sets --lr, --backbone-lr-scale, --weight-decay and --batch-size unless given:
   compir train --data /datasets/fashioniq --model tgcir-fashioniq --pretrained openai

@@ -9,7 +9,6 @@ with optimizer state for ``--resume`` unless ``--no-optimizer-state``: 3x best.p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,20 +20,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from compir.contracts import atomic_write_bytes
-from compir.data.load import detect_format, load_split
-from compir.data.synthetic import synth_config_of
 from compir.errors import InputError
 from compir.train.checkpoint import load_checkpoint, save_checkpoint
 from compir.train.config import DEFAULT_MODEL, ModelConfig, configure_model, resolve_model_config
 from compir.train.distributed import DistContext, barrier, broadcast_value, cleanup_distributed, setup_distributed
-from compir.train.evaluation import evaluate_model, selection_score
 from compir.train.losses import weighted_loss
 from compir.train.model import CIRModel, count_parameters
+from compir.train.objective import build_data, check_objective, objective_head
 from compir.train.optim import build_optimizer, lr_factor, set_lr
 from compir.train.options import AMP_MODES, TrainOptions
 from compir.train.precision import TRIAL_PLAN, AmpDecision, choose_amp, decide_trial
-from compir.train.sources import SplitSource, SyntheticSource, TrainBatch, synthetic_steps_per_epoch
+from compir.train.sources import TrainBatch
 from compir.train.towers import tower_kernels
+from compir.train.unlabeled_sources import ImageBatch, PairBatch
 
 # After this many steps the run prints its measured throughput and the steps its budget will give.
 _THROUGHPUT_REPORT_STEP = 10
@@ -67,6 +65,7 @@ def train(options: TrainOptions) -> TrainResult:
             raise InputError(f"--{name} must be >= 1, got {value}")
     if options.minutes is not None and options.minutes <= 0:
         raise InputError(f"--minutes must be positive, got {options.minutes}")
+    check_objective(options)
     _check_start(options)
     ctx = setup_distributed(options.device)
     try:
@@ -91,6 +90,8 @@ class _Run:
             state, self.step, self.epoch, self.elapsed, self.best_score, self.history = {}, 0, 0, 0.0, -1.0, []
         self.losses: list[float] = []  # this process's weighted training loss per step (train_log.json "losses")
         self.model.freeze_towers(image=options.freeze_image, text=options.freeze_text)
+        if options.objective == "clip":  # the towers' own embeddings train; a composition head has no part in the loss
+            self.model.head.requires_grad_(False)
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(
             self.model, lr=options.lr, weight_decay=options.weight_decay, backbone_lr_scale=options.backbone_lr_scale
@@ -108,29 +109,10 @@ class _Run:
             if ctx.distributed
             else self.model
         )
-        self.source = self._source()
+        self.source, self.validation = build_data(options, self.model, ctx)  # reads and checks every input: nothing written yet
         self.epochs = options.epochs if options.epochs is not None else (None if options.minutes or options.steps else 10)
-        self.val = load_split(options.data, split=options.val_split, fmt=options.data_format) if ctx.is_main else None
-        if self.val is not None and options.val_queries:
-            self.val = dataclasses.replace(self.val, queries=self.val.queries[: options.val_queries])
         self.out_dir = Path(options.out_dir)
         self.last_metrics: dict[str, float] = {}
-
-    def _source(self) -> SyntheticSource | SplitSource:
-        o, ctx, model = self.options, self.ctx, self.model
-        fmt = detect_format(o.data) if o.data_format == "auto" else o.data_format
-        if fmt == "synthetic":
-            synth = synth_config_of(o.data)
-            steps = o.steps_per_epoch or synthetic_steps_per_epoch(synth, batch_size=o.batch_size, world_size=ctx.world_size)
-            return SyntheticSource(
-                synth, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=o.batch_size,
-                steps_per_epoch=steps, seed=o.seed, rank=ctx.rank, siblings=o.siblings,
-            )
-        split = load_split(o.data, split="train", fmt=fmt)
-        return SplitSource(
-            split, preprocess=model.preprocess, tokenizer=model.tokenizer, batch_size=o.batch_size,
-            seed=o.seed, rank=ctx.rank, world_size=ctx.world_size, workers=o.workers, steps_per_epoch=o.steps_per_epoch,
-        )
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -218,7 +200,7 @@ class _Run:
                          f"~{expected}): expect lower recall; give more --minutes or use a fixed --steps {expected}")
         tqdm.write(line)
 
-    def _timed_step(self, batch: TrainBatch) -> dict[str, float]:
+    def _timed_step(self, batch: TrainBatch | PairBatch | ImageBatch) -> dict[str, float]:
         """One step; during a precision trial, in the plan's dtype and timed (then the faster dtype is kept)."""
         if self._trial is None:
             return self._step(batch)
@@ -240,13 +222,11 @@ class _Run:
                 tqdm.write(f"precision: {self.amp.reason}")
         return terms
 
-    def _step(self, batch: TrainBatch) -> dict[str, float]:
+    def _step(self, batch: TrainBatch | PairBatch | ImageBatch) -> dict[str, float]:
         weights = self.model.config.loss_weights
         with tower_kernels(self.model.backbone.visual, self.ctx.device):  # forward and backward
             with _autocast(self.ctx.device, self.amp_dtype):
-                terms = self.wrapped(
-                    batch.reference_pixels, batch.input_ids, batch.target_pixels, batch.caption_ids, batch.reference_index
-                )
+                terms = batch.losses(self.wrapped)
             loss = weighted_loss(terms, weights)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -259,15 +239,14 @@ class _Run:
         return {name: float(value.detach()) for name, value in terms.items()}
 
     def _validate_and_save(self, started: float) -> None:
-        if self.ctx.is_main and self.val is not None:
-            reports = evaluate_model(self.model, self.val, device=self.ctx.device, progress=self.options.progress)
+        if self.ctx.is_main and self.validation is not None:
+            result = self.validation(self.model, device=self.ctx.device, progress=self.options.progress)
             self.model.train()
-            composed = reports["composed"]
-            score = selection_score(composed)
-            self.last_metrics = dict(composed.metrics)
+            score, metrics = result.score, result.metrics
+            self.last_metrics = dict(metrics)
             self.history.append(
                 {"epoch": self.epoch, "step": self.step, "elapsed_s": round(time.monotonic() - started, 1), "score": score,
-                 "metrics": dict(composed.metrics), "baselines": {m: dict(r.metrics) for m, r in reports.items() if m != "composed"}}
+                 "metrics": dict(metrics), "baselines": result.baselines}
             )
             # A resumed run writing to a new folder starts its own best.pt.
             improved = score > self.best_score or not (self.out_dir / "best.pt").is_file()
@@ -279,14 +258,15 @@ class _Run:
             if self.options.optimizer_state:  # AdamW's two moments per weight: last.pt at 3x best.pt
                 state["optimizer"] = self.optimizer.state_dict()
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch,
+            save_checkpoint(self.out_dir / "last.pt", model=self.model, metrics=metrics, step=self.step, epoch=self.epoch,
                             optimizer_state=state)
             if improved:
-                save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=composed.metrics, step=self.step, epoch=self.epoch)
-            log = {"options": state["options"], "history": self.history, "losses": self.losses}
+                save_checkpoint(self.out_dir / "best.pt", model=self.model, metrics=metrics, step=self.step, epoch=self.epoch)
+            log = {"objective": self.options.objective, "head": self.model.config.head, "options": state["options"],
+                   "history": self.history, "losses": self.losses}
             atomic_write_bytes(self.out_dir / "train_log.json", (json.dumps(log, indent=1) + "\n").encode("utf-8"))
             best_mark = " (best)" if improved else ""
-            summary = ", ".join(f"{k} {v:.1f}" for k, v in composed.metrics.items())
+            summary = ", ".join(f"{k} {v:.{3 if k.endswith('loss') else 1}f}" for k, v in metrics.items())
             tqdm.write(f"epoch {self.epoch} step {self.step}: val {summary}{best_mark}")
         barrier(self.ctx)
 
@@ -308,7 +288,8 @@ def _initial_model(options: TrainOptions) -> CIRModel:
     """A new run's model: from --model (+ --pretrained), or from --init's checkpoint; --head, --head-option
     and --resize-mode apply on top. From --init, a kept head keeps its weights, a new head starts fresh."""
     def shaped(config: ModelConfig) -> ModelConfig:
-        return configure_model(config, head=options.head, head_options=options.head_option, resize_mode=options.resize_mode)
+        head = objective_head(config, options)
+        return configure_model(config, head=head, head_options=options.head_option, resize_mode=options.resize_mode)
 
     if options.init is None:
         return CIRModel(shaped(resolve_model_config(options.model)), pretrained=options.pretrained)

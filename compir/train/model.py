@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from compir.train.inversion import check_text_tower, encode_prompt, placeholder_
 from compir.train.losses import symmetric_contrastive_loss
 from compir.train.text import TextTokenizer
 from compir.train.towers import encode_vision, onednn_unsafe, region_tokens, tower_kernels, vision_family, vision_token_width
+from compir.train.weights import resolve_activation, weights_file
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature at this
 
@@ -197,22 +197,38 @@ class CIRModel(nn.Module):
         _, text_features, _ = self.encode_text(input_ids)
         return self.compose(image_features, text_features)
 
+    def clip_losses(self, pixel_values: torch.Tensor, caption_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CLIP's own objective on B image-caption pairs (no triplet): the symmetric InfoNCE between the images'
+        gallery vectors and their captions' text vectors, at the learned temperature (``--objective clip``)."""
+        gallery, _, _ = self.encode_image(pixel_values)
+        text, _, _ = self.encode_text(caption_ids)
+        return {"clip": symmetric_contrastive_loss(gallery, text, self.logit_scale())}
+
     def forward(
         self,
         reference_pixels: torch.Tensor,
-        input_ids: torch.Tensor,
-        target_pixels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        target_pixels: torch.Tensor | None = None,
         caption_ids: torch.Tensor | None = None,
         reference_index: torch.Tensor | None = None,
+        *,
+        objective: str = "cir",
     ) -> dict[str, torch.Tensor]:
-        """Training losses of a batch of B triplets (named, unweighted; see ``config.loss_weights``).
+        """Training losses of a batch (named, unweighted; see ``config.loss_weights``); the loop calls this
+        through DDP. ``objective`` "clip": ``reference_pixels`` are images and ``caption_ids`` their captions
+        (:meth:`clip_losses`); "inversion": images alone (:meth:`inversion_losses`); "cir": B triplets, below.
 
         reference_pixels (R, 3, S, S), input_ids (B, L), target_pixels (B, 3, S, S); triplet i's
         reference is row ``reference_index[i]`` (default: row i, R = B), so sibling queries of
         one reference encode it once. Terms: the head's, plus ``caption`` (CLIP's contrastive
         loss between the targets' gallery vectors and their descriptions, so text-only search
-        works) where captions are given and weighted. The loop calls this through DDP.
+        works) where captions are given and weighted.
         """
+        if objective == "clip" and caption_ids is not None:
+            return self.clip_losses(reference_pixels, caption_ids)
+        if objective == "inversion":
+            return self.inversion_losses(reference_pixels)
+        assert objective == "cir" and input_ids is not None and target_pixels is not None, f"objective {objective!r}: missing inputs"
         refs = reference_pixels.shape[0]
         _, image_features, _ = self.encode_image(torch.cat([reference_pixels, target_pixels]))  # (R + B, ...)
         reference_features, target_features = image_features[:refs], image_features[refs:]
@@ -237,74 +253,6 @@ class CIRModel(nn.Module):
             self.backbone.lock_image_tower()
         if text:
             self.backbone.lock_text_tower()
-
-
-def resolve_activation(config: ModelConfig, pretrained: str | None) -> tuple[ModelConfig, str]:
-    """``config`` with the activation ``pretrained``'s weights were trained with, and why (one line).
-
-    OpenAI's CLIP weights (and every tag open_clip marks ``quick_gelu``) were trained with QuickGELU;
-    building them with GELU runs but silently degrades every feature. A pretrained tag decides by
-    open_clip's record of it, a local TorchScript archive (OpenAI's release format) means QuickGELU,
-    and otherwise (no weights, an open_clip-format file) the config's own choice stands: name a
-    ``-quickgelu`` model for such a file. The choice is stored in the config (so in checkpoints).
-    """
-    if pretrained is None:
-        return config, ""
-    quick = bool(config.clip_cfg.get("quick_gelu", False))
-    if Path(pretrained).is_file():
-        if not is_torchscript_archive(Path(pretrained)):
-            return config, ""
-        trained, why = True, "OpenAI TorchScript weights are QuickGELU-trained"
-    else:
-        import open_clip
-
-        tag = open_clip.get_pretrained_cfg(config.clip_name, pretrained) if config.clip_name else {}
-        if not tag:
-            known = open_clip.list_pretrained_tags_by_model(config.clip_name) if config.clip_name else []
-            raise InputError(
-                f"--pretrained {pretrained!r} is neither a file nor a pretrained tag of {config.clip_name or config.name!r}"
-                + (f" (tags: {', '.join(known)})" if known else " (only open_clip-named models have tags)")
-            )
-        trained = bool(tag.get("quick_gelu", False))
-        why = f"pretrained {pretrained!r} was trained with {'QuickGELU' if trained else 'GELU'}"
-    if trained != quick:
-        why += f"; the config's {'QuickGELU' if quick else 'GELU'} overridden"
-    return dataclasses.replace(config, clip_cfg={**config.clip_cfg, "quick_gelu": trained}), why
-
-
-def is_torchscript_archive(path: Path) -> bool:
-    """A ``torch.jit.save`` archive (OpenAI's CLIP releases) rather than a pickled state dict."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("constants.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-# Entries of OpenAI's TorchScript state dicts that are settings, not weights.
-_OPENAI_SETTINGS = ("input_resolution", "context_length", "vocab_size")
-
-
-@contextlib.contextmanager
-def _weights_file(pretrained: str | None) -> Iterator[str | None]:
-    """``pretrained`` as open_clip's loader takes it: a TorchScript archive becomes a plain state dict.
-
-    open_clip loads files with ``torch.load(weights_only=True)``, which refuses TorchScript; the
-    archive's weights are read with ``torch.jit.load`` (TorchScript code, not pickled Python) and
-    handed over as a temporary state-dict file.
-    """
-    if pretrained is None or not Path(pretrained).is_file() or not is_torchscript_archive(Path(pretrained)):
-        yield pretrained
-        return
-    try:
-        state = torch.jit.load(pretrained, map_location="cpu").state_dict()
-    except RuntimeError as exc:
-        raise InputError(f"--pretrained {pretrained}: unreadable TorchScript archive ({str(exc).splitlines()[0]})") from exc
-    with tempfile.TemporaryDirectory(prefix="compir-weights-") as folder:
-        path = Path(folder) / "state_dict.pt"
-        torch.save({k: v.float() for k, v in state.items() if k not in _OPENAI_SETTINGS}, path)
-        del state
-        yield str(path)
 
 
 def _visual_with_raw_tokens(visual: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -342,7 +290,7 @@ def _create_backbone(config: ModelConfig, *, pretrained: str | None) -> tuple[nn
         text_cfg["hf_model_pretrained"] = False
     name = config.clip_name or _register_architecture(arch)
     tower = str(text_cfg.get("hf_model_name", ""))
-    with _quiet_open_clip(pretrained is None), _weights_file(pretrained) as weights, hub_access(tower) as online:
+    with _quiet_open_clip(pretrained is None), weights_file(pretrained) as weights, hub_access(tower) as online:
         try:
             model = open_clip.create_model(
                 name,

@@ -18,6 +18,7 @@ from compir.manifest import RESIZE_MODES
 from compir.train.config import DEFAULT_MODEL, list_model_configs
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+OBJECTIVES = ("cir", "clip")  # composed retrieval on triplets; CLIP's contrastive objective on image-caption pairs
 
 
 def cli(help: str, *, flag: str | None = None, choices: Sequence[str] | None = None) -> dict[str, Any]:
@@ -30,7 +31,9 @@ def cli(help: str, *, flag: str | None = None, choices: Sequence[str] | None = N
 class TrainOptions:
     """Everything a run depends on (recorded in ``train_log.json``)."""
 
-    data: Path = field(metadata=cli("dataset root (synthetic, CIRR, FashionIQ or Shoes)"))
+    data: Path = field(metadata=cli(
+        "dataset root (synthetic, CIRR, FashionIQ or Shoes); --objective clip: also open_clip's CSV (or its folder); "
+        "a zero-shot head (--head pic2word): also a plain folder of photos"))
     out_dir: Path = field(default=Path("runs/train"), metadata=cli("run folder (default: %(default)s)", flag="--out"))
     model: str = field(default=DEFAULT_MODEL, metadata=cli(
         f"built-in config ({', '.join(list_model_configs())}), a config JSON file, or an open_clip model name (default: %(default)s)"))
@@ -38,11 +41,20 @@ class TrainOptions:
         "open_clip pretrained tag (downloads) or a local weights file (open_clip's, or OpenAI's TorchScript .pt); "
         "the activation follows the weights (QuickGELU for OpenAI's)"))
     head: str | None = field(default=None, metadata=cli(
-        "composition head on the model's backbone: combiner or tgcir (default: the model config's; combiner for an open_clip name)"))
+        "composition head on the model's backbone: combiner, tgcir, or pic2word (zero-shot: trains a mapping net on images only, "
+        "towers frozen) (default: the model config's; combiner for an open_clip name)"))
     head_option: tuple[str, ...] = field(default=(), metadata=cli(
         "KEY=VALUE head option, repeatable (e.g. --head-option form=clip4cir --head-option stage=clip); unknown keys are refused"))
     resize_mode: str | None = field(default=None, metadata=cli(
         "image preprocessing (default: the model config's, else shortest); targetpad is CLIP4Cir's", choices=RESIZE_MODES))
+    objective: str = field(default="cir", metadata=cli(
+        "cir: composed retrieval on triplets (default); clip: CLIP's symmetric contrastive loss on image-caption pairs "
+        "(open_clip's CSV or the synthetic benchmark's scene descriptions), no triplet used", choices=OBJECTIVES))
+    csv_img_key: str = field(default="filepath", metadata=cli("--objective clip: the CSV's image path column (default: %(default)s)"))
+    csv_caption_key: str = field(default="title", metadata=cli("--objective clip: the CSV's caption column (default: %(default)s)"))
+    csv_separator: str = field(default="\t", metadata=cli("--objective clip: the CSV's separator (default: tab; e.g. ',')"))
+    val_csv: Path | None = field(default=None, metadata=cli(
+        "--objective clip: validation pairs in the same CSV format (default: every 20th row of DATA's CSV is held out)"))
     init: Path | None = field(default=None, metadata=cli(
         "start from this compir checkpoint's weights and model config (fresh optimizer and schedule; --head / --head-option "
         "apply on top): e.g. CLIP4Cir's stage 2 after stage 1, or fine-tuning an imported checkpoint"))

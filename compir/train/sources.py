@@ -46,6 +46,12 @@ class TrainBatch:
             None if self.reference_index is None else self.reference_index.to(device),
         )
 
+    def losses(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's (or its DDP wrapper's) loss terms of this batch."""
+        terms: dict[str, torch.Tensor] = model(
+            self.reference_pixels, self.input_ids, self.target_pixels, self.caption_ids, self.reference_index)
+        return terms
+
 
 class SyntheticSource:
     """Endless fresh synthetic triplets; an epoch is ``steps_per_epoch`` batches."""
@@ -71,7 +77,6 @@ class SyntheticSource:
         self.rank = rank
         self.siblings = max(1, siblings or synth.train_edits_per_reference)
         self._render_size = synth.image_size
-        self._resize = None if synth.image_size == preprocess.image_size else eval_transform(preprocess)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -112,10 +117,16 @@ class SyntheticSource:
         )
 
     def _pixels(self, scenes: list[Scene]) -> torch.Tensor:
-        images = [Image.fromarray(render_scene_array(scene, size=self._render_size)) for scene in scenes]
-        if self._resize is None:
-            return pixels_to_tensor(images, self.preprocess)
-        return torch.stack([self._resize(image) for image in images])
+        return render_pixels(scenes, size=self._render_size, preprocess=self.preprocess)
+
+
+def render_pixels(scenes: list[Scene], *, size: int, preprocess: PreprocessSpec) -> torch.Tensor:
+    """(B, 3, S, S): the scenes rendered at ``size`` and preprocessed for the model."""
+    images = [Image.fromarray(render_scene_array(scene, size=size)) for scene in scenes]
+    if size == preprocess.image_size:
+        return pixels_to_tensor(images, preprocess)
+    resize = eval_transform(preprocess)
+    return torch.stack([resize(image) for image in images])
 
 
 class SplitDataset(torch.utils.data.Dataset):

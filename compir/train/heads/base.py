@@ -34,6 +34,9 @@ class CompositionHead(nn.Module, abc.ABC):
     # True: the head composes through the text tower by textual inversion (Pic2Word: ``map_image`` gives a
     # pseudo-word token, CIRModel.encode_prompt reads it in a prompt); ``compose`` and ``training_losses`` do not apply.
     textual_inversion: ClassVar[bool] = False
+    # True: gallery and text vectors are the backbone's own pooled embeddings, L2-normalised (the CLIP's space),
+    # which ``compir train --objective clip`` trains and Pic2Word's mapping net reads.
+    clip_space: ClassVar[bool] = False
 
     def __init__(self, *, embed_dim: int, image_width: int, text_width: int, **options: Any) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ class CombinerHead(CompositionHead):
     """
 
     loss_terms = ("composed",)
+    clip_space = True  # both forms: gallery / text vectors are the normalised pooled embeddings
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class Pic2WordHead(CompositionHead):
     loss_terms = ("inversion",)
     default_loss_weights: ClassVar[dict[str, float]] = {"inversion": 1.0}
     textual_inversion: ClassVar[bool] = True
+    clip_space: ClassVar[bool] = True
 
     def __init__(
         self, *, embed_dim: int, image_width: int, text_width: int, hidden_dim: int = 512, layers: int = 2,
