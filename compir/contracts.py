@@ -23,7 +23,9 @@ from compir.errors import ContractError
 CHECKPOINT_FORMAT = "compir.checkpoint"
 CHECKPOINT_SCHEMA = 1
 MANIFEST_FORMAT = "compir.export"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2  # 2: zero-shot composition (token_mapper + prompt_encoder graphs, no composer); exports with a
+# learned composer are still written as 1, so older runtimes keep loading them and refuse a zero-shot one ("upgrade")
+MANIFEST_SCHEMA_COMPOSER = 1
 ENGINES_FORMAT = "compir.engines"
 ENGINES_SCHEMA = 1
 INDEX_FORMAT = "compir.index"

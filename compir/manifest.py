@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compir.composition import CompositionSpec
 from compir.contracts import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     MANIFEST_SCHEMA,
+    MANIFEST_SCHEMA_COMPOSER,
     read_contract,
     sha256_bytes,
     sha256_file,
@@ -29,8 +31,12 @@ TEXT_ENCODER = "text_encoder"  # input_ids -> text_embeds, text_features[, token
 COMPOSER = "composer"  # image_features, text_features -> query_embeds
 QUERY_ENCODER = "query_encoder"  # pixel_values, input_ids -> query_embeds (fused, single call)
 RERANKER = "reranker"  # token_features, attention_mask, candidate patch features -> scores
-GRAPH_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER, RERANKER)
+# Zero-shot composition (textual inversion, compir.composition) in place of the composer:
+TOKEN_MAPPER = "token_mapper"  # image_features -> pseudo_tokens (the reference as one pseudo-word token)
+PROMPT_ENCODER = "prompt_encoder"  # input_ids (a prompt holding the placeholder once), pseudo_tokens -> query_embeds
+GRAPH_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, TOKEN_MAPPER, PROMPT_ENCODER, QUERY_ENCODER, RERANKER)
 REQUIRED_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER)
+ZERO_SHOT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, TOKEN_MAPPER, PROMPT_ENCODER)
 # The named dynamic axis of every graph input and output (axis 0). Export writes it, TensorRT
 # profiles and onnxruntime's TensorRT provider size it.
 BATCH_AXIS = "batch"
@@ -296,6 +302,22 @@ class ExportManifest:
     source_checkpoint_sha256: str = ""
     opset: int = 17
     compir_version: str = ""
+    # How queries compose (a learned composer, or zero-shot with a prompt template); None: the head's composer
+    composition: CompositionSpec | None = None
+
+    @property
+    def composition_spec(self) -> CompositionSpec:
+        return self.composition or CompositionSpec(kind=self.head)
+
+    @property
+    def zero_shot(self) -> bool:
+        """True for a zero-shot export (token_mapper + prompt_encoder graphs instead of a composer)."""
+        return self.composition_spec.zero_shot
+
+    @property
+    def schema_version(self) -> int:
+        """The manifest schema this export needs: zero-shot ones the current, the others the one older runtimes read."""
+        return MANIFEST_SCHEMA if self.zero_shot else MANIFEST_SCHEMA_COMPOSER
 
     def variant(self, name: str | None = None) -> VariantSpec:
         key = name or self.default_variant
@@ -351,6 +373,7 @@ class ExportManifest:
                 source_checkpoint_sha256=str(raw.get("source_checkpoint_sha256", "")),
                 opset=int(raw.get("opset", 17)),
                 compir_version=str(raw.get("compir_version", "")),
+                composition=CompositionSpec.from_dict(raw["composition"], source=source) if raw.get("composition") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -360,8 +383,12 @@ class ExportManifest:
     def _validate(self, source: str) -> None:
         if self.default_variant not in self.variants:
             raise ContractError(f"{source}: default variant {self.default_variant!r} is not among {sorted(self.variants)}")
+        problem = self.composition_spec.problem()
+        if problem:
+            raise ContractError(f"{source}: {problem}")
+        required = ZERO_SHOT_ROLES if self.zero_shot else REQUIRED_ROLES
         for variant in self.variants.values():
-            missing = [role for role in REQUIRED_ROLES if role not in variant.graphs]
+            missing = [role for role in required if role not in variant.graphs]
             if missing:
                 raise ContractError(f"{source}: variant {variant.name!r} lacks graph(s) {missing}")
         if self.metric != "cos":
@@ -374,7 +401,7 @@ def save_manifest(export_dir: str | Path, manifest: ExportManifest) -> Path:
     """Atomically write ``manifest.json`` into ``export_dir``; returns its path."""
     path = Path(export_dir) / MANIFEST_FILE
     body = manifest.to_dict()
-    write_contract(path, fmt=MANIFEST_FORMAT, schema_version=MANIFEST_SCHEMA, body=body)
+    write_contract(path, fmt=MANIFEST_FORMAT, schema_version=manifest.schema_version, body=body)
     return path
 
 

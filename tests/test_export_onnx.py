@@ -40,7 +40,7 @@ def test_manifest_describes_every_graph(tiny_export_all: Path, tiny_checkpoint: 
     assert (tok.context_length, tok.sot_id, tok.eot_id, tok.pad_id) == (16, 49406, 49407, 0)
     assert sha256_file(tiny_export_all / tok.vocab_file) == tok.vocab_sha256 == loaded.tokenizer["vocab_sha256"]
     fp32 = manifest.variant("fp32")
-    assert set(fp32.graphs) == set(IO_NAMES) and set(GRAPH_ROLES) - set(fp32.graphs) == {"reranker"}
+    assert set(fp32.graphs) == set(IO_NAMES) and set(GRAPH_ROLES) - set(fp32.graphs) == {"reranker", "token_mapper", "prompt_encoder"}
     for role, (inputs, outputs) in IO_NAMES.items():
         graph = fp32.graph(role)
         assert [t.name for t in graph.inputs] == inputs and [t.name for t in graph.outputs] == outputs

@@ -18,7 +18,7 @@ from compir.data.synth_scene import key_legend, parse_scene_key
 from compir.demo.examples import DemoExample
 from compir.demo.session import ActiveReference, DemoAnswer, DemoSession
 from compir.errors import CompirError
-from compir.runtime.types import AddResult
+from compir.runtime.types import ZERO_SHOT_CACHE_NOTE, AddResult
 
 PER_PAGE = 24
 TITLE = "compir: composed image retrieval"
@@ -196,7 +196,9 @@ def _example_image(session: DemoSession, example: DemoExample) -> str | None:
 
 def _latency_text(answer: DemoAnswer) -> str:
     parts = [f"{group} {'—' if ms is None else f'{ms:.1f} ms'}" for group, ms in answer.latency_split().items()]
-    if not {"tokenize", "text_encode"} & set(answer.timings_ms):  # the text's encoding came from the cache
+    if "prompt_encode" in answer.timings_ms:  # zero-shot: the prompt holds the reference's token
+        parts.append(f"text cache n/a (zero-shot: {ZERO_SHOT_CACHE_NOTE})")
+    elif not {"tokenize", "text_encode"} & set(answer.timings_ms):  # the text's encoding came from the cache
         encode = answer.latency_split()["encode"]
         parts[0] = "text cached" if encode is None else f"encode {encode:.1f} ms (image; text cached)"
     total = sum(answer.timings_ms.values())

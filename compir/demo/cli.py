@@ -11,6 +11,7 @@ from compir.demo.session import DEFAULT_MAX_UPLOAD_BYTES
 from compir.errors import InputError
 from compir.manifest import load_manifest, manifest_sha256
 from compir.ports import LOOPBACK, check_port
+from compir.runtime.cli_args import add_prompt_template_arg
 from compir.runtime.gallery import read_index_record
 from compir.runtime.writer_lock import WriterLock
 
@@ -19,6 +20,7 @@ HOST = LOOPBACK
 EPILOG = """examples:
   compir demo exports/tiny indexes/tiny                       # http://127.0.0.1:7860
   compir demo exports/tiny indexes/tiny --examples data/synth --port 7861
+  compir demo exports/p2w indexes/p2w --prompt-template "a photo of * that {modification}"   (zero-shot export)
 
 The page runs on the torch-free runtime only. It listens on 127.0.0.1; there is deliberately
 no --share: put it behind your own authenticated proxy to expose it.
@@ -40,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "gallery images come from, if any)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
                         help="largest image file accepted (default %(default)g)")
+    add_prompt_template_arg(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_before_start(args.export_dir, args.index_dir, port=args.port, examples=args.examples)
+    check_before_start(args.export_dir, args.index_dir, port=args.port, examples=args.examples, prompt_template=args.prompt_template)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     from compir.demo.launch import launch_demo
 
@@ -57,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             examples_dir=args.examples,
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             block=True,
+            prompt_template=args.prompt_template,
         )
     except OSError as exc:  # the port was taken between the check and the launch
         raise InputError(f"cannot listen on {HOST}:{args.port} ({exc}); choose another with --port") from exc
@@ -65,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, port: int,
-                       examples: str | os.PathLike[str] | None = None) -> None:
+                       examples: str | os.PathLike[str] | None = None, prompt_template: str | None = None) -> None:
     """What would make the demo fail, found in a second, before Gradio (seconds to import) loads.
 
     The export's manifest and checksums, the index's record and its binding to this export, no
@@ -75,6 +79,8 @@ def check_before_start(export_dir: str | os.PathLike[str], index_dir: str | os.P
         raise InputError(f"--examples {examples}: no such folder; name a dataset folder (as written by "
                          "`compir data synth`), or leave it out to use the gallery's own")
     manifest = load_manifest(Path(export_dir))
+    if prompt_template is not None:
+        manifest.composition_spec.template(prompt_template)  # a bad template (or a learned composer): one line, now
     record, _ = read_index_record(Path(index_dir), encoder=manifest.encoder_fingerprint(),
                                   manifest_sha256=manifest_sha256(Path(export_dir)))
     if record.get("backend", "usearch") == "usearch":

@@ -32,9 +32,11 @@ def launch_demo(
     examples_dir: str | os.PathLike[str] | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     block: bool = False,
+    prompt_template: str | None = None,
 ) -> RunningDemo:
-    """Launch on ``http://127.0.0.1:port``; ``block=False`` returns at once (tests, notebooks)."""
-    session = DemoSession(export_dir, index_dir, max_upload_bytes=max_upload_bytes)
+    """Launch on ``http://127.0.0.1:port``; ``block=False`` returns at once (tests, notebooks).
+    ``prompt_template``: a zero-shot export's template for the page's queries (default: the export's)."""
+    session = DemoSession(export_dir, index_dir, max_upload_bytes=max_upload_bytes, prompt_template=prompt_template)
     examples = find_examples(session, data_dir=examples_dir)
     blocks = build_demo(session, examples=examples)
     print(

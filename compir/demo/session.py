@@ -25,7 +25,7 @@ from compir.runtime.uploads import upload_item_id
 # The runtime's stages grouped the way the page reports them.
 LATENCY_GROUPS = {
     "encode": ("decode", "preprocess", "image_encode", "tokenize", "text_encode"),
-    "compose": ("compose",),
+    "compose": ("compose", "token_map", "prompt_encode"),  # the last two: a zero-shot export's
     "search": ("search",),
     "re-rank": ("rerank",),
 }
@@ -112,8 +112,10 @@ class DemoSession:
         backend: BackendChoice | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        prompt_template: str | None = None,
     ) -> None:
         self.export_dir = Path(export_dir)
+        self.prompt_template = prompt_template  # a zero-shot export's query-time template (None: the export's)
         self.index_dir = Path(index_dir)
         self.backends = available_backends(export_dir)
         self.backend = backend or self.backends[-1]  # CPU: always present, never surprising
@@ -125,7 +127,8 @@ class DemoSession:
 
     def _open(self, choice: BackendChoice) -> Retriever:
         retriever = Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers,
-                                        writable=True)  # the demo saves additions: one writer per index
+                                        writable=True,  # the demo saves additions: one writer per index
+                                        prompt_template=self.prompt_template)
         self.warm = _warm_up(retriever)
         return retriever
 

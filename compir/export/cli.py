@@ -19,6 +19,7 @@ EPILOG = """examples:
   compir export onnx runs/vitl/best.pt --out exports/vitl --variants fp32,int8-dynamic --fused
   compir export onnx runs/tiny/best.pt --out exports/tiny-ext --external-data-mb 0   (every graph with external data)
   compir export onnx runs/tiny/best.pt --out exports/tiny-trt --variants fp32,fp16,int8-static --strict-trt
+  compir export onnx runs/p2w/best.pt --out exports/p2w --prompt-template "a photo of * that {modification}"   (zero-shot)
   compir export engine exports/tiny --precision fp16 --opt-batch 8 --max-batch 64 --timing-cache trt.cache
   compir export engine exports/tiny --precision int8 --variant int8-static   (on the Jetson itself; needs no torch)
   compir export engine exports/tiny --precision int8 --calibration-data data/synth   (calibrates: needs CUDA torch)
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--external-data-mb", type=float, default=EXTERNAL_DATA_BYTES / 2**20,
         help="graphs whose weights exceed this many MiB keep them in <role>.onnx.data beside the graph (ONNX external data, "
         "checksummed in the manifest; protobuf caps a graph file at 2 GiB); default %(default).0f",
+    )
+    onnx.add_argument(
+        "--prompt-template", default=None, metavar="T",
+        help="zero-shot (pic2word) exports: the prompt the text tower reads, with the placeholder word * once (the "
+        "reference's token) and {modification} (the query's text) at most once; default 'a photo of * , {modification}'. "
+        "The runtime can change it at query time",
     )
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     onnx.add_argument(
@@ -123,9 +130,14 @@ def _onnx(args: argparse.Namespace) -> int:
         fused=args.fused,
         external_data_bytes=_mebibytes(args.external_data_mb),
         overwrite=args.overwrite,
+        prompt_template=args.prompt_template,
         before_publish=partial(_lint, strict=args.strict_trt),
     )
     print(f"wrote {args.out} (embed dim {manifest.embed_dim}, opset {manifest.opset})")
+    if manifest.zero_shot:
+        spec = manifest.composition_spec
+        print(f"zero-shot ({spec.kind}): prompt template {spec.prompt_template!r}, placeholder {spec.placeholder!r} "
+              f"(token id {spec.placeholder_id})")
     print("| variant | recipe | worst parity | R@10 | R@10 drop | query cos to fp32 |")
     print("|---|---|---:|---:|---:|---:|")
     for variant in manifest.variants.values():

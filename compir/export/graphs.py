@@ -34,9 +34,11 @@ from compir.manifest import (
     BATCH_AXIS,
     COMPOSER,
     IMAGE_ENCODER,
+    PROMPT_ENCODER,
     QUERY_ENCODER,
     SEQUENCE_AXIS,
     TEXT_ENCODER,
+    TOKEN_MAPPER,
     DataFileSpec,
     GraphSpec,
     TensorSpec,
@@ -85,17 +87,29 @@ _WRAPPERS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     (TEXT_ENCODER, "encode_text", ("input_ids",), ("text_embeds", "text_features", "token_features")),
     (COMPOSER, "compose", ("image_features", "text_features"), ("query_embeds",)),
     (QUERY_ENCODER, "encode_query", ("pixel_values", "input_ids"), ("query_embeds",)),
+    # zero-shot (textual inversion) in place of the composer: the reference's pseudo token, then the prompt
+    # (its ``input_ids`` hold the placeholder once) read with it
+    (TOKEN_MAPPER, "map_image", ("image_features",), ("pseudo_tokens",)),
+    (PROMPT_ENCODER, "encode_prompt", ("input_ids", "pseudo_tokens"), ("query_embeds",)),
 )
 GRAPH_ORDER = tuple(role for role, *_ in _WRAPPERS)
+_ZERO_SHOT_GRAPHS = (IMAGE_ENCODER, TEXT_ENCODER, TOKEN_MAPPER, PROMPT_ENCODER)
+_COMPOSER_GRAPHS = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER)
 _TOKEN_TENSORS = ("input_ids", "token_features")  # (B, L) ids and (B, L, Wt) states: axis 1 is the text's length
 
 
 def graph_defs(model: Any, *, fused: bool = True) -> list[GraphDef]:
     """The graphs of a CIR model (in :data:`GRAPH_ORDER`), each wrapping the model in eval mode;
     ``fused=False`` leaves out the fused ``query_encoder``. Token tensors get the ``sequence`` axis
-    where the model's text tower allows cutting (``model.text_length_cuttable``)."""
+    where the model's text tower allows cutting (``model.text_length_cuttable``). A zero-shot model
+    (a textual-inversion head) has ``token_mapper`` and ``prompt_encoder`` in place of the composer."""
     model.eval()
     cuttable = bool(getattr(model, "text_length_cuttable", False))
+    zero_shot = bool(getattr(model.head, "textual_inversion", False))
+    if zero_shot and fused:
+        raise ContractError("a zero-shot (textual-inversion) export has no fused query_encoder graph: its prompt is filled "
+                            "from a template at query time; export without --fused")
+    roles = _ZERO_SHOT_GRAPHS if zero_shot else _COMPOSER_GRAPHS
     return [
         GraphDef(
             role=role,
@@ -105,7 +119,7 @@ def graph_defs(model: Any, *, fused: bool = True) -> list[GraphDef]:
             sequence_names=tuple(n for n in (*inputs, *outputs) if n in _TOKEN_TENSORS) if cuttable else (),
         )
         for role, method, inputs, outputs in _WRAPPERS
-        if fused or role != QUERY_ENCODER
+        if role in roles and (fused or role != QUERY_ENCODER)
     ]
 
 
@@ -234,9 +248,15 @@ def _spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
     return TensorSpec(name=value.name, dtype=_ONNX_DTYPES[tensor.elem_type], shape=tuple(shape))
 
 
-def graph_inputs(role: str, *, pixel_values: np.ndarray, input_ids: np.ndarray, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The feeds of graph ``role`` for a batch of real images / token ids (features from the encoders)."""
-    pool = {"pixel_values": pixel_values, "input_ids": input_ids, **features}
+def graph_inputs(
+    role: str, *, pixel_values: np.ndarray, input_ids: np.ndarray, features: dict[str, np.ndarray], prompt_ids: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The feeds of graph ``role`` for a batch of real images / token ids (features from the encoders;
+    the prompt encoder's ``input_ids`` are ``prompt_ids``: the texts filled into the prompt template)."""
+    ids = prompt_ids if role == PROMPT_ENCODER else input_ids
+    if ids is None:
+        raise ContractError(f"the {role} graph's input_ids are prompts (the template filled with the texts); none were given")
+    pool = {"pixel_values": pixel_values, "input_ids": ids, **features}
     names = next(inputs for r, _, inputs, _ in _WRAPPERS if r == role)
     return {name: pool[name] for name in names}
 

@@ -10,6 +10,8 @@ Layout (see :mod:`compir.manifest`)::
 
 The split graphs (image encoder, text encoder, composer) are what the runtime runs; the fused
 ``query_encoder`` (all three in one graph: as big as the model) is written only with ``fused=True``.
+A zero-shot model (textual inversion: Pic2Word) has ``token_mapper`` and ``prompt_encoder`` graphs in
+place of the composer, and its manifest records the prompt template (:mod:`compir.composition`).
 
 The folder is written to a temporary sibling and renamed at the end, so a failing parity check
 (or any other error) leaves nothing behind.
@@ -26,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from compir import __version__
+from compir.composition import CompositionSpec, check_prompt_ids
 from compir.contracts import atomic_output_dir
 from compir.data.types import CirSplit
 from compir.errors import ContractError
@@ -34,12 +37,24 @@ from compir.export.graphs import GraphDef, export_graph, graph_defs, graph_input
 from compir.export.parity import FP32_TOLERANCE, check_fp32_graph, mean_cosine, open_session, run_session
 from compir.export.samples import Samples, load_samples
 from compir.export.variants import VARIANTS, convert_fp16, quantize_int8_dynamic, quantize_int8_static
-from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, ExportManifest, TokenizerSpec, VariantSpec, load_manifest, save_manifest
+from compir.manifest import (
+    IMAGE_ENCODER,
+    PROMPT_ENCODER,
+    TEXT_ENCODER,
+    TOKEN_MAPPER,
+    ExportManifest,
+    TokenizerSpec,
+    VariantSpec,
+    load_manifest,
+    save_manifest,
+)
+from compir.prompts import DEFAULT_TEMPLATE, PLACEHOLDER
 
 PARITY_SAMPLES = 4  # parity runs at batch 1 and batch 4
 MIN_VARIANT_COSINE = 0.95  # below this a reduced-precision graph is broken, not merely lossy
 # The embedding each graph is judged by when comparing variants.
-_KEY_OUTPUT = {"image_encoder": "image_embeds", "text_encoder": "text_embeds", "composer": "query_embeds", "query_encoder": "query_embeds"}
+_KEY_OUTPUT = {"image_encoder": "image_embeds", "text_encoder": "text_embeds", "composer": "query_embeds", "query_encoder": "query_embeds",
+               TOKEN_MAPPER: "pseudo_tokens", PROMPT_ENCODER: "query_embeds"}
 
 
 def export_onnx(
@@ -57,6 +72,7 @@ def export_onnx(
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     overwrite: bool = False,
     keep_unapplied: bool = False,
+    prompt_template: str | None = None,
     before_publish: Callable[[Path, ExportManifest], None] | None = None,
 ) -> ExportManifest:
     """Export a checkpoint's graphs to ONNX, check them against torch, write the manifest.
@@ -68,6 +84,9 @@ def export_onnx(
     ``external_data_bytes``: graphs whose weights exceed this are written with ONNX external data.
     ``keep_unapplied``: also export a NEUCORE whose validated weight is 0 (with its image regions),
     for tools that choose the weights again (``compir bench ablation``); the runtime skips it.
+    ``prompt_template``: a zero-shot export's prompt (default :data:`compir.prompts.DEFAULT_TEMPLATE`);
+    InputError, before any work, when it lacks the placeholder word or holds it twice, or the model
+    composes with a learned composer.
     ``before_publish``: called with the finished (still temporary) folder and its manifest; an error
     it raises leaves nothing at ``out_dir`` (``compir export onnx --strict-trt`` lints there).
     Raises ContractError on a bad checkpoint, a parity failure (naming graph and figure) or a
@@ -81,6 +100,7 @@ def export_onnx(
         raise ContractError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
+    composition = _composition(model, head=loaded.config.head, prompt_template=prompt_template)
     # NEUCORE's image regions: the index caches them with the features.
     model.use_image_regions(neucore_region_grid(checkpoint, keep_unapplied=keep_unapplied))
     context_length = int(loaded.tokenizer["context_length"])
@@ -94,7 +114,7 @@ def export_onnx(
     )
     defs = graph_defs(model, fused=fused)
     roles = [d.role for d in defs]
-    all_feeds = _feeds_per_graph(defs, samples)
+    all_feeds = _feeds_per_graph(defs, samples, prompt_ids=_prompt_ids(model, composition, samples.texts))
     parity_feeds = {role: select_batch(feeds, range(PARITY_SAMPLES)) for role, feeds in all_feeds.items()}
     split = _eval_split(eval_data, eval_split) if eval_data is not None else None
 
@@ -145,6 +165,7 @@ def export_onnx(
             source_checkpoint_sha256=loaded.sha256,
             opset=opset,
             compir_version=__version__,
+            composition=composition,
         )
         save_manifest(tmp, manifest)
         if split is not None:
@@ -173,15 +194,42 @@ def _check_variants(variants: Sequence[str]) -> list[str]:
     return ["fp32", *[v for v in VARIANTS if v in variants and v != "fp32"]]
 
 
-def _feeds_per_graph(defs: list[GraphDef], samples: Samples) -> dict[str, dict[str, np.ndarray]]:
-    """Real feeds for every graph: composer inputs are the encoders' features of the samples."""
+def _composition(model: Any, *, head: str, prompt_template: str | None) -> CompositionSpec:
+    """The manifest's composition record; a zero-shot model's template checked (InputError with the reason)."""
+    if model.placeholder_id is None:
+        composition = CompositionSpec(kind=head)
+        if prompt_template is not None:
+            composition.template(prompt_template)  # refuses: a learned composer has no prompt
+        return composition
+    text = DEFAULT_TEMPLATE if prompt_template is None else prompt_template
+    composition = CompositionSpec(kind=head, prompt_template=text, placeholder=PLACEHOLDER, placeholder_id=int(model.placeholder_id))
+    composition.template()  # InputError naming what is wrong with the template
+    return composition
+
+
+def _prompt_ids(model: Any, composition: CompositionSpec, texts: Sequence[str]) -> np.ndarray | None:
+    """(N, L) ids of the prompts the samples' texts make (zero-shot), or None."""
+    if not composition.zero_shot:
+        return None
+    template = composition.template()
+    ids = np.asarray(model.tokenizer([template.fill(text) for text in texts]), dtype=np.int64)
+    check_prompt_ids(ids, placeholder_id=composition.placeholder_id, texts=texts)
+    return ids
+
+
+def _feeds_per_graph(defs: list[GraphDef], samples: Samples, *, prompt_ids: np.ndarray | None) -> dict[str, dict[str, np.ndarray]]:
+    """Real feeds for every graph: composer (or token mapper and prompt encoder) inputs are the encoders'
+    features of the samples, the prompt encoder's ids the prompts their texts make."""
     by_role = {d.role: d for d in defs}
     features = {
         "image_features": run_torch(by_role[IMAGE_ENCODER], {"pixel_values": samples.pixel_values})["image_features"],
         "text_features": run_torch(by_role[TEXT_ENCODER], {"input_ids": samples.input_ids})["text_features"],
     }
+    if TOKEN_MAPPER in by_role:
+        features["pseudo_tokens"] = run_torch(by_role[TOKEN_MAPPER], {"image_features": features["image_features"]})["pseudo_tokens"]
     return {
-        d.role: graph_inputs(d.role, pixel_values=samples.pixel_values, input_ids=samples.input_ids, features=features)
+        d.role: graph_inputs(d.role, pixel_values=samples.pixel_values, input_ids=samples.input_ids, features=features,
+                             prompt_ids=prompt_ids)
         for d in defs
     }
 

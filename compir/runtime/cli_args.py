@@ -15,6 +15,13 @@ def add_runtime_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
     parser.add_argument("--variant", default=None, help="export variant (default: the manifest's)")
 
 
+def add_prompt_template_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--prompt-template``: a zero-shot export's prompt for this run's queries (``search``, ``serve``, ``demo``)."""
+    parser.add_argument("--prompt-template", default=None, metavar="T",
+                        help="zero-shot exports: the prompt composed queries are read in, with the placeholder word * once "
+                        "(the reference) and {modification} at most once (the text); default: the export's")
+
+
 def providers_from(args: argparse.Namespace) -> list[str] | None:
     """``--providers cuda cpu`` and ``--providers cuda,cpu`` both give ``["cuda", "cpu"]``; None when not given."""
     if not args.providers:

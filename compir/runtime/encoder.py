@@ -1,5 +1,9 @@
 """The export's graphs behind three calls: encode images, encode texts, compose.
 
+A zero-shot export (:mod:`compir.composition`) composes without a composer graph: the token mapper
+turns the reference's image features into a pseudo-word token and the prompt encoder reads the prompt
+template filled with the modification, the token in the placeholder's place (:meth:`Encoder.compose_texts`).
+
 Everything about the graphs (names, dtypes, feature shapes, preprocessing, tokenizer) comes from
 the manifest; feeds are cast to the manifest's input dtypes and outputs come back as float32, so
 fp32, fp16 and int8 variants look the same to callers.
@@ -19,11 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from compir.composition import check_prompt_ids
 from compir.errors import ContractError
 from compir.manifest import (
     COMPOSER,
     IMAGE_ENCODER,
+    PROMPT_ENCODER,
     TEXT_ENCODER,
+    TOKEN_MAPPER,
     ExportManifest,
     GraphSpec,
     TensorSpec,
@@ -49,9 +56,13 @@ class TextEncoding:
 
 
 class Encoder:
-    """Image encoder + text encoder + composer of one export variant on one backend."""
+    """Image encoder + text encoder + composer (or token mapper + prompt encoder) of one export variant on one backend.
 
-    def __init__(self, export_dir: str | Path, manifest: ExportManifest, backend: Backend, *, variant: str | None = None) -> None:
+    ``prompt_template``: a zero-shot export's template for this encoder's queries (default: the manifest's);
+    an InputError with the reason when it is not a usable template or the export has a learned composer."""
+
+    def __init__(self, export_dir: str | Path, manifest: ExportManifest, backend: Backend, *, variant: str | None = None,
+                 prompt_template: str | None = None) -> None:
         self.export_dir = Path(export_dir)
         self.manifest = manifest
         self.backend = backend
@@ -59,11 +70,18 @@ class Encoder:
         self.manifest_sha256 = manifest_sha256(export_dir)
         self.fingerprint = manifest.encoder_fingerprint()  # what an index built with this encoder is bound to
         check_spec(manifest.preprocess)
+        self.composition = manifest.composition_spec
+        self.zero_shot = self.composition.zero_shot
+        # zero-shot: what queries are filled into; refused (InputError) for a learned composer or a bad template
+        self.template = self.composition.template(prompt_template) if self.zero_shot or prompt_template is not None else None
         self.tokenizer = load_tokenizer(export_dir, manifest.tokenizer)
         self._image = backend.open(self._graph(IMAGE_ENCODER))
         self._text = backend.open(self._graph(TEXT_ENCODER))
         self.text_length = text_length(self._graph(TEXT_ENCODER))  # None: cut each batch after its longest text
-        self._composer = backend.open(self._graph(COMPOSER))
+        self._composer = None if self.zero_shot else backend.open(self._graph(COMPOSER))
+        self._mapper = backend.open(self._graph(TOKEN_MAPPER)) if self.zero_shot else None
+        self._prompt = backend.open(self._graph(PROMPT_ENCODER)) if self.zero_shot else None
+        self.prompt_length = text_length(self._graph(PROMPT_ENCODER)) if self.zero_shot else None
         self.feature_shape = image_feature_shape(manifest, self.variant)
         self._check_dims()
 
@@ -77,6 +95,7 @@ class Encoder:
         variant: str | None = None,
         spinning: bool = True,
         threads: int = 0,
+        prompt_template: str | None = None,
     ) -> Encoder:
         """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs.
 
@@ -88,7 +107,7 @@ class Encoder:
         engine_variant = getattr(opened, "variant", None)
         if engine_variant is not None and variant not in (None, engine_variant):
             raise ContractError(f"the TensorRT engines were built from variant {engine_variant!r}, not {variant!r}")
-        return cls(export_dir, manifest, opened, variant=engine_variant or variant)
+        return cls(export_dir, manifest, opened, variant=engine_variant or variant, prompt_template=prompt_template)
 
     @property
     def embed_dim(self) -> int:
@@ -126,15 +145,46 @@ class Encoder:
 
     def compose(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
         """(B, *F) image features + (B, *F') text features -> ``query_embeds`` (B, D) unit vectors."""
+        if self._composer is None:
+            raise ContractError("a zero-shot export has no composer graph: compose with compose_texts (token mapper + prompt encoder)")
         feeds = {"image_features": image_features, "text_features": text_features}
         return _run(self._composer, feeds, ("query_embeds",))["query_embeds"]
+
+    def compose_texts(self, image_features: np.ndarray, texts: Sequence[str], *, text_features: np.ndarray | None = None) -> np.ndarray:
+        """(B, *F) reference image features + B modification texts -> ``query_embeds`` (B, D): the composer on the
+        texts' features (``text_features`` when already encoded), or zero-shot the prompt encoder on their prompts."""
+        if self.zero_shot:
+            return self.encode_prompts(self.prompt_ids(texts), self.map_image(image_features))
+        features = self.encode_texts(texts).text_features if text_features is None else text_features
+        return self.compose(image_features, features)
+
+    def map_image(self, image_features: np.ndarray) -> np.ndarray:
+        """Zero-shot: (B, E) image features -> ``pseudo_tokens`` (B, Wt), the reference as a pseudo word."""
+        if self._mapper is None:
+            raise ContractError("this export composes with a learned composer; it has no token mapper")
+        return _run(self._mapper, {"image_features": image_features}, ("pseudo_tokens",))["pseudo_tokens"]
+
+    def prompt_ids(self, texts: Sequence[str]) -> np.ndarray:
+        """Zero-shot: modification texts -> (B, L) ids of the template filled with each (the placeholder once)."""
+        if self.template is None or self.composition.placeholder_id < 0:
+            raise ContractError("this export composes with a learned composer; it has no prompt template")
+        ids = self.tokenizer([self.template.fill(text) for text in texts])
+        check_prompt_ids(ids, placeholder_id=self.composition.placeholder_id, texts=texts)
+        return ids
+
+    def encode_prompts(self, input_ids: np.ndarray, pseudo_tokens: np.ndarray) -> np.ndarray:
+        """Zero-shot: (B, L) prompt ids + (B, Wt) pseudo tokens -> ``query_embeds`` (B, D) unit vectors."""
+        if self._prompt is None:
+            raise ContractError("this export composes with a learned composer; it has no prompt encoder")
+        ids = fit_length(np.asarray(input_ids), length=self.prompt_length, pad_id=self.tokenizer.spec.pad_id)
+        return _run(self._prompt, {"input_ids": ids, "pseudo_tokens": pseudo_tokens}, ("query_embeds",))["query_embeds"]
 
     def warmup(self) -> None:
         """One call per graph, so the first real query does not pay session initialisation."""
         size = self.manifest.preprocess.image_size
         image = self.encode_pixels(np.zeros((1, 3, size, size), np.float32))
         text = self.encode_input_ids(self.tokenize(["warm up"]))
-        self.compose(image.image_features, text.text_features)
+        self.compose_texts(image.image_features, ["warm up"], text_features=text.text_features)
 
     def backend_info(self) -> dict[str, object]:
         return {**self.backend.info(), "variant": self.variant}
@@ -143,7 +193,8 @@ class Encoder:
         return self.manifest.graph(role, self.variant)
 
     def _check_dims(self) -> None:
-        for role, name in ((IMAGE_ENCODER, "image_embeds"), (TEXT_ENCODER, "text_embeds"), (COMPOSER, "query_embeds")):
+        query_role = PROMPT_ENCODER if self.zero_shot else COMPOSER
+        for role, name in ((IMAGE_ENCODER, "image_embeds"), (TEXT_ENCODER, "text_embeds"), (query_role, "query_embeds")):
             tail = _static_tail(self._graph(role).output(name))
             if tail != (self.embed_dim,):
                 raise ContractError(f"{role} output {name!r} has shape (batch, {tail}), the manifest's embed_dim is {self.embed_dim}")

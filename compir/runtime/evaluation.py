@@ -1,6 +1,7 @@
 """Encode an evaluation split through the runtime (torch-free): ``compir eval EXPORT_DIR`` and the
 export's per-variant accuracy both measure the path users run (numpy preprocessing, the runtime's
-tokenizer, image encoder + text encoder + composer, as :class:`~compir.runtime.retriever.Retriever` does).
+tokenizer, image encoder + text encoder + composer, or a zero-shot export's token mapper + prompt encoder, as
+:class:`~compir.runtime.retriever.Retriever` does).
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def encode_split(
     queries = {name: np.zeros((len(split.queries), e.embed_dim), np.float32) for name, e in encoders.items()}
     for start in tqdm(range(0, len(split.queries), batch_size), desc="encoding queries", unit="batch", disable=not progress):
         batch = split.queries[start : start + batch_size]
-        input_ids = first.tokenize([q.text for q in batch])
+        texts = [q.text for q in batch]
+        input_ids = first.tokenize(texts)
         rows = [row[q.reference] for q in batch]
         for name, encoder in encoders.items():
-            texts = encoder.encode_input_ids(input_ids)
-            queries[name][start : start + len(batch)] = encoder.compose(features[name][rows], texts.text_features)
+            # a zero-shot encoder reads the texts in its prompt template instead (token mapper + prompt encoder)
+            text_features = None if encoder.zero_shot else encoder.encode_input_ids(input_ids).text_features
+            queries[name][start : start + len(batch)] = encoder.compose_texts(features[name][rows], texts, text_features=text_features)
     gallery_names = list(split.gallery)
     gallery_rows = [row[n] for n in gallery_names]
     return {name: SplitEncoding(queries[name], embeds[name][gallery_rows], gallery_names) for name in encoders}

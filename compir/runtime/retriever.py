@@ -15,6 +15,11 @@ Query rules (each violation is an :class:`~compir.errors.InputError` with a clea
   (clamped, never an error); an empty gallery returns no hits.
 - ``rerank=True`` needs a configured re-ranker (:attr:`Retriever.has_reranker`).
 
+On a zero-shot export (``encoder.zero_shot``) a composed query runs the token mapper on the reference's
+image features (a gallery item's cached ones for ``reference_id=``) and the prompt encoder on the prompt
+template filled with ``text``: the text cache cannot serve it (the prompt holds the reference's token).
+Text-only queries use the text cache as on any export.
+
 Thread-safe: encoders run concurrently, gallery reads and writes take a lock.
 """
 
@@ -68,13 +73,15 @@ class Retriever:
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
                   providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False,
-                  text_cache_size: int = 1024, writable: bool = False) -> Retriever:
+                  text_cache_size: int = 1024, writable: bool = False, prompt_template: str | None = None) -> Retriever:
         """Open an export folder and an index built with its image encoder (ContractError if it was
         built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it;
         ``text_cache_size=0`` encodes every query's text (e.g. to time it). ``writable=True`` takes the
         index's writer lock now (one writer per index; a ContractError names the holder); without it
-        the lock is taken at the first gallery change. :meth:`close` releases it."""
-        encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
+        the lock is taken at the first gallery change. :meth:`close` releases it. ``prompt_template``: a zero-shot
+        export's template for this retriever's queries (default: the export's; InputError with the reason when bad)."""
+        encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant,
+                                      prompt_template=prompt_template)
         gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view,
                                writable=writable)
         encoder.warmup()
@@ -123,16 +130,20 @@ class Retriever:
             raise InputError("this export has no re-ranker; search with rerank=False")
         timings: dict[str, float] = {}
         item_id, features = self._reference_features(reference_image, reference_id, timings)
-        cached = self._encode_text(text, timings)
-        if features is None:
-            query = cached.encoding.text_embeds
+        cached: _Text | None = None
+        if features is not None and self.encoder.zero_shot:  # no text cache: the prompt holds the reference's token
+            query = self._prompt_query(features[None], text, timings)
         else:
-            with _timed(timings, "compose"):
-                query = self.encoder.compose(features[None], cached.encoding.text_features)
+            cached = self._encode_text(text, timings)
+            if features is None:
+                query = cached.encoding.text_embeds
+            else:
+                with _timed(timings, "compose"):
+                    query = self.encoder.compose(features[None], cached.encoding.text_features)
         depth = max(k, self.rerank_top_n) if rerank else k
         with _timed(timings, "search"), self._lock:
             found = self.gallery.search(query, k=depth, exclude=[item_id])[0]
-        if rerank:
+        if rerank and cached is not None:  # a zero-shot export has no re-ranker (refused above)
             with _timed(timings, "rerank"):
                 found = self._rerank(text, cached, features, query[0], found)
         return SearchResult(hits=tuple(Hit(i, s) for i, s in found[:k]), timings_ms=timings)
@@ -150,13 +161,19 @@ class Retriever:
         if not queries:
             return []
         resolved = self._batch_reference_features([(q.get("reference_image"), q.get("reference_id")) for q in queries])
-        entries = self._batch_texts([q["text"] for q in queries])
-        text_features = np.concatenate([entry.encoding.text_features for entry in entries])  # (Q, *F')
-        vectors = np.concatenate([entry.encoding.text_embeds for entry in entries])  # (Q, D); composed rows replaced below
         composed = [row for row, (_, feats) in enumerate(resolved) if feats is not None]
+        # Zero-shot composed rows encode their prompt, not their text: only the others go through the text cache.
+        by_prompt = set(composed) if self.encoder.zero_shot else set()
+        encoded = [row for row in range(len(queries)) if row not in by_prompt]
+        entries = dict(zip(encoded, self._batch_texts([queries[row]["text"] for row in encoded]), strict=True))
+        vectors = np.zeros((len(queries), self.encoder.embed_dim), np.float32)  # (Q, D)
+        for row, entry in entries.items():
+            vectors[row] = entry.encoding.text_embeds[0]
         if composed:
             image_features = np.stack([feats for _, feats in resolved if feats is not None])  # rows in `composed` order
-            vectors[composed] = self.encoder.compose(image_features, text_features[composed])
+            text_features = None if self.encoder.zero_shot else np.concatenate([entries[row].encoding.text_features for row in composed])
+            vectors[composed] = self.encoder.compose_texts(image_features, [queries[row]["text"] for row in composed],
+                                                           text_features=text_features)
         with self._lock:
             found = self.gallery.search(vectors, k=k, exclude=[item for item, _ in resolved])
         return [[Hit(i, s) for i, s in hits] for hits in found]
@@ -286,6 +303,15 @@ class Retriever:
             self._texts[text] = entry
             while len(self._texts) > self._text_cache_size:
                 self._texts.popitem(last=False)
+
+    def _prompt_query(self, image_features: np.ndarray, text: str, timings: dict[str, float]) -> np.ndarray:
+        """Zero-shot: (1, E) reference features + the text -> (1, D) query: token mapper, then the prompt encoder."""
+        with _timed(timings, "tokenize"):
+            input_ids = self.encoder.prompt_ids([text])
+        with _timed(timings, "token_map"):
+            pseudo_tokens = self.encoder.map_image(image_features)
+        with _timed(timings, "prompt_encode"):
+            return self.encoder.encode_prompts(input_ids, pseudo_tokens)
 
     def _rerank(self, text: str, cached: _Text, features: np.ndarray | None, query: np.ndarray,
                 found: list[tuple[str, float]]) -> list[tuple[str, float]]:

@@ -6,13 +6,15 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from compir.runtime.cli_args import add_runtime_args, providers_from
+from compir.runtime.cli_args import add_prompt_template_arg, add_runtime_args, providers_from
 from compir.runtime.retriever import Retriever
+from compir.runtime.types import ZERO_SHOT_CACHE_NOTE
 
 EPILOG = """examples:
   compir search exports/tiny indexes/tiny --reference-image data/synth/images/abc.png --text "make the circle red"
   compir search exports/tiny indexes/tiny --reference-id abc --text "remove the square" -k 5 --timings
   compir search exports/tiny indexes/tiny --text "a red circle" --json     (text-only query)
+  compir search exports/p2w indexes/p2w --reference-id abc --text "make it red" --prompt-template "a * that is {modification}"
 """
 
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timings", action="store_true",
                         help="print the latency of each stage, warm: the query runs once untimed first (texts are not cached)")
     add_runtime_args(parser)
+    add_prompt_template_arg(parser)
     return parser
 
 
@@ -40,8 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # With --timings every stage runs for real (no text cache) and the figures are warm: the first
     # query of a process pays lazy initialisation (image codecs, onnxruntime's first-run allocations).
     retriever = Retriever.from_dirs(args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args),
-                                    variant=args.variant, text_cache_size=0 if args.timings else 1024)
+                                    variant=args.variant, text_cache_size=0 if args.timings else 1024,
+                                    prompt_template=args.prompt_template)
     query = {"text": args.text, "reference_image": args.reference_image, "reference_id": args.reference_id}
+    # a zero-shot export's prompt holds the reference's token: no text cache could serve a composed query
+    uncached = retriever.encoder.zero_shot and (args.reference_image or args.reference_id) is not None
+    cache_note = f"text cache: n/a (zero-shot: {ZERO_SHOT_CACHE_NOTE})" if uncached else "text not cached"
     if args.timings:
         retriever.search_detailed(**query, k=args.k, rerank=args.rerank)
     result = retriever.search_detailed(**query, k=args.k, rerank=args.rerank)
@@ -49,11 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         record: dict[str, object] = {"hits": [{"item_id": h.item_id, "score": h.score} for h in result.hits]}
         if args.timings:
             record["timings_ms"] = result.timings_ms
-            record["timings"] = "warm (second run of this query, text not cached)"
+            record["timings"] = f"warm (second run of this query, {cache_note})"
         print(json.dumps(record, indent=2))
         return 0
     for rank, hit in enumerate(result.hits, start=1):
         print(f"{rank:>3}  {hit.score:+.4f}  {hit.item_id}")
     if args.timings:
-        print("warm timings (second run of this query): " + "  ".join(f"{stage} {ms:.2f} ms" for stage, ms in result.timings_ms.items()))
+        print(f"warm timings (second run of this query; {cache_note}): "
+              + "  ".join(f"{stage} {ms:.2f} ms" for stage, ms in result.timings_ms.items()))
     return 0

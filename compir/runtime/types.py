@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Stage names of SearchResult.timings_ms, in query order.
-STAGES = ("decode", "preprocess", "image_encode", "tokenize", "text_encode", "compose", "search", "rerank")
+# token_map and prompt_encode: a zero-shot export's composition (its tokenize is the prompt's).
+# Why a zero-shot export's composed queries never come from the text cache (CLI --timings, the demo's latency line).
+ZERO_SHOT_CACHE_NOTE = "the prompt holds the reference's token, so each composed query runs the token mapper and one prompt encode"
+STAGES = ("decode", "preprocess", "image_encode", "tokenize", "text_encode", "token_map", "prompt_encode", "compose", "search", "rerank")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from compir.ports import check_port
-from compir.runtime.cli_args import add_runtime_args, providers_from
+from compir.runtime.cli_args import add_prompt_template_arg, add_runtime_args, providers_from
 from compir.runtime.ray_cluster import LOCAL, RAY_EXTRA
 from compir.service.config import BatchingConfig, Limits, ServiceConfig, resolve_batching
 
@@ -23,6 +23,7 @@ EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
   COMPIR_API_KEY=secret compir serve exports/tiny indexes/tiny --host 0.0.0.0
   compir serve exports/tiny indexes/tiny --batching on --batch-wait-ms 5 --max-k 50
+  compir serve exports/p2w indexes/p2w --prompt-template "a photo of * that {modification}"   (zero-shot export)
 
   curl -F reference=@shoe.png -F text='make it red' -F k=5 http://127.0.0.1:8000/search
   curl -H 'content-type: application/json' -d '{"text": "a red circle", "k": 5}' \\
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require this key in X-API-Key (default: $COMPIR_API_KEY)")
     add_runtime_args(parser)
+    add_prompt_template_arg(parser)
     batching = parser.add_argument_group("dynamic batching of concurrent searches")
     batching.add_argument("--batching", choices=["auto", "on", "off"], default="auto",
                           help="auto (default): on when the encoders run on a GPU, off on a CPU")
@@ -99,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retriever = Retriever.from_dirs(
         args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant,
         writable=True,  # one writer per index: a second `compir serve` of this folder is refused, naming this one's pid
+        prompt_template=args.prompt_template,
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)
@@ -130,12 +133,15 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     scale = ray_serve.Scale(replicas=args.replicas if args.replicas is not None else 2, autoscale=autoscale)
     # A mismatched export and index are refused here, in a second, not by a replica after Ray starts.
     manifest = load_manifest(args.export_dir)
+    if args.prompt_template is not None:
+        manifest.composition_spec.template(args.prompt_template)  # a bad template: one line, before Ray starts
     read_index_record(Path(args.index_dir), encoder=manifest.encoder_fingerprint(), manifest_sha256=manifest_sha256(args.export_dir))
     providers = providers_from(args)
     spec = ray_serve.RaySpec(
         export_dir=str(Path(args.export_dir).resolve()), index_dir=str(Path(args.index_dir).resolve()),
         config=config_from_args(args, backend_info={}), batching_mode=args.batching,  # resolved on each replica
         backend=args.backend, providers=tuple(providers) if providers else None, variant=args.variant, scale=scale,
+        prompt_template=args.prompt_template,
     )
     if not spec.config.api_key and not _is_loopback(args.host):
         print(f"compir serve: warning: {args.host} is reachable from other machines and no API key is set "

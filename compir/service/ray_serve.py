@@ -103,6 +103,7 @@ class RaySpec:
     providers: tuple[str, ...] | None = None
     variant: str | None = None
     scale: Scale = Scale()
+    prompt_template: str | None = None  # a zero-shot export's query-time template (None: the export's)
 
     @property
     def wants_gpu(self) -> bool:
@@ -310,7 +311,8 @@ class ServiceReplica:
 
         _, serve = import_serve()
         encoder = Encoder.from_export(Path(spec.export_dir), backend=spec.backend,
-                                      providers=list(spec.providers) if spec.providers else None, variant=spec.variant)
+                                      providers=list(spec.providers) if spec.providers else None, variant=spec.variant,
+                                      prompt_template=spec.prompt_template)
         encoder.warmup()
         config = spec.config
         if spec.batching_mode is not None:

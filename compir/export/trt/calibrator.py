@@ -20,17 +20,23 @@ from compir.errors import ContractError
 from compir.export.graphs import graph_inputs, select_batch
 from compir.export.parity import open_session, run_session
 from compir.export.samples import Samples
-from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, external_data_path
+from compir.manifest import IMAGE_ENCODER, TEXT_ENCODER, TOKEN_MAPPER, external_data_path
 
 
-def calibration_feeds(graphs: dict[str, Path], samples: Samples, *, roles: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Feeds of each of ``roles`` from real samples; composer inputs come from the fp32 encoders in ``graphs``."""
+def calibration_feeds(
+    graphs: dict[str, Path], samples: Samples, *, roles: Sequence[str], prompt_ids: np.ndarray | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds of each of ``roles`` from real samples; composer (zero-shot: token mapper and prompt encoder) inputs
+    come from the fp32 graphs in ``graphs``; ``prompt_ids``: the samples' texts in a zero-shot export's template."""
     features = {
         "image_features": run_session(open_session(graphs[IMAGE_ENCODER]), {"pixel_values": samples.pixel_values})["image_features"],
         "text_features": run_session(open_session(graphs[TEXT_ENCODER]), {"input_ids": samples.input_ids})["text_features"],
     }
+    if TOKEN_MAPPER in graphs:
+        mapped = run_session(open_session(graphs[TOKEN_MAPPER]), {"image_features": features["image_features"]})
+        features["pseudo_tokens"] = mapped["pseudo_tokens"]
     return {
-        role: graph_inputs(role, pixel_values=samples.pixel_values, input_ids=samples.input_ids, features=features)
+        role: graph_inputs(role, pixel_values=samples.pixel_values, input_ids=samples.input_ids, features=features, prompt_ids=prompt_ids)
         for role in roles
     }
 

@@ -30,11 +30,21 @@ from compir.engines import (
 )
 from compir.errors import ContractError
 from compir.export.trt.profiles import calibration_batch, calibration_shapes, compute_profile, token_range
-from compir.manifest import COMPOSER, IMAGE_ENCODER, QUERY_ENCODER, TEXT_ENCODER, load_manifest, manifest_sha256
+from compir.manifest import (
+    COMPOSER,
+    IMAGE_ENCODER,
+    PROMPT_ENCODER,
+    QUERY_ENCODER,
+    TEXT_ENCODER,
+    TOKEN_MAPPER,
+    load_manifest,
+    manifest_sha256,
+)
 
 DEFAULT_ENGINE_DIR = "engines"
-# Every role the variant has: the fused query_encoder only when the export was made with --fused.
-DEFAULT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, QUERY_ENCODER)
+# Every role the variant has: the fused query_encoder only when the export was made with --fused; a zero-shot
+# export's token_mapper and prompt_encoder in place of the composer.
+DEFAULT_ROLES = (IMAGE_ENCODER, TEXT_ENCODER, COMPOSER, TOKEN_MAPPER, PROMPT_ENCODER, QUERY_ENCODER)
 CALIBRATION_BATCH = 8
 log = logging.getLogger(__name__)
 
@@ -247,14 +257,12 @@ def _with_calibration(
             f"int8-static variant instead (--variant int8-static: its Q/DQ scales come from the export machine)"
         ) from exc
 
-    samples = load_samples(
-        preprocess=manifest.preprocess,
-        tokenizer=load_tokenizer(folder, manifest.tokenizer),
-        data_dir=calibration_data,
-        count=count,
-    )
+    tokenizer = load_tokenizer(folder, manifest.tokenizer)
+    samples = load_samples(preprocess=manifest.preprocess, tokenizer=tokenizer, data_dir=calibration_data, count=count)
+    template = manifest.composition_spec.template() if manifest.zero_shot else None
+    prompt_ids = tokenizer([template.fill(text) for text in samples.texts]) if template is not None else None
     fp32 = {role: folder / graph.file for role, graph in manifest.variant("fp32").graphs.items()}
-    feeds = calibration_feeds(fp32, samples, roles=roles)
+    feeds = calibration_feeds(fp32, samples, roles=roles, prompt_ids=prompt_ids)
     # Split at the size the calibration profile will have (CALIBRATION_BATCH clamped into the profile).
     batch = calibration_batch(CALIBRATION_BATCH, min_batch=options.min_batch, max_batch=options.max_batch)
     return replace(options, calibration_batches={role: split_batches(feeds[role], batch=batch) for role in roles})
