@@ -33,6 +33,7 @@ EPILOG = """examples:
   compir quickstart --steps 600              # a fixed step count: the same model on any machine
 
   compir quickstart --demo                   # then open the Gradio demo on the result
+  compir quickstart --zero-shot              # no triplets: a CLIP on scene descriptions + Pic2Word on images
 
 Everything goes under --out: data/ (the synthetic benchmark), run/ (best.pt, last.pt,
 train_log.json), eval.json (test metrics), export/ (ONNX graphs + manifest.json), gallery/
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-val", type=int, default=1000, help="validation queries (default: %(default)s)")
     parser.add_argument("--n-test", type=int, default=4000, help="test queries (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="zero-shot CIR: train a CLIP on images and descriptions, then Pic2Word's mapping net on images "
+                             "only (no triplet), and compare with the training-free baselines")
     parser.add_argument("--demo", action="store_true", help="afterwards, serve the Gradio demo on 127.0.0.1 (Ctrl-C stops it)")
     parser.add_argument("--port", type=int, default=7860, help="demo port (default: %(default)s)")
     return parser
@@ -234,9 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_val=args.n_val,
         n_test=args.n_test, progress=not args.no_progress,
     )
-    summary = run_quickstart(state)
+    if args.zero_shot:
+        from compir.quickstart_zero_shot import ZERO_SHOT_STEPS
+
+        summary = run_quickstart(state, steps=ZERO_SHOT_STEPS)
+    else:
+        summary = run_quickstart(state)
     print("\nwhere everything went:")
     print(f"  data        {summary['data']['path']}")
+    if "clip" in summary:
+        print(f"  CLIP        {summary['clip']['best_checkpoint']}  (trained on images and descriptions only)")
     print(f"  checkpoint  {summary['train']['best_checkpoint']}  (last.pt and train_log.json beside it)")
     print(f"  test report {summary['eval']['path']}")
     print(f"  export      {summary['export']['path']}")
