@@ -23,7 +23,7 @@ from compir.service.app import create_app
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.server import BackgroundServer
-from tests.fixtures.service import KEY, LIMITS, hits_of, png_bytes
+from tests.fixtures.service import KEY, LIMITS, free_port, hits_of, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_search_cli_timings_say_the_text_cache_cannot_apply(zs_export: Path, zs_
                  "--prompt-template", "no placeholder {modification}"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "the placeholder word '*' is missing" in error
+    for command in ("serve", "demo"):  # refused before a server starts
+        assert main([command, str(zs_export), str(zs_index), "--port", str(free_port()), "--prompt-template", "* * {modification}"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "appears 2 times" in error, (command, error)
 
 
 def test_index_build_and_eval_on_a_zero_shot_export(zs_export: Path, zs_index: Path, synth_data: Path, tmp_path: Path) -> None:
@@ -134,8 +138,9 @@ def served(zs_export: Path, zs_index: Path, tmp_path_factory: pytest.TempPathFac
     retriever = Retriever.from_dirs(zs_export, index, providers=["cpu"], prompt_template="a * that is {modification}")
     engine = ServiceEngine(retriever, config=ServiceConfig(limits=LIMITS, batching=BatchingConfig(wait_ms=5), api_key=KEY))
     engine.warm_up()
-    with BackgroundServer(create_app(engine)) as server, httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30) as client:
-        yield client, retriever
+    with BackgroundServer(create_app(engine)) as server:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}, timeout=30) as client:
+            yield client, retriever
 
 
 def test_the_http_api_serves_a_zero_shot_export(served, query) -> None:  # type: ignore[no-untyped-def]

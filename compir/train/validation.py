@@ -95,11 +95,14 @@ def text_to_image_recall(
                         for chunk in in_chunks(list(paths), batch_size, desc="held-out images", progress=progress)])
     texts = torch.cat([model.encode_text(model.tokenizer(list(chunk)).to(device))[0].float().cpu()
                        for chunk in in_chunks(list(captions), batch_size, desc="held-out captions", progress=progress)])
-    scores = (texts @ images.T).numpy()  # (N captions, N images)
-    labels = np.asarray(captions, dtype=object)
-    correct = labels[:, None] == labels[None, :]  # (N, N) images described by the same text
-    best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)
-    rank = (scores > best).sum(axis=1)  # images ranked above the best correct one
+    _, label = np.unique(np.asarray(captions, dtype=object), return_inverse=True)  # equal texts, equal labels
+    ranks = []
+    for start in range(0, len(captions), batch_size):  # (chunk, N) at a time: a large --val-csv fits in memory
+        scores = (texts[start : start + batch_size] @ images.T).numpy()
+        correct = label[start : start + batch_size, None] == label[None, :]  # images described by the same text
+        best = np.where(correct, scores, -np.inf).max(axis=1, keepdims=True)
+        ranks.append((scores > best).sum(axis=1))  # images ranked above the best correct one
+    rank = np.concatenate(ranks)
     return {f"R@{k}": float(100.0 * np.mean(rank < k)) for k in RECALL_AT}
 
 
