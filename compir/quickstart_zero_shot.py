@@ -16,10 +16,11 @@ from compir.quickstart import QuickstartState, Step, example_query, export_model
 # The budget's split between the CLIP and the mapping net, and the recipe's step counts (measured: the
 # figures in docs/zero-shot.md come from them). The mapping net is small: its steps cost the frozen towers' forward.
 CLIP_SHARE = 0.8
-CLIP_RECIPE_STEPS = 500
-MAPPING_RECIPE_STEPS = 300
-CLIP_LR = 1e-3
+CLIP_RECIPE_STEPS = 400
+MAPPING_RECIPE_STEPS = 150
+CLIP_LR = 2e-3
 MAPPING_LR = 1e-3
+BATCH_SIZE = 64  # both stages (docs/training.md's recipe)
 
 
 def train_clip(state: QuickstartState) -> None:
@@ -29,7 +30,7 @@ def train_clip(state: QuickstartState) -> None:
     steps = state.steps
     result = train(TrainOptions(
         data=state.data_dir, out_dir=state.out_dir / "clip", model=state.model or _default_model(), objective="clip",
-        minutes=None if steps else state.minutes * CLIP_SHARE, steps=steps, amp=state.amp, lr=CLIP_LR,
+        minutes=None if steps else state.minutes * CLIP_SHARE, steps=steps, amp=state.amp, lr=CLIP_LR, batch_size=BATCH_SIZE,
         expected_steps=None if steps else CLIP_RECIPE_STEPS, steps_per_epoch=50, val_queries=500, seed=state.seed,
         progress=state.progress,
     ))
@@ -45,7 +46,7 @@ def train_mapping(state: QuickstartState) -> None:
     steps = mapping_steps(state.steps)
     result = train(TrainOptions(
         data=state.data_dir, out_dir=state.out_dir / "run", init=state.checkpoint, head="pic2word",
-        minutes=None if steps else state.minutes * (1 - CLIP_SHARE), steps=steps, amp=state.amp, lr=MAPPING_LR,
+        minutes=None if steps else state.minutes * (1 - CLIP_SHARE), steps=steps, amp=state.amp, lr=MAPPING_LR, batch_size=BATCH_SIZE,
         steps_per_epoch=50, val_queries=500, seed=state.seed, progress=state.progress,
     ))
     state.checkpoint = result.best_checkpoint
