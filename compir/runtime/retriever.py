@@ -42,6 +42,7 @@ from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import AddResult, Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
+from compir.runtime.warmup import WarmUp, warm_up
 
 _QUERY_KEYS = {"text", "reference_image", "reference_id"}
 
@@ -64,6 +65,7 @@ class Retriever:
         self._lock = threading.RLock()
         self._texts: OrderedDict[str, _Text] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self.warmed_up: WarmUp | None = None  # what compir.runtime.warmup.warm_up ran (from_dirs runs it)
 
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
@@ -73,12 +75,14 @@ class Retriever:
         built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it;
         ``text_cache_size=0`` encodes every query's text (e.g. to time it). ``writable=True`` takes the
         index's writer lock now (one writer per index; a ContractError names the holder); without it
-        the lock is taken at the first gallery change. :meth:`close` releases it."""
+        the lock is taken at the first gallery change. :meth:`close` releases it. Returns once warm
+        (:func:`~compir.runtime.warmup.warm_up`: every graph, the index and the image decoders ran once)."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant)
         gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view,
                                writable=writable)
-        encoder.warmup()
-        return cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
+        retriever = cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
+        retriever.warmed_up = warm_up(retriever)  # ready means warm: the first query runs at the speed of the next
+        return retriever
 
     # ---- introspection ------------------------------------------------------------------------
     def __len__(self) -> int:
