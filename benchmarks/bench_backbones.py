@@ -18,7 +18,10 @@ forced to 77 tokens, what the cut saves):
   levels (the runtime uses all) and the share of fp32 time spent in MatMul (onnxruntime's profiler);
 - fp32 after onnxruntime's transformer optimizer (LayerNorm / SkipLayerNorm / BiasGelu / attention
   fusions into com.microsoft ops): its latency, what it fused and its distance to the plain graph.
-  The export does not apply it: on ViT-B-32 it fused no attention and was 4-7 % slower.
+  The export does not apply it: on ViT-B-32 it fused no attention and was 4-7 % slower;
+- how close to the machine: each encoder's multiply-accumulates (counted from its graph,
+  :mod:`benchmarks.macs`) per second at batch 1 on one thread, fp32 and int8-dynamic, against a
+  2048 x 2048 GEMM's rate on one thread in the same run (:mod:`benchmarks.gemm_peak`).
 
 Goals: fp32 >= 2x and int8 >= 3x torch at batch 1 (1 thread); int8 cosine to fp32 >= 0.99.
 A model that cannot be built or exported is skipped with its reason printed.
@@ -37,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import BenchResult, Panel, bar_chart, interleaved_runs, markdown_table
+from benchmarks.gemm_peak import SIZE, gemm_peaks
+from benchmarks.macs import count_macs
 
 NAME = "backbones"
 DESCRIPTION = "per open_clip backbone (ViT-B-32, RN50; random weights): image / text encoder and composed query, torch eager vs ORT"
@@ -46,6 +51,7 @@ INT8 = BACKENDS[2:]
 FULL_CONTEXT = "fp32-77"  # the fp32 graphs with the text kept at the full 77-token context (no cut)
 PARTS = ("image", "text", "query")
 BATCH = 32
+MAC_VARIANTS = {"fp32": "fp32 numpy", "int8-dynamic": "u8s8 onnxruntime"}  # variant -> the GEMM peak it is judged by
 QUERY_TEXT = "make the red circle bigger and move it to the top left"
 
 
@@ -199,6 +205,12 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
         del sessions
         fused_path.unlink()
 
+    # Multiply-accumulates per call at batch 1 (the inputs the b1 timings ran), for the achieved MAC/s.
+    size = manifest.preprocess.image_size
+    b1_ids = fit_length(ids[:1], length=text_length(manifest.graph("text_encoder", "fp32")), pad_id=manifest.tokenizer.pad_id)
+    macs = {v: {"image": count_macs(graphs[v]["image"], input_shapes={"pixel_values": (1, 3, size, size)}),
+                "text": count_macs(graphs[v]["text"], input_shapes={"input_ids": b1_ids.shape})} for v in MAC_VARIANTS}
+
     # int8's cost: cosine of its embeddings to fp32's on the same 32 inputs.
     embeds = {}
     for variant in BACKENDS[1:]:
@@ -215,7 +227,31 @@ def _bench_model(name: str, work: Path, *, rounds: int, batch_rounds: int, usabl
         "int8_cosine_to_fp32": cosine,
         "fp32_graph_levels_ms": levels,
         "fp32_transformer_fusions": fusions,
+        "macs_b1": {v: {part: count.macs for part, count in parts.items()} for v, parts in macs.items()},
+        "macs_unresolved": {v: {part: list(count.unresolved) for part, count in parts.items()} for v, parts in macs.items()},
     }
+
+
+def _mac_rate_table(results: dict[str, Any], peaks: dict[str, float]) -> str:
+    """Achieved G MAC/s of each encoder (batch 1, 1 thread, best run) against the same run's GEMM peak for its dtype."""
+    rows = []
+    for name, r in results.items():
+        for variant, peak_name in MAC_VARIANTS.items():
+            for part in ("image", "text"):
+                macs, ms = r["macs_b1"][variant][part], r["min_ms"]["b1"][part][variant]
+                rate = macs / ms / 1e6
+                rows.append([name, part, variant, f"{macs / 1e9:.3f}", ms, f"{rate:.1f}", f"{peaks[peak_name]:.1f} ({peak_name})",
+                             f"{100 * rate / peaks[peak_name]:.0f} %"])
+    from compir.doctor.machine import cpu_info
+
+    others = ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())
+    cpu = cpu_info()
+    return (
+        f"\n\nMultiply-accumulates per second on {cpu.model} (CPU class {cpu.cpu_class}; batch 1, 1 thread, best run; MACs of "
+        f"MatMul / Gemm / Conv counted from the graph) against a {SIZE}x{SIZE} GEMM on one thread in the same run "
+        f"(G MAC/s: {others}):\n\n"
+        + markdown_table(["model", "part", "variant", "G MACs", "b1 min ms", "G MAC/s", "GEMM peak G MAC/s", "of peak"], rows)
+    )
 
 
 def _skip_reason(name: str) -> str | None:
@@ -290,6 +326,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
          "fused max abs to fp32"],
         level_rows,
     )
+    peaks = gemm_peaks() if results else {}
+    if results:
+        table += _mac_rate_table(results, peaks)  # a table, not a plot: the CPU class goes with every figure
     plots = []
     if results:
         plots.append(bar_chart(out_dir / "backbones.png", panels=[
@@ -304,5 +343,5 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         + json.dumps(goals)
         + (f". Skipped: {json.dumps(skipped)}" if skipped else "")
     )
-    figures = {"models": results, "skipped": skipped, "goals": goals, "threads": 1}
+    figures = {"models": results, "skipped": skipped, "goals": goals, "threads": 1, "gemm_peak_gmacs": peaks}
     return BenchResult(name=NAME, figures=figures, table=table, plots=tuple(plots), notes=notes)

@@ -6,17 +6,14 @@ and Gradio-free, so it is tested directly and the Gradio layer stays a thin shel
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from compir.contracts import ENGINES_FILE
-from compir.errors import CompirError, InputError
+from compir.errors import InputError
 from compir.images import DEFAULT_MAX_PIXELS, load_image
 from compir.runtime.retriever import Retriever
 from compir.runtime.types import AddResult, Hit
@@ -129,7 +126,7 @@ class DemoSession:
         retriever = Retriever.from_dirs(self.export_dir, self.index_dir, backend=choice.backend, providers=choice.providers,
                                         writable=True,  # the demo saves additions: one writer per index
                                         prompt_template=self.prompt_template)
-        self.warm = _warm_up(retriever)
+        self.warm = retriever.warmed_up is not None  # from_dirs warmed every stage: the page reports warm latencies
         return retriever
 
     def switch_backend(self, label: str) -> BackendChoice:
@@ -248,14 +245,3 @@ class DemoSession:
                 folders.add(path.resolve().parent)
         return sorted(folders)
 
-
-def _warm_up(retriever: Retriever) -> bool:
-    """Run every stage of a composed query once (decode, encoders, compose, search), so the
-    latencies the page reports are warm ones. False if it could not (the page then says cold)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, format="PNG")
-    try:
-        retriever.search_detailed(reference_image=buffer.getvalue(), text="warm up", k=1)
-    except CompirError:
-        return False
-    return True

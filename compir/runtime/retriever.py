@@ -47,6 +47,7 @@ from compir.runtime.rerankers import load_reranker
 from compir.runtime.tokenizer import MAX_TEXT_CHARS
 from compir.runtime.types import AddResult, Hit, SearchResult
 from compir.runtime.uploads import image_bytes, validate_item_id
+from compir.runtime.warmup import WarmUp, warm_up
 
 _QUERY_KEYS = {"text", "reference_image", "reference_id"}
 
@@ -69,6 +70,7 @@ class Retriever:
         self._lock = threading.RLock()
         self._texts: OrderedDict[str, _Text] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self.warmed_up: WarmUp | None = None  # what compir.runtime.warmup.warm_up ran (from_dirs runs it)
 
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
@@ -79,13 +81,15 @@ class Retriever:
         ``text_cache_size=0`` encodes every query's text (e.g. to time it). ``writable=True`` takes the
         index's writer lock now (one writer per index; a ContractError names the holder); without it
         the lock is taken at the first gallery change. :meth:`close` releases it. ``prompt_template``: a zero-shot
-        export's template for this retriever's queries (default: the export's; InputError with the reason when bad)."""
+        export's template for this retriever's queries (default: the export's; InputError with the reason when bad).
+        Returns once warm (:func:`~compir.runtime.warmup.warm_up`: every graph, the index and the image decoders ran once)."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant,
                                       prompt_template=prompt_template)
         gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view,
                                writable=writable)
-        encoder.warmup()
-        return cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
+        retriever = cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)
+        retriever.warmed_up = warm_up(retriever)  # ready means warm: the first query runs at the speed of the next
+        return retriever
 
     # ---- introspection ------------------------------------------------------------------------
     def __len__(self) -> int:

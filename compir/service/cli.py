@@ -104,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_template=args.prompt_template,
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
-    engine = ServiceEngine(retriever, config=config)
-    engine.warm_up()
+    engine = ServiceEngine(retriever, config=config)  # the retriever is warm: from_dirs ran warm_up
     batching = config.batching
+    warm_ms = retriever.warmed_up.ms if retriever.warmed_up is not None else 0.0
     print(
-        f"compir serve: {len(retriever)} items, backend {retriever.backend_info}; "
+        f"compir serve: {len(retriever)} items, backend {retriever.backend_info}; warmed up in {warm_ms:.0f} ms; "
         + (f"dynamic batching on (max {batching.max_batch}, wait {batching.wait_ms:g} ms" if batching.enabled
            else "dynamic batching off (")
         + f"{'; ' if batching.enabled else ''}{batching.reason}); auth {'X-API-Key' if config.api_key else 'none'}\n"

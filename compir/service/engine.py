@@ -28,6 +28,7 @@ from PIL import Image
 from compir.errors import InputError
 from compir.runtime.types import AddResult, Hit
 from compir.runtime.uploads import validate_item_id
+from compir.runtime.warmup import warm_up
 from compir.service.batcher import Batcher, BatcherFactory, DynamicBatcher
 from compir.service.config import ServiceConfig
 
@@ -112,8 +113,10 @@ class ServiceEngine:
             self._batcher = batcher(self._search_batch, max_batch=config.batching.max_batch, wait_ms=config.batching.wait_ms)
 
     def warm_up(self) -> None:
-        """One composed query through every graph, so the first client does not pay for session start-up."""
-        self.retriever.search(reference_image=Image.new("RGB", (64, 64), "white"), text="warm up", k=1)
+        """Warm a retriever not opened by ``Retriever.from_dirs`` (which warms its own; a Ray replica's is
+        not): every graph, the index and the image decoders run once, so the first client is not the cold one."""
+        if self.retriever.warmed_up is None:
+            self.retriever.warmed_up = warm_up(self.retriever)
 
     def close(self) -> None:
         if self._batcher is not None:

@@ -313,7 +313,6 @@ class ServiceReplica:
         encoder = Encoder.from_export(Path(spec.export_dir), backend=spec.backend,
                                       providers=list(spec.providers) if spec.providers else None, variant=spec.variant,
                                       prompt_template=spec.prompt_template)
-        encoder.warmup()
         config = spec.config
         if spec.batching_mode is not None:
             batching = resolve_batching(spec.batching_mode, backend_info=encoder.backend_info(),
@@ -322,6 +321,7 @@ class ServiceReplica:
         retriever = Retriever(encoder, GalleryProxy(owner).as_gallery(), reranker=load_reranker(encoder))
         factory: BatcherFactory = ServeBatcher if config.batching.enabled else DynamicBatcher
         self.engine = ServiceEngine(retriever, config=config, batcher=factory)
+        self.engine.warm_up()  # graphs, decoders and a search through the owner: the replica is ready once warm
         self.replica_id = str(serve.get_replica_context().replica_id.unique_id)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
