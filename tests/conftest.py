@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.export",
     "tests.fixtures.index",
     "tests.fixtures.service",
+    "tests.fixtures.milvus_server",
 ]
