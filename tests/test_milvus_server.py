@@ -20,6 +20,7 @@ from tests.fixtures.milvus_server import START_TIMEOUT_S, MilvusServer
 from tests.fixtures.service import add_until_killed, free_port, png_bytes, start_serve, stop_serve
 
 pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+pytestmark = pytest.mark.usefixtures("milvus_server")  # first: where it cannot start, skip before the model fixtures are built
 
 
 @pytest.fixture(scope="module")
