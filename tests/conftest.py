@@ -9,5 +9,6 @@ pytest_plugins = [
     "tests.fixtures.export",
     "tests.fixtures.index",
     "tests.fixtures.service",
+    "tests.fixtures.milvus_server",
     "tests.fixtures.zero_shot",
 ]

@@ -1,6 +1,8 @@
-"""The Milvus index backend on Milvus Lite: `compir index build --index-backend milvus`, the Retriever
-and `compir search` on it, its refusals, and the service's gallery and search tests run against it.
-The gallery behaviour both backends share is tested in test_index.py (parametrised over backends)."""
+"""The Milvus index backend: `compir index build --index-backend milvus`, the Retriever and `compir
+search` on it, its refusals, and the service's gallery and search tests run against it, each on a
+Milvus Lite file and on a Milvus server (``milvus_uri``; the server's own tests, processes sharing
+it and its restarts, are in test_milvus_server.py). The gallery behaviour both backends share is
+tested in test_index.py (parametrised over backends)."""
 
 from __future__ import annotations
 
@@ -38,29 +40,29 @@ pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
 
 
 @pytest.fixture(scope="module")
-def milvus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("milvus")  # its cir.db: one Milvus Lite file for the module
+def milvus_root(tmp_path_factory: pytest.TempPathFactory, milvus_uri: str) -> Path:
+    return tmp_path_factory.mktemp("milvus")  # the index folders (one set per Milvus of milvus_uri)
 
 
-def build_milvus_index(tiny_export: Path, synth_data: Path, root: Path, collection: str) -> Path:
-    """The tiny gallery built by the CLI into collection ``collection`` of ``root/cir.db``."""
+def build_milvus_index(tiny_export: Path, synth_data: Path, root: Path, uri: str, collection: str) -> Path:
+    """The tiny gallery built by the CLI into collection ``collection`` at ``uri``, its folder in ``root``."""
     out = root / collection
     argv = ["build", str(tiny_export), "--images", str(synth_data / "images"), "--out", str(out), "--index-backend", "milvus",
-            "--milvus-uri", str(root / "cir.db"), "--collection", collection, "--quiet", "--workers", "2"]
+            "--milvus-uri", uri, "--collection", collection, "--quiet", "--workers", "2"]
     assert index_main(argv) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def milvus_index(tiny_export: Path, synth_data: Path, milvus_root: Path) -> Path:
+def milvus_index(tiny_export: Path, synth_data: Path, milvus_root: Path, milvus_uri: str) -> Path:
     """An index folder naming a Milvus collection that the tests here only read."""
-    return build_milvus_index(tiny_export, synth_data, milvus_root, "tiny")
+    return build_milvus_index(tiny_export, synth_data, milvus_root, milvus_uri, "tiny")
 
 
 @pytest.fixture(scope="module")
-def served(tiny_export: Path, synth_data: Path, milvus_root: Path) -> Iterator[Served]:
+def served(tiny_export: Path, synth_data: Path, milvus_root: Path, milvus_uri: str) -> Iterator[Served]:
     """test_service_api's `served` on a Milvus index of its own (the tests imported above change it)."""
-    index_dir = build_milvus_index(tiny_export, synth_data, milvus_root, "served")
+    index_dir = build_milvus_index(tiny_export, synth_data, milvus_root, milvus_uri, "served")
     retriever = Retriever.from_dirs(tiny_export, index_dir, providers=["cpu"])
     engine = ServiceEngine(retriever, config=ServiceConfig(limits=LIMITS, batching=BatchingConfig(wait_ms=5), api_key=KEY))
     with BackgroundServer(create_app(engine)) as server:
@@ -72,7 +74,7 @@ def test_index_json_names_the_collection_and_searches_match_usearch(tiny_export:
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     record = json.loads((milvus_index / "index.json").read_text())
     assert record["backend"] == "milvus" and record["schema_version"] == 3 and "files" not in record
-    assert record["milvus"]["collection"] == "tiny" and Path(record["milvus"]["uri"]).is_absolute()
+    assert record["milvus"]["collection"] == "tiny" and ("://" in record["milvus"]["uri"] or Path(record["milvus"]["uri"]).is_absolute())
     assert record["milvus"]["index_type"] == "HNSW" and record["milvus"]["index_params"] == {"M": 16, "efConstruction": 128}
     assert sorted(p.name for p in milvus_index.iterdir()) == ["index.json"]  # the items live in Milvus only
     on_milvus = Retriever.from_dirs(tiny_export, milvus_index, providers=["cpu"])
@@ -107,7 +109,7 @@ def test_a_failed_insert_is_reported_and_adds_nothing(tiny_export: Path, milvus_
     before, shape = len(gallery), (2, *gallery.feature_shape)
     embeds = np.eye(2, gallery.ndim, dtype=np.float32)
     too_long = "images/" + "x" * MAX_PATH_CHARS  # longer than the collection's path field: Milvus refuses the request
-    with pytest.raises(ContractError, match=r"Milvus at .* failed to insert 2 items: .*max_length.*; none was added"):
+    with pytest.raises(ContractError, match=r"Milvus at .* failed to insert 2 items: .*max.length.*; none was added"):
         gallery.add(["fine-a", "long-b"], embeds=embeds, features=np.zeros(shape, np.float32), paths=["", too_long])
     assert len(gallery) == before and "fine-a" not in gallery and "long-b" not in gallery
 

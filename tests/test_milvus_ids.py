@@ -1,8 +1,8 @@
-"""Item ids never become Milvus expression syntax (issue 23, item 1), on Milvus Lite: the filter
-builder against Milvus Lite's own parser, the store with ids holding quotes, backslashes and
-newlines, the HTTP API with an injection payload, and `compir index build` on a folder holding
-``John's photo.png``. (A Milvus server's grammar is the other one the builder targets; the tests
-that run against a server are in the server suite.)"""
+"""Item ids never become Milvus expression syntax (issue 23, item 1): the filter builder against
+Milvus Lite's own parser; then, on a Milvus Lite file and on a Milvus server (``milvus_uri``), the
+store with ids holding quotes, backslashes and newlines (listing them too: pymilvus's own query
+iterator quotes the last id of a page unescaped), the HTTP API with an injection payload, and
+`compir index build` on a folder holding ``John's photo.png``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_the_filter_builder_yields_exactly_the_values_for_milvus_lites_parser(va
 
 
 @pytest.fixture(scope="module")
-def hostile_index(tiny_export: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hostile_index(tiny_export: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory, milvus_uri: str) -> Path:
     """`compir index build --milvus-uri` on 6 synthetic images, ``target.png`` and ``John's photo.png`` (the same image)."""
     root = tmp_path_factory.mktemp("hostile")
     images = root / "images"
@@ -57,7 +57,7 @@ def hostile_index(tiny_export: Path, synth_data: Path, tmp_path_factory: pytest.
     for name in (f"{TARGET}.png", "John's photo.png"):
         shutil.copyfile(sources[6], images / name)
     argv = ["index", "build", str(tiny_export), "--images", str(images), "--out", str(root / "index"),
-            "--milvus-uri", str(root / "cir.db"), "--quiet", "--workers", "1"]
+            "--milvus-uri", milvus_uri, "--collection", "hostile", "--quiet", "--workers", "1"]
     assert compir_main(argv) == 0
     return root / "index"
 

@@ -5,9 +5,7 @@ adds survive kill -9, and a busy port is one line and exit status 2 before the m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from compir.service.app import create_app
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.server import BackgroundServer
-from tests.fixtures.service import free_port, png_bytes, start_serve
+from tests.fixtures.service import add_until_killed, free_port, png_bytes, start_serve
 
 
 def test_concurrent_adds_share_saves_and_each_is_on_disk_when_acknowledged(tiny_export, tiny_index, tmp_path):
@@ -53,37 +51,8 @@ def test_acknowledged_adds_survive_kill_9(tiny_export, tiny_index, tmp_path):
     shutil.copytree(tiny_index, index)
     port = free_port()
     process = start_serve(tiny_export, index, port)
-    url = f"http://127.0.0.1:{port}"
-    acked: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def adder(worker: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for n in range(1000):
-                if stop.is_set():
-                    return
-                try:
-                    r = client.post("/gallery/items", files=[("files", (f"k{worker}-{n}.png", png_bytes((30 + n % 9, 30)), "image/png"))])
-                except httpx.HTTPError:
-                    return  # the server died with this add in flight
-                if r.status_code == 200:
-                    with lock:
-                        acked.append(f"k{worker}-{n}")
-
     workers = 6
-    threads = [threading.Thread(target=adder, args=(w,)) for w in range(workers)]
-    for thread in threads:
-        thread.start()
-    while len(acked) < 12 and process.poll() is None:
-        threading.Event().wait(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(30)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    with lock:
-        acknowledged = set(acked)
+    acknowledged = add_until_killed(f"http://127.0.0.1:{port}", process, prefix="k", workers=workers)
     reopened = Retriever.from_dirs(tiny_export, index, providers=["cpu"])
     on_disk = {item for item in reopened.item_ids() if item.startswith("k")}
     assert len(acknowledged) >= 12

@@ -16,6 +16,10 @@ Why this layout:
   array-of-vector field, and a server caps it at 32,768 dimensions unless its proxy.maxDimension
   is raised), ``path`` (VARCHAR) and ``added`` (INT64 nanoseconds by the writer's clock: ids are
   listed in the order they were added, as usearch does).
+- **Split layout on servers older than 2.4** (one vector field per collection): ``features`` lives
+  in a second collection, ``<collection>__features`` (``id`` + ``features``), which the main one
+  names in its properties. An add writes the features first and the item second, a removal the
+  other way round, so the main collection never lists an item without its features.
 - **Writes are upserts**, so adding an id again replaces it (Milvus does not refuse a duplicate
   primary key on insert; an upsert never makes one). Reads use Strong consistency: a search sees
   every write acknowledged before it, from any process.
@@ -32,18 +36,16 @@ refused unless asked to overwrite it: ``--overwrite`` replaces the collection of
 index (the collection records the folder that built it), ``--overwrite-collection NAME`` one that
 another index folder uses. Dropping and refilling is not atomic (an index folder that named the
 dropped collection sees the new one, or refuses it if another encoder filled it); a build that
-fails drops the collection it created. Filters are built by :func:`in_filter` only, so an id is
-always a string literal, never expression syntax.
+fails drops the collection it created. Filters are built by :mod:`compir.runtime.milvus_client`
+only, so an id is always a string literal, never expression syntax; that module also turns a
+server that is down or restarting into a 503 (UnavailableError) that clears once it is back.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import re
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,24 +55,26 @@ from typing import Any
 import numpy as np
 
 from compir.contracts import INDEX_FILE
-from compir.errors import ContractError, InputError
+from compir.errors import CompirError, ContractError, InputError
 from compir.manifest import EncoderFingerprint
 from compir.runtime.index import HnswConfig
+from compir.runtime.milvus_client import NAME, after_filter, call, connect, in_filter, is_server, server_version
 from compir.runtime.store import IMAGES_DIR, unknown_item
 from compir.runtime.uploads import MAX_ID_CHARS
-from compir.runtime.writer_lock import lite_lock_holder
+
+__all__ = ["DEFAULT_COLLECTION", "MAX_PATH_CHARS", "MilvusConfig", "MilvusStore", "in_filter"]
 
 MILVUS_SCHEMA = 3  # of index.json: a Milvus-backed index (older compir versions refuse it, naming the version)
 DEFAULT_COLLECTION = "compir_gallery"
 MAX_PATH_CHARS = 4096
 MAX_TOPK = 16_384  # Milvus's limit on one search's k: a larger k is clamped to it
 _UPSERT_BYTES = 32 << 20  # per request, under gRPC's 64 MiB message limit
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})  # in a "..." filter literal
+_PAGE = 4096  # ids per request when listing them
 _ENCODER_PROPERTY = "compir.encoder"  # collection property: the fingerprint digest of the encoder that filled it
 _INDEX_DIR_PROPERTY = "compir.index_dir"  # collection property: the index folder (absolute) whose build created it
-_CLIENTS: dict[str, Any] = {}  # one client per URI and process (Milvus Lite allows one opener per file)
-_CLIENTS_LOCK = threading.Lock()
+_FEATURES_PROPERTY = "compir.features_collection"  # collection property: where its features are (split layout only)
+_FEATURES_OF_PROPERTY = "compir.features_of"  # the features collection's property: the collection it belongs to
+_SPLIT_BELOW = (2, 4)  # servers older than this hold one vector field per collection
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class MilvusConfig:
 
     def resolved(self) -> MilvusConfig:
         """Checked, with a Milvus Lite file made absolute (index.json then opens from any directory)."""
-        if not _NAME.fullmatch(self.collection):
+        if not NAME.fullmatch(self.collection):
             raise InputError(f"Milvus collection name {self.collection!r}: use letters, digits and _, not starting with a digit")
         if "://" in self.uri:
             return self
@@ -111,11 +115,13 @@ class MilvusStore:
     backend = "milvus"
     schema_version = MILVUS_SCHEMA
 
-    def __init__(self, config: MilvusConfig, *, ndim: int, feature_shape: tuple[int, ...], client: Any) -> None:
+    def __init__(self, config: MilvusConfig, *, ndim: int, feature_shape: tuple[int, ...], client: Any,
+                 features_collection: str | None = None) -> None:
         self.config = config
         self.ndim = ndim
         self.feature_shape = tuple(feature_shape)
         self._client = client
+        self._features = features_collection or config.collection  # where the ``features`` field is
         self._dropped_paths: set[str] = set()  # images of removed or replaced items, deleted at commit if unused
 
     # ---- opening ----------------------------------------------------------------------------
@@ -126,40 +132,40 @@ class MilvusStore:
         One of the same name is dropped first with ``overwrite`` when no other index folder uses it
         (without ``index_dir``: whoever uses it), or when ``overwrite_collection`` names it."""
         config = config.resolved()
-        client = _connect(config.uri)
+        client = connect(config.uri)
         name = config.collection
-        if _call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
+        if call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
             if not overwrite and overwrite_collection != name:
                 raise InputError(f"Milvus collection {name!r} already exists at {config.uri}; "
                                  "pass --overwrite to replace it, or choose another --collection")
-            described = _call(client.describe_collection, name, what=f"describe collection {name!r}", uri=config.uri)
+            described = call(client.describe_collection, name, what=f"describe collection {name!r}", uri=config.uri)
             user = _other_user(described, config, index_dir) if index_dir is not None else None
             if user is not None and overwrite_collection != name:
                 raise InputError(f"Milvus collection {name!r} at {config.uri} is used by {user}; --overwrite replaces only the "
                                  f"collection of --out's own index: pass --overwrite-collection {name} to replace it anyway "
                                  "(that index then sees the new items), or choose another --collection")
-            _call(client.drop_collection, name, what=f"drop collection {name!r}", uri=config.uri)
-        from pymilvus import DataType, MilvusClient
-
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=4 * MAX_ID_CHARS)  # bytes: 4 per UTF-8 char
-        schema.add_field("embed", DataType.FLOAT_VECTOR, dim=ndim)
-        schema.add_field("features", DataType.FLOAT_VECTOR, dim=math.prod(feature_shape))
-        schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH_CHARS)
-        schema.add_field("added", DataType.INT64)
-        index = client.prepare_index_params()
-        index.add_index(field_name="embed", index_type=config.index_type, metric_type="COSINE", params=config.index_params)
-        index.add_index(field_name="features", index_type="FLAT", metric_type="L2")
-        _call(client.create_collection, name, schema=schema, index_params=index, consistency_level="Strong",
-              properties={_ENCODER_PROPERTY: encoder.digest, **({_INDEX_DIR_PROPERTY: str(index_dir)} if index_dir else {})},
-              what=f"create collection {name!r}", uri=config.uri)
-        return cls(config, ndim=ndim, feature_shape=feature_shape, client=client)
+            _drop(client, config.uri, name)
+        split = is_server(config.uri) and server_version(client, config.uri) < _SPLIT_BELOW
+        features = f"{name}__features" if split else None
+        properties = {_ENCODER_PROPERTY: encoder.digest, **({_INDEX_DIR_PROPERTY: str(index_dir)} if index_dir else {})}
+        if features is not None:
+            _drop(client, config.uri, features, owner=name)  # left by a build that died before creating ``name``
+            _create(client, config.uri, features, vectors={"features": (math.prod(feature_shape), "FLAT", "L2", {})},
+                    properties={_FEATURES_OF_PROPERTY: name})
+            properties[_FEATURES_PROPERTY] = features
+        vectors = {"embed": (ndim, config.index_type, "COSINE", config.index_params)}
+        if features is None:
+            vectors["features"] = (math.prod(feature_shape), "FLAT", "L2", {})
+        _create(client, config.uri, name, vectors=vectors, properties=properties, rows=True)
+        return cls(config, ndim=ndim, feature_shape=feature_shape, client=client, features_collection=features)
 
     def discard(self) -> None:
         """Drop the collection (a build that failed): best effort, the build's own error is the one to report."""
         try:
-            _call(self._client.drop_collection, self.config.collection, what="drop a failed build's collection", uri=self.config.uri)
-        except ContractError as exc:
+            _drop(self._client, self.config.uri, self.config.collection)
+            if self._features != self.config.collection:
+                _drop(self._client, self.config.uri, self._features, owner=self.config.collection)
+        except CompirError as exc:
             print(f"compir: warning: {exc}; drop it before retrying, or retry with --overwrite", file=sys.stderr)
 
     @classmethod
@@ -173,24 +179,23 @@ class MilvusStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"{source}: the milvus section is incomplete ({exc!r}); rebuild the index") from exc
         ndim, feature_shape = int(record["embed_dim"]), tuple(int(x) for x in record["feature_shape"])
-        if "://" not in config.uri and not Path(config.uri).exists():  # connecting would create an empty one
+        if not is_server(config.uri) and not Path(config.uri).exists():  # connecting would create an empty one
             raise ContractError(f"{source}: its Milvus Lite file {config.uri} does not exist (moved or deleted?); rebuild the "
                                 "index with `compir index build ... --milvus-uri FILE.db`, or put the file back")
-        client = _connect(config.uri)
+        client = connect(config.uri)
         name = config.collection
-        if not _call(client.has_collection, name, what=f"look up collection {name!r}", uri=config.uri):
-            raise ContractError(f"{source}: Milvus at {config.uri} has no collection {name!r} (dropped?); "
-                                "rebuild it with `compir index build ... --index-backend milvus`")
-        described = _call(client.describe_collection, name, what=f"describe collection {name!r}", uri=config.uri)
-        dims = {f["name"]: int(f.get("params", {}).get("dim", 0)) for f in described["fields"]}
+        described = _described(client, config.uri, name, source=source)
+        features = described.get("properties", {}).get(_FEATURES_PROPERTY)
+        dims = _dims(described) | (_dims(_described(client, config.uri, features, source=source)) if features else {})
         if dims.get("embed") != ndim or dims.get("features") != math.prod(feature_shape):
             raise ContractError(f"{source}: collection {name!r} at {config.uri} holds vectors of {dims.get('embed')} and "
                                 f"{dims.get('features')} dims, index.json says {ndim} and {math.prod(feature_shape)}; rebuild the index")
         if encoder is not None and described.get("properties", {}).get(_ENCODER_PROPERTY) != encoder.digest:
             raise ContractError(f"{source}: collection {name!r} at {config.uri} was rebuilt with another encoder since this "
                                 "index.json was written; rebuild the index for this export")
-        _call(client.load_collection, name, what=f"load collection {name!r}", uri=config.uri)
-        return cls(config, ndim=ndim, feature_shape=feature_shape, client=client)
+        for loaded in (name, features) if features else (name,):
+            call(client.load_collection, loaded, what=f"load collection {loaded!r}", uri=config.uri)
+        return cls(config, ndim=ndim, feature_shape=feature_shape, client=client, features_collection=features)
 
     # ---- lookup ----------------------------------------------------------------------------
     def count(self) -> int:
@@ -204,14 +209,11 @@ class MilvusStore:
         return {str(row["id"]) for row in self._query_in("id", ids, output_fields=["id"])}
 
     def item_ids(self) -> list[str]:
-        iterator = _call(self._client.query_iterator, self.config.collection, batch_size=4096, output_fields=["id", "added"],
-                         what="list item ids", uri=self.config.uri)
+        # Pages in primary-key order ("iterator" asks the server for it), each after the last id seen.
         rows: list[tuple[int, str]] = []
-        try:
-            while batch := iterator.next():
-                rows.extend((int(row["added"]), str(row["id"])) for row in batch)
-        finally:
-            iterator.close()
+        while page := self._query(filter=after_filter("id", rows[-1][1]) if rows else "", output_fields=["id", "added"],
+                                  limit=_PAGE, iterator="True", reduce_stop_for_best="True"):
+            rows.extend((int(row["added"]), str(row["id"])) for row in page)
         return [item for _, item in sorted(rows)]
 
     def features_of(self, ids: Sequence[str]) -> np.ndarray:
@@ -227,9 +229,9 @@ class MilvusStore:
         params = {**self.config.search_params}
         if "ef" in params:
             params["ef"] = max(int(params["ef"]), limit)  # HNSW needs ef >= k
-        found = _call(self._client.search, self.config.collection, data=np.asarray(queries, dtype=np.float32).tolist(),
-                      anns_field="embed", limit=limit, output_fields=[], search_params={"metric_type": "COSINE", "params": params},
-                      consistency_level="Strong", what="search", uri=self.config.uri)
+        found = call(self._client.search, self.config.collection, data=np.asarray(queries, dtype=np.float32).tolist(),
+                     anns_field="embed", limit=limit, output_fields=[], search_params={"metric_type": "COSINE", "params": params},
+                     consistency_level="Strong", what="search", uri=self.config.uri)
         return [[(str(hit["id"]), float(hit["distance"])) for hit in hits] for hits in found]
 
     def describe(self) -> dict[str, Any]:
@@ -238,16 +240,24 @@ class MilvusStore:
 
     # ---- mutation ----------------------------------------------------------------------------
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
+        """Upsert in requests of <= 32 MiB. Split layout: each request's features first, so an item
+        is never listed (or found) without its features; a crash between the two leaves only an
+        unlisted features row, replaced by the next add of that id."""
         replaced = self._query_in("id", ids, output_fields=["path"])
         flat = np.asarray(features, dtype=np.float32).reshape(len(ids), -1)
         vectors = np.asarray(embeds, dtype=np.float32)
         base = time.time_ns()
         per_request = max(1, _UPSERT_BYTES // (4 * (vectors.shape[1] + flat.shape[1])))
         for start in range(0, len(ids), per_request):
-            rows = [{"id": ids[i], "embed": vectors[i].tolist(), "features": flat[i].tolist(), "path": paths[i], "added": base + i}
-                    for i in range(start, min(start + per_request, len(ids)))]
+            chunk = range(start, min(start + per_request, len(ids)))
+            rows = [{"id": ids[i], "embed": vectors[i].tolist(), "path": paths[i], "added": base + i} for i in chunk]
+            feature_rows = [{"id": ids[i], "features": flat[i].tolist()} for i in chunk]
             try:
-                _call(self._client.upsert, self.config.collection, rows, what=f"insert {len(rows)} items", uri=self.config.uri)
+                if self._features == self.config.collection:
+                    rows = [{**row, **feature_row} for row, feature_row in zip(rows, feature_rows, strict=True)]
+                else:
+                    call(self._client.upsert, self._features, feature_rows, what=f"insert {len(rows)} features", uri=self.config.uri)
+                call(self._client.upsert, self.config.collection, rows, what=f"insert {len(rows)} items", uri=self.config.uri)
             except ContractError as exc:
                 done = f"the first {start} of {len(ids)} were added" if start else "none was added"
                 raise ContractError(f"{exc}; {done}") from exc
@@ -256,8 +266,9 @@ class MilvusStore:
     def remove(self, ids: Sequence[str]) -> int:
         present = self._query_in("id", ids, output_fields=["id", "path"])
         if present:
-            _call(self._client.delete, self.config.collection, filter=in_filter("id", [str(row["id"]) for row in present]),
-                  what=f"delete {len(present)} items", uri=self.config.uri)
+            where = in_filter("id", [str(row["id"]) for row in present])
+            for collection in dict.fromkeys([self.config.collection, self._features]):  # the item first, then its features
+                call(self._client.delete, collection, filter=where, what=f"delete {len(present)} items", uri=self.config.uri)
             self._dropped_paths.update(str(row["path"]) for row in present)
         return len(present)
 
@@ -265,8 +276,8 @@ class MilvusStore:
     def commit(self, folder: Path) -> dict[str, Any]:
         # An acknowledged write is already in Milvus's write-ahead log. A server seals segments (and
         # builds their index) itself and rate-limits flushes; Milvus Lite builds its graphs on flush.
-        if "://" not in self.config.uri:
-            _call(self._client.flush, self.config.collection, what="flush", uri=self.config.uri)
+        if not is_server(self.config.uri):
+            call(self._client.flush, self.config.collection, what="flush", uri=self.config.uri)
         return {"backend": self.backend, "milvus": self.config.record()}
 
     def committed(self, folder: Path) -> None:
@@ -281,67 +292,65 @@ class MilvusStore:
                 (folder / path).unlink(missing_ok=True)
 
     # ---- internals ---------------------------------------------------------------------------
-    def _query(self, *, filter: str, output_fields: list[str]) -> list[dict[str, Any]]:
-        return list(_call(self._client.query, self.config.collection, filter=filter, output_fields=output_fields,
-                          consistency_level="Strong", what="query", uri=self.config.uri))
+    def _query(self, *, filter: str, output_fields: list[str], collection: str | None = None, **options: Any) -> list[dict[str, Any]]:
+        return list(call(self._client.query, collection or self.config.collection, filter=filter, output_fields=output_fields,
+                         consistency_level="Strong", what="query", uri=self.config.uri, **options))
 
-    def _query_in(self, column: str, values: Sequence[str], *, output_fields: list[str]) -> list[dict[str, Any]]:
+    def _query_in(self, column: str, values: Sequence[str], *, output_fields: list[str],
+                  collection: str | None = None) -> list[dict[str, Any]]:
         """Rows whose ``column`` is one of ``values`` (never pymilvus's ``ids=``: it quotes ids unescaped)."""
         unique = list(dict.fromkeys(values))
-        return self._query(filter=in_filter(column, unique), output_fields=output_fields) if unique else []
+        return self._query(filter=in_filter(column, unique), output_fields=output_fields, collection=collection) if unique else []
 
     def _by_id(self, ids: Sequence[str], column: str) -> dict[str, Any]:
-        found = {str(row["id"]): row[column] for row in self._query_in("id", ids, output_fields=["id", column])}
+        collection = self._features if column == "features" else self.config.collection
+        found = {str(row["id"]): row[column] for row in self._query_in("id", ids, output_fields=["id", column], collection=collection)}
         missing = [item for item in ids if item not in found]
         if missing:
             raise unknown_item(missing[0], self.count())
         return found
 
 
-def in_filter(column: str, values: Sequence[str]) -> str:
-    """The filter ``column in ["v1", "v2", ...]``: every filter on a string column is built here, so
-    no value (an item id, an image path) ever becomes expression syntax.
+def _create(client: Any, uri: str, name: str, *, vectors: dict[str, tuple[int, str, str, dict[str, Any]]],
+            properties: dict[str, str], rows: bool = False) -> None:
+    """Collection ``name``: the VARCHAR id, ``vectors`` (field: dim, index type, metric, index
+    parameters) and, with ``rows``, an item's ``path`` and ``added``."""
+    from pymilvus import DataType, MilvusClient
 
-    Each value is a double-quoted literal escaped for both grammars compir meets: a Milvus server
-    (Plan.g4's C-style escapes, then Go's ``strconv.Unquote``) and Milvus Lite 3 (its own lexer,
-    which knows only the escapes of backslash, both quotes, n, r and t). So backslash, the double
-    quote, CR, LF and tab are escaped (a raw CR or LF ends a literal in both) and every other
-    character, the single quote included, stands for itself. Filter templates (``filter_params``)
-    would avoid escaping on a server, but Milvus Lite ignores them.
-    """
-    if not _NAME.fullmatch(column):
-        raise ValueError(f"not a column name: {column!r}")
-    return f"{column} in [{', '.join(_string_literal(value) for value in values)}]"
-
-
-def _string_literal(value: str) -> str:
-    return '"' + value.translate(_ESCAPES) + '"'
-
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=4 * MAX_ID_CHARS)  # bytes: 4 per UTF-8 char
+    index = client.prepare_index_params()
+    for field_name, (dim, index_type, metric, params) in vectors.items():
+        schema.add_field(field_name, DataType.FLOAT_VECTOR, dim=dim)
+        index.add_index(field_name=field_name, index_type=index_type, metric_type=metric, params=params)
+    if rows:
+        schema.add_field("path", DataType.VARCHAR, max_length=MAX_PATH_CHARS)
+        schema.add_field("added", DataType.INT64)
+    call(client.create_collection, name, schema=schema, index_params=index, consistency_level="Strong", properties=properties,
+         what=f"create collection {name!r}", uri=uri)
 
 
-def _connect(uri: str) -> Any:
-    """A MilvusClient for ``uri``, shared within the process; ContractError when it cannot connect."""
-    try:
-        from pymilvus import MilvusClient
-    except ImportError as exc:
-        raise ContractError("the Milvus index backend needs pymilvus and milvus-lite: pip install 'compir[milvus]'") from exc
-    # pymilvus and Milvus Lite log every failure with a traceback; compir raises its own error naming it.
-    for name in ("pymilvus", "milvus_lite"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # Milvus Lite's HNSW: 4 INFO lines on which CPU build it loads
-    with _CLIENTS_LOCK:
-        if uri not in _CLIENTS:
-            try:
-                _CLIENTS[uri] = MilvusClient(uri=uri, timeout=30)
-            except Exception as exc:  # pymilvus raises MilvusException or its subclasses, and grpc errors
-                holder = lite_lock_holder(Path(uri)) if "://" not in uri else None
-                if holder is not None:
-                    raise ContractError(f"another process ({holder}) holds the Milvus Lite file {uri}: Milvus Lite serves one "
-                                        "process per file; stop that one, or share one gallery between processes through a "
-                                        "Milvus server (--milvus-uri http://host:19530)") from exc
-                raise ContractError(f"cannot open Milvus at {uri}: {_reason(exc)}; start the server, or check the URI / "
-                                    "the Milvus Lite file's folder") from exc
-        return _CLIENTS[uri]
+def _drop(client: Any, uri: str, name: str, *, owner: str | None = None) -> None:
+    """Drop collection ``name`` if it exists (with ``owner``: only if it holds ``owner``'s features)."""
+    if not call(client.has_collection, name, what=f"look up collection {name!r}", uri=uri):
+        return
+    if owner is not None:
+        properties = call(client.describe_collection, name, what=f"describe collection {name!r}", uri=uri).get("properties", {})
+        if properties.get(_FEATURES_OF_PROPERTY) != owner:
+            raise InputError(f"Milvus collection {name!r} at {uri} is not compir's features of {owner!r}; "
+                             "choose another --collection")
+    call(client.drop_collection, name, what=f"drop collection {name!r}", uri=uri)
+
+
+def _described(client: Any, uri: str, name: str, *, source: str) -> dict[str, Any]:
+    if not call(client.has_collection, name, what=f"look up collection {name!r}", uri=uri):
+        raise ContractError(f"{source}: Milvus at {uri} has no collection {name!r} (dropped?); "
+                            "rebuild it with `compir index build ... --index-backend milvus`")
+    return dict(call(client.describe_collection, name, what=f"describe collection {name!r}", uri=uri))
+
+
+def _dims(described: dict[str, Any]) -> dict[str, int]:
+    return {f["name"]: int(f.get("params", {}).get("dim", 0)) for f in described["fields"] if "dim" in f.get("params", {})}
 
 
 def _other_user(described: dict[str, Any], config: MilvusConfig, index_dir: Path) -> str | None:
@@ -358,16 +367,3 @@ def _other_user(described: dict[str, Any], config: MilvusConfig, index_dir: Path
         return None
     names_it = isinstance(milvus, dict) and milvus.get("uri") == config.uri and milvus.get("collection") == config.collection
     return f"index folder {recorded}" if names_it else None
-
-
-def _call(method: Any, *args: Any, what: str, uri: str, **kwargs: Any) -> Any:
-    """``method(*args, **kwargs)`` with any Milvus failure turned into a ContractError naming ``what``."""
-    try:
-        return method(*args, **kwargs)
-    except Exception as exc:  # MilvusException, grpc.RpcError, ConnectionError: all mean the same to the caller
-        raise ContractError(f"Milvus at {uri} failed to {what}: {_reason(exc)}") from exc
-
-
-def _reason(exc: Exception) -> str:
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return str(message).splitlines()[0][:300]
