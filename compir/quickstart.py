@@ -33,7 +33,7 @@ EPILOG = """examples:
   compir quickstart --steps 600              # a fixed step count: the same model on any machine
 
   compir quickstart --demo                   # then open the Gradio demo on the result
-  compir quickstart --zero-shot              # no triplets: a CLIP on scene descriptions + Pic2Word on images
+  compir quickstart --zero-shot              # no triplets: a CLIP on scene descriptions + Pic2Word on images (~6 min)
 
 Everything goes under --out: data/ (the synthetic benchmark), run/ (best.pt, last.pt,
 train_log.json), eval.json (test metrics), export/ (ONNX graphs + manifest.json), gallery/
@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: ./%(default)s)")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="training budget (default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"training budget (default: {DEFAULT_MINUTES}; --zero-shot: its fixed recipe's steps, about 6 minutes)")
     parser.add_argument("--steps", type=int, help="train exactly N steps instead of the time budget (reproducible)")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto",
                         help="training precision (default: auto, bf16 only where a timed probe finds it faster)")
@@ -225,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.zero_shot and args.minutes is None and args.steps is None:  # the recipe of the published figures
+        from compir.quickstart_zero_shot import CLIP_RECIPE_STEPS
+
+        args.steps = CLIP_RECIPE_STEPS
+    args.minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
     if args.minutes <= 0 or (args.steps is not None and args.steps < 1):
         from compir.errors import InputError
 

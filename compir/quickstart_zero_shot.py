@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from compir.quickstart import QuickstartState, Step, example_query, export_model, index_gallery, make_data
 
-# The budget's split between the CLIP and the mapping net, and the recipe's step counts (measured: the
-# figures in docs/zero-shot.md come from them). The mapping net is small: its steps cost the frozen towers' forward.
+# The recipe: fixed step counts by default (``compir quickstart --zero-shot``: the README's 3-seed figures come
+# from them; about 6 minutes on 2 idle CPU cores), or ``--minutes`` split between the CLIP and the mapping net.
+# ``--steps N`` sets the CLIP's; the mapping net's keep the recipe's proportion.
 CLIP_SHARE = 0.8
-CLIP_RECIPE_STEPS = 400
-MAPPING_RECIPE_STEPS = 150
+CLIP_RECIPE_STEPS = 800
+MAPPING_RECIPE_STEPS = 300
 CLIP_LR = 2e-3
 MAPPING_LR = 1e-3
 BATCH_SIZE = 64  # both stages (docs/training.md's recipe)

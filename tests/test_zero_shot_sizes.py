@@ -1,6 +1,6 @@
 """Zero-shot at real sizes: open_clip's ViT-B-32 and ViT-L-14 (random weights, loaded from a local weights file as
 ``--pretrained FILE`` loads them) with the Pic2Word head -> export (fp32, parity <= 1e-4 against torch) -> index
-build -> search -> eval through the runtime. The mapping net is untrained: these check mechanics and sizes.
+build -> search -> eval through the runtime, after 2 training steps of the mapping net: these check mechanics and sizes.
 
 Slow (CPU minutes: ViT-B-32 about 1.5, ViT-L-14 several): run with ``-m slow``.
 """
@@ -28,27 +28,28 @@ def sized_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _checkpoint_from_weights_file(name: str, folder: Path) -> Path:
-    """A random open_clip ``name`` saved as a plain state dict (the format of open_clip's weight files), built back
-    as a Pic2Word CIRModel with ``pretrained=FILE`` (what ``compir train --pretrained FILE`` does) and checkpointed."""
+def _checkpoint_from_weights_file(name: str, data: Path, folder: Path) -> Path:
+    """A random open_clip ``name`` saved as a plain state dict (the format of open_clip's weight files), then 2 steps
+    of Pic2Word's training from it (``compir train --pretrained FILE --head pic2word``): the towers stay the file's."""
     import open_clip
 
-    from compir.train.checkpoint import save_checkpoint
-    from compir.train.config import configure_model, resolve_model_config
-    from compir.train.model import CIRModel
+    from compir.train.checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     clip = open_clip.create_model(name)
     weights = folder / f"{name}.pt"
     torch.save(clip.state_dict(), weights)
-    model = CIRModel(configure_model(resolve_model_config(name), head="pic2word"), pretrained=str(weights))
-    # the towers are the file's, not a fresh random draw
+    run = folder / "run"
+    assert compir_main(["train", "--data", str(data), "--model", name, "--pretrained", str(weights), "--head", "pic2word",
+                        "--steps", "2", "--steps-per-epoch", "2", "--batch-size", "2", "--val-queries", "2", "--amp", "off",
+                        "--out", str(run), "--no-progress"]) == 0
+    log = json.loads((run / "train_log.json").read_text())
+    assert log["head"] == "pic2word" and log["history"][-1]["step"] == 2
+    model = load_checkpoint(run / "best.pt").model
+    # the frozen towers are the file's, not a fresh random draw, after the mapping net's steps
     assert torch.equal(model.backbone.text.token_embedding.weight, clip.token_embedding.weight)
     assert torch.equal(model.backbone.visual.conv1.weight, clip.visual.conv1.weight)
-    del clip
-    checkpoint = folder / "p2w.pt"
-    save_checkpoint(checkpoint, model=model, metrics={}, step=0, epoch=0)
-    return checkpoint
+    return run / "best.pt"
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def _checkpoint_from_weights_file(name: str, folder: Path) -> Path:
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14"])
 def test_real_size_zero_shot_exports_indexes_searches_and_evaluates(name: str, sized_data: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = _checkpoint_from_weights_file(name, tmp_path)
+    checkpoint = _checkpoint_from_weights_file(name, sized_data, tmp_path)
     export, index = tmp_path / "export", tmp_path / "index"
     assert compir_main(["export", "onnx", str(checkpoint), "--out", str(export), "--variants", "fp32",
                         "--calibration-data", str(sized_data), "--calibration-count", "4"]) == 0
