@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx = commands.add_parser(
         "onnx", help="ONNX graphs, variants and manifest.json",
         description="Export a compir checkpoint to an export folder: ONNX graphs (image encoder, text encoder, composer, "
-        "or for a zero-shot pic2word checkpoint token mapper and prompt encoder; fp32 checked against torch), reduced-precision variants (fp16, int8), the tokenizer's vocabulary and manifest.json, "
+        "or for a zero-shot pic2word checkpoint token mapper and prompt encoder; fp32 checked against torch), "
+        "reduced-precision variants (fp16, int8), the tokenizer's vocabulary and manifest.json, "
         "the only contract the torch-free runtime reads.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
