@@ -127,7 +127,8 @@ def evaluate_model(state: QuickstartState) -> None:
     print(result.format())
     path = state.out_dir / "eval.json"
     atomic_write_bytes(path, (json.dumps(result.to_dict(), indent=1) + "\n").encode("utf-8"))
-    state.results["eval"] = {"path": str(path), "test": result.reports["composed"].metrics}
+    modes = {mode: report.metrics for mode, report in result.reports.items()}  # composed and each baseline
+    state.results["eval"] = {"path": str(path), "test": result.reports["composed"].metrics, **modes}
 
 
 def export_model(state: QuickstartState) -> None:

@@ -11,7 +11,7 @@ quickstart's own.
 
 from __future__ import annotations
 
-from compir.quickstart import QuickstartState, Step, example_query, export_model, index_gallery, make_data
+from compir.quickstart import STEPS, QuickstartState, Step, evaluate_model
 
 # The recipe: fixed step counts by default (``compir quickstart --zero-shot``: the README's 3-seed figures come
 # from them; about 6 minutes on 2 idle CPU cores), or ``--minutes`` split between the CLIP and the mapping net.
@@ -55,20 +55,6 @@ def train_mapping(state: QuickstartState) -> None:
                               "val": result.best_metrics}
 
 
-def evaluate_zero_shot(state: QuickstartState) -> None:
-    import json
-
-    from compir.contracts import atomic_write_bytes
-    from compir.evaluate import evaluate_path
-
-    assert state.checkpoint is not None and state.data_dir is not None
-    result = evaluate_path(state.checkpoint, data=state.data_dir, split="test", progress=state.progress)
-    print(result.format())
-    path = state.out_dir / "eval.json"
-    atomic_write_bytes(path, (json.dumps(result.to_dict(), indent=1) + "\n").encode("utf-8"))
-    state.results["eval"] = {"path": str(path), **{mode: report.metrics for mode, report in result.reports.items()}}
-
-
 def mapping_steps(clip_steps: int | None) -> int | None:
     """With a fixed CLIP step count, the mapping net's (the recipe's proportion, at least 1); None: time budget."""
     return None if clip_steps is None else max(1, round(clip_steps * MAPPING_RECIPE_STEPS / CLIP_RECIPE_STEPS))
@@ -80,12 +66,13 @@ def _default_model() -> str:
     return DEFAULT_MODEL
 
 
+_SHARED = {step.name: step for step in STEPS}  # the supervised quickstart's data, export, index and query steps
 ZERO_SHOT_STEPS: list[Step] = [
-    Step("data", "render the synthetic benchmark (CIRR layout, held-out combinations in val / test)", make_data),
+    _SHARED["data"],
     Step("clip", "train a CLIP on the training images and their scene descriptions (no triplet)", train_clip),
     Step("mapping", "train Pic2Word's mapping net on images only, the CLIP frozen", train_mapping),
-    Step("eval", "zero-shot test-split metrics beside image only, text only and their sum", evaluate_zero_shot),
-    Step("export", "ONNX graphs (token mapper + prompt encoder) + manifest.json, each checked against torch", export_model),
-    Step("index", "index the test gallery with the torch-free runtime (usearch, f16)", index_gallery),
-    Step("query", "one zero-shot composed query through the runtime's Retriever", example_query),
+    Step("eval", "zero-shot test-split metrics beside image only, text only and their sum", evaluate_model),
+    _SHARED["export"],
+    _SHARED["index"],
+    _SHARED["query"],
 ]

@@ -10,7 +10,6 @@ every variant engines are built from (fp32, fp16, int8-static).
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from compir.export.variants import VARIANTS
 from compir.train.config import resolve_model_config
 from compir.train.model import CIRModel, resolve_activation
 from compir.train.towers import encode_vision, vision_family
+from tests.fixtures.index import index_first_images
 
 _TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 _TGCIR = {"name": "tgcir", "global_tokens": 2, "local_tokens": 2, "hidden_dim": 32, "matching_temperature": 0.1}
@@ -65,7 +65,7 @@ def _config_file(folder: Path, family: str) -> Path:
 def test_family_trains_exports_indexes_searches_and_evaluates(
     family: str, family_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run, export, index = tmp_path / "run", tmp_path / "export", tmp_path / "index"
+    run, export = tmp_path / "run", tmp_path / "export"
     train = ["train", "--data", str(family_data), "--out", str(run), "--model", str(_config_file(tmp_path, family)),
              "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--amp", "off", "--no-progress"]
     assert compir_main(train) == 0
@@ -88,12 +88,7 @@ def test_family_trains_exports_indexes_searches_and_evaluates(
     patches = next(o for o in manifest["variants"]["fp32"]["graphs"]["image_encoder"]["outputs"] if o["name"] == "patch_features")
     assert patches["shape"] == ["batch", tokens, width]
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in sorted((family_data / "images").glob("*.png"))[:12]:
-        shutil.copy(path, images / path.name)
-    assert compir_main(["index", "build", str(export), "--images", str(images), "--out", str(index), "--workers", "1", "--quiet"]) == 0
-    reference = sorted(images.glob("*.png"))[0].stem
+    index, reference = index_first_images(export, family_data, tmp_path)
     capsys.readouterr()
     assert compir_main(["search", str(export), str(index), "--reference-id", reference, "--text", "make it red", "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["hits"]

@@ -8,7 +8,6 @@ Slow (CPU minutes: ViT-B-32 about 1.5, ViT-L-14 several): run with ``-m slow``.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 from compir.cli import main as compir_main
 from compir.manifest import load_manifest
+from tests.fixtures.index import index_first_images
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _checkpoint_from_weights_file(name: str, data: Path, folder: Path) -> Path:
 def test_real_size_zero_shot_exports_indexes_searches_and_evaluates(name: str, sized_data: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = _checkpoint_from_weights_file(name, sized_data, tmp_path)
-    export, index = tmp_path / "export", tmp_path / "index"
+    export = tmp_path / "export"
     assert compir_main(["export", "onnx", str(checkpoint), "--out", str(export), "--variants", "fp32",
                         "--calibration-data", str(sized_data), "--calibration-count", "4"]) == 0
     assert "TensorRT lint: fp32 parse" in capsys.readouterr().out
@@ -68,12 +68,7 @@ def test_real_size_zero_shot_exports_indexes_searches_and_evaluates(name: str, s
     width = 768 if name == "ViT-L-14" else 512  # the text tower's token width: the pseudo token's
     assert manifest.graph("token_mapper").output("pseudo_tokens").shape == ("batch", width)
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in sorted((sized_data / "images").glob("*.png"))[:12]:
-        shutil.copy(path, images / path.name)
-    assert compir_main(["index", "build", str(export), "--images", str(images), "--out", str(index), "--workers", "1", "--quiet"]) == 0
-    reference = sorted(images.glob("*.png"))[0].stem
+    index, reference = index_first_images(export, sized_data, tmp_path)
     capsys.readouterr()
     assert compir_main(["search", str(export), str(index), "--reference-id", reference, "--text", "make it red", "-k", "3",
                         "--json", "--timings"]) == 0
