@@ -15,7 +15,7 @@ held-out queries from the same mixture. Ground truth is the exact top-10 by cosi
   the same vectors.
 Goal: usearch recall@10 >= 0.98 at >= 20x the exact queries/s. faiss and usearch are compared
 at equal recall (the fastest sweep point of each that reaches 0.95 / 0.98 / 0.99).
-Full: 1M vectors (about 5 GB of RAM in all); --quick: 20k; COMPIR_BENCH_INDEX_VECTORS=N sets N;
+Full: 1M vectors (about 5 GB of RAM in all); --quick: 100k (Milvus: 20k); COMPIR_BENCH_INDEX_VECTORS=N sets N;
 COMPIR_BENCH_INDEX_FAISS=0 leaves faiss out (its 1M build takes as long as usearch's on 2 cores).
 """
 
@@ -34,7 +34,8 @@ from benchmarks.common import BenchResult, Panel, bar_chart, markdown_table
 from compir.runtime.index import HnswConfig
 
 NAME = "index"
-DESCRIPTION = "usearch f16 vs exact numpy vs faiss HNSW vs Milvus Lite: recall@10 and queries/s on clustered 512-d vectors"
+DESCRIPTION = ("usearch (each storage type, --dtype auto's choice) vs faiss HNSWFlat vs exact numpy vs Milvus Lite: recall@10, "
+               "queries/s one query per call at 1 thread, and memory, on clustered 512-d vectors")
 DIM = 512
 K = 10
 SWEEP = (16, 24, 32, 48, 64, 128, 256, 512)  # 1M clustered vectors need ef > 128 for recall 0.98
@@ -43,6 +44,9 @@ SIZE_VARIABLE = "COMPIR_BENCH_INDEX_VECTORS"  # overrides the gallery size (e.g.
 FAISS_VARIABLE = "COMPIR_BENCH_INDEX_FAISS"  # "0": usearch against exact only
 MILVUS_VARIABLE = "COMPIR_BENCH_INDEX_MILVUS_VECTORS"  # Milvus Lite gallery size (default: up to 100k); "0": no Milvus rows
 MILVUS_MAX = 100_000
+MILVUS_QUICK = 20_000  # Milvus Lite's graph build dominates --quick otherwise
+# e.g. "f16,i8": the usearch storage types measured (default: all with --quick, auto's choice in full)
+DTYPES_VARIABLE = "COMPIR_BENCH_INDEX_DTYPES"
 
 
 def clustered_vectors(count: int, *, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -88,21 +92,35 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return result, float(np.median(runs))
 
 
-def _usearch(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int) -> dict[str, Any]:
+def _one_by_one(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray) -> Callable[[], np.ndarray]:
+    """One query per call, as a service searches: (Q, K) found rows."""
+    return lambda: np.stack([search(query) for query in queries])
+
+
+def _usearch(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int, *, dtype: str, metric: str) -> dict[str, Any]:
+    """A usearch graph (compir's settings) of ``dtype`` under ``metric``: build, memory, ef sweep at 1 thread."""
     from usearch.index import Index
 
-    hnsw = HnswConfig()  # what compir's indexes use
-    index = Index(ndim=DIM, metric="cos", dtype="f16", connectivity=hnsw.connectivity, expansion_add=hnsw.expansion_add)
+    from compir.runtime.ann_dtype import fill
+
+    hnsw = HnswConfig()
+    index = Index(ndim=DIM, metric=metric, dtype=dtype, connectivity=hnsw.connectivity, expansion_add=hnsw.expansion_add)
     start = time.perf_counter()
-    index.add(np.arange(len(base), dtype=np.uint64), base, threads=0)
+    fill(index, np.arange(len(base), dtype=np.uint64), base)
     build_s = time.perf_counter() - start
+
+    def search(query: np.ndarray) -> np.ndarray:
+        found = np.full(K, -1, dtype=np.int64)
+        keys = np.asarray(index.search(query, K, threads=1).keys, dtype=np.int64)
+        found[: len(keys)] = keys
+        return found
+
     sweep = []
     for expansion in SWEEP:
         index.expansion_search = expansion  # type: ignore[misc]  # usearch has a setter; its stub misses it
-        matches, seconds = _timed(lambda: index.search(queries, K, threads=0), repeats)
-        found = np.asarray(matches.keys, dtype=np.int64)
+        found, seconds = _timed(_one_by_one(search, queries), repeats)
         sweep.append({"setting": expansion, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
-    return {"build_s": build_s, "memory_mb": index.memory_usage / 2**20, "sweep": sweep}
+    return {"dtype": dtype, "metric": metric, "build_s": build_s, "memory_mb": index.memory_usage / 2**20, "sweep": sweep}
 
 
 def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int) -> dict[str, Any]:
@@ -112,14 +130,20 @@ def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: in
     index = faiss.IndexHNSWFlat(DIM, hnsw.connectivity, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = hnsw.expansion_add
     start = time.perf_counter()
-    index.add(base)
+    index.add(base)  # on every core, as usearch's build
     build_s = time.perf_counter() - start
+    memory_mb = faiss.serialize_index(index).nbytes / 2**20  # the vectors and the graph, as held in memory
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
     sweep = []
-    for ef in SWEEP:
-        index.hnsw.efSearch = ef
-        (_, found), seconds = _timed(lambda: index.search(queries, K), repeats)
-        sweep.append({"setting": ef, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
-    return {"build_s": build_s, "sweep": sweep}
+    try:
+        for ef in SWEEP:
+            index.hnsw.efSearch = ef
+            found, seconds = _timed(_one_by_one(lambda query: index.search(query[None], K)[1][0], queries), repeats)
+            sweep.append({"setting": ef, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return {"build_s": build_s, "memory_mb": memory_mb, "sweep": sweep}
 
 
 def _milvus(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int, *, folder: Path) -> dict[str, Any]:
@@ -196,7 +220,7 @@ def _milvus_rows(milvus: dict[str, Any], usearch: dict[str, Any], exact_qps: flo
 def _faiss_skipped() -> dict[str, Any]:
     """The shape of :func:`_faiss`'s figures with nothing measured (the tables say "skipped")."""
     sweep = [{"setting": ef, "recall": float("nan"), "qps": float("nan")} for ef in SWEEP]
-    return {"build_s": float("nan"), "sweep": sweep, "skipped": True}
+    return {"build_s": float("nan"), "memory_mb": float("nan"), "sweep": sweep, "skipped": True}
 
 
 def at_recall(sweep: list[dict[str, Any]], level: float) -> dict[str, Any] | None:
@@ -214,8 +238,41 @@ def _has_milvus() -> bool:
     return True
 
 
+def _graphs(quick: bool, chosen: str) -> list[tuple[str, str, str]]:
+    """(label, dtype, metric) of the usearch graphs to measure: compir's graph before this change (f16 under the
+    cosine), then every storage type under compir's metric (--quick), or only the one ``--dtype auto`` chose (full)."""
+    from compir.runtime.ann_dtype import AUTO_CANDIDATES, metric_for
+
+    wanted = os.environ.get(DTYPES_VARIABLE, ",".join(AUTO_CANDIDATES) if quick else chosen).split(",")
+    return [("usearch f16, cos (compir before)", "f16", "cos"),
+            *[(f"usearch {dtype}, {metric_for(dtype)}" + (" (auto's choice)" if dtype == chosen else ""), dtype, metric_for(dtype))
+              for dtype in wanted]]
+
+
+def _speed_rows(graphs: dict[str, dict[str, Any]], faiss: dict[str, Any], exact_qps: float) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Per index and recall level: the fastest sweep point reaching it, against exact and faiss at the same level."""
+    rows, comparison = [], {}
+    for level in RECALL_LEVELS:
+        theirs = at_recall(faiss["sweep"], level)
+        rows.append(["faiss HNSWFlat f32, ip", f">= {level}",
+                     f"{theirs['qps']:,.0f} (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs
+                     else ("skipped" if faiss.get("skipped") else "not reached"),
+                     f"{theirs['qps'] / exact_qps:.1f}x" if theirs else "-", "1.00x" if theirs else "-", f"{faiss['memory_mb']:,.0f}"])
+        for label, graph in graphs.items():
+            ours = at_recall(graph["sweep"], level)
+            ratio = ours["qps"] / theirs["qps"] if ours and theirs else None
+            comparison.setdefault(label, {})[f"recall>={level}"] = {"usearch": ours, "faiss": theirs, "usearch_vs_faiss": ratio,
+                                                                    "usearch_speedup_vs_exact": ours["qps"] / exact_qps if ours else None}
+            speed = f"{ours['qps']:,.0f} (ef {ours['setting']}, R {ours['recall']:.3f})" if ours else "not reached"
+            rows.append([label, f">= {level}", speed, f"{ours['qps'] / exact_qps:.1f}x" if ours else "-",
+                         f"{ratio:.2f}x" if ratio else "-", f"{graph['memory_mb']:,.0f}"])
+    return rows, comparison
+
+
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
-    count, n_queries, repeats = (20_000, 500, 3) if quick else (1_000_000, 1_000, 3)
+    from compir.runtime.ann_dtype import choose_dtype
+
+    count, n_queries, repeats = (100_000, 500, 3) if quick else (1_000_000, 1_000, 3)
     count = int(os.environ.get(SIZE_VARIABLE, count))
     rng = np.random.default_rng(0)
     # ~500 vectors per cluster at every size (2,000 clusters at 1M), so --quick keeps the structure.
@@ -224,66 +281,70 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     queries = clustered_vectors(n_queries, seed=2, centres=centres)
     truth, exact_s = _timed(lambda: exact_top_k(base, queries), 1 if not quick else repeats)
     exact_qps = n_queries / exact_s
-    usearch = _usearch(base, queries, truth, repeats)
+    hnsw = HnswConfig()
+    start = time.perf_counter()
+    choice = choose_dtype(base, connectivity=hnsw.connectivity, expansion_add=hnsw.expansion_add, expansion_search=hnsw.expansion_search)
+    choice_s = time.perf_counter() - start
     faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else _faiss_skipped()
-
-    rows = []
-    comparison: dict[str, dict[str, Any]] = {}
-    for level in RECALL_LEVELS:
-        ours, theirs = at_recall(usearch["sweep"], level), at_recall(faiss["sweep"], level)
-        comparison[f"recall>={level}"] = {"usearch": ours, "faiss": theirs,
-                                         "usearch_speedup_vs_exact": ours["qps"] / exact_qps if ours else None,
-                                         "usearch_vs_faiss": ours["qps"] / theirs["qps"] if ours and theirs else None}
-        rows.append([f">= {level}",
-                     f"{ours['qps']:,.0f} q/s (ef {ours['setting']}, R {ours['recall']:.3f})" if ours else "not reached",
-                     f"{ours['qps'] / exact_qps:.1f}x" if ours else "-",
-                     f"{theirs['qps']:,.0f} q/s (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs
-                     else ("skipped" if faiss.get("skipped") else "not reached"),
-                     f"{ours['qps'] / theirs['qps']:.2f}x" if ours and theirs else "-"])
-    milvus_count = min(count, int(os.environ.get(MILVUS_VARIABLE, MILVUS_MAX)))
+    graphs = {label: _usearch(base, queries, truth, repeats, dtype=dtype, metric=metric)
+              for label, dtype, metric in _graphs(quick, choice.dtype)}
+    usearch = next(graph for label, graph in graphs.items() if label.endswith("(auto's choice)")) \
+        if any(label.endswith("(auto's choice)") for label in graphs) else next(iter(graphs.values()))
+    rows, comparison = _speed_rows(graphs, faiss, exact_qps)
+    milvus_count = min(count, int(os.environ.get(MILVUS_VARIABLE, MILVUS_QUICK if quick else MILVUS_MAX)))
     milvus_table = ""
     if milvus_count > 0 and _has_milvus():
         sub, sub_truth, sub_exact_qps, sub_usearch = base, truth, exact_qps, usearch
         if milvus_count < count:  # exact and usearch again, on the same vectors as Milvus
             sub = base[:milvus_count]
             sub_truth, sub_exact_s = _timed(lambda: exact_top_k(sub, queries), repeats)
-            sub_exact_qps, sub_usearch = n_queries / sub_exact_s, _usearch(sub, queries, sub_truth, repeats)
+            sub_exact_qps = n_queries / sub_exact_s
+            sub_usearch = _usearch(sub, queries, sub_truth, repeats, dtype=usearch["dtype"], metric=usearch["metric"])
         milvus = _milvus(sub, queries, sub_truth, repeats, folder=out_dir / "milvus-lite")
         milvus_rows, milvus_figures = _milvus_rows(milvus, sub_usearch, sub_exact_qps)
-        figures_milvus = {"lite": milvus, "exact_qps": sub_exact_qps, "usearch_f16": sub_usearch, "at_equal_recall": milvus_figures}
+        figures_milvus = {"lite": milvus, "exact_qps": sub_exact_qps, "usearch": sub_usearch, "at_equal_recall": milvus_figures}
         milvus_table = "\n\n".join([
             f"Milvus Lite (embedded, over gRPC), {milvus_count:,} of these vectors: build+index HNSW {milvus['hnsw']['build_s']:.1f} s, "
             f"FLAT {milvus['flat']['build_s']:.1f} s; exact numpy on them {sub_exact_qps:,.1f} q/s.",
-            markdown_table(["Milvus Lite", "queries/s", "vs exact", "usearch f16 (same vectors)", "Milvus / usearch"], milvus_rows),
+            markdown_table(["Milvus Lite (all queries in one call)", "queries/s", "vs exact", f"usearch {usearch['dtype']} (one per call)",
+                            "Milvus / usearch"], milvus_rows),
             markdown_table(["ef", "Milvus HNSW recall", "Milvus q/s"],
                            [[p["setting"], f"{p['recall']:.4f}", f"{p['qps']:,.0f}"] for p in milvus["hnsw"]["sweep"]]),
         ])
     else:
         figures_milvus = {"skipped": True}
-    goal = comparison["recall>=0.98"]["usearch_speedup_vs_exact"]
+    before = comparison[next(iter(graphs))]["recall>=0.98"]
+    ours = max((levels["recall>=0.98"] for label, levels in comparison.items() if label.endswith("(auto's choice)")),
+               key=lambda point: point["usearch_vs_faiss"] or 0.0, default=before)
     figures = {
-        "vectors": count, "dim": DIM, "queries": n_queries, "k": K,
+        "vectors": count, "dim": DIM, "queries": n_queries, "k": K, "one_query_per_call": True, "search_threads": 1,
         "exact": {"qps": exact_qps, "seconds": exact_s},
-        "usearch_f16": usearch, "faiss_hnsw_flat": faiss, "at_equal_recall": comparison, "milvus": figures_milvus,
-        "goal_recall_0.98_at_20x_exact": bool(goal is not None and goal >= 20.0),
+        "dtype_auto": {**choice.record(), "seconds": choice_s},
+        "usearch": graphs, "faiss_hnsw_flat": faiss, "at_equal_recall": comparison, "milvus": figures_milvus,
+        "goal_recall_0.98_at_20x_exact": bool(ours["usearch_speedup_vs_exact"] is not None and ours["usearch_speedup_vs_exact"] >= 20.0),
+        "goal_recall_0.98_at_1x_faiss": bool(ours["usearch_vs_faiss"] is not None and ours["usearch_vs_faiss"] >= 1.0),
     }
-    sweep_rows = [[point["setting"], f"{point['recall']:.4f}", f"{point['qps']:,.0f}", f"{f['recall']:.4f}", f"{f['qps']:,.0f}"]
-                  for point, f in zip(usearch["sweep"], faiss["sweep"], strict=True)]
+    sweep_rows = [[p["setting"], *[f"{g['sweep'][i]['recall']:.4f} / {g['sweep'][i]['qps']:,.0f}" for g in graphs.values()],
+                   f"{faiss['sweep'][i]['recall']:.4f} / {faiss['sweep'][i]['qps']:,.0f}"] for i, p in enumerate(faiss["sweep"])]
+    auto_rows = [[dtype, f"{point['recall']:.4f}", f"{point['us_per_query']:,.0f}", "chosen" if dtype == choice.dtype else ""]
+                 for dtype, point in choice.measured.items()]
     table = "\n\n".join([
-        f"{count:,} x {DIM} clustered vectors, {n_queries} queries, top-{K}. Exact numpy: {exact_qps:,.1f} q/s. "
-        f"Build: usearch f16 {usearch['build_s']:.1f} s ({usearch['memory_mb']:.0f} MB), faiss HNSWFlat {faiss['build_s']:.1f} s.",
-        markdown_table(["recall@10", "usearch f16", "vs exact", "faiss HNSW", "usearch / faiss"], rows),
-        markdown_table(["ef", "usearch recall", "usearch q/s", "faiss recall", "faiss q/s"], sweep_rows),
+        f"{count:,} x {DIM} clustered vectors, {n_queries} queries, top-{K}, one query per call, 1 search thread. "
+        f"Exact numpy (batched, all cores): {exact_qps:,.1f} q/s. Builds (all cores): "
+        + ", ".join(f"{label} {g['build_s']:.1f} s" for label, g in graphs.items()) + f", faiss HNSWFlat {faiss['build_s']:.1f} s.",
+        markdown_table(["index", "recall@10", "queries/s (ef, recall)", "vs exact", "vs faiss", "memory MB"], rows),
+        f"--dtype auto on this gallery ({choice.sample:,}-vector sample, {choice_s:.1f} s): chose {choice.dtype}.",
+        markdown_table(["dtype", "sample recall@10", "us/query", ""], auto_rows),
+        markdown_table(["ef", *[f"{label}: recall / q/s" for label in graphs], "faiss: recall / q/s"], sweep_rows),
         *([milvus_table] if milvus_table else []),
     ])
     plot = bar_chart(out_dir / "index.png", panels=[
-        Panel("queries/s by search breadth (ef)", {
-            "usearch f16": {str(p["setting"]): p["qps"] for p in usearch["sweep"]},
-            "faiss HNSW": {str(p["setting"]): p["qps"] for p in faiss["sweep"]},
-            "exact numpy": {str(s): exact_qps for s in SWEEP}}, "queries/s", log_scale=True),
+        Panel("queries/s by search breadth (ef), one query per call", {
+            **{label: {str(p["setting"]): p["qps"] for p in g["sweep"]} for label, g in graphs.items()},
+            "faiss HNSWFlat": {str(p["setting"]): p["qps"] for p in faiss["sweep"]}}, "queries/s", log_scale=True),
         Panel("recall@10 by search breadth (ef)", {
-            "usearch f16": {str(p["setting"]): p["recall"] for p in usearch["sweep"]},
-            "faiss HNSW": {str(p["setting"]): p["recall"] for p in faiss["sweep"]}}, "recall@10",
+            **{label: {str(p["setting"]): p["recall"] for p in g["sweep"]} for label, g in graphs.items()},
+            "faiss HNSWFlat": {str(p["setting"]): p["recall"] for p in faiss["sweep"]}}, "recall@10",
             reference_line=0.98, reference_label="goal 0.98"),
     ])
     return BenchResult(name=NAME, figures=figures, table=table, plots=(plot,))

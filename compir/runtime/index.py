@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compir.errors import ContractError
+from compir.runtime.ann_dtype import choose_dtype, fill, metric_for, unit_rows
 from compir.runtime.rows import Rows
 
 if TYPE_CHECKING:
     from usearch.index import Index
 
-DTYPES = ("f32", "f16", "i8")
+DTYPES = ("f32", "f16", "bf16", "i8")
+AUTO_DTYPE = "auto"  # measured at build time (compir.runtime.ann_dtype.choose_dtype)
+DTYPE_CHOICES = (*DTYPES, AUTO_DTYPE)
 DEFAULT_DTYPE = "f16"
 EXACT_MAX_ITEMS = 16_384  # below this a (N, D) @ (D,) product beats the HNSW walk and is exact
 SEARCH_MODES = ("auto", "exact", "ann")
@@ -42,6 +45,8 @@ class VectorIndex:
 
     ``embeds`` (N, D) float32 (possibly memory-mapped) back the exact path; the usearch index is
     built lazily from them when an approximate search is first needed and no saved graph exists.
+    ``dtype="auto"`` is resolved when that graph is built (the sample's measurements are kept in
+    ``dtype_choice``); a gallery small enough for the exact path gets the default without measuring.
     """
 
     def __init__(
@@ -52,8 +57,8 @@ class VectorIndex:
         hnsw: HnswConfig = HnswConfig(),
         search_mode: str = "auto",
     ) -> None:
-        if dtype not in DTYPES:
-            raise ContractError(f"index dtype {dtype!r} is not one of {DTYPES}")
+        if dtype not in DTYPE_CHOICES:
+            raise ContractError(f"index dtype {dtype!r} is not one of {DTYPE_CHOICES}")
         if search_mode not in SEARCH_MODES:
             raise ValueError(f"search_mode {search_mode!r} is not one of {SEARCH_MODES}")
         self.ndim = ndim
@@ -64,6 +69,7 @@ class VectorIndex:
         self._embeds = Rows(np.zeros((0, ndim), dtype=np.float32))
         self._ann: Index | None = None  # built or restored on demand
         self._ann_is_view = False
+        self.dtype_choice: dict[str, object] | None = None  # what "auto" measured, for index.json
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -92,7 +98,7 @@ class VectorIndex:
         self._keys.append(keys)
         self._embeds.append(embeds)
         if self._ann is not None:
-            self._writable_ann().add(keys, embeds)
+            self._writable_ann().add(keys, unit_rows(embeds))
 
     def remove_rows(self, rows: np.ndarray) -> None:
         """Drop the given row indices (and their keys)."""
@@ -124,7 +130,7 @@ class VectorIndex:
             return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
         if self.uses_exact():
             return _exact_search(self.embeds, queries, count)
-        matches = self._ensure_ann().search(queries, count, exact=False)
+        matches = self._ensure_ann().search(unit_rows(queries), count, exact=False)
         keys = np.asarray(matches.keys, dtype=np.uint64).reshape(queries.shape[0], -1)[:, :count]
         dist = np.asarray(matches.distances, dtype=np.float32).reshape(queries.shape[0], -1)[:, :count]
         # One query comes back as Matches (no .counts), several as BatchMatches.
@@ -157,18 +163,29 @@ class VectorIndex:
         if self._ann is None:
             from usearch.index import Index
 
+            self._resolve_dtype()
             ann = Index(
                 ndim=self.ndim,
-                metric="cos",
+                metric=metric_for(self.dtype),
                 dtype=self.dtype,
                 connectivity=self.hnsw.connectivity,
                 expansion_add=self.hnsw.expansion_add,
                 expansion_search=self.hnsw.expansion_search,
             )
-            if len(self):
-                ann.add(self.keys, np.ascontiguousarray(self.embeds, dtype=np.float32))
+            fill(ann, self.keys, self.embeds)
             self._ann, self._ann_is_view = ann, False
         return self._ann
+
+    def _resolve_dtype(self) -> None:
+        if self.dtype != AUTO_DTYPE:
+            return
+        if len(self) <= EXACT_MAX_ITEMS:
+            self.dtype = DEFAULT_DTYPE
+            self.dtype_choice = {"chosen": DEFAULT_DTYPE, "not_measured": f"{len(self)} items are searched exactly"}
+            return
+        choice = choose_dtype(self.embeds, connectivity=self.hnsw.connectivity, expansion_add=self.hnsw.expansion_add,
+                              expansion_search=self.hnsw.expansion_search)
+        self.dtype, self.dtype_choice = choice.dtype, choice.record()
 
     def _writable_ann(self) -> Index:
         # usearch crashes the process when a memory-mapped view is modified: copy it in first.

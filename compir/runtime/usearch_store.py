@@ -128,6 +128,7 @@ class UsearchStore:
             "generation": generation,
             "next_key": self._next_key,
             "hnsw": vars(self.vectors.hnsw),
+            **({"dtype_choice": self.vectors.dtype_choice} if self.vectors.dtype_choice else {}),
             "files": {role: {"file": name, "sha256": sha256_file(folder / name)} for role, name in names.items()},
         }
 
