@@ -25,6 +25,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ MILVUS_MAX = 100_000
 MILVUS_QUICK = 20_000  # Milvus Lite's graph build dominates --quick otherwise
 # e.g. "f16,i8": the usearch storage types measured (default: all with --quick, auto's choice in full)
 DTYPES_VARIABLE = "COMPIR_BENCH_INDEX_DTYPES"
+FAISS_LABEL = "faiss HNSWFlat f32, ip"
 
 
 def clustered_vectors(count: int, *, seed: int, centres: np.ndarray, chunk: int = 100_000) -> np.ndarray:
@@ -92,13 +94,36 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return result, float(np.median(runs))
 
 
-def _one_by_one(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray) -> Callable[[], np.ndarray]:
-    """One query per call, as a service searches: (Q, K) found rows."""
-    return lambda: np.stack([search(query) for query in queries])
+@dataclass
+class _Built:
+    """An index ready to search one query at a time at breadth ``ef``."""
+
+    figures: dict[str, Any]  # build_s, memory_mb, ... (the sweep is added by _sweep)
+    search: Callable[[np.ndarray, int], np.ndarray]  # (query (D,), ef) -> (K,) rows, -1 padded
 
 
-def _usearch(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int, *, dtype: str, metric: str) -> dict[str, Any]:
-    """A usearch graph (compir's settings) of ``dtype`` under ``metric``: build, memory, ef sweep at 1 thread."""
+def _sweep(built: dict[str, _Built], queries: np.ndarray, truth: np.ndarray, repeats: int) -> None:
+    """Recall and queries/s of every index at every ef, one query per call; the indexes take turns within each
+    repeat, so a change in the machine's load falls on all of them alike. Adds ``sweep`` to each's figures."""
+    for entry in built.values():
+        entry.figures["sweep"] = []
+    for ef in SWEEP:
+        seconds: dict[str, list[float]] = {name: [] for name in built}
+        for entry in built.values():  # warm-up pass: the recall
+            found = np.stack([entry.search(query, ef) for query in queries])
+            entry.figures["sweep"].append({"setting": ef, "recall": recall_at_k(found, truth)})
+        for _ in range(repeats):
+            for name, entry in built.items():
+                start = time.perf_counter()
+                for query in queries:
+                    entry.search(query, ef)
+                seconds[name].append(time.perf_counter() - start)
+        for name, entry in built.items():
+            entry.figures["sweep"][-1]["qps"] = len(queries) / float(np.median(seconds[name]))
+
+
+def _usearch(base: np.ndarray, *, dtype: str, metric: str) -> _Built:
+    """A usearch graph (compir's settings) of ``dtype`` under ``metric``, built on every core, searched on one."""
     from usearch.index import Index
 
     from compir.runtime.ann_dtype import fill
@@ -109,41 +134,34 @@ def _usearch(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: 
     fill(index, np.arange(len(base), dtype=np.uint64), base)
     build_s = time.perf_counter() - start
 
-    def search(query: np.ndarray) -> np.ndarray:
+    def search(query: np.ndarray, ef: int) -> np.ndarray:
+        index.expansion_search = ef  # type: ignore[misc]  # usearch has a setter; its stub misses it
         found = np.full(K, -1, dtype=np.int64)
         keys = np.asarray(index.search(query, K, threads=1).keys, dtype=np.int64)
         found[: len(keys)] = keys
         return found
 
-    sweep = []
-    for expansion in SWEEP:
-        index.expansion_search = expansion  # type: ignore[misc]  # usearch has a setter; its stub misses it
-        found, seconds = _timed(_one_by_one(search, queries), repeats)
-        sweep.append({"setting": expansion, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
-    return {"dtype": dtype, "metric": metric, "build_s": build_s, "memory_mb": index.memory_usage / 2**20, "sweep": sweep}
+    return _Built({"dtype": dtype, "metric": metric, "build_s": build_s, "memory_mb": index.memory_usage / 2**20}, search)
 
 
-def _faiss(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int) -> dict[str, Any]:
+def _faiss(base: np.ndarray) -> _Built:
+    """faiss IndexHNSWFlat (f32, inner product) with the same graph settings, built on every core, searched on one."""
     import faiss
 
-    hnsw = HnswConfig()  # the same graph settings as usearch
+    hnsw = HnswConfig()
     index = faiss.IndexHNSWFlat(DIM, hnsw.connectivity, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = hnsw.expansion_add
     start = time.perf_counter()
-    index.add(base)  # on every core, as usearch's build
+    index.add(base)
     build_s = time.perf_counter() - start
     memory_mb = faiss.serialize_index(index).nbytes / 2**20  # the vectors and the graph, as held in memory
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    sweep = []
-    try:
-        for ef in SWEEP:
-            index.hnsw.efSearch = ef
-            found, seconds = _timed(_one_by_one(lambda query: index.search(query[None], K)[1][0], queries), repeats)
-            sweep.append({"setting": ef, "recall": recall_at_k(found, truth), "qps": len(queries) / seconds})
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return {"build_s": build_s, "memory_mb": memory_mb, "sweep": sweep}
+    faiss.omp_set_num_threads(1)  # for the rest of this process: every search of this bench is one query on one thread
+
+    def search(query: np.ndarray, ef: int) -> np.ndarray:
+        index.hnsw.efSearch = ef
+        return np.asarray(index.search(query[None], K)[1][0], dtype=np.int64)
+
+    return _Built({"build_s": build_s, "memory_mb": memory_mb}, search)
 
 
 def _milvus(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, repeats: int, *, folder: Path) -> dict[str, Any]:
@@ -254,7 +272,7 @@ def _speed_rows(graphs: dict[str, dict[str, Any]], faiss: dict[str, Any], exact_
     rows, comparison = [], {}
     for level in RECALL_LEVELS:
         theirs = at_recall(faiss["sweep"], level)
-        rows.append(["faiss HNSWFlat f32, ip", f">= {level}",
+        rows.append([FAISS_LABEL, f">= {level}",
                      f"{theirs['qps']:,.0f} (ef {theirs['setting']}, R {theirs['recall']:.3f})" if theirs
                      else ("skipped" if faiss.get("skipped") else "not reached"),
                      f"{theirs['qps'] / exact_qps:.1f}x" if theirs else "-", "1.00x" if theirs else "-", f"{faiss['memory_mb']:,.0f}"])
@@ -285,9 +303,12 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     start = time.perf_counter()
     choice = choose_dtype(base, connectivity=hnsw.connectivity, expansion_add=hnsw.expansion_add, expansion_search=hnsw.expansion_search)
     choice_s = time.perf_counter() - start
-    faiss = _faiss(base, queries, truth, repeats) if os.environ.get(FAISS_VARIABLE, "1") != "0" else _faiss_skipped()
-    graphs = {label: _usearch(base, queries, truth, repeats, dtype=dtype, metric=metric)
-              for label, dtype, metric in _graphs(quick, choice.dtype)}
+    built = {label: _usearch(base, dtype=dtype, metric=metric) for label, dtype, metric in _graphs(quick, choice.dtype)}
+    if os.environ.get(FAISS_VARIABLE, "1") != "0":
+        built[FAISS_LABEL] = _faiss(base)
+    _sweep(built, queries, truth, repeats)
+    faiss = built.pop(FAISS_LABEL).figures if FAISS_LABEL in built else _faiss_skipped()
+    graphs = {label: entry.figures for label, entry in built.items()}
     usearch = next(graph for label, graph in graphs.items() if label.endswith("(auto's choice)")) \
         if any(label.endswith("(auto's choice)") for label in graphs) else next(iter(graphs.values()))
     rows, comparison = _speed_rows(graphs, faiss, exact_qps)
@@ -299,7 +320,9 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
             sub = base[:milvus_count]
             sub_truth, sub_exact_s = _timed(lambda: exact_top_k(sub, queries), repeats)
             sub_exact_qps = n_queries / sub_exact_s
-            sub_usearch = _usearch(sub, queries, sub_truth, repeats, dtype=usearch["dtype"], metric=usearch["metric"])
+            again = {"usearch": _usearch(sub, dtype=usearch["dtype"], metric=usearch["metric"])}
+            _sweep(again, queries, sub_truth, repeats)
+            sub_usearch = again["usearch"].figures
         milvus = _milvus(sub, queries, sub_truth, repeats, folder=out_dir / "milvus-lite")
         milvus_rows, milvus_figures = _milvus_rows(milvus, sub_usearch, sub_exact_qps)
         figures_milvus = {"lite": milvus, "exact_qps": sub_exact_qps, "usearch": sub_usearch, "at_equal_recall": milvus_figures}
