@@ -269,7 +269,8 @@ def _graphs(quick: bool, chosen: str) -> list[tuple[str, str, str]]:
 
 def _speed_rows(graphs: dict[str, dict[str, Any]], faiss: dict[str, Any], exact_qps: float) -> tuple[list[list[Any]], dict[str, Any]]:
     """Per index and recall level: the fastest sweep point reaching it, against exact and faiss at the same level."""
-    rows, comparison = [], {}
+    rows: list[list[Any]] = []
+    comparison: dict[str, dict[str, Any]] = {}
     for level in RECALL_LEVELS:
         theirs = at_recall(faiss["sweep"], level)
         rows.append([FAISS_LABEL, f">= {level}",
