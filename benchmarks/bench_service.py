@@ -6,10 +6,15 @@ weights) exported to ONNX fp32, an index of the dataset's images. Each request i
 query with an uploaded 64x64 PNG reference (decode + image encode + compose + search; query
 texts repeat, so the runtime's text cache answers most text encodes, as it would in service).
 The server is ``compir serve`` in its own process on 127.0.0.1 (and, with the ray extra installed,
-``compir serve --ray --replicas 2``: a local Ray Serve app, 2 HTTP replicas and the gallery owner,
-batching off as on a CPU by default); clients are threads with one
-keep-alive httpx connection each. Every configuration runs ``repeats`` times, the modes taking
-turns; the median run's figures are reported. Full: 16 clients x 100 requests per run; --quick: 96 requests per run.
+``compir serve --ray --replicas 1`` and ``--replicas 2``: a local Ray Serve app, its HTTP replicas and
+the gallery owner, batching off as on a CPU by default). Clients are threads of this process, each
+with one keep-alive ``http.client`` connection sending a request body encoded once up front
+(:mod:`benchmarks.http_client`): a tenth of httpx's per-request work, so the client, which shares the
+cores with the server, costs the server as little as a Python client can. In-process calls get the
+same queries in the same order. Every configuration runs ``repeats`` times, the modes taking turns;
+the median run's figures are reported. The Ray Serve apps run one at a time, each beside its own
+in-process runs (its "vs in-process" is against those). Full: 16 clients x 100 requests per run;
+--quick: 96 requests per run.
 
 Memory soak: a fresh ``compir serve`` (default batching: off on a CPU) answers SOAK_REQUESTS composed
 uploads from 16 clients (20,000; --quick 2,000) with texts that keep changing (more than the text
@@ -23,7 +28,7 @@ its acknowledgement, which comes once the add is on disk (group commit).
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import socket
 import subprocess
@@ -38,21 +43,15 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import BenchResult, Panel, bar_chart, line_chart, markdown_table
+from benchmarks.http_client import EncodedRequest, KeepAliveClient, encode_multipart
 
 NAME = "service"
-DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, Ray Serve (2 replicas), "
+DESCRIPTION = ("HTTP API: requests/s and p50/p99 latency at 1/4/16 clients, dynamic batching on/off, Ray Serve (1 and 2 replicas), "
                "vs the in-process Python API; server RSS over a soak of 20,000 uploads; add p50/p95 under 0/4/16 searching clients")
 CONCURRENCY = (1, 4, 16)
 MODES = ("python in-process", "http, batching off", "http, batching on")
-RAY_MODE = "ray serve, 2 replicas"
-RAY_REPLICAS = 2
+RAY_MODES = {"ray serve, 1 replica": 1, "ray serve, 2 replicas": 2}  # mode: replicas
 K = 10
-SOAK_REQUESTS = {False: 20_000, True: 2_000}  # by quick
-SOAK_CLIENTS = 16
-SOAK_SAMPLES = 50
-LEVEL_MB_TOLERANCE = 10.0
-ADDERS = 2
-ADDS = {False: 100, True: 20}  # per adder, by quick
 
 
 def prepare_files(root: Path, *, quick: bool) -> None:
@@ -146,14 +145,14 @@ def _free_port() -> int:
 class _Server:
     """``compir serve`` in a child process (its return code and output are checked)."""
 
-    def __init__(self, export: Path, index: Path, *, batching: bool, ray: bool = False) -> None:
+    def __init__(self, export: Path, index: Path, *, batching: bool, replicas: int | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "compir", "serve", str(export), str(index), "--port", str(self.port),
                    "--log-level", "warning", "--max-k", str(K)]
         command += ["--batching", "on" if batching else "off"]
-        if ray:
-            command += ["--ray", "--replicas", str(RAY_REPLICAS)]
+        if replicas is not None:  # on Ray Serve
+            command += ["--ray", "--replicas", str(replicas)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 240.0) -> None:
@@ -179,29 +178,43 @@ class _Server:
 
 def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, total: int,
              repeats: int) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any]]:
-    """{mode: {clients: figures}} and the batching server's batch counts.
+    """{mode: {clients: figures}} (each with "vs_in_process"), and {"batching_stats": the batching
+    server's batch counts, "ray_failures": {mode: why its Ray Serve app did not start}}.
 
-    Both servers stay up and the modes take turns within each repeat, so a change in the
-    machine's load (other processes) hits every mode alike instead of biasing one."""
-    import httpx
-
+    The two ``compir serve`` stay up together and take turns with the in-process runs; each Ray
+    Serve app then runs alone beside in-process runs of its own (one local Ray at a time)."""
     from compir.runtime.retriever import Retriever
 
     retriever = Retriever.from_dirs(export, index, providers=["cpu"])
+    requests = _encoded(queries)
     # A server is its index's one writer (the writer lock): each gets its own copy of the same index.
     servers = {MODES[1]: _Server(export, _copy(index, "off"), batching=False),
                MODES[2]: _Server(export, _copy(index, "on"), batching=True)}
-    if ray_available():
-        servers[RAY_MODE] = _Server(export, _copy(index, "ray"), batching=False, ray=True)
+    results, stats = _turns(retriever, queries, requests, servers, total=total, repeats=repeats)
+    ray_failures: dict[str, str] = {}
+    for mode, replicas in RAY_MODES.items() if ray_available() else ():
+        ray = {mode: _Server(export, _copy(index, f"ray-{replicas}"), batching=False, replicas=replicas)}
+        try:
+            results[mode] = _turns(retriever, queries, requests, ray, total=total, repeats=repeats)[0][mode]
+        except RuntimeError as exc:  # a local Ray that cannot start here (an overloaded machine): reported in the notes
+            ray_failures[mode] = str(exc).strip().splitlines()[-1][:300]
+    return results, {"batching_stats": stats.get(MODES[2], {}), "ray_failures": ray_failures}
+
+
+def _turns(retriever: Any, queries: list[tuple[bytes, str]], requests: list[EncodedRequest], servers: dict[str, _Server], *,
+           total: int, repeats: int) -> tuple[dict[str, dict[int, dict[str, Any]]], dict[str, Any]]:
+    """The in-process mode and each server's, taking turns within each repeat so that a change in
+    the machine's load (other processes) hits every mode alike; then the servers are stopped.
+    ({mode: {clients: figures}}, {mode: the batching_stats of its /stats})."""
     modes = [MODES[0], *servers]
     results: dict[str, dict[int, dict[str, Any]]] = {mode: {} for mode in modes}
     try:
         for server in servers.values():
             server.wait_ready()
         for clients in CONCURRENCY:
-            sessions = {mode: [httpx.Client(base_url=s.url, timeout=60) for _ in range(clients)] for mode, s in servers.items()}
+            sessions = {mode: [KeepAliveClient(s.url) for _ in range(clients)] for mode, s in servers.items()}
             calls = {MODES[0]: _python_call(retriever, queries)}
-            calls.update({mode: _http_call(sessions[mode], queries) for mode in servers})
+            calls.update({mode: _http_call(sessions[mode], requests) for mode in servers})
             runs: dict[str, list[tuple[float, np.ndarray]]] = {mode: [] for mode in modes}
             for mode in modes:
                 _drive(clients, min(total, 4 * clients), calls[mode])  # warm-up: connections, caches
@@ -210,13 +223,20 @@ def _measure(export: Path, index: Path, queries: list[tuple[bytes, str]], *, tot
                     runs[mode].append(_drive(clients, total, calls[mode]))
             for mode in modes:
                 results[mode][clients] = _summary(runs[mode], total)
+                results[mode][clients]["vs_in_process"] = results[mode][clients]["rps"] / results[MODES[0]][clients]["rps"]
             for client in (c for group in sessions.values() for c in group):
                 client.close()
-        batch_stats = httpx.get(servers[MODES[2]].url + "/stats").json().get("batching_stats", {})
+        stats = {mode: json.loads(KeepAliveClient(s.url).get("/stats")[1]).get("batching_stats", {}) for mode, s in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
-    return results, batch_stats
+    return results, stats
+
+
+def _encoded(queries: list[tuple[bytes, str]]) -> list[EncodedRequest]:
+    """Each query's POST /search body: its PNG as the reference upload, its text, k."""
+    return [encode_multipart(files={"reference": ("ref.png", image, "image/png")}, data={"text": text, "k": str(K)})
+            for image, text in queries]
 
 
 def _copy(index: Path, name: str) -> Path:
@@ -241,114 +261,13 @@ def _python_call(retriever: Any, queries: list[tuple[bytes, str]]) -> Callable[[
     return call
 
 
-def _http_call(sessions: list[Any], queries: list[tuple[bytes, str]]) -> Callable[[int, int], None]:
+def _http_call(sessions: list[KeepAliveClient], requests: list[EncodedRequest]) -> Callable[[int, int], None]:
     def call(client: int, n: int) -> None:
-        image, text = queries[(client * 7919 + n) % len(queries)]
-        response = sessions[client].post("/search", files={"reference": ("ref.png", image, "image/png")},
-                                         data={"text": text, "k": str(K)})
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        status, body = sessions[client].post("/search", requests[(client * 7919 + n) % len(requests)])
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
 
     return call
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of process ``pid`` in MiB (Linux: /proc/PID/statm, in pages)."""
-    try:
-        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
-            pages = int(statm.read().split()[1])
-    except OSError as exc:
-        raise RuntimeError(f"cannot read the RSS of process {pid} ({exc}); the soak needs Linux /proc") from exc
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def soak(export: Path, index: Path, queries: list[tuple[bytes, str]], *, requests: int,
-         clients: int = SOAK_CLIENTS, samples: int = SOAK_SAMPLES) -> dict[str, Any]:
-    """``requests`` composed uploads against a fresh server, its RSS sampled every requests/samples
-    answers: {"points": [(answered, seconds, rss MiB)], figures at start / half-way / end, "levels_off"}."""
-    import httpx
-
-    # 13 texts per reference: more distinct texts than the runtime's text cache (1024) keeps.
-    varied = [(image, f"{text}, take {take}") for take in range(13) for image, text in queries]
-    server = _Server(export, index, batching=False)
-    sessions = [httpx.Client(base_url=server.url, timeout=60) for _ in range(clients)]
-    try:
-        server.wait_ready()
-        pid = server.process.pid
-        call = _http_call(sessions, varied)
-        step = max(1, requests // samples)
-        lock = threading.Lock()
-        start = time.perf_counter()
-        points = [(0, 0.0, rss_mb(pid))]
-        answered = 0
-
-        def counted(client: int, n: int) -> None:
-            nonlocal answered
-            call(client, n)
-            with lock:
-                answered += 1
-                if answered % step == 0:
-                    points.append((answered, time.perf_counter() - start, rss_mb(pid)))
-
-        wall, latencies = _drive(clients, requests, counted)
-    finally:
-        for session in sessions:
-            session.close()
-        server.stop()
-    half = min(points, key=lambda p: abs(p[0] - requests / 2))[2]
-    end, peak = points[-1][2], max(p[2] for p in points)
-    return {
-        "requests": requests, "clients": clients, "rps": requests / wall, "p99_ms": float(np.percentile(latencies, 99)),
-        "rss_start_mb": points[0][2], "rss_half_mb": half, "rss_end_mb": end, "rss_peak_mb": peak,
-        "second_half_growth_mb": end - half,
-        "levels_off": end - half <= max(LEVEL_MB_TOLERANCE, 0.05 * half),
-        "points": points,
-    }
-
-
-def add_latency(export: Path, index: Path, queries: list[tuple[bytes, str]], *, searchers: int, adds: int) -> dict[str, Any]:
-    """Add p50 / p95 (ms) with ``searchers`` clients searching all along, on a copy of ``index``."""
-    import httpx
-
-    copy = _copy(index, f"adds-{searchers}")
-    server = _Server(export, copy, batching=False)
-    done = threading.Event()
-    search_ms: list[float] = []
-    try:
-        server.wait_ready()
-
-        def search_forever(client: int) -> None:
-            with httpx.Client(base_url=server.url, timeout=120) as session:
-                call = _http_call([session], queries)
-                for n in range(10**9):
-                    if done.is_set():
-                        return
-                    start = time.perf_counter()
-                    call(0, client * 7919 + n)
-                    search_ms.append((time.perf_counter() - start) * 1000.0)
-
-        background = [threading.Thread(target=search_forever, args=(c,), daemon=True) for c in range(searchers)]
-        for thread in background:
-            thread.start()
-        adders = [httpx.Client(base_url=server.url, timeout=120) for _ in range(ADDERS)]
-
-        def add(client: int, n: int) -> None:
-            image = queries[(client * 31 + n) % len(queries)][0]
-            response = adders[client].post("/gallery/items", files=[("files", (f"bench-{client}-{n}.png", image, "image/png"))])
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
-
-        _, latencies = _drive(ADDERS, ADDERS * adds, add)
-        done.set()
-        for thread in background:
-            thread.join(120)
-    finally:
-        done.set()
-        server.stop()
-        shutil.rmtree(copy, ignore_errors=True)
-    return {"searchers": searchers, "adds": ADDERS * adds, "add_p50_ms": float(np.percentile(latencies, 50)),
-            "add_p95_ms": float(np.percentile(latencies, 95)),
-            "search_p50_ms": float(np.percentile(search_ms, 50)) if search_ms else float("nan")}
 
 
 def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, repeats: int) -> dict[str, float]:
@@ -365,18 +284,18 @@ def _batch_cost(export: Path, index: Path, queries: list[tuple[bytes, str]], *, 
 
 
 def run(*, out_dir: Path, quick: bool) -> BenchResult:
+    from benchmarks.service_soak import ADDERS, ADDS, SOAK_CLIENTS, SOAK_REQUESTS, SOAK_SAMPLES, add_latency, soak
+
     total, repeats = (96, 3) if quick else (1600, 3)
     with tempfile.TemporaryDirectory(prefix="compir-bench-service-") as tmp:
         export, index, queries = _prepare(Path(tmp), quick=quick)
         batch_cost = _batch_cost(export, index, queries, repeats=5)
-        by_mode, batch_stats = _measure(export, index, queries, total=total, repeats=repeats)
+        by_mode, measured = _measure(export, index, queries, total=total, repeats=repeats)
         memory = soak(export, index, queries, requests=SOAK_REQUESTS[quick])
         writes = [add_latency(export, index, queries, searchers=n, adds=ADDS[quick]) for n in (0, *CONCURRENCY[1:])]
-    rows = []
-    for mode, results in by_mode.items():
-        for clients, figures in results.items():
-            baseline = by_mode[MODES[0]][clients]["rps"]
-            rows.append([mode, clients, figures["rps"], figures["rps"] / baseline, figures["p50_ms"], figures["p99_ms"]])
+    batch_stats = measured["batching_stats"]
+    rows = [[mode, clients, f["rps"], f["vs_in_process"], f["p50_ms"], f["p99_ms"]]
+            for mode, results in by_mode.items() for clients, f in results.items()]
     table = markdown_table(["mode", "clients", "requests/s", "vs in-process", "p50 ms", "p99 ms"], rows)
     label = {c: f"{c} client{'s' if c > 1 else ''}" for c in CONCURRENCY}
     plot = bar_chart(out_dir / "service.png", panels=[
@@ -396,7 +315,8 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
     notes = (
         f"{total} composed queries (uploaded 64x64 PNG + text, k={K}) per run, median of {repeats} runs (modes interleaved); "
         "server: `compir serve` in its own process (batching on: max 16, wait 2 ms), clients: threads in the "
-        f"benchmark process on the same cores. Batches formed with batching on: {batch_stats}. "
+        "benchmark process on the same cores, one keep-alive http.client connection each, bodies encoded up front. "
+        f"Batches formed with batching on: {batch_stats}. "
         f"Upper bound of the gain: 16 queries in one Retriever.search_batch take {batch_cost['batch_of_16_ms']:.1f} ms, "
         f"16 single searches {batch_cost['16_singles_ms']:.1f} ms (x{batch_cost['speedup']:.2f}); "
         "`compir serve --batching auto` turns batching on only for GPU encoders. "
@@ -406,16 +326,16 @@ def run(*, out_dir: Path, quick: bool) -> BenchResult:
         f"{memory['rss_start_mb']:.0f} MiB ready, {memory['rss_half_mb']:.0f} half-way, {memory['rss_end_mb']:.0f} at the end. "
         f"Writes: {ADDERS} clients add one image per request (acknowledged once on disk) while others search."
     )
-    if RAY_MODE in by_mode:
-        ratios = ", ".join(f"{c} client{'s' if c > 1 else ''} x{by_mode[RAY_MODE][c]['rps'] / by_mode[MODES[1]][c]['rps']:.2f}"
-                           for c in CONCURRENCY)
-        notes += (f" Ray Serve: `compir serve --ray --replicas {RAY_REPLICAS}` (a local Ray started by the command; "
-                  f"{RAY_REPLICAS} HTTP replicas with their own encoders, one gallery-owner actor for the index; batching off), "
-                  f"requests/s against `compir serve` with batching off: {ratios}. Its replicas share this machine's cores "
-                  "with each other and with the clients, so here they measure Serve's overhead (proxy hop, owner calls), "
+    if any(mode in by_mode for mode in RAY_MODES):
+        notes += (" Ray Serve: `compir serve --ray --replicas 1` and `--replicas 2` (a local Ray started by the command; "
+                  "HTTP replicas with their own encoders, one gallery-owner actor for the index; batching off), each app "
+                  "alone, its 'vs in-process' against in-process runs taking turns with it. Its replicas share this machine's "
+                  "cores with each other and with the clients, so here they measure Serve's overhead (proxy hop, owner calls), "
                   "not the scaling that replicas on separate machines give.")
-    else:
+    if not ray_available():
         notes += ' Ray Serve rows skipped: the ray extra is not installed (pip install "compir[ray]").'
+    for mode, why in measured["ray_failures"].items():
+        notes += f" {mode}: NOT MEASURED, its Ray did not start ({why})."
     figures = {"requests_per_run": total, "repeats": repeats, "k": K,
                "results": {m: {str(c): f for c, f in r.items()} for m, r in by_mode.items()},
                "batching_stats": batch_stats, "batch_cost": batch_cost, "memory_soak": memory, "writes": writes}

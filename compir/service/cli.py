@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from compir.runtime.retriever import Retriever
     from compir.service.app import create_app
     from compir.service.engine import ServiceEngine
+    from compir.service.server import uvicorn_options
 
     retriever = Retriever.from_dirs(
         args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant,
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not config.api_key and not _is_loopback(args.host):
         print(f"compir serve: warning: {args.host} is reachable from other machines and no API key is set "
               "(--api-key or COMPIR_API_KEY)", file=sys.stderr)
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(engine), host=args.host, port=args.port, **uvicorn_options(args.log_level))
     return 0
 
 

@@ -1,16 +1,23 @@
-"""Search endpoints: composed search by upload or gallery id, text-only search, batch search."""
+"""Search endpoints: composed search by upload or gallery id, text-only search, batch search.
+
+``POST /search`` and ``POST /search/text`` are the hot path: each takes one trip to a worker
+thread (the upload's decode and the search together) and answers with bytes that orjson encodes
+from the hits, in the shape of :class:`SearchOut` (the schema the docs show)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from concurrent.futures import Future
+from dataclasses import replace
 
-from fastapi import APIRouter, Depends, Request
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image
 
 from compir.errors import InputError
+from compir.service.config import Limits
 from compir.service.engine import SearchAnswer, SearchQuery, ServiceEngine
-from compir.service.forms import Form, FormField, FormSpec
+from compir.service.forms import FormField, FormSpec
 from compir.service.inputs import check_bytes, check_count, check_k, check_text, decode_b64, decode_image, in_executor, require_json
 from compir.service.schemas import BatchSearchIn, BatchSearchOut, HitOut, SearchOut, TextSearchIn, errors
 
@@ -27,11 +34,14 @@ SEARCH_FORM = FormSpec(
 
 @router.post("/search", response_model=SearchOut, openapi_extra=SEARCH_FORM.openapi(),
              responses=errors(400, 401, 404, 413, 415, 422))
-async def search(request: Request, form: Annotated[Form, Depends(SEARCH_FORM.read)]) -> SearchOut:
+async def search(request: Request) -> Response:
     """Composed search: a reference (upload or gallery id) plus a modification text.
 
     Without a reference it is a text-only search. Takes multipart/form-data (or an urlencoded
     form without the upload); any other field is a 422."""
+    # The form is read here rather than as a FastAPI dependency: the same checks without the
+    # per-request dependency machinery (the form's schema is the route's openapi_extra).
+    form = await SEARCH_FORM.read(request)
     engine: ServiceEngine = request.app.state.engine
     limits = engine.config.limits
     text, k, reference_id = form.text("text") or "", form.integer("k"), form.text("reference_id")
@@ -41,22 +51,19 @@ async def search(request: Request, form: Annotated[Form, Depends(SEARCH_FORM.rea
     reference = form.upload("reference")
     if reference is not None and reference_id is not None:
         raise InputError("give either an uploaded reference or reference_id, not both")
-    image: Image.Image | None = None
-    if reference is not None:
-        data = check_bytes(reference.data, limits, field="reference")
-        image = await in_executor(request.app.state.executor, decode_image, data, limits, field="reference")
-    query = SearchQuery(text=text, k=k, reference_image=image, reference_id=reference_id, rerank=form.flag("rerank"))
-    return _to_out(await _answer(request, query))
+    upload = None if reference is None else check_bytes(reference.data, limits, field="reference")
+    query = SearchQuery(text=text, k=k, reference_id=reference_id, rerank=form.flag("rerank"))
+    return _json(await _answer(request, query, upload=upload))
 
 
 @router.post("/search/text", response_model=SearchOut, dependencies=[Depends(require_json)],
              responses=errors(401, 413, 415, 422))
-async def search_text(request: Request, body: TextSearchIn) -> SearchOut:
+async def search_text(request: Request, body: TextSearchIn) -> Response:
     """Text-to-image search: the gallery images that match a description."""
     engine: ServiceEngine = request.app.state.engine
     query = SearchQuery(text=check_text(body.text, engine.config.limits), k=check_k(body.k, engine.config.limits))
     engine.check_text(query.text)
-    return _to_out(await _answer(request, query))
+    return _json(await _answer(request, query))
 
 
 @router.post("/search/batch", response_model=BatchSearchOut, dependencies=[Depends(require_json)],
@@ -86,19 +93,30 @@ async def search_batch(request: Request, body: BatchSearchIn) -> BatchSearchOut:
     return BatchSearchOut(results=[[HitOut(item_id=h.item_id, score=h.score) for h in hits] for hits in results])
 
 
-async def _answer(request: Request, query: SearchQuery) -> SearchAnswer:
+async def _answer(request: Request, query: SearchQuery, *, upload: bytes | None = None) -> SearchAnswer:
+    """``query``'s answer, ``upload`` (an image file's bytes) decoded as its reference image, in
+    one worker-thread call: each trip from the event loop to a thread and back adds to every request's latency."""
     engine: ServiceEngine = request.app.state.engine
-    executor = request.app.state.executor
+    limits = engine.config.limits
     if not engine.batches(query):
-        return await in_executor(executor, engine.search, query)
-    # Unknown ids are refused before queueing, so a bad query never costs a batch its speed-up.
-    await in_executor(executor, engine.check_reference, query.reference_id)
-    return await asyncio.wrap_future(engine.submit(query))
+        return await in_executor(request.app.state.executor, lambda: engine.search(_decoded(query, upload, limits)))
+
+    def queue() -> Future[SearchAnswer]:
+        ready = _decoded(query, upload, limits)
+        # Unknown ids are refused before queueing, so a bad query never costs a batch its speed-up.
+        engine.check_reference(ready.reference_id)
+        return engine.submit(ready)
+
+    return await asyncio.wrap_future(await in_executor(request.app.state.executor, queue))
 
 
-def _to_out(answer: SearchAnswer) -> SearchOut:
-    return SearchOut(
-        hits=[HitOut(item_id=h.item_id, score=h.score) for h in answer.hits],
-        timings_ms=answer.timings_ms,
-        batch_size=answer.batch_size,
-    )
+def _decoded(query: SearchQuery, upload: bytes | None, limits: Limits) -> SearchQuery:
+    """``query`` with ``upload`` decoded as its reference image (a worker thread's job)."""
+    return query if upload is None else replace(query, reference_image=decode_image(upload, limits, field="reference"))
+
+
+def _json(answer: SearchAnswer) -> Response:
+    """The :class:`SearchOut` body of ``answer``, encoded by orjson without building the model."""
+    body = {"hits": [{"item_id": h.item_id, "score": float(h.score)} for h in answer.hits],
+            "timings_ms": answer.timings_ms, "batch_size": answer.batch_size}
+    return Response(orjson.dumps(body), media_type="application/json")

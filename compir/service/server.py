@@ -3,13 +3,27 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+
+
+def uvicorn_options(log_level: str) -> dict[str, Any]:
+    """uvicorn's settings for ``compir serve`` and :class:`BackgroundServer`: uvloop's event loop and
+    httptools' HTTP parser (the serve extra installs both), and no access log unless ``log_level``
+    shows it (uvicorn formats each access line before its logger drops it)."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"unknown log level {log_level!r}")
+    loop = "asyncio" if sys.platform == "win32" else "uvloop"  # uvloop has no Windows build
+    return {"loop": loop, "http": "httptools", "log_level": log_level, "access_log": level <= logging.INFO}
 
 
 class BackgroundServer:
@@ -24,7 +38,7 @@ class BackgroundServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5, **uvicorn_options(log_level))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
