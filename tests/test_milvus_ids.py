@@ -45,6 +45,14 @@ def test_the_filter_builder_yields_exactly_the_values_for_milvus_lites_parser(va
     assert parsed.field.name == "id" and [element.value for element in parsed.values.elements] == values
 
 
+def test_the_filter_builder_writes_integers_as_integers_and_refuses_other_values() -> None:
+    parsed = parse_expr(in_filter("claim", [3, -7, 2**62]))  # the claims' auto-id primary keys (milvus_claims)
+    assert parsed.field.name == "claim" and [element.value for element in parsed.values.elements] == [3, -7, 2**62]
+    for bad in (True, 1.5, None, b"id"):
+        with pytest.raises(TypeError, match="must be a str or an int"):
+            in_filter("claim", [bad])  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def hostile_index(tiny_export: Path, synth_data: Path, tmp_path_factory: pytest.TempPathFactory, milvus_uri: str) -> Path:
     """`compir index build --milvus-uri` on 6 synthetic images, ``target.png`` and ``John's photo.png`` (the same image)."""

@@ -1,5 +1,6 @@
 """`compir serve` processes on one collection of a real Milvus server (tests/fixtures/milvus_server.py;
 skipped with the reason where it cannot start): a write through one is seen by the other, the
+same new id added through both at once is one 200 and one 409 (compir.runtime.milvus_claims), the
 acknowledged adds of a serve process killed with -9 are kept, and a Milvus restart is a 503 JSON
 body with Retry-After until the server is back, after which the same service answers again.
 (The gallery and API tests that run on both Milvus Lite and the server are in test_index_milvus.py
@@ -17,7 +18,7 @@ import pytest
 from compir.cli import main as compir_main
 from compir.runtime.gallery import Gallery
 from tests.fixtures.milvus_server import START_TIMEOUT_S, MilvusServer
-from tests.fixtures.service import add_until_killed, free_port, png_bytes, start_serve, stop_serve
+from tests.fixtures.service import add, add_until_killed, assert_one_200_one_409, free_port, race, start_serve, stop_serve
 
 pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
 pytestmark = pytest.mark.usefixtures("milvus_server")  # first: where it cannot start, skip before the model fixtures are built
@@ -42,11 +43,6 @@ def serve(tiny_export: Path, server_index: Path) -> Iterator[str]:
     stop_serve(process)
 
 
-def add(url: str, item_id: str, *, seed: int = 0) -> httpx.Response:
-    files = [("files", (f"{item_id}.png", png_bytes((40, 40), noise=True, seed=seed), "image/png"))]
-    return httpx.post(f"{url}/gallery/items", files=files, data={"ids": [item_id]}, timeout=60)
-
-
 def test_two_serve_processes_share_one_collection(serve: str, tiny_export: Path, server_index: Path) -> None:
     other = start_serve(tiny_export, server_index, port := free_port())  # no writer lock: a server collection has many writers
     second = f"http://127.0.0.1:{port}"
@@ -61,6 +57,18 @@ def test_two_serve_processes_share_one_collection(serve: str, tiny_export: Path,
         assert again.status_code == 409 and "shared-1" in again.json()["detail"], again.text
         assert httpx.delete(f"{second}/gallery/items/shared-1", timeout=60).status_code == 200
         assert httpx.get(f"{serve}/gallery/items/shared-1/image").status_code == 404
+    finally:
+        stop_serve(other)
+
+
+def test_two_serve_processes_racing_one_new_id_give_one_200_and_one_409(serve: str, tiny_export: Path, server_index: Path) -> None:
+    other = start_serve(tiny_export, server_index, port := free_port())
+    try:
+        urls = [serve, f"http://127.0.0.1:{port}"]
+        count = httpx.get(f"{serve}/gallery/count").json()["count"]
+        for round_ in range(10):
+            assert_one_200_one_409(race(urls, f"race-{round_}"), f"race-{round_}")
+        assert httpx.get(f"{urls[1]}/gallery/count").json()["count"] == count + 10  # one row each
     finally:
         stop_serve(other)
 

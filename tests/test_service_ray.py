@@ -20,7 +20,7 @@ from compir.runtime import ray_cluster
 from compir.runtime.encoder import Encoder
 from compir.runtime.gallery import Gallery
 from compir.runtime.retriever import Retriever
-from compir.service import ray_serve
+from compir.service import ray_owner, ray_serve
 from compir.service.cli import main as serve_main
 from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
@@ -154,5 +154,5 @@ def test_the_gallery_owner_dying_is_a_json_503_with_retry_after(served, query): 
     assert response.status_code == 200, response.text  # the restarted owner reloaded the index
     ray.kill(ray_serve.owner_handle(), no_restart=True)  # gone for good: every gallery request is a 503
     response = served.client.post("/search", data=form)
-    assert response.status_code == 503 and response.headers["retry-after"] == str(ray_serve.OWNER_RETRY_AFTER_S)
+    assert response.status_code == 503 and response.headers["retry-after"] == str(ray_owner.OWNER_RETRY_AFTER_S)
     assert response.headers["content-type"] == "application/json" and "gallery owner" in response.json()["detail"]

@@ -157,17 +157,23 @@ class Gallery:
             replace: bool = True) -> None:
         """Add items; an id already present is replaced (its old row is removed first), or with
         ``replace=False`` refused as a DuplicateItemError and nothing added: the check and the add
-        are one call, so two writers of one gallery cannot both add the same new id."""
+        are one call, under the store's claim on the ids, so two writers of one gallery (even two
+        processes on one Milvus server) cannot both add the same new id."""
         if len(set(ids)) != len(ids):
             raise InputError("item ids in one call must be unique")
-        if not replace:
-            refuse_existing(self, ids)
         if features.shape[1:] != self.feature_shape:
             raise ContractError(f"image features have shape {features.shape[1:]}, the index stores {self.feature_shape}")
         if embeds.ndim != 2 or embeds.shape != (len(ids), self.ndim) or features.shape[0] != len(ids) or len(paths) != len(ids):
             raise ContractError(f"expected ({len(ids)}, {self.ndim}) embeddings and {len(ids)} features and paths, "
                                 f"got {embeds.shape}, {features.shape[0]} and {len(paths)}")
-        if ids:
+        if not ids:
+            return
+        if replace:
+            self.hold_writer_lock()
+            self.store.add(ids, embeds=embeds, features=features, paths=paths)
+            return
+        with self.store.claim(ids):
+            refuse_existing(self, ids)
             self.hold_writer_lock()
             self.store.add(ids, embeds=embeds, features=features, paths=paths)
 

@@ -81,9 +81,10 @@ def server_version(client: Any, uri: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def in_filter(column: str, values: Sequence[str]) -> str:
-    """The filter ``column in ["v1", "v2", ...]``: every filter on a string column is built here or
-    by :func:`after_filter`, so no value (an item id, an image path) ever becomes expression syntax.
+def in_filter(column: str, values: Sequence[str] | Sequence[int]) -> str:
+    """The filter ``column in ["v1", "v2", ...]`` (or ``[1, 2, ...]`` for an integer column): every
+    filter is built here or by :func:`after_filter`, so no value (an item id, an image path) ever
+    becomes expression syntax.
 
     Each value is a double-quoted literal escaped for both grammars compir meets: a Milvus server
     (Plan.g4's C-style escapes, then Go's ``strconv.Unquote``) and Milvus Lite 3 (its own lexer,
@@ -92,7 +93,7 @@ def in_filter(column: str, values: Sequence[str]) -> str:
     character, the single quote included, stands for itself. Filter templates (``filter_params``)
     would avoid escaping on a server, but Milvus Lite ignores them.
     """
-    return f"{_column(column)} in [{', '.join(_string_literal(value) for value in values)}]"
+    return f"{_column(column)} in [{', '.join(_literal(value) for value in values)}]"
 
 
 def after_filter(column: str, value: str) -> str:
@@ -114,6 +115,14 @@ def _column(column: str) -> str:
 
 def _string_literal(value: str) -> str:
     return '"' + value.translate(_ESCAPES) + '"'
+
+
+def _literal(value: str | int) -> str:
+    if isinstance(value, str):
+        return _string_literal(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(int(value))  # int(): an int subclass's own __str__ never reaches the filter
+    raise TypeError(f"a filter value must be a str or an int, not {type(value).__name__}")
 
 
 def _unavailable(exc: Exception) -> bool:

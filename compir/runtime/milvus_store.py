@@ -36,7 +36,12 @@ refused unless asked to overwrite it: ``--overwrite`` replaces the collection of
 index (the collection records the folder that built it), ``--overwrite-collection NAME`` one that
 another index folder uses. Dropping and refilling is not atomic (an index folder that named the
 dropped collection sees the new one, or refuses it if another encoder filled it); a build that
-fails drops the collection it created. Filters are built by :mod:`compir.runtime.milvus_client`
+fails drops the collection it created.
+
+Writers of one server collection (several processes, Ray Serve replicas) share no lock: an add that
+must not replace (HTTP 409 on an id already there) claims its ids first, as
+:mod:`compir.runtime.milvus_claims` explains (a Milvus Lite file has one process: it needs none).
+Filters are built by :mod:`compir.runtime.milvus_client`
 only, so an id is always a string literal, never expression syntax; that module also turns a
 server that is down or restarting into a 503 (UnavailableError) that clears once it is back.
 """
@@ -47,7 +52,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,7 @@ from compir.contracts import INDEX_FILE
 from compir.errors import CompirError, ContractError, InputError
 from compir.manifest import EncoderFingerprint
 from compir.runtime.index import HnswConfig
+from compir.runtime.milvus_claims import Claims
 from compir.runtime.milvus_client import NAME, after_filter, call, connect, in_filter, is_server, server_version
 from compir.runtime.store import IMAGES_DIR, unknown_item
 from compir.runtime.uploads import MAX_ID_CHARS
@@ -123,6 +130,7 @@ class MilvusStore:
         self._client = client
         self._features = features_collection or config.collection  # where the ``features`` field is
         self._dropped_paths: set[str] = set()  # images of removed or replaced items, deleted at commit if unused
+        self._claims = Claims(client, uri=config.uri, gallery=config.collection) if is_server(config.uri) else None
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
@@ -145,6 +153,9 @@ class MilvusStore:
                                  f"collection of --out's own index: pass --overwrite-collection {name} to replace it anyway "
                                  "(that index then sees the new items), or choose another --collection")
             _drop(client, config.uri, name)
+        claims = Claims(client, uri=config.uri, gallery=name) if is_server(config.uri) else None
+        if claims is not None:
+            claims.drop()  # a dropped gallery's claims are void
         split = is_server(config.uri) and server_version(client, config.uri) < _SPLIT_BELOW
         features = f"{name}__features" if split else None
         properties = {_ENCODER_PROPERTY: encoder.digest, **({_INDEX_DIR_PROPERTY: str(index_dir)} if index_dir else {})}
@@ -157,6 +168,8 @@ class MilvusStore:
         if features is None:
             vectors["features"] = (math.prod(feature_shape), "FLAT", "L2", {})
         _create(client, config.uri, name, vectors=vectors, properties=properties, rows=True)
+        if claims is not None:
+            claims.ensure()
         return cls(config, ndim=ndim, feature_shape=feature_shape, client=client, features_collection=features)
 
     def discard(self) -> None:
@@ -165,6 +178,8 @@ class MilvusStore:
             _drop(self._client, self.config.uri, self.config.collection)
             if self._features != self.config.collection:
                 _drop(self._client, self.config.uri, self._features, owner=self.config.collection)
+            if self._claims is not None:
+                self._claims.drop()
         except CompirError as exc:
             print(f"compir: warning: {exc}; drop it before retrying, or retry with --overwrite", file=sys.stderr)
 
@@ -239,6 +254,13 @@ class MilvusStore:
                 "milvus_index": self.config.index_type}
 
     # ---- mutation ----------------------------------------------------------------------------
+    @contextmanager
+    def claim(self, ids: Sequence[str]) -> Iterator[None]:
+        """Hold ``ids`` against other writers' adds of them while this add checks and writes them
+        (a server: :mod:`compir.runtime.milvus_claims`; a Milvus Lite file has no other writer)."""
+        with self._claims.hold(ids) if self._claims is not None else nullcontext():
+            yield
+
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
         """Upsert in requests of <= 32 MiB. Split layout: each request's features first, so an item
         is never listed (or found) without its features; a crash between the two leaves only an

@@ -11,6 +11,7 @@ and :class:`~compir.runtime.milvus_store.MilvusStore` (a Milvus collection is th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,11 @@ class GalleryStore(Protocol):
         ...
 
     def item_ids(self) -> list[str]: ...
+
+    def claim(self, ids: Sequence[str]) -> AbstractContextManager[None]:
+        """Held by an add that must not replace, around its check and its write: refuses
+        (DuplicateItemError) ids that another writer of a shared store is adding meanwhile."""
+        ...
 
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
         """Add unique ``ids`` (an id already present is replaced); all or nothing."""

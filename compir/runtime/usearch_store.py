@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ class UsearchStore:
         return {"index_dtype": self.vectors.dtype, "exact_search": self.vectors.uses_exact()}
 
     # ---- mutation ----------------------------------------------------------------------------
+    def claim(self, ids: Sequence[str]) -> AbstractContextManager[None]:
+        """Nothing to hold: a usearch folder has one writer (its writer lock)."""
+        return nullcontext()
+
     def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
         self.remove([item for item in ids if item in self._rows])
         keys = np.arange(self._next_key, self._next_key + len(ids), dtype=np.uint64)

@@ -30,7 +30,8 @@ EPILOG = """examples:
        http://127.0.0.1:8000/search/text
   curl -F files=@new.png http://127.0.0.1:8000/gallery/items
 
-  # the same API on Ray Serve: 2 HTTP replicas (encoders) and one gallery owner (the index)
+  # the same API on Ray Serve: 2 HTTP replicas (encoders) and one gallery owner (a usearch index or
+  # a Milvus Lite file; over a Milvus server each replica opens the collection itself)
   compir serve exports/tiny indexes/tiny --ray --replicas 2          # starts a Ray on this machine
   compir serve exports/tiny indexes/tiny --ray=auto --autoscale 1:8  # joins the running Ray cluster
   (put --ray after EXPORT_DIR INDEX_DIR, or write --ray=ADDRESS: a bare --ray takes the next word as ADDRESS)
