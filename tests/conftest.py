@@ -10,5 +10,6 @@ pytest_plugins = [
     "tests.fixtures.index",
     "tests.fixtures.service",
     "tests.fixtures.milvus_server",
+    "tests.fixtures.ray_build",
     "tests.fixtures.zero_shot",
 ]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +17,10 @@ from compir.errors import ContractError
 from compir.runtime import build_ray
 from compir.runtime.gallery import Gallery
 from compir.runtime.index_cli import main as index_main
+from compir.runtime.milvus_client import connect, in_filter
+from compir.runtime.milvus_store import MilvusStore
+from tests.fixtures.milvus_server import MilvusServer
+from tests.fixtures.ray_build import assert_same_gallery
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
@@ -30,28 +31,6 @@ def local_ray() -> Iterator[Any]:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def gallery_images(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 images (3 in a sub-folder) and 2 that cannot be decoded."""
-    images = tmp_path_factory.mktemp("ray-images") / "images"
-    (images / "nested").mkdir(parents=True)
-    for number, path in enumerate(sorted((synth_data / "images").glob("*.png"))[:12]):
-        shutil.copy(path, images / ("nested" if number % 4 == 0 else ".") / path.name)
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    (images / "empty.jpg").write_bytes(b"")
-    return images
-
-
-@pytest.fixture(scope="module")
-def single_process_index(tiny_export: Path, gallery_images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    out = tmp_path_factory.mktemp("ray-reference") / "index"
-    argv = ["build", str(tiny_export), "--images", str(gallery_images), "--out", str(out), "--batch-size", "4", "--quiet"]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert index_main(argv) == 0
-    return out, stdout.getvalue(), stderr.getvalue()
 
 
 def test_ray_build_gives_the_single_process_index(
@@ -70,10 +49,42 @@ def test_ray_build_gives_the_single_process_index(
     assert _without_rate(captured.out, out) == _without_rate(reference_out, reference)
     assert captured.err.splitlines() == reference_err.splitlines(), captured.err
     assert "Dataset" in (out / build_ray.RAY_LOG).read_text()
-    _assert_same_gallery(out, reference)
+    assert_same_gallery(out, reference)
     assert len(list(shards.glob("*.parquet"))) == 3  # 14 files in blocks of 5, kept where asked
     with pytest.raises(ContractError, match="already exists"):  # refused before any work
         index_main(argv)
+
+
+def test_ray_into_a_milvus_server_the_encoder_actors_insert(
+    milvus_server: MilvusServer, local_ray: Any, tiny_export: Path, gallery_images: Path, tmp_path: Path,
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Into a Milvus server the actors upsert their own blocks: this process (the driver) adds nothing,
+    and the collection equals a single-process build's into the same server, in the same id order."""
+    common = ["build", str(tiny_export), "--images", str(gallery_images), "--batch-size", "4", "--quiet",
+              "--milvus-uri", milvus_server.uri]
+    assert index_main([*common, "--out", str(tmp_path / "single"), "--collection", "single"]) == 0
+    single = capfd.readouterr()
+    driver_adds: list[int] = []
+    monkeypatch.setattr(MilvusStore, "add", lambda self, ids, **_: driver_adds.append(len(ids)))  # the actors run the real one
+    argv = [*common, "--out", str(tmp_path / "ray"), "--collection", "by_ray", "--ray", "--ray-batch-size", "5", "--ray-actors", "1"]
+    assert index_main(argv) == 0
+    built = capfd.readouterr()
+    assert driver_adds == [], "the driver inserted rows"
+    assert _without_rate(built.out, tmp_path / "ray") == _without_rate(single.out, tmp_path / "single")
+    assert "indexed 12 images" in built.out and built.err.splitlines() == single.err.splitlines()
+    ray_gallery, reference = Gallery.load(tmp_path / "ray", encoder=None), Gallery.load(tmp_path / "single", encoder=None)
+    assert ray_gallery.ids == reference.ids and len(ray_gallery.ids) == 12  # file order: ``added`` is the build's start + row
+    assert ray_gallery.image_paths(ray_gallery.ids) == reference.image_paths(reference.ids)
+    np.testing.assert_allclose(ray_gallery.features_of(ray_gallery.ids), reference.features_of(reference.ids), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_embeds(milvus_server.uri, "by_ray", reference.ids), _embeds(milvus_server.uri, "single", reference.ids),
+                               rtol=0, atol=1e-6)
+
+
+def _embeds(uri: str, collection: str, ids: list[str]) -> np.ndarray:
+    rows = connect(uri).query(collection, filter=in_filter("id", ids), output_fields=["id", "embed"], consistency_level="Strong")
+    found = {row["id"]: row["embed"] for row in rows}
+    return np.asarray([found[item] for item in ids], np.float32)
 
 
 def test_a_crashed_encoder_actor_has_its_batch_retried(
@@ -97,7 +108,7 @@ def test_a_crashed_encoder_actor_has_its_batch_retried(
                                        providers=["cpu"], progress=False)
     assert marker.exists(), "the actor never crashed: the test tested nothing"
     assert report.count == 12 and len(report.skipped) == 2
-    _assert_same_gallery(out, single_process_index[0])
+    assert_same_gallery(out, single_process_index[0])
 
 
 def test_ray_without_the_extra_names_it(tiny_export: Path, gallery_images: Path, tmp_path: Path) -> None:
@@ -117,15 +128,6 @@ def test_ray_without_the_extra_names_it(tiny_export: Path, gallery_images: Path,
     assert result.stderr.strip().splitlines() == ['compir index: error: --ray needs Ray Data, which is not installed (ray): '
                                                   'pip install "compir[ray]"']
     assert not list(tmp_path.iterdir())  # nothing started, nothing left behind
-
-
-def _assert_same_gallery(built: Path, reference: Path) -> None:
-    ray_gallery, single = Gallery.load(built, encoder=None), Gallery.load(reference, encoder=None)
-    assert ray_gallery.ids == single.ids and ray_gallery.paths == single.paths
-    assert ray_gallery.vectors.keys.tolist() == single.vectors.keys.tolist()
-    np.testing.assert_allclose(ray_gallery.vectors.embeds, single.vectors.embeds, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(ray_gallery.features, single.features, rtol=0, atol=1e-6)
-    assert ray_gallery.encoder == single.encoder
 
 
 def _without_rate(text: str, folder: Path) -> str:

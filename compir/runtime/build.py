@@ -167,6 +167,7 @@ class EncodedBatch:
     image_embeds: np.ndarray  # (B, D)
     image_features: np.ndarray  # (B, *F)
     errors: list[tuple[str, str]]  # (file, reason)
+    inserted: int = 0  # items the workers already put into the store (Ray Data into a Milvus server): counted, not added
 
 
 def write_index(
@@ -210,7 +211,7 @@ def write_index(
                 if batch.ids:
                     stored = [_stored_path(path, tmp, copy_images) for path in batch.paths]
                     gallery.add(batch.ids, embeds=batch.image_embeds, features=batch.image_features, paths=stored)
-                bar.update(len(batch.ids) + len(batch.errors))
+                bar.update(len(batch.ids) + len(batch.errors) + batch.inserted)
             bar.close()
             gallery.save(tmp)
     except BaseException:

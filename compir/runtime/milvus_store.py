@@ -261,18 +261,22 @@ class MilvusStore:
         with self._claims.hold(ids) if self._claims is not None else nullcontext():
             yield
 
-    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str]) -> None:
+    def add(self, ids: Sequence[str], *, embeds: np.ndarray, features: np.ndarray, paths: Sequence[str],
+            added: Sequence[int] | None = None) -> None:
         """Upsert in requests of <= 32 MiB. Split layout: each request's features first, so an item
         is never listed (or found) without its features; a crash between the two leaves only an
-        unlisted features row, replaced by the next add of that id."""
+        unlisted features row, replaced by the next add of that id. ``added``: each item's ``added``
+        (what orders the ids), for writers that add in parallel (Ray Data's build: its start time +
+        the file's row); by default this clock's now, in the order given."""
         replaced = self._query_in("id", ids, output_fields=["path"])
         flat = np.asarray(features, dtype=np.float32).reshape(len(ids), -1)
         vectors = np.asarray(embeds, dtype=np.float32)
         base = time.time_ns()
+        stamps = [base + i for i in range(len(ids))] if added is None else [int(stamp) for stamp in added]
         per_request = max(1, _UPSERT_BYTES // (4 * (vectors.shape[1] + flat.shape[1])))
         for start in range(0, len(ids), per_request):
             chunk = range(start, min(start + per_request, len(ids)))
-            rows = [{"id": ids[i], "embed": vectors[i].tolist(), "path": paths[i], "added": base + i} for i in chunk]
+            rows = [{"id": ids[i], "embed": vectors[i].tolist(), "path": paths[i], "added": stamps[i]} for i in chunk]
             feature_rows = [{"id": ids[i], "features": flat[i].tolist()} for i in chunk]
             try:
                 if self._features == self.config.collection:
