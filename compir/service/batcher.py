@@ -37,7 +37,10 @@ class BatchStats:
 
 class Batcher(Protocol[_Query, Result]):
     """What the service needs of a batcher: :class:`DynamicBatcher` here, or one on Ray Serve's
-    ``@serve.batch`` (:mod:`compir.service.ray_serve`)."""
+    ``@serve.batch`` (:mod:`compir.service.ray_serve`). ``submit_on_loop``: ``submit`` must be
+    called on the event loop (Serve's batch queue lives there), not from a worker thread."""
+
+    submit_on_loop: bool
 
     def submit(self, item: _Query) -> Future[Result]: ...
 
@@ -110,6 +113,8 @@ class DynamicBatcher(Generic[Item, Result]):
     ``wait_ms=0`` still batches whatever queued up while the previous batch ran, without
     delaying a lone request.
     """
+
+    submit_on_loop = False  # thread-safe: the search route queues from its worker thread
 
     def __init__(
         self,

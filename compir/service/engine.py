@@ -134,6 +134,11 @@ class ServiceEngine:
             raise RuntimeError("submit() needs batching enabled and a query without re-ranking")
         return self._batcher.submit(query)
 
+    @property
+    def submits_on_loop(self) -> bool:
+        """:meth:`submit` must be called on the event loop (Ray Serve's batcher), not from a worker thread."""
+        return self._batcher is not None and self._batcher.submit_on_loop
+
     def batches(self, query: SearchQuery) -> bool:
         return self._batcher is not None and not query.rerank
 

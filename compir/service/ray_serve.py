@@ -116,6 +116,8 @@ class ServeBatcher(Generic[Item, Result]):
     ``max_batch``) make one call of ``batch_fn``, on a worker thread; a failed batch is retried
     item by item as the DynamicBatcher does."""
 
+    submit_on_loop = True
+
     def __init__(self, batch_fn: Callable[[Sequence[Item]], Sequence[Result]], *, max_batch: int, wait_ms: float) -> None:
         _, serve = import_serve()
         self._batch_fn = batch_fn

@@ -7,7 +7,6 @@ from the hits, in the shape of :class:`SearchOut` (the schema the docs show)."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
 from dataclasses import replace
 
 import orjson
@@ -101,13 +100,15 @@ async def _answer(request: Request, query: SearchQuery, *, upload: bytes | None 
     if not engine.batches(query):
         return await in_executor(request.app.state.executor, lambda: engine.search(_decoded(query, upload, limits)))
 
-    def queue() -> Future[SearchAnswer]:
+    def checked() -> SearchQuery:
         ready = _decoded(query, upload, limits)
         # Unknown ids are refused before queueing, so a bad query never costs a batch its speed-up.
         engine.check_reference(ready.reference_id)
-        return engine.submit(ready)
+        return ready
 
-    return await asyncio.wrap_future(await in_executor(request.app.state.executor, queue))
+    if engine.submits_on_loop:  # Ray Serve's batch queue lives on this loop: a second trip, back here
+        return await asyncio.wrap_future(engine.submit(await in_executor(request.app.state.executor, checked)))
+    return await asyncio.wrap_future(await in_executor(request.app.state.executor, lambda: engine.submit(checked())))
 
 
 def _decoded(query: SearchQuery, upload: bytes | None, limits: Limits) -> SearchQuery:
