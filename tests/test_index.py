@@ -85,6 +85,17 @@ def test_exact_search_equals_brute_force() -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ gallery.vectors.embeds.T, expected, 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("search_mode", ["exact", "ann"])
+def test_queries_of_any_length_get_cosine_scores_on_both_paths(search_mode: str) -> None:
+    gallery = make_gallery(300, dtype="f32", search_mode=search_mode)
+    queries = clustered(8, seed=3)
+    rows_unit, scores_unit = gallery.vectors.search(queries, k=5)
+    rows, scores = gallery.vectors.search(queries * np.array([[0.1], [3.0], [1.0], [7.5], [0.5], [2.0], [1.0], [40.0]], np.float32), k=5)
+    np.testing.assert_array_equal(rows, rows_unit)
+    np.testing.assert_allclose(scores, scores_unit, atol=1e-5)
+    assert scores.max() <= 1.0 + 1e-5
+
+
 @pytest.mark.parametrize(("dtype", "floor"), [("f32", 0.97), ("f16", 0.97), ("i8", 0.9)])
 def test_usearch_recall_against_exact(dtype: str, floor: float) -> None:
     gallery = make_gallery(4000, dtype=dtype, search_mode="ann")

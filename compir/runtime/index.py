@@ -122,15 +122,16 @@ class VectorIndex:
     def search(self, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) queries -> (rows (Q, k') int64, scores (Q, k') float32), best first; k' = min(k, N).
 
-        Scores are cosine similarities (the ANN path reports them at the storage precision).
+        Scores are cosine similarities on both paths (queries are scaled to unit length first; the ANN path
+        reports them at the storage precision).
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = unit_rows(queries)
         count = min(int(k), len(self))
         if count <= 0:
             return np.zeros((queries.shape[0], 0), np.int64), np.zeros((queries.shape[0], 0), np.float32)
         if self.uses_exact():
             return _exact_search(self.embeds, queries, count)
-        matches = self._ensure_ann().search(unit_rows(queries), count, exact=False)
+        matches = self._ensure_ann().search(queries, count, exact=False)
         keys = np.asarray(matches.keys, dtype=np.uint64).reshape(queries.shape[0], -1)[:, :count]
         dist = np.asarray(matches.distances, dtype=np.float32).reshape(queries.shape[0], -1)[:, :count]
         # One query comes back as Matches (no .counts), several as BatchMatches.
