@@ -66,15 +66,27 @@ def test_uvicorn_runs_uvloop_and_httptools_and_formats_no_access_line_it_would_d
         uvicorn_options("loud")
 
 
-def test_compir_serve_starts_uvicorn_with_those_options(tiny_export, tiny_index, tmp_path, monkeypatch):
+def _allow_spinning(session: Any) -> str:
+    try:
+        return str(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+    except RuntimeError:  # onnxruntime: "does not have configuration with key"
+        return "unset (onnxruntime spins)"
+
+
+@pytest.mark.parametrize(("flags", "sleeps"), [((), True), (("--ort-spinning", "on"), False)], ids=["default", "spinning-on"])
+def test_compir_serve_starts_uvicorn_with_those_options(tiny_export, tiny_index, tmp_path, monkeypatch, flags, sleeps):
     index = tmp_path / "index"
     shutil.copytree(tiny_index, index)
     started: dict[str, Any] = {}
     # uvicorn.run would serve until killed: record what compir serve hands it instead.
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(options, app=app))
-    assert serve_main([str(tiny_export), str(index), "--port", str(free_port()), "--log-level", "warning"]) == 0
+    assert serve_main([str(tiny_export), str(index), "--port", str(free_port()), "--log-level", "warning", *flags]) == 0
     assert {k: started[k] for k in ("loop", "http", "access_log")} == {"loop": "uvloop", "http": "httptools", "access_log": False}
-    started["app"].state.engine.close()
+    engine = started["app"].state.engine
+    # onnxruntime's own report: by default the pool threads sleep between requests (the loop shares the cores)
+    session = engine.retriever.encoder.backend._sessions["image_encoder"]._session
+    assert _allow_spinning(session) == ("0" if sleeps else "unset (onnxruntime spins)")
+    engine.close()
 
 
 @pytest.mark.parametrize("batching", [False, True], ids=["batching-off", "batching-on"])

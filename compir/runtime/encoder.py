@@ -93,13 +93,13 @@ class Encoder:
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         variant: str | None = None,
-        spinning: bool = True,
+        spinning: bool = False,
         threads: int = 0,
         prompt_template: str | None = None,
     ) -> Encoder:
         """Load and verify ``export_dir`` (manifest, checksums, graph I/O) and open its graphs.
 
-        ``spinning=False`` for bulk work beside other threads (index builds): see OrtBackend;
+        ``spinning=True`` lets onnxruntime's idle pool threads busy-wait (see ``open_session``);
         ``threads`` caps onnxruntime's pool per graph (0: its default, one per core)."""
         manifest = load_manifest(export_dir)
         opened = open_backend(backend, export_dir, providers=providers, spinning=spinning, threads=threads)

@@ -75,16 +75,18 @@ class Retriever:
     @classmethod
     def from_dirs(cls, export_dir: str | os.PathLike[str], index_dir: str | os.PathLike[str], *, backend: str = "onnxruntime",
                   providers: Sequence[str] | None = None, variant: str | None = None, view: bool = False,
-                  text_cache_size: int = 1024, writable: bool = False, prompt_template: str | None = None) -> Retriever:
+                  text_cache_size: int = 1024, writable: bool = False, prompt_template: str | None = None,
+                  spinning: bool = False) -> Retriever:
         """Open an export folder and an index built with its image encoder (ContractError if it was
         built with another; see Gallery.load). ``view=True`` memory-maps a large index instead of reading it;
         ``text_cache_size=0`` encodes every query's text (e.g. to time it). ``writable=True`` takes the
         index's writer lock now (one writer per index; a ContractError names the holder); without it
         the lock is taken at the first gallery change. :meth:`close` releases it. ``prompt_template``: a zero-shot
         export's template for this retriever's queries (default: the export's; InputError with the reason when bad).
+        ``spinning=True``: onnxruntime's idle pool threads spin instead of sleeping (see ``open_session``; slower where graphs share cores).
         Returns once warm (:func:`~compir.runtime.warmup.warm_up`: every graph, the index and the image decoders ran once)."""
         encoder = Encoder.from_export(Path(export_dir), backend=backend, providers=providers, variant=variant,
-                                      prompt_template=prompt_template)
+                                      prompt_template=prompt_template, spinning=spinning)
         gallery = Gallery.load(Path(index_dir), encoder=encoder.fingerprint, manifest_sha256=encoder.manifest_sha256, view=view,
                                writable=writable)
         retriever = cls(encoder, gallery, reranker=load_reranker(encoder), text_cache_size=text_cache_size)

@@ -23,6 +23,7 @@ EPILOG = """examples:
   compir serve exports/tiny indexes/tiny                     # http://127.0.0.1:8000/docs
   COMPIR_API_KEY=secret compir serve exports/tiny indexes/tiny --host 0.0.0.0
   compir serve exports/tiny indexes/tiny --batching on --batch-wait-ms 5 --max-k 50
+  compir serve exports/tiny indexes/tiny --ort-spinning on   # a machine with cores to spare: lower latency
   compir serve exports/p2w indexes/p2w --prompt-template "a photo of * that {modification}"   (zero-shot export)
 
   curl -F reference=@shoe.png -F text='make it red' -F k=5 http://127.0.0.1:8000/search
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         limits.add_argument("--" + limit.name.replace("_", "-"), type=int, default=limit.default, help=f"default {limit.default}")
     parser.add_argument("--workers", type=int, default=ServiceConfig.worker_threads,
                         help="threads that decode uploads and run unbatched searches")
+    parser.add_argument("--ort-spinning", choices=["on", "off"], default="off",
+                        help="onnxruntime's idle pool threads spin between requests (on) or sleep (off, the default: "
+                             "the event loop and worker threads share the cores)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ray = parser.add_argument_group(f"Ray Serve (needs: {RAY_EXTRA})")
     ray.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
@@ -103,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retriever = Retriever.from_dirs(
         args.export_dir, args.index_dir, backend=args.backend, providers=providers_from(args), variant=args.variant,
         writable=True,  # one writer per index: a second `compir serve` of this folder is refused, naming this one's pid
-        prompt_template=args.prompt_template,
+        prompt_template=args.prompt_template, spinning=args.ort_spinning == "on",
     )
     config = config_from_args(args, backend_info=retriever.backend_info)
     engine = ServiceEngine(retriever, config=config)  # the retriever is warm: from_dirs ran warm_up
@@ -143,7 +147,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         export_dir=str(Path(args.export_dir).resolve()), index_dir=str(Path(args.index_dir).resolve()),
         config=config_from_args(args, backend_info={}), batching_mode=args.batching,  # resolved on each replica
         backend=args.backend, providers=tuple(providers) if providers else None, variant=args.variant, scale=scale,
-        prompt_template=args.prompt_template,
+        prompt_template=args.prompt_template, spinning=args.ort_spinning == "on",
     )
     if not spec.config.api_key and not _is_loopback(args.host):
         print(f"compir serve: warning: {args.host} is reachable from other machines and no API key is set "

@@ -100,6 +100,7 @@ class RaySpec:
     variant: str | None = None
     scale: Scale = Scale()
     prompt_template: str | None = None  # a zero-shot export's query-time template (None: the export's)
+    spinning: bool = False  # onnxruntime's idle pool threads spin (see `compir serve --ort-spinning`)
 
     @property
     def wants_gpu(self) -> bool:
@@ -168,7 +169,7 @@ class ServiceReplica:
         _, serve = import_serve()
         encoder = Encoder.from_export(Path(spec.export_dir), backend=spec.backend,
                                       providers=list(spec.providers) if spec.providers else None, variant=spec.variant,
-                                      prompt_template=spec.prompt_template)
+                                      prompt_template=spec.prompt_template, spinning=spec.spinning)
         config = spec.config
         if spec.batching_mode is not None:
             batching = resolve_batching(spec.batching_mode, backend_info=encoder.backend_info(),

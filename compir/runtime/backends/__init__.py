@@ -15,7 +15,7 @@ __all__ = ["BACKENDS", "Backend", "GraphSession", "check_io", "open_backend"]
 
 
 def open_backend(
-    name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None, spinning: bool = True, threads: int = 0
+    name: str, export_dir: str | Path, *, providers: Sequence[str] | None = None, spinning: bool = False, threads: int = 0
 ) -> Backend:
     """The backend called ``name`` for ``export_dir``; ``providers``, ``spinning`` (idle pool
     threads busy-wait: lower latency per call, CPU taken from other work) and ``threads`` (pool

@@ -32,14 +32,17 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 def open_session(
-    path: Path, *, providers: Sequence[ProviderEntry] = ("CPUExecutionProvider",), threads: int = 0, spinning: bool = True,
+    path: Path, *, providers: Sequence[ProviderEntry] = ("CPUExecutionProvider",), threads: int = 0, spinning: bool = False,
     what: str = "graph",
 ) -> Any:
     """An onnxruntime InferenceSession of the graph at ``path``: compir's one session factory
     (the runtime's sessions, export parity / accuracy / calibration and the benchmarks).
 
-    ``threads=0``: onnxruntime's default pool size. ``spinning=False`` stops idle pool threads from
-    busy-waiting (they would starve other compute sharing the cores). ContractError if it cannot load.
+    ``threads=0``: onnxruntime's default pool size. ``spinning=False`` (the default) stops idle pool
+    threads from busy-waiting: every session has its own pool, so a query's image, text and composer
+    graphs would otherwise spin against each other (and against a server's event loop) on the same
+    cores; ViT-B-32 queries ran 1.9x faster sleeping on 2 cores (docs/benchmarks.md, HTTP API).
+    ``spinning=True`` for one session alone on a machine. ContractError if it cannot load.
     """
     import onnxruntime
 
@@ -57,7 +60,8 @@ def open_session(
 class OrtSession:
     """One InferenceSession whose I/O was checked against the manifest."""
 
-    def __init__(self, path: Path, spec: GraphSpec, *, providers: Sequence[ProviderEntry], threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, *, providers: Sequence[ProviderEntry], threads: int = 0,
+                 spinning: bool = False) -> None:
         self._session = open_session(path, providers=providers, threads=threads, spinning=spinning, what=f"{spec.role} graph")
         self.spec = spec
         self.providers: list[str] = list(self._session.get_providers())
@@ -78,13 +82,14 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, export_dir: str | Path, *, providers: Sequence[str] | None = None, threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, export_dir: str | Path, *, providers: Sequence[str] | None = None, threads: int = 0, spinning: bool = False) -> None:
         self.export_dir = Path(export_dir)
         self.providers = resolve_providers(providers)
         self.tensorrt = prepare_providers(self.export_dir, self.providers)
         self.threads = threads
-        # Busy-waiting pool threads answer a single query sooner (~7 % at batch 1) but starve the
-        # image-decoding threads of a bulk job: index builds turn it off (+34 % images/s).
+        # Idle pool threads sleep unless asked (see open_session): spinning ones answer one graph sooner
+        # (~7 % at batch 1, one session alone), but a query's graphs each have a pool and would spin
+        # against each other, and a bulk job's image-decoding threads lose 34 % images/s to them.
         self.spinning = spinning
         self._sessions: dict[str, OrtSession] = {}
 
