@@ -23,6 +23,7 @@ from compir.service.config import BatchingConfig, ServiceConfig
 from compir.service.engine import ServiceEngine
 from compir.service.schemas import SearchOut
 from compir.service.server import BackgroundServer, uvicorn_options
+from tests.fixtures.export import UNSET_SPINS, allow_spinning
 from tests.fixtures.service import free_port, png_bytes
 
 
@@ -66,13 +67,6 @@ def test_uvicorn_runs_uvloop_and_httptools_and_formats_no_access_line_it_would_d
         uvicorn_options("loud")
 
 
-def _allow_spinning(session: Any) -> str:
-    try:
-        return str(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
-    except RuntimeError:  # onnxruntime: "does not have configuration with key"
-        return "unset (onnxruntime spins)"
-
-
 @pytest.mark.parametrize(("flags", "sleeps"), [((), True), (("--ort-spinning", "on"), False)], ids=["default", "spinning-on"])
 def test_compir_serve_starts_uvicorn_with_those_options(tiny_export, tiny_index, tmp_path, monkeypatch, flags, sleeps):
     index = tmp_path / "index"
@@ -85,7 +79,7 @@ def test_compir_serve_starts_uvicorn_with_those_options(tiny_export, tiny_index,
     engine = started["app"].state.engine
     # onnxruntime's own report: by default the pool threads sleep between requests (the loop shares the cores)
     session = engine.retriever.encoder.backend._sessions["image_encoder"]._session
-    assert _allow_spinning(session) == ("0" if sleeps else "unset (onnxruntime spins)")
+    assert allow_spinning(session) == ("0" if sleeps else UNSET_SPINS)
     engine.close()
 
 
