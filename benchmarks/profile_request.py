@@ -16,7 +16,15 @@ times each part alone, as the median of N (default 300) one-at-a-time calls:
 - over HTTP to ``compir serve`` (a child process, batching off), each client on one keep-alive
   connection: a bare ASGI app under the same uvicorn settings (uvicorn + loopback + client, the
   floor of any request), ``GET /health`` and ``POST /search`` with ``http.client``, and
-  ``POST /search`` with httpx.
+  ``POST /search`` with httpx;
+- the floor under ``POST /search`` (:mod:`benchmarks.request_floor`): the same parse, decode, search and
+  JSON in a framework-free ASGI app under the same uvicorn settings, its search on a worker thread as
+  ``compir serve`` runs it, and on the event loop itself (no hop);
+- CPU per request by thread (``/proc``, Linux): in process (the calling thread, onnxruntime's pool
+  threads), and over HTTP to ``compir serve`` and to the floor (the event loop thread, the worker and
+  onnxruntime's threads, the client's thread). Once clients keep the cores busy, requests/s is the
+  cores over CPU per request, so CPU in process / CPU over HTTP is the ceiling of the ratio the
+  service bench reports.
 
 The derived rows split the HTTP request: FastAPI and the middleware around the work (app in process
 minus decode and search), uvicorn and the socket (HTTP minus app in process) and httpx's own cost
@@ -30,7 +38,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,6 +55,7 @@ from typing import Any
 from benchmarks.bench_service import _free_port, _prepare, _Server
 from benchmarks.common import markdown_table
 from benchmarks.http_client import EncodedRequest, KeepAliveClient, encode_multipart
+from benchmarks.request_floor import cpu_per_call
 
 IN_PROCESS = "in process: search_detailed on the PNG bytes (the bench's in-process request)"
 DECODE = "of which: decode_image (pixel check + decode)"
@@ -59,11 +70,19 @@ HTTP_BARE = "HTTP: bare ASGI app under uvicorn, http.client (the floor)"
 HTTP_HEALTH = "HTTP: GET /health, http.client"
 HTTP_SEARCH = "HTTP: POST /search, http.client"
 HTTP_HTTPX = "HTTP: POST /search, httpx"
+FLOOR_HOP = "HTTP: POST /search to the framework-free floor (request_floor.py), worker hop"
+FLOOR_INLINE = "HTTP: POST /search to the framework-free floor, search on the event loop (no hop)"
+CPU_IN = "CPU ms/request, in process"
+CPU_SERVE = "CPU ms/request, compir serve + http.client"
+CPU_FLOOR = "CPU ms/request, floor with hop + http.client"
 AROUND = "= FastAPI + middleware + form + hops + JSON (app - decode - encoders/index)"
 UVICORN = "= uvicorn + socket + client (HTTP http.client - app in process)"
 HTTPX_EXTRA = "= httpx's extra cost per request (httpx - http.client)"
 RATIO = "in process / HTTP http.client (ratio)"
 RATIO_HTTPX = "in process / HTTP httpx (ratio)"
+RATIO_FLOOR_HOP = "in process / floor with hop (ratio)"
+RATIO_FLOOR_INLINE = "in process / floor without hop (ratio)"
+CPU_RATIO = "CPU in process / CPU of compir serve + client (ratio: HTTP's ceiling once clients keep the cores busy)"
 
 
 async def bare_app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
@@ -144,29 +163,40 @@ def _asgi_ms(app: Any, method: str, path: str, request: EncodedRequest | None, n
     return _run_async(lambda: _median_ms_async(one, n))
 
 
-class _BareServer:
-    """:func:`bare_app` under uvicorn with ``compir serve``'s settings, in a child process."""
+class _ChildServer:
+    """An ASGI app (``module:attr``) under uvicorn with ``compir serve``'s settings, in a child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str, *, factory: bool = False, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = ("import uvicorn; from compir.service.server import uvicorn_options; "
-                f"uvicorn.run('benchmarks.profile_request:bare_app', port={self.port}, **uvicorn_options('warning'))")
-        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                f"uvicorn.run({target!r}, port={self.port}, factory={factory}, **uvicorn_options('warning'))")
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, **(env or {})})
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the uvicorn child exited with {self.process.returncode}")
             try:
                 KeepAliveClient(self.url, timeout=1).get("/")
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"the bare uvicorn app did not start within {timeout:.0f} s")
+        raise RuntimeError(f"the uvicorn child did not start within {timeout:.0f} s")
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+
+
+def _cpu_rows(prefix: str, pid: int, call: Callable[[], object], n: int) -> dict[str, float]:
+    """:func:`cpu_per_call`'s split as rows named ``prefix: part``, and their total."""
+    split = cpu_per_call(pid, call, n)
+    rows = {f"{prefix}: {part}": ms for part, ms in split.items()}
+    rows[f"{prefix}: total"] = sum(split.values())
+    return rows
 
 
 def _in_process(export: Path, index: Path, image: bytes, text: str, request: EncodedRequest, n: int) -> dict[str, float]:
@@ -205,6 +235,7 @@ def _in_process(export: Path, index: Path, image: bytes, text: str, request: Enc
         JSON_FASTAPI: _median_ms(fastapi_json, n),
         JSON_ORJSON: _median_ms(orjson_json, n),
     }
+    figures.update(_cpu_rows(CPU_IN, os.getpid(), lambda: retriever.search_detailed(reference_image=image, text=text, k=10), n))
     app = create_app(ServiceEngine(retriever, config=ServiceConfig(batching=BatchingConfig(enabled=False))))
     figures[APP_SEARCH] = _asgi_ms(app, "POST", "/search", request, n)
     figures[APP_HEALTH] = _asgi_ms(app, "GET", "/health", None, n)
@@ -216,7 +247,7 @@ def _over_http(export: Path, index: Path, files: dict[str, Any], data: dict[str,
     import httpx
 
     figures: dict[str, float] = {}
-    bare = _BareServer()
+    bare = _ChildServer("benchmarks.profile_request:bare_app")
     try:
         bare.wait_ready()
         client = KeepAliveClient(bare.url)
@@ -224,6 +255,19 @@ def _over_http(export: Path, index: Path, files: dict[str, Any], data: dict[str,
         client.close()
     finally:
         bare.stop()
+    for hop, (row, cpu_row) in {True: (FLOOR_HOP, CPU_FLOOR), False: (FLOOR_INLINE, None)}.items():
+        floor = _ChildServer("benchmarks.request_floor:floor_app", factory=True, env={
+            "COMPIR_FLOOR_EXPORT": str(export), "COMPIR_FLOOR_INDEX": str(index), "COMPIR_FLOOR_HOP": "1" if hop else "0"})
+        try:
+            floor.wait_ready()
+            floor_client = KeepAliveClient(floor.url)
+            search = functools.partial(floor_client.post, "/search", request)
+            figures[row] = _median_ms(search, n)
+            if cpu_row is not None:
+                figures.update(_cpu_rows(cpu_row, floor.process.pid, search, n))
+            floor_client.close()
+        finally:
+            floor.stop()
     server = _Server(export, index, batching=False)  # the in-process retriever only reads: no writer lock taken
     hot = ""
     try:
@@ -231,6 +275,7 @@ def _over_http(export: Path, index: Path, files: dict[str, Any], data: dict[str,
         client = KeepAliveClient(server.url)
         figures[HTTP_HEALTH] = _median_ms(lambda: client.get("/health"), n)
         figures[HTTP_SEARCH] = _median_ms(lambda: client.post("/search", request), n)
+        figures.update(_cpu_rows(CPU_SERVE, server.process.pid, lambda: client.post("/search", request), n))
         with httpx.Client(base_url=server.url, timeout=60) as session:
             figures[HTTP_HTTPX] = _median_ms(lambda: session.post("/search", files=files, data=data), n)
         if py_spy_s > 0:
@@ -301,6 +346,9 @@ def profile(root: Path, *, requests: int, py_spy_s: float = 0.0) -> tuple[dict[s
     figures[HTTPX_EXTRA] = figures[HTTP_HTTPX] - figures[HTTP_SEARCH]
     figures[RATIO] = figures[IN_PROCESS] / figures[HTTP_SEARCH]
     figures[RATIO_HTTPX] = figures[IN_PROCESS] / figures[HTTP_HTTPX]
+    figures[RATIO_FLOOR_HOP] = figures[IN_PROCESS] / figures[FLOOR_HOP]
+    figures[RATIO_FLOOR_INLINE] = figures[IN_PROCESS] / figures[FLOOR_INLINE]
+    figures[CPU_RATIO] = figures[f"{CPU_IN}: total"] / figures[f"{CPU_SERVE}: total"]
     return figures, hot
 
 
