@@ -21,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from compir import __version__
 from compir.errors import ContractError, DuplicateItemError, InputError, UnavailableError
 from compir.service.engine import ServiceEngine, UnknownItemError
+from compir.service.hot_routes import HotRoutes, hot_route
 from compir.service.inputs import LimitError, in_executor
 from compir.service.middleware import API_KEY_HEADER, Gatekeeper, is_open
 from compir.service.routes_gallery import router as gallery_router
@@ -61,15 +62,17 @@ def create_app(engine: ServiceEngine) -> FastAPI:
     app.state.engine = engine
     app.state.executor = executor
     app.state.recorder = recorder
+    app.include_router(search_router)
+    app.include_router(gallery_router)
+    _add_error_handlers(app)
+    # Middleware added last runs first: the Gatekeeper (key, size cap, latency) sees every request.
+    app.add_middleware(HotRoutes, routes=[hot_route(app, search_router, "POST", "/search")])
     app.add_middleware(
         Gatekeeper,
         recorder=recorder,
         api_key=config.api_key,
         max_request_bytes=config.limits.max_request_bytes,
     )
-    app.include_router(search_router)
-    app.include_router(gallery_router)
-    _add_error_handlers(app)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
