@@ -83,8 +83,12 @@ def _basic_clean(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
+@lru_cache(maxsize=4096)
 def clean_text(text: str, *, mode: str = "lower") -> str:
-    """open_clip's cleaning: ``lower`` (default), ``whitespace`` or ``canonicalize``."""
+    """open_clip's cleaning: ``lower`` (default), ``whitespace`` or ``canonicalize``.
+
+    Cached: a served query's text is cleaned by the check on the event loop (``is_blank``) and again
+    when it is encoded, and ftfy's pass is the costly part of both."""
     cleaned = _basic_clean(text)
     if mode == "canonicalize":
         cleaned = cleaned.replace("_", " ").translate(_PUNCTUATION).lower()
