@@ -2,11 +2,12 @@
 
 FastAPI's router and per-route request handling cost several tenths of a millisecond of the event
 loop's CPU per request (routing through several wrappers, dependency solving for a route that
-declares none), on the thread that every request shares (docs/benchmarks.md, "HTTP API"). :class:`HotRoutes` sits just outside FastAPI's
-exception middleware and sends the hot routes to their endpoint functions directly, as Starlette's
-``request_response`` does: the same :class:`~starlette.requests.Request`, the same endpoint, and its
-errors mapped by the app's own exception handlers (the same 4xx bodies). Every other request, and
-the OpenAPI schema, go through FastAPI as before.
+declares none), on the thread that every request shares (docs/benchmarks.md, "HTTP API").
+:class:`HotRoutes` sits just outside FastAPI's exception middleware and sends the hot routes to their
+endpoint functions directly, as Starlette's ``request_response`` does: the same
+:class:`~starlette.requests.Request`, the same endpoint, and its errors mapped by the app's own
+exception handlers (the same 4xx bodies). Every other request, and the OpenAPI schema, go through
+FastAPI as before.
 """
 
 from __future__ import annotations

@@ -116,8 +116,12 @@ def _decoded(query: SearchQuery, upload: bytes | None, limits: Limits) -> Search
     return query if upload is None else replace(query, reference_image=decode_image(upload, limits, field="reference"))
 
 
-def _json(answer: SearchAnswer) -> Response:
+def search_json(answer: SearchAnswer) -> bytes:
     """The :class:`SearchOut` body of ``answer``, encoded by orjson without building the model."""
     body = {"hits": [{"item_id": h.item_id, "score": float(h.score)} for h in answer.hits],
             "timings_ms": answer.timings_ms, "batch_size": answer.batch_size}
-    return Response(orjson.dumps(body), media_type="application/json")
+    return orjson.dumps(body)
+
+
+def _json(answer: SearchAnswer) -> Response:
+    return Response(search_json(answer), media_type="application/json")
